@@ -1,0 +1,651 @@
+"""
+model.py -- the LLaMA architecture in one file, the first file a student should open.
+
+    from model import Llama, LlamaConfig
+    model = Llama(LlamaConfig.from_preset("lab"))
+    logits, loss = model(idx, targets)            # idx, targets: (B, T) token ids
+    new_ids = model.generate([[1, 42, 7]], max_new_tokens=32, temperature=0)
+
+What is in here, top to bottom:
+  LlamaConfig      hyper-parameters + named presets (LLaMA-1/2 shapes, lab sizes)
+  RMSNorm          LLaMA's normalisation (no mean subtraction, no bias)
+  rotary helpers   RoPE, Meta's interleaved-pair layout (see the HF section for the trap)
+  Attention        grouped-query attention, a fused (SDPA) and a manual teaching path
+  FeedForward      SwiGLU MLP
+  Block, Llama     pre-norm residual blocks, init, loss, KV-cache generation
+  FLOPs / MFU      the PaLM-appendix estimate used by pretrain.py's logs
+  HuggingFace      save_hf / from_hf (safetensors written and read by hand: no extra dependency)
+
+Papers: LLaMA (Touvron et al. 2023a), Llama 2 (Touvron et al. 2023b), RoFormer (Su et al. 2021),
+GLU variants (Shazeer 2020), RMSNorm (Zhang & Sennrich 2019), GQA (Ainslie et al. 2023).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 256                      # model width (d_model)
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: Optional[int] = None    # < n_heads: grouped-query attention; 1: multi-query; None: = n_heads
+    vocab_size: int = 4096
+    hidden_dim: Optional[int] = None    # SwiGLU width; None derives it the LLaMA way (see __post_init__)
+    multiple_of: int = 32               # hidden_dim is rounded up to a multiple of this (hardware friendly)
+    ffn_dim_multiplier: Optional[float] = None  # Llama-2 70B uses 1.3
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    tie_embeddings: bool = False        # share the input embedding with the output head
+    dropout: float = 0.0
+    attn: str = "sdpa"                  # "sdpa" (fused kernels) or "manual" (written out for teaching)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            # LLaMA: start from the classic 4*dim MLP, keep 2/3 of it because SwiGLU has three
+            # matrices instead of two (same parameter count), then round up to multiple_of.
+            hidden = int(2 * (4 * self.dim) / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+        if self.attn not in ("sdpa", "manual"):
+            raise ValueError(f"attn must be 'sdpa' or 'manual', got {self.attn!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "LlamaConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# Published shapes. LLaMA-1: Touvron et al. 2023a, Table 2; Llama 2: the released params.json files.
+# Parameter counts (tests/test_model.py checks these on the meta device): 7B ~ 6.74e9, 13B ~ 13.0e9,
+# 33B ~ 32.5e9, 65B ~ 65.2e9, Llama-2-70B ~ 69.0e9.
+_L1 = dict(vocab_size=32000, multiple_of=256, norm_eps=1e-6, max_seq_len=2048)
+_L2 = dict(vocab_size=32000, multiple_of=256, norm_eps=1e-5, max_seq_len=4096)
+PRESETS = {
+    "llama1-7b": dict(_L1, dim=4096, n_layers=32, n_heads=32),
+    "llama1-13b": dict(_L1, dim=5120, n_layers=40, n_heads=40),
+    "llama1-33b": dict(_L1, dim=6656, n_layers=60, n_heads=52),
+    "llama1-65b": dict(_L1, dim=8192, n_layers=80, n_heads=64),
+    "llama2-7b": dict(_L2, dim=4096, n_layers=32, n_heads=32),
+    "llama2-13b": dict(_L2, dim=5120, n_layers=40, n_heads=40),
+    "llama2-70b": dict(_L2, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                       ffn_dim_multiplier=1.3, multiple_of=4096),
+    # MiniLLM-like sizes for one GPU: ~0.22B and ~0.95B parameters with a 32k vocabulary.
+    "0.2b": dict(vocab_size=32000, dim=1024, n_layers=12, n_heads=16, multiple_of=256, max_seq_len=1024),
+    "1b": dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, multiple_of=256, max_seq_len=2048),
+    # The CPU lab model (~2.5M parameters) and a toy for unit tests.
+    "lab": dict(vocab_size=4096, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=256,
+                tie_embeddings=True),
+    "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
+}
+
+# Dense bf16 peak FLOP/s per device, for MFU (spec sheets; sparsity figures excluded).
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight. Computed in float32 even under bf16 autocast: the mean of squares
+    of large activations loses too much precision in bf16."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float):
+    """cos/sin tables of shape (max_len, head_dim // 2). Pair i of each head rotates with
+    frequency theta^(-2i/head_dim): low pairs spin fast (local order), high pairs slowly."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x: (B, H, T, head_dim) by position. cos/sin: (T, head_dim/2) or (B, 1, T, head_dim/2).
+
+    Meta's layout: adjacent pairs (x0, x1), (x2, x3), ... are the 2-D planes that rotate (the
+    original code views them as complex numbers). HuggingFace's layout instead pairs element i
+    with element i + head_dim/2 ("rotate_half"). Both are the same maths on a permuted q/k
+    projection -- see _permute_for_hf below."""
+    x_pairs = x.float().unflatten(-1, (-1, 2))      # (..., head_dim/2, 2)
+    x0, x1 = x_pairs.unbind(-1)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding: one (B, n_kv_heads, max_len, head_dim)
+    buffer per layer, filled left to right. `key_valid` marks real (non-padding) slots, `filled`
+    how many slots are in use (the same for every row, because prompts are left-padded)."""
+
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.has_padding = False
+        self.max_len = max_len
+        self.filled = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.attn = config.attn
+        self.dropout = config.dropout
+        # q, k and v come out of one fused matmul (one kernel instead of three); they are split
+        # again when exporting to HuggingFace, which keeps three separate projections.
+        self.wqkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache: Optional[KVCache] = None, layer: int = 0):
+        """x: (B, T, dim). mask: None means plain causal attention; otherwise a bool
+        (B, 1, T, S) tensor, True where a query may attend to a key."""
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:   # append this chunk, then attend over everything cached so far
+            start = cache.filled
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
+        dropout = self.dropout if self.training else 0.0
+        if self.attn == "sdpa":
+            y = self._sdpa(q, k, v, mask, dropout)
+        else:
+            y = self._manual(q, k, v, mask, dropout)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
+        return self.wo(y)
+
+    def _repeat_kv(self, t):
+        """GQA: each key/value head serves n_heads / n_kv_heads query heads."""
+        n_rep = self.n_heads // self.n_kv_heads
+        return t if n_rep == 1 else t.repeat_interleave(n_rep, dim=1)
+
+    def _sdpa(self, q, k, v, mask, dropout):
+        # Fused kernels: FlashAttention / memory-efficient on GPU, a fused flash kernel on CPU.
+        # Pitfall: is_causal=True aligns the triangle top-left, which is wrong when the query
+        # chunk is shorter than the keys (decoding with a cache), so callers pass a mask then.
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        T, S = q.size(-2), k.size(-2)
+        if mask is None and T > 1 and T != S:   # a chunk after cached keys: bottom-right causal mask
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        # A single new query may see every cached key: no mask, not causal.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              is_causal=mask is None and T > 1)
+
+    def _manual(self, q, k, v, mask, dropout):
+        # The same computation written out, step by step (Vaswani et al. 2017, eq. 1).
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        T, S = q.size(-2), k.size(-2)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)      # (B, H, T, S)
+        if mask is None:   # causal: query t sees keys 0..t
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.softmax(scores.float(), dim=-1).type_as(q)              # rows sum to 1
+        probs = F.dropout(probs, p=dropout, training=dropout > 0)
+        return probs @ v                                                   # (B, H, T, hd)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)). Gate and up share one fused matmul."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.hidden_dim = config.hidden_dim
+        self.w13 = nn.Linear(config.dim, 2 * config.hidden_dim, bias=False)  # [gate (w1); up (w3)]
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)       # down
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.dropout(self.w2(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        x = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin, mask, cache, layer))
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        # Not persistent: derived from the config, so they stay out of checkpoints.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """GPT-2/LLaMA-style init: N(0, 0.02) for every matrix; the two projections that write into
+        the residual stream (attention out, MLP down) get 0.02/sqrt(2*n_layers) so the residual's
+        variance does not grow with depth (GPT-2 paper, section 2.3). Chosen by reference, not by
+        parameter name."""
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.layers:
+            for residual_proj in (block.attention.wo, block.feed_forward.w2):
+                nn.init.normal_(residual_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    # --- forward -------------------------------------------------------------
+
+    def _rope_and_mask(self, T, attention_mask, device):
+        """Positions and the attention mask for a full (non-cached) forward.
+        Without attention_mask: positions 0..T-1 and the fast causal path.
+        With attention_mask (B, T), 1 = real token, 0 = padding (left or right): positions count
+        real tokens only, so a left-padded sequence gets the same positions -- and the same
+        outputs -- as the unpadded one."""
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        if attention_mask is None:
+            return self.rope_cos[:T], self.rope_sin[:T], None
+        real = attention_mask.bool()
+        pos = (real.long().cumsum(-1) - 1).clamp(min=0)                           # (B, T)
+        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hd/2)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = causal & real[:, None, None, :]
+        # A padding query would see no key at all (softmax of all -inf = NaN): let it see itself.
+        mask = mask | torch.eye(T, dtype=torch.bool, device=device)
+        return cos, sin, mask
+
+    def hidden_states(self, idx, attention_mask=None):
+        """Final normalised hidden states (B, T, dim): what the LM head, and the reward and
+        value heads of reward.py / rlhf_ppo.py, read."""
+        cos, sin, mask = self._rope_and_mask(idx.size(1), attention_mask, idx.device)
+        h = self.dropout(self.tok_embeddings(idx))
+        for i, block in enumerate(self.layers):
+            h = block(h, cos, sin, mask)
+        return self.norm(h)
+
+    def forward(self, idx, targets=None, attention_mask=None):
+        """idx: (B, T) ids. targets: (B, T) next-token ids, -100 = ignore (prompt/padding in SFT).
+        Returns (logits (B, T, vocab) in float32, loss or None)."""
+        h = self.hidden_states(idx, attention_mask)
+        # float32 logits even under bf16 autocast: the softmax over a 32k vocabulary and the
+        # log-probs used by DPO/PPO need the precision.
+        logits = self.output(h).float()
+        loss = None
+        if targets is not None:
+            flat = targets.reshape(-1)
+            n_valid = (flat != -100).sum()
+            loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)), flat, ignore_index=-100, reduction="sum")
+            loss = loss_sum / n_valid.clamp(min=1)  # mean over real targets; 0 (not NaN) if none
+        return logits, loss
+
+    # --- generation with a KV cache -------------------------------------------
+
+    def _decode_step(self, idx, cache: KVCache, positions):
+        """Run new tokens idx (B, T) through the model using and extending the cache; returns the
+        last position's logits (B, vocab). positions: (B, T) rotary positions of the new tokens."""
+        B, T = idx.shape
+        start = cache.filled
+        S = start + T
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        mask = None   # no padding anywhere: the attention layer handles causality by itself
+        if cache.has_padding:
+            # Query t (absolute slot start+t) sees valid keys up to itself; pads see themselves.
+            q_slot = torch.arange(start, S, device=idx.device)[:, None]
+            k_slot = torch.arange(S, device=idx.device)[None, :]
+            mask = ((k_slot <= q_slot)[None] & cache.key_valid[:, None, :S]) | (k_slot == q_slot)[None]
+            mask = mask[:, None]                                                  # (B, 1, T, S)
+        h = self.tok_embeddings(idx)
+        for i, block in enumerate(self.layers):
+            h = block(h, cos, sin, mask, cache, i)
+        cache.filled = S
+        return self.output(self.norm(h[:, -1])).float()
+
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, eos_id=None, callback: Optional[Callable[[int, int], None]] = None,
+                 generator: Optional[torch.Generator] = None) -> list[list[int]]:
+        """Sample continuations for a batch of prompts of different lengths.
+
+        prompts: a list of id lists, or a (B, T) / (T,) tensor. temperature=0 is greedy.
+        eos_id: an id or a list of ids that end a sequence (kept as its last token).
+        callback(i, token): called for every new token of sequence i (streaming).
+        Returns the new tokens of each sequence (prompt excluded).
+
+        Prompts are left-padded so that every sequence's next token sits in the same column;
+        the cache records which slots are padding and positions count real tokens only."""
+        if torch.is_tensor(prompts):
+            prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (e.g. BOS)")
+        stop = set([eos_id] if isinstance(eos_id, int) else (eos_id or []))
+        B, L = len(prompts), max(len(p) for p in prompts)
+        total = L + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                             f"{self.config.max_seq_len}; shorten the prompt or generate fewer tokens")
+        device = self.tok_embeddings.weight.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else self.tok_embeddings.weight.dtype
+        cache = KVCache(self.config, B, total, device, dtype)
+        idx = torch.zeros(B, L, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            idx[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            cache.key_valid[b, :L - len(p)] = False
+        cache.has_padding = any(len(p) < L for p in prompts)
+        positions = (cache.key_valid[:, :L].long().cumsum(-1) - 1).clamp(min=0)
+        next_pos = positions[:, -1:] + 1                                           # (B, 1)
+        logits = self._decode_step(idx, cache, positions)
+        out = [[] for _ in range(B)]
+        done = [False] * B
+        for _ in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)       # (B,)
+            for b, t in enumerate(token.tolist()):
+                if not done[b]:
+                    out[b].append(t)
+                    if callback is not None:
+                        callback(b, t)
+                    done[b] = t in stop
+            if all(done):
+                break
+            logits = self._decode_step(token[:, None], cache, next_pos)
+            next_pos = next_pos + 1
+        return out
+
+    # --- accounting ------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights counted once). non_embedding drops the input embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token, PaLM appendix B: 6N + 12 * L * H * Q * T, where N counts the
+        parameters used in matmuls (the input embedding is a lookup: excluded; the head is a matmul:
+        included), and the second term is attention's QK^T and AV over a context of T."""
+        c = self.config
+        T = seq_len or c.max_seq_len
+        n_matmul = self.num_params() - self.tok_embeddings.weight.numel() + c.vocab_size * c.dim * c.tie_embeddings
+        return 6 * n_matmul + 12 * c.n_layers * c.n_heads * c.head_dim * T
+
+    def estimate_mfu(self, tokens_per_sec: float, peak_flops: float, seq_len: Optional[int] = None) -> float:
+        """Model FLOPs utilisation: achieved model FLOP/s over the device's peak."""
+        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
+
+    # --- HuggingFace interop -----------------------------------------------------
+
+    def save_hf(self, out_dir: str, dtype: Optional[torch.dtype] = None, bos_id: int = 1, eos_id: int = 2):
+        """Write config.json + model.safetensors that transformers.LlamaForCausalLM loads."""
+        os.makedirs(out_dir, exist_ok=True)
+        c = self.config
+        hf_config = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+            "vocab_size": c.vocab_size, "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
+            "torch_dtype": str(dtype or self.tok_embeddings.weight.dtype).replace("torch.", ""),
+        }
+        state = to_hf_state_dict(self.state_dict(), c)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        _atomic_write_json(os.path.join(out_dir, "config.json"), hf_config)
+        write_safetensors(os.path.join(out_dir, "model.safetensors"), state)
+
+    @classmethod
+    def from_hf(cls, hf_dir: str, **overrides) -> "Llama":
+        """Load a HuggingFace LLaMA directory (ours, or a real LLaMA-architecture checkpoint)."""
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            hf = json.load(f)
+        if hf.get("model_type", "llama") != "llama":
+            raise ValueError(f"{hf_dir}: model_type {hf.get('model_type')!r} is not 'llama'")
+        if hf.get("rope_scaling"):
+            raise ValueError(f"{hf_dir}: rope_scaling {hf['rope_scaling']} is not supported")
+        n_heads = hf["num_attention_heads"]
+        config = LlamaConfig(
+            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads, vocab_size=hf["vocab_size"],
+            hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=hf.get("rope_theta", 10000.0), max_seq_len=hf.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **overrides)
+        model = cls(config)
+        load_state_dict_checked(model, from_hf_state_dict(read_hf_weights(hf_dir), config))
+        return model
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row of logits (B, vocab). temperature 0 = argmax. top_k keeps the k most
+    likely tokens; top_p keeps the smallest set whose probability reaches p (nucleus, Holtzman
+    et al. 2019)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p    # mass before this token already >= p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint helpers: shape-checked loading, HuggingFace names, safetensors by hand
+
+
+def load_state_dict_checked(model: nn.Module, state: dict):
+    """load_state_dict that names the offending tensor and both shapes when a config does not
+    fit the weights (the default error drowns this in a list)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"checkpoint tensor {k!r} has shape {tuple(v.shape)} but the model's config "
+                             f"expects {tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _permute_for_hf(w, n_heads, head_dim):
+    """The rotary trap. Our q/k rows come in Meta's interleaved pairs (x0,x1),(x2,x3)...; HF rotates
+    element i with i + head_dim/2. Reordering each head's rows [0,2,4,..,1,3,5,..] turns one layout
+    into the other, so the same weights give the same logits. Forget it and the model loads
+    without error but speaks nonsense."""
+    return w.view(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
+
+
+def _permute_from_hf(w, n_heads, head_dim):
+    return w.view(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
+
+
+def to_hf_state_dict(state: dict, c: LlamaConfig) -> dict:
+    hd, q_rows, kv_rows = c.head_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = state["output.weight"]
+    for i in range(c.n_layers):
+        p, h = f"layers.{i}.", f"model.layers.{i}."
+        q, k, v = state[p + "attention.wqkv.weight"].split([q_rows, kv_rows, kv_rows])
+        gate, up = state[p + "feed_forward.w13.weight"].chunk(2)
+        out.update({
+            h + "self_attn.q_proj.weight": _permute_for_hf(q, c.n_heads, hd),
+            h + "self_attn.k_proj.weight": _permute_for_hf(k, c.n_kv_heads, hd),
+            h + "self_attn.v_proj.weight": v,
+            h + "self_attn.o_proj.weight": state[p + "attention.wo.weight"],
+            h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
+            h + "mlp.down_proj.weight": state[p + "feed_forward.w2.weight"],
+            h + "input_layernorm.weight": state[p + "attention_norm.weight"],
+            h + "post_attention_layernorm.weight": state[p + "ffn_norm.weight"],
+        })
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(hf: dict, c: LlamaConfig) -> dict:
+    def get(name):
+        if name not in hf:
+            raise ValueError(f"HuggingFace weights lack {name!r}")
+        return hf[name]
+    out = {"tok_embeddings.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
+    out["output.weight"] = out["tok_embeddings.weight"] if c.tie_embeddings else get("lm_head.weight")
+    for i in range(c.n_layers):
+        p, h = f"layers.{i}.", f"model.layers.{i}."
+        q = _permute_from_hf(get(h + "self_attn.q_proj.weight"), c.n_heads, c.head_dim)
+        k = _permute_from_hf(get(h + "self_attn.k_proj.weight"), c.n_kv_heads, c.head_dim)
+        out[p + "attention.wqkv.weight"] = torch.cat([q, k, get(h + "self_attn.v_proj.weight")])
+        out[p + "attention.wo.weight"] = get(h + "self_attn.o_proj.weight")
+        out[p + "feed_forward.w13.weight"] = torch.cat([get(h + "mlp.gate_proj.weight"), get(h + "mlp.up_proj.weight")])
+        out[p + "feed_forward.w2.weight"] = get(h + "mlp.down_proj.weight")
+        out[p + "attention_norm.weight"] = get(h + "input_layernorm.weight")
+        out[p + "ffn_norm.weight"] = get(h + "post_attention_layernorm.weight")
+    return out
+
+
+# safetensors: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+# data_offsets}}, then the raw tensor bytes. Simple enough to write by hand, which keeps the
+# `safetensors` package out of the runtime dependencies.
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+              torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
+_ST_DTYPES_INV = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def write_safetensors(path: str, tensors: dict):
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)   # the format asks for an 8-byte aligned data section
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)
+
+
+def read_safetensors(path: str) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = bytearray(f.read())
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        raw = torch.frombuffer(data, dtype=torch.uint8, count=end - start, offset=start) if end > start \
+            else torch.empty(0, dtype=torch.uint8)
+        out[name] = raw.view(_ST_DTYPES_INV[info["dtype"]]).reshape(info["shape"]).clone()
+    return out
+
+
+def read_hf_weights(hf_dir: str) -> dict:
+    """All tensors of a HF checkpoint: model.safetensors, sharded safetensors (with an index), or
+    pytorch_model*.bin (loaded with weights_only=True: a pickle must never run code)."""
+    files = sorted(os.listdir(hf_dir))
+    st = [f for f in files if f.endswith(".safetensors")]
+    bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
+    state = {}
+    if st:
+        for f in st:
+            state.update(read_safetensors(os.path.join(hf_dir, f)))
+    elif bins:
+        for f in bins:
+            state.update(torch.load(os.path.join(hf_dir, f), map_location="cpu", weights_only=True))
+    else:
+        raise FileNotFoundError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin weights found")
+    return state
+
+
+def _atomic_write_json(path: str, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
