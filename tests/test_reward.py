@@ -1,0 +1,193 @@
+"""Tests for reward.py: losses against closed forms, the ranked-pair expansion, padding-invariant
+last-token reading, the HH split on real data, and a small reward model on the lab world."""
+import math
+
+import pytest
+import torch
+
+from model import LlamaConfig
+from reward import (RewardModel, bradley_terry_loss, calibration_table, collate, preference_metrics,
+                    ranked_pairs, ranking_loss)
+
+
+def softplus(x):
+    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
+
+
+# -----------------------------------------------------------------------------
+# Losses
+
+
+def test_bradley_terry_closed_form():
+    rc = torch.tensor([1.0, 0.5, -2.0, 3.0])
+    rr = torch.tensor([0.0, 1.5, -2.0, -1.0])
+    # -log sigma(x) = log(1 + exp(-x)); diffs are 1, -1, 0, 4
+    expect = (math.log(1 + math.exp(-1)) + math.log(1 + math.e) + math.log(2) + math.log(1 + math.exp(-4))) / 4
+    loss, diff = bradley_terry_loss(rc, rr)
+    assert loss.item() == pytest.approx(expect, abs=1e-6)
+    assert diff.tolist() == [1.0, -1.0, 0.0, 4.0]
+    # with a margin m = 0.5: -log sigma(d - m)
+    loss_m, _ = bradley_terry_loss(rc, rr, margin=0.5)
+    expect_m = sum(math.log(1 + math.exp(-(d - 0.5))) for d in (1, -1, 0, 4)) / 4
+    assert loss_m.item() == pytest.approx(expect_m, abs=1e-6)
+    # a per-pair margin tensor
+    m = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    loss_t, _ = bradley_terry_loss(rc, rr, margin=m)
+    expect_t = sum(math.log(1 + math.exp(-(d - mm))) for d, mm in zip((1, -1, 0, 4), (0, 1, 2, 3))) / 4
+    assert loss_t.item() == pytest.approx(expect_t, abs=1e-6)
+    # equal rewards: exactly ln 2 (the zero-initialised head's first loss)
+    z = torch.zeros(3)
+    assert bradley_terry_loss(z, z)[0].item() == pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_ranked_pairs_k3_k4():
+    assert ranked_pairs(2) == [(0, 1)]
+    assert ranked_pairs(3) == [(0, 1), (0, 2), (1, 2)]
+    assert ranked_pairs(4) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert all(len(ranked_pairs(k)) == k * (k - 1) // 2 for k in range(2, 9))
+
+
+def test_ranking_loss_k3_k4_closed_form():
+    r3 = [2.0, 0.5, -1.0]            # a K=3 group, best first
+    r4 = [0.3, 1.0, -0.2, -3.0]      # a K=4 group whose ranking the model gets partly wrong
+    rewards = torch.tensor(r3 + r4)
+    loss, diff, pair_group = ranking_loss(rewards, [3, 4])
+    pairs3 = [(r3[i], r3[j]) for i, j in [(0, 1), (0, 2), (1, 2)]]
+    pairs4 = [(r4[i], r4[j]) for i, j in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]]
+    d_expect = [a - b for a, b in pairs3 + pairs4]
+    assert diff.tolist() == pytest.approx(d_expect, abs=1e-6)
+    assert pair_group.tolist() == [0] * 3 + [1] * 6
+    # InstructGPT: mean over pairs within a prompt, then mean over prompts
+    g3 = sum(softplus(-(a - b)) for a, b in pairs3) / 3
+    g4 = sum(softplus(-(a - b)) for a, b in pairs4) / 6
+    assert loss.item() == pytest.approx((g3 + g4) / 2, abs=1e-6)
+    # margin applies to every pair
+    loss_m, _, _ = ranking_loss(rewards, [3, 4], margin=0.25)
+    g3m = sum(softplus(-(a - b - 0.25)) for a, b in pairs3) / 3
+    g4m = sum(softplus(-(a - b - 0.25)) for a, b in pairs4) / 6
+    assert loss_m.item() == pytest.approx((g3m + g4m) / 2, abs=1e-6)
+    # K = 2 groups reduce to the pairwise Bradley-Terry loss
+    rp = torch.tensor([1.0, 0.0, -0.5, 0.7])
+    assert ranking_loss(rp, [2, 2])[0].item() == pytest.approx(
+        bradley_terry_loss(rp[0::2], rp[1::2])[0].item(), abs=1e-7)
+    with pytest.raises(ValueError):
+        ranking_loss(rewards, [3, 3])
+    with pytest.raises(ValueError):
+        ranking_loss(torch.zeros(3), [1, 2])
+
+
+def test_ranked_groups_one_forward_and_gradients():
+    """A batch of groups (K=3 and K=4) goes through the model in ONE forward of sum(K) rows --
+    not one per pair -- and the loss's gradient equals the one from scoring pairs separately."""
+    torch.manual_seed(0)
+    rm = RewardModel(LlamaConfig.from_preset("tiny"))
+    torch.nn.init.normal_(rm.head.weight, std=0.5)
+    calls = []
+    orig = rm.backbone.hidden_states
+
+    def counting(idx, attention_mask=None):
+        calls.append(idx.shape[0])
+        return orig(idx, attention_mask)
+    rm.backbone.hidden_states = counting
+    groups = [{"ids": [[1, 5, 6, 7], [1, 5, 9], [1, 5, 6, 6, 6, 8]]},
+              {"ids": [[1, 11, 12], [1, 11, 13, 14], [1, 11], [1, 11, 15, 15, 15, 15]]}]
+    idx, mask, sizes = collate(groups, pad_id=0)
+    loss, diff, _ = ranking_loss(rm(idx, mask), sizes)
+    assert calls == [7] and sizes == [3, 4] and diff.numel() == 3 + 6
+    loss.backward()
+    g_grouped = rm.head.weight.grad.clone()
+    rm.zero_grad()
+    # reference: every pair as its own two-sequence forward
+    total = 0.0
+    for g in groups:
+        pairs = ranked_pairs(len(g["ids"]))
+        for i, j in pairs:
+            r = torch.stack([rm(torch.tensor([g["ids"][i]]))[0], rm(torch.tensor([g["ids"][j]]))[0]])
+            total = total + bradley_terry_loss(r[:1], r[1:])[0] / len(pairs) / len(groups)
+    total.backward()
+    assert loss.item() == pytest.approx(total.item(), abs=1e-5)
+    torch.testing.assert_close(g_grouped, rm.head.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# The model: the reward is read at the last real token
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "manual"])
+def test_reward_read_at_last_real_token_any_padding(attn):
+    torch.manual_seed(0)
+    rm = RewardModel(LlamaConfig.from_preset("tiny", attn=attn)).eval()
+    torch.nn.init.normal_(rm.head.weight, std=0.2)   # the zero init would make every reward 0
+    texts = [[1, 5, 6, 7, 8], [1, 9, 10], [1] + [4] * 10 + [12], [1, 2], [1, 30, 31, 32, 33, 34, 35, 7]]
+    with torch.no_grad():
+        alone = torch.stack([rm(torch.tensor([s]))[0] for s in texts])   # no padding at all
+        for side in ("right", "left"):
+            idx, mask, _ = collate([{"ids": texts}], pad_id=0, side=side)
+            torch.testing.assert_close(rm(idx, mask), alone, atol=1e-5, rtol=0)
+            # per-token values agree with the reward at each row's last real token
+            v = rm.values(idx, mask)
+            last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+            torch.testing.assert_close(v[torch.arange(len(texts)), last], alone, atol=1e-5, rtol=0)
+        # other batch companions (different padding amounts) do not change a text's reward
+        for companions in ([texts[0], [1] * 40], [[1, 3, 3], texts[0], [1, 60, 61] * 9]):
+            for side in ("right", "left"):
+                idx, mask, _ = collate([{"ids": companions}], pad_id=0, side=side)
+                r = rm(idx, mask)[companions.index(texts[0])]
+                assert abs(r.item() - alone[0].item()) < 1e-5
+        # the test has teeth: reading the last column of a right-padded batch gives other numbers
+        idx, mask, _ = collate([{"ids": texts}], pad_id=0, side="right")
+        naive = rm.values(idx, mask)[:, -1]
+        padded_rows = mask[:, -1] == 0
+        assert (naive[padded_rows] - alone[padded_rows]).abs().min() > 1e-3
+
+
+def test_zero_init_head_and_normalisation():
+    rm = RewardModel(LlamaConfig.from_preset("tiny"))
+    idx = torch.randint(0, 256, (3, 9))
+    assert rm(idx).abs().max().item() == 0.0        # zero head: every reward 0, first loss ln 2
+    assert rm.backbone.output is None                # no LM head to carry around
+    rm.set_stats(2.0, 4.0)
+    assert rm.normalize(torch.tensor([6.0, 2.0])).tolist() == [1.0, 0.0]
+    sd = rm.state_dict()
+    assert sd["reward_mean"].item() == 2.0 and sd["reward_std"].item() == 4.0
+    with pytest.raises(ValueError):
+        rm(idx, torch.zeros(3, 9, dtype=torch.long))   # a row without a real token
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def test_metrics_hand_example():
+    groups = [{"kind": "rude", "resp_len": [3, 5]}, {"kind": "rambling", "resp_len": [2, 9]},
+              {"kind": "rude", "resp_len": [4, 4]}, {"kind": None, "resp_len": [1, 2, 3]}]
+    rewards = [[1.0, 0.0], [0.0, 2.0], [0.5, 0.5], [3.0, 1.0, 2.0]]
+    m = preference_metrics(rewards, groups)
+    # pairs: +1, -2, 0 (tie), then (3-1)=2, (3-2)=1, (1-2)=-1
+    assert m["pairs"] == 6
+    assert m["accuracy"] == pytest.approx((1 + 0 + 0.5 + 1 + 1 + 0) / 6)
+    assert m["per_kind"]["rude"] == {"n": 2, "accuracy": 0.75, "margin_mean": 0.5}
+    assert m["per_kind"]["rambling"]["accuracy"] == 0.0
+    assert m["chosen_mean"] == pytest.approx((1 + 0 + 0.5 + 3) / 4)
+    assert m["rejected_mean"] == pytest.approx((0 + 2 + 0.5 + 1 + 2) / 5)
+    every = torch.tensor([1.0, 0.0, 0.5, 3.0, 0.0, 2.0, 0.5, 1.0, 2.0])
+    assert m["stats"]["mean"] == pytest.approx(every.mean().item())
+    assert m["stats"]["std"] == pytest.approx(every.std(unbiased=False).item())
+    # length: pairs with different lengths: (3,5) model says shorter wins; (2,9) longer wins;
+    # group 4: (1,2) shorter wins, (1,3) shorter wins, (2,3) longer wins -> longer wins 2/5
+    assert m["length"]["longer_wins_model"] == pytest.approx(2 / 5)
+    assert m["length"]["longer_wins_label"] == pytest.approx(0.0)   # labels: shorter is always better
+    lengths = torch.tensor([3, 5, 2, 9, 4, 4, 1, 2, 3], dtype=torch.float64)
+    flat = torch.tensor([1.0, 0.0, 0.0, 2.0, 0.5, 0.5, 3.0, 1.0, 2.0], dtype=torch.float64)
+    assert m["length"]["corr"] == pytest.approx(torch.corrcoef(torch.stack([flat, lengths]))[0, 1].item())
+
+
+def test_calibration_table():
+    # confidences sigma(|d|): d = 0.1 -> 0.525, d = 3 -> 0.953
+    d = torch.tensor([0.1, -0.1, 0.1, 3.0, 3.0, -3.0, 3.0])
+    table = calibration_table(d, n_bins=5)
+    assert [b["n"] for b in table] == [3, 4]
+    assert table[0]["lo"] == 0.5 and table[0]["accuracy"] == pytest.approx(2 / 3)
+    assert table[0]["confidence"] == pytest.approx(1 / (1 + math.exp(-0.1)))
+    assert table[1]["hi"] == 1.0 and table[1]["accuracy"] == pytest.approx(3 / 4)
+    assert table[1]["confidence"] == pytest.approx(1 / (1 + math.exp(-3.0)))
