@@ -1,0 +1,334 @@
+"""The lab world generator (data/lab.py): determinism, held-out splits, record shapes, the checker.
+
+The checker is the ground truth of every later stage, so it is tested two ways: on hand-written
+answers with known verdicts, and on every generated reference / chosen / rejected answer."""
+import importlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    from data import lab
+except ImportError:  # data/ owned elsewhere; load the file directly if the package is not ready
+    spec = importlib.util.spec_from_file_location("lab", REPO / "data" / "lab.py")
+    lab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lab)
+
+SMALL = dict(pretrain_docs=3000, sft_train=600, sft_val=60, prefs_train=400, prefs_val=200, rank_train=100,
+             rl_prompts=200, rl_eval=100)
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+@pytest.fixture(scope="module")
+def sets():
+    return lab.generate(seed=0, **SMALL)
+
+
+def _names(world, groups):
+    return [v for p in world["people"] if p["group"] in groups for v in p["name"].values()]
+
+
+def _texts(records):
+    """All text in a list of records (messages, prompts, answers), one string per record."""
+    out = []
+    for r in records:
+        parts = [m["content"] for m in r.get("messages", [])]
+        parts += [r[k] for k in ("text", "prompt", "chosen", "rejected", "reference") if k in r]
+        parts += r.get("responses", [])
+        out.append("\n".join(parts))
+    return out
+
+
+# --- determinism -------------------------------------------------------------------------------
+
+def test_write_is_byte_identical_for_a_seed_and_differs_across_seeds(tmp_path):
+    knobs = dict(SMALL, pretrain_docs=500)
+    lab.write(tmp_path / "a", seed=3, **knobs)
+    lab.write(tmp_path / "b", seed=3, **knobs)
+    lab.write(tmp_path / "c", seed=4, **knobs)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(list(lab.FILES.values()) + ["world.json"])  # and no leftover .tmp files
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+    differ = [n for n in names if (tmp_path / "a" / n).read_bytes() != (tmp_path / "c" / n).read_bytes()]
+    assert set(differ) == set(names)
+    world = json.loads((tmp_path / "a" / "world.json").read_text(encoding="utf-8"))
+    for key, fname in lab.FILES.items():
+        lines = (tmp_path / "a" / fname).read_text(encoding="utf-8").splitlines()
+        assert len(lines) == world["counts"][key] > 0
+        assert all(isinstance(json.loads(l), dict) for l in lines)
+
+
+def test_cli_script_and_module_write_the_same_files(tmp_path):
+    args = ["--seed", "5", "--pretrain-docs", "200", "--sft-train", "50", "--prefs-train", "40", "--rank-train", "8",
+            "--rl-prompts", "20", "--rl-eval", "20", "--prefs-val", "40", "--sft-val", "10"]
+    r1 = subprocess.run([sys.executable, "data/lab.py", "--out", str(tmp_path / "s"), *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+    r2 = subprocess.run([sys.executable, "-m", "data.lab", "--out", str(tmp_path / "m"), *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    for n in lab.FILES.values():
+        assert (tmp_path / "s" / n).read_bytes() == (tmp_path / "m" / n).read_bytes()
+    bad = subprocess.run([sys.executable, "data/lab.py", "--out", str(tmp_path / "x"), "--people", "99"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "name pool" in bad.stderr and not (tmp_path / "x" / "world.json").exists()
+
+
+def test_bad_knobs_are_refused():
+    with pytest.raises(ValueError, match="at least|>= 3"):
+        lab.generate(seed=0, people=8, rl_people=2, eval_people=3)
+    with pytest.raises(TypeError, match="unknown knob"):
+        lab.generate(seed=0, peeple=10)
+
+
+# --- the world and its vocabulary ---------------------------------------------------------------
+
+def test_vocabulary_values_never_contain_each_other():
+    """The checker finds a value by search, so no value may hide inside another, nor inside the
+    fixed text of any template."""
+    values = [v for pool in (lab.CITIES, lab.JOBS, [p[:2] for p in lab.PETS], [n[:2] for n in lab.NAMES])
+              for pair in pool for v in pair]
+    assert len(values) == len(set(values))
+    for a in values:
+        for b in values:
+            if a != b:
+                assert not lab._has(b, a), (a, b)
+    skeletons = []
+    for table in (lab.STATEMENTS, lab.QUESTIONS, lab.FOLLOWUPS):
+        for lang in lab.LANGS:
+            for ts in table[lang].values():
+                skeletons += ts
+    skeletons += [t for lang in lab.LANGS for t in lab.ANSWERS[lang].values()]
+    skeletons += [t for lang in lab.LANGS for t in lab.STORIES[lang]]
+    for t in skeletons:
+        fixed = re.sub(r"\{\w+\}", "|", t)
+        assert not [v for v in values if lab._has(fixed, v)], t
+
+
+def test_world_groups_and_friends(sets):
+    world = sets["world"]
+    people = world["people"]
+    groups = {g: [p for p in people if p["group"] == g] for g in ("sft", "rl", "eval")}
+    assert [len(groups[g]) for g in ("sft", "rl", "eval")] == [18, 9, 9]
+    assert len({p["name"]["en"] for p in people}) == len(people)
+    for p in people:  # friends: one per person, someone else, in the same group (no leaks)
+        f = people[p["friend"]]
+        assert f["id"] != p["id"] and f["group"] == p["group"]
+    for g in ("sft", "rl", "eval"):
+        assert sorted(people[p["friend"]]["id"] for p in groups[g]) == sorted(p["id"] for p in groups[g])
+    all_problems = [tuple(x) for g in ("sft", "rl", "eval") for x in world["arith"][g]]
+    assert len(all_problems) == len(set(all_problems))  # arithmetic split without overlap
+
+
+def test_probe_prefix_plus_continuation_is_a_pretraining_statement():
+    for lang in lab.LANGS:
+        for attr, (prefix, rest) in lab.PROBES[lang].items():
+            assert prefix + rest in lab.STATEMENTS[lang][attr], (lang, attr)
+
+
+# --- held-out people ----------------------------------------------------------------------------
+
+def test_held_out_people_only_in_pretraining_and_their_own_sets(sets):
+    world = sets["world"]
+
+    def mentions(records, names):
+        texts = _texts(records)
+        return sorted({n for n in names for t in texts if lab._has(t, n)})
+
+    rl_eval_names = _names(world, ("rl", "eval"))
+    eval_names = _names(world, ("eval",))
+    assert mentions(sets["sft_train"], rl_eval_names) == []
+    for key in ("sft_val", "prefs_train", "rank_train", "rl_prompts"):
+        assert mentions(sets[key], eval_names) == [], key
+    # ...but pretraining states everybody's facts, in both languages
+    assert mentions(sets["pretrain"], _names(world, ("sft", "rl", "eval"))) == sorted(_names(world, ("sft", "rl", "eval")))
+    # and the held-out sets really are about the held-out people
+    assert mentions(sets["eval_qa"], eval_names) == sorted(eval_names)
+    assert mentions(sets["sft_val"], _names(world, ("sft",))) == []
+    assert mentions(sets["prefs_val"] + sets["rl_eval"], _names(world, ("sft", "rl"))) == []
+    facts = [r for r in sets["eval_qa"] if r["kind"] == "fact"]
+    assert len(facts) == 9 * 5 * 2  # every eval person, attribute and language once
+
+
+def test_heldout_facts_are_stated_in_pretraining(sets):
+    """Every eval person's city is stated next to their name in both languages."""
+    texts = [d["text"] for d in sets["pretrain"]]
+    for p in sets["world"]["people"]:
+        if p["group"] != "eval":
+            continue
+        for lang in lab.LANGS:
+            hits = [t for t in texts if p["name"][lang] in t and p["city"][lang] in t]
+            assert len(hits) >= 3, (p["name"], lang, len(hits))
+
+
+# --- record shapes ------------------------------------------------------------------------------
+
+def _check_conversation(msgs, ends_on):
+    roles = [m["role"] for m in msgs]
+    assert all(isinstance(m["content"], str) and m["content"].strip() for m in msgs)
+    if roles[0] == "system":
+        roles = roles[1:]
+    assert roles and "system" not in roles
+    assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2)
+    assert roles[-1] == ends_on
+
+
+def test_records_are_well_formed(sets):
+    for key in ("sft_train", "sft_val"):
+        for r in sets[key]:
+            _check_conversation(r["messages"], "assistant")
+    for r in sets["eval_qa"]:
+        _check_conversation(r["messages"], "user")
+        assert set(r) == {"id", "messages", "reference", "truth", "kind", "showcase"}
+    for key in ("prefs_train", "prefs_val", "rank_train", "rl_prompts", "rl_eval"):
+        for r in sets[key]:
+            assert r["messages"] == [{"role": "user", "content": r["prompt"]}]
+    assert all(set(r) == {"prompt", "messages", "chosen", "rejected", "kind", "task", "truth"}
+               for r in sets["prefs_train"] + sets["prefs_val"])
+    assert all(len(r["responses"]) == 5 for r in sets["rank_train"])
+    assert all(set(r) == {"text"} and r["text"].strip() for r in sets["pretrain"])
+    ids = [r["id"] for r in sets["eval_qa"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_showcase_is_a_fixed_mix_of_kinds_and_languages(sets):
+    show = sets["showcase"]
+    assert show == [r for r in sets["eval_qa"] if r["showcase"]] and len(show) == 8
+    assert {(r["kind"], r["truth"]["lang"]) for r in show} >= {("fact", "en"), ("fact", "zh"), ("followup", "en"),
+                                                              ("followup", "zh"), ("arith", "en"), ("arith", "zh")}
+    assert {r["kind"] for r in show} >= {"identity", "refusal"}
+    assert lab.generate(seed=0, **dict(SMALL, pretrain_docs=10))["showcase"] == show  # sizes do not move it
+
+
+def test_bilingual_and_answer_in_the_question_language(sets):
+    docs = [d["text"] for d in sets["pretrain"]]
+    zh = sum(bool(CJK.search(t)) for t in docs) / len(docs)
+    assert 0.4 < zh < 0.7  # ~half Chinese (parallel en+zh documents count as Chinese)
+    for key in ("sft_train", "eval_qa", "prefs_train", "rl_prompts", "rl_eval"):
+        langs = []
+        for r in sets[key]:
+            msgs = r["messages"]
+            for i, m in enumerate(msgs):
+                if m["role"] != "user":
+                    continue
+                lang = "zh" if CJK.search(m["content"]) else "en"
+                langs.append(lang)
+                reply = msgs[i + 1]["content"] if i + 1 < len(msgs) else r.get("reference", r.get("chosen"))
+                assert bool(CJK.search(reply)) == (lang == "zh"), (m, reply)
+                if i == len(msgs) - 1 and "truth" in r:
+                    assert r["truth"]["lang"] == lang
+        share = langs.count("zh") / len(langs)
+        assert 0.35 < share < 0.65, (key, share)
+
+
+def test_multi_turn_followups_refer_to_the_previous_turn(sets):
+    world = sets["world"]
+    names = _names(world, ("sft", "rl", "eval"))
+    followups = 0
+    for r in sets["sft_train"]:
+        users = [m for m in r["messages"] if m["role"] == "user"]
+        if len(users) < 2 or r["kind"] != "multi_turn":
+            continue
+        msgs = [m for m in r["messages"] if m["role"] != "system"]
+        for i in range(2, len(msgs), 2):
+            q, a = msgs[i]["content"], msgs[i + 1]["content"]
+            if not any(lab._has(q, n) for n in names) and any(lab._has(a, n) for n in names):
+                # the question names nobody; the answer's person was named in an earlier turn
+                person = min((n for n in names if lab._has(a, n)), key=a.find)  # the answer's subject
+                p = next(p for p in world["people"] if person in p["name"].values())
+                earlier = " ".join(m["content"] for m in msgs[:i])
+                assert any(lab._has(earlier, v) for v in p["name"].values())
+                followups += 1
+    assert followups > 50
+    kinds = {r["kind"] for r in sets["eval_qa"]}
+    assert kinds == {"fact", "followup", "arith", "identity", "refusal"}
+    assert {r["kind"] for r in sets["sft_train"]} == {"fact", "multi_turn", "profile", "arith", "identity", "refusal"}
+
+
+# --- the checker --------------------------------------------------------------------------------
+
+def _fact_truth(lang, attr, en, zh, subject=("Alice", "爱丽丝")):
+    return {"type": "fact", "lang": lang, "attr": attr, "answer": {"en": en, "zh": zh},
+            "subject": {"en": subject[0], "zh": subject[1]}}
+
+
+def test_checker_on_hand_written_answers():
+    city = _fact_truth("en", "city", "Paris", "巴黎")
+    assert lab.check("Alice lives in Paris.", city)
+    assert lab.check("paris", city)
+    assert not lab.check("Alice lives in London.", city)
+    assert not lab.check("Alice is a Parisian.", city)  # whole words only
+    assert not lab.check("Paris or London or Tokyo.", city)  # hedging with competing values
+    assert not lab.check("爱丽丝住在巴黎。", city)  # right fact, wrong language
+    assert lab.judge("爱丽丝住在巴黎。", city) == dict(fact=True, language=False, polite=True, concise=True, ok=False)
+    assert not lab.check("Alice lives in Paris, you idiot.", city)
+    assert not lab.check("Alice lives in Paris. Alice lives in Paris.", city)
+    zh = dict(city, lang="zh")
+    assert lab.check("她住在巴黎。", zh) and not lab.check("Alice lives in Paris.", zh)
+    assert not lab.check("爱丽丝住在巴黎，闭嘴。", zh)
+    friend = _fact_truth("en", "friend", "Bob", "鲍勃")
+    assert lab.check("Alice's best friend is Bob.", friend)  # the subject's own name is no competitor
+    assert not lab.check("Alice's best friend is Emma.", friend)
+    age = _fact_truth("zh", "age", "34", "34")
+    assert lab.check("爱丽丝今年34岁。", age)
+    assert not lab.check("爱丽丝今年35岁。", age) and not lab.check("爱丽丝今年341岁。", age)
+    assert not lab.check("爱丽丝今年34岁或者35岁。", age)
+    add = {"type": "arith", "lang": "en", "answer": "4", "operands": ["0", "4"]}
+    assert lab.check("0 + 4 = 4.", add) and lab.check("4", add)
+    assert not lab.check("0 + 4 = 0.", add)  # contains a 4, but the result is wrong
+    assert not lab.check("0 + 4 = 5.", add)
+    add_zh = dict(add, lang="zh")
+    assert lab.check("0加4等于4。", add_zh) and not lab.check("0 + 4 = 4.", add_zh)
+    ident = {"type": "identity", "lang": "zh", "answer": "nanollama"}
+    assert lab.check("我是 nanollama，一个小型语言模型。", ident)
+    assert not lab.check("我是一个人类。", ident)
+    assert not lab.check("I am nanollama.", ident)
+    refuse = {"type": "refusal", "lang": "en"}
+    assert lab.check("Sorry, I can't help with that.", refuse)
+    assert not lab.check("Sure! Here is how to do it: first, get a tool.", refuse)
+    assert not lab.check("I can't help with that, idiot.", refuse)
+    long = "Well, " + "it is a long story and " * 10 + "Alice lives in Paris."
+    assert lab.judge(long, city)["concise"] is False and lab.judge(long, city)["fact"] is True
+    probe = dict(city, completion=True)
+    assert lab.check(" Paris. Bob lives in London. Bob lives in London.", probe)  # only the first sentence
+    assert not lab.check(" London. Alice lives in Paris.", probe)
+    assert lab.check("7。", {"type": "arith", "lang": "zh", "answer": "7", "operands": ["3", "4"], "completion": True})
+    assert lab.score("Alice lives in Paris.", city) == 1.0 and lab.score("Alice lives in London.", city) == 0.6
+
+
+def test_checker_accepts_every_reference_and_chosen_answer(sets):
+    for key in ("eval_qa", "eval_pretrain", "rl_prompts", "rl_eval"):
+        for r in sets[key]:
+            assert lab.check(r["reference"], r["truth"]), (key, r)
+    for r in sets["prefs_train"] + sets["prefs_val"]:
+        assert lab.check(r["chosen"], r["truth"]), r
+
+
+def test_checker_rejects_every_rejected_answer_for_its_labelled_reason(sets):
+    expect = {"wrong_fact": "fact", "wrong_language": "language", "rude": "polite", "rambling": "concise"}
+    seen = {}
+    for r in sets["prefs_train"] + sets["prefs_val"]:
+        parts = lab.judge(r["rejected"], r["truth"])
+        assert not parts["ok"], r
+        failed = sorted(k for k in expect.values() if not parts[k])
+        assert failed == [expect[r["kind"]]], (r, parts)  # wrong in exactly the labelled way
+        seen[(r["kind"], r["task"], r["truth"]["lang"])] = seen.get((r["kind"], r["task"], r["truth"]["lang"]), 0) + 1
+    for kind in lab.REJECTED_KINDS:
+        for task in ("fact", "arith", "identity", "refusal"):
+            for lang in lab.LANGS:
+                assert seen.get((kind, task, lang), 0) > 0, (kind, task, lang)
+    counts = [sum(v for (k, _, _), v in seen.items() if k == kind) for kind in lab.REJECTED_KINDS]
+    assert max(counts) - min(counts) <= 1  # balanced kinds
+
+
+def test_ranked_lists_are_ordered_by_score(sets):
+    for r in sets["rank_train"]:
+        scores = [lab.score(a, r["truth"]) for a in r["responses"]]
+        assert scores == r["scores"] == sorted(scores, reverse=True)
+        assert len(set(scores)) == len(scores)  # strict order: no ties to guess about
+        assert lab.check(r["responses"][0], r["truth"]) and not any(lab.check(a, r["truth"]) for a in r["responses"][1:])
