@@ -329,12 +329,12 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
     pool = None
     try:
         # ---- pass 1: tokenize (in parallel) and scatter documents into bucket files
-        tok_files = [open(os.path.join(scratch, f"b{b:03d}.ids"), "wb") for b in range(n_buckets)]
-        idx_files = [open(os.path.join(scratch, f"b{b:03d}.idx"), "wb") for b in range(n_buckets)]
-        if workers > 1:
+        if workers > 1:  # start the workers before opening any output file (forked children inherit them)
             pool = Pool(workers, initializer=_init_worker, initargs=(tok.path, cfg))
         else:
             _init_worker(tok.path, cfg)
+        tok_files = [open(os.path.join(scratch, f"b{b:03d}.ids"), "wb") for b in range(n_buckets)]
+        idx_files = [open(os.path.join(scratch, f"b{b:03d}.idx"), "wb") for b in range(n_buckets)]
         chunks = iter_chunks(files, fmt, text_unit, chunk_kb * 1024, stats)
         n_tok, last = 0, time.time()
         for res in _imap_bounded(pool, encode_chunk, chunks, max_in_flight=2 * max(workers, 1)):
@@ -346,8 +346,8 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
             st["empty"] += res["empty"]
             st["docs"] += len(res["lens"])
             n_val_docs += int(res["val"].sum())
-            ids, starts = res["ids"], np.concatenate([[0], np.cumsum(res["lens"])])
-            for i, b in enumerate(res["bucket"]):
+            ids, starts = res["ids"], np.concatenate([[0], np.cumsum(res["lens"])]).tolist()
+            for i, b in enumerate(res["bucket"].tolist()):
                 tok_files[b].write(ids[starts[i]:starts[i + 1]].data)
             recs = np.empty(len(res["lens"]), dtype=DOC)
             recs["len"], recs["val"] = res["lens"], res["val"]

@@ -176,7 +176,7 @@ def test_prepare_memory_bounded(tmp_path, tok):
         return os.path.getsize(path)
 
     rss, tokens = {}, {}
-    for name, n_docs in (("small", 2000), ("large", 8000)):  # ~3 MB vs ~13 MB of text; chunks are 64 KB
+    for name, n_docs in (("small", 1500), ("large", 6000)):  # ~2.5 MB vs ~10 MB of text; chunks are 64 KB
         size = corpus(tmp_path / f"{name}.jsonl", n_docs)
         cmd = [sys.executable, str(REPO / "data" / "prepare.py"), "--input", str(tmp_path / f"{name}.jsonl"),
                "--out", str(tmp_path / name), "--tokenizer", tok.path, "--workers", "2", "--chunk_kb", "64"]
