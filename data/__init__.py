@@ -6,7 +6,7 @@ See data/prepare.py (pretraining memmaps), data/sft_prepare.py (SFT memmaps) and
 """
 from data.formats import (  # noqa: F401
     FormatError, Report, check_conversation, iter_conversations, iter_preferences, read_conversations,
-    read_preferences, split_hh, to_messages, to_preference,
+    read_preferences, response_conversations, split_hh, to_messages, to_preference,
 )
 from data.prepare import check_tokenizer, load_tokens, read_meta, token_dtype  # noqa: F401
 from data.sft_prepare import SFTDataset  # noqa: F401

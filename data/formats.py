@@ -506,6 +506,12 @@ def to_preference(record):
     return {"messages": messages, "responses": responses, "kind": record.get("kind")}
 
 
+def response_conversations(record):
+    """A normalised preference record -> one full conversation per response (best first), each the
+    prompt messages + {"role": "assistant", "content": response}: what reward.py / dpo.py render."""
+    return [record["messages"] + [{"role": "assistant", "content": r}] for r in record["responses"]]
+
+
 def iter_preferences(paths, report=None, seed=0, with_where=False):
     """Stream normalised preference records ({"messages", "responses", "kind"}); see iter_conversations."""
     return _iter_records(paths, to_preference, report, seed, with_where)

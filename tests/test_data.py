@@ -18,7 +18,7 @@ import pytest
 
 from data import (SFTDataset, check_conversation, load_tokens, read_conversations, read_preferences, to_messages,
                   to_preference, token_dtype)
-from data.formats import Report, iter_conversations
+from data.formats import response_conversations
 from data.prepare import prepare
 from data.sft_prepare import sft_prepare
 from tokenizer import Tokenizer
@@ -339,6 +339,7 @@ def test_preference_formats():
                                {"role": "assistant", "content": "a1"}, {"role": "user", "content": "p"}]
     rec = to_preference({"prompt": "p", "responses": ["best", "mid", "worst"]})
     assert rec["responses"] == ["best", "mid", "worst"] and rec["kind"] is None
+    assert response_conversations(rec)[2] == [{"role": "user", "content": "p"}, {"role": "assistant", "content": "worst"}]
     rec = to_preference({"prompt": "p", "chosen": "x", "rejected": "y", "ranked": ["x", "y", "z", "y"]})
     assert rec["responses"] == ["x", "y", "z"]  # full ranking wins; a repeated text keeps its best rank
     rec = to_preference({"messages": [{"role": "user", "content": "q"}], "chosen": {"role": "assistant", "content": "c"},
