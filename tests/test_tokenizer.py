@@ -68,6 +68,21 @@ def test_shipped_model_and_special_ids(tok):
     assert tok.encode("hi", bos=True, eos=True) == [1] + tok.encode("hi") + [2]
 
 
+def test_shipped_model_covers_the_lab_world(tok):
+    """Every character of the lab world's training sets (another seed than the one the model was
+    trained on) is one token of its own: no byte fallback, and no piece fuses Chinese characters.
+    If this fails, data/lab.py gained new characters: retrain (command in tokenizer/train.py)."""
+    lab = pytest.importorskip("data.lab")
+    sets = lab.generate(seed=1, pretrain_docs=1500, sft_train=300, prefs_train=200, rank_train=50, rl_prompts=50)
+    texts = [r["text"] for r in sets["pretrain"]] + [m["content"] for c in sets["sft_train"] for m in c["messages"]]
+    texts += [r[k] for r in sets["prefs_train"] for k in ("chosen", "rejected")]
+    for ch in sorted(set("".join(texts))):
+        ids = tok.encode(ch)
+        assert len(ids) == 1 and not tok.sp.is_byte(ids[0]), (ch, [tok.id_to_piece(i) for i in ids])
+    n_han = [sum("\u4e00" <= c <= "\u9fff" for c in p) for p in map(tok.id_to_piece, range(tok.vocab_size))]
+    assert max(n_han) == 1 and n_han.count(1) > 300  # pieces like "▁王" (a space + one character) are fine
+
+
 @pytest.mark.parametrize("text", SAMPLES)
 def test_round_trip(tok, text):
     ids = tok.encode(text)
@@ -328,3 +343,5 @@ def test_show_mask_brackets(tok):
     assert "[[Alice lives in Paris.<|end|>]]" in text and "[[爱丽丝今年23岁。😀<|end|>]]" in text
     ids, mask = tok.render_conversation(CONV)
     assert summary.startswith(f"{len(ids)} tokens, {sum(mask)} carry loss")
+    colored, _ = show_mask.render(tok, CONV, color=True)
+    assert colored.count(show_mask.GREEN) == 2 and "[[" not in colored

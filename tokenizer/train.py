@@ -6,10 +6,18 @@ Usage (single process; tokenizer training does not use torchrun, sentencepiece h
         --out out/wudao.model wudao/*.jsonl.gz          # WuDao: title + content
     (`python tokenizer/train.py ...` works too)
 
-Reproduce the shipped tokenizer/lab.model (the lab world of data/lab.py):
-    python data/lab.py --out /tmp/lab --seed 0
-    python -m tokenizer.train --out tokenizer/lab.model --vocab_size 4096 --fields text,messages \
-        /tmp/lab/pretrain.jsonl /tmp/lab/sft_train.jsonl
+Reproduce the shipped tokenizer/lab.model byte for byte (sha256 a9f895d1b5691843...), from the
+training sets of the lab world with all 40 names of data/lab.py's pool (any seed's people are a subset):
+    python data/lab.py --out /tmp/lab_tok --seed 0 --people 40
+    python -m tokenizer.train --out tokenizer/lab.model --vocab_size 2048 --split_han \
+        --character_coverage 1.0 --fields text,messages,chosen,rejected,responses \
+        /tmp/lab_tok/pretrain.jsonl /tmp/lab_tok/sft_train.jsonl /tmp/lab_tok/prefs_train.jsonl \
+        /tmp/lab_tok/rank_train.jsonl /tmp/lab_tok/rl_prompts.jsonl
+Why 2048 and --split_han: the lab world has only 378 distinct Chinese characters and a few hundred
+English words (2,461 pieces at most once Chinese pieces are single characters). Without the split,
+BPE spends a 4096 vocabulary on template sentences ("大家都说格蕾丝是莫斯科最好的作家" became ONE
+token: a name, a city and a job fused), so a fact would live in an opaque token and could not be
+recombined when SFT asks about it. With it, every character is a token and names are sequences.
 
 Inputs: JSON lines (.jsonl/.json; --fields picks the text fields; a list field such as "messages"
 [{role, content}], ShareGPT "conversations" [{from, value}] or the seed's "data" [q, a, ...] is
@@ -35,7 +43,11 @@ Choices, and why:
   merges by id, sentencepiece by score, hence the known mismatch on runs of spaces), our trainer
   gives every piece a score in id order, so the HuggingFace conversion stays exact.
 - split_digits: every digit is its own token (arithmetic in the lab world is learnable).
-- character_coverage 0.9995: rare CJK characters fall back to bytes instead of taking vocab slots.
+- character_coverage 0.9995: rare CJK characters fall back to bytes instead of taking vocab slots
+  (use 1.0 for a closed synthetic world like the lab, where every character matters).
+- --split_han (off by default): no piece may span two Chinese characters. Right for small templated
+  corpora (see above); for a real Chinese corpus with a 32k vocabulary, multi-character words
+  are worth having, so leave it off there.
 - special pieces: <unk>=0 <s>=1 </s>=2 <pad>=3, then the chat markers <|system|> <|user|>
   <|assistant|> <|end|> (4..7) as user-defined symbols: always single tokens.
 - deterministic: the sample depends only on --seed and the input order; BPE training is exact.
