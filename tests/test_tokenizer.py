@@ -328,7 +328,8 @@ def test_report_ratios(tok, tmp_path):
     assert c.chars_per_token == pytest.approx(30 / n_tokens) and c.bytes_per_token == pytest.approx(49 / n_tokens)
     pieces = [tok.id_to_piece(i) for t in texts for i in tok.encode(t)]
     assert c.byte_tokens == sum(1 for p in pieces if re.fullmatch(r"<0x[0-9A-F]{2}>", p)) >= 4  # 😀: 4 bytes
-    assert [report.script_of(t) for t in texts] == ["Latin", "Han", "mixed/other"]
+    assert [report.script_of(t) for t in texts] == ["Latin", "Han", "no letters"]
+    assert report.script_of("Привет мир and 你") == "mixed/other"
     path = tmp_path / "held_out.jsonl"
     path.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\n", encoding="utf-8")
     rows = dict(report.compression_table({"lab": str(DEFAULT_MODEL)}, [str(path)], ["text"], 100))

@@ -12,7 +12,8 @@ More characters per token = shorter sequences = more text per context window and
 "byte%" is the share of tokens that are byte-fallback pieces (<0xE4>...): a character missing from
 the vocabulary costs 1-4 tokens, so a high byte% means the vocabulary does not cover that script.
 Each document is also classed by its dominant script (Han if >= 50% of its letters are CJK
-ideographs, Latin likewise, else mixed) for the per-script rows.
+ideographs, Latin likewise, else mixed/other; "no letters" for digits, punctuation or blank lines)
+for the per-script rows.
 """
 import argparse
 import sys
@@ -77,7 +78,9 @@ def script_of(text: str) -> str:
                 latin += 1
             else:
                 other += 1
-    letters = max(han + latin + other, 1)
+    letters = han + latin + other
+    if not letters:
+        return "no letters"
     return "Han" if han / letters >= 0.5 else "Latin" if latin / letters >= 0.5 else "mixed/other"
 
 
