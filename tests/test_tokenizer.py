@@ -166,7 +166,7 @@ def test_invalid_conversations_and_marker_injection(tok):
     for bad in ([], [{"role": "assistant", "content": "hi"}],
                 [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
                 [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}],
-                [{"role": "bot", "content": "a"}]):
+                [{"role": "bot", "content": "a"}], [{"role": "user", "content": None}]):
         with pytest.raises(ValueError):
             tok.render_conversation(bad)
     # a user typing the markers cannot forge a turn: no marker ids inside the content

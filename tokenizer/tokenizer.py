@@ -192,6 +192,8 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"message {i} is not a {{'role', 'content'}} dict: {m!r:.80}")
+            if not isinstance(m["content"], str):
+                raise ValueError(f"message {i}: content is {type(m['content']).__name__}, not str")
             role = m["role"]
             if role == "system" and i == 0:
                 continue
