@@ -50,14 +50,16 @@ def render(tok, messages, color, tokens=False):
     cells = [tok.id_to_piece(i) for i in ids] if tokens else token_texts(tok, ids)
     on, off = (GREEN, RESET) if color else ("[[", "]]")
     parts, inside = [], False
+    sep = "\u00b7" if tokens else ""  # a middle dot between tokens
     for k, (cell, m) in enumerate(zip(cells, mask)):
+        if not m and inside:
+            parts.append(off)
+        if k:
+            parts.append(sep)
         if m and not inside:
             parts.append(on)
-        elif not m and inside:
-            parts.append(off)
         inside = bool(m)
-        sep = "\u00b7" if tokens and k + 1 < len(cells) else ""  # a middle dot between tokens
-        parts.append((cell if m or not color else DIM + cell + RESET) + sep)
+        parts.append(cell if m or not color else DIM + cell + RESET)
     if inside:
         parts.append(off)
     n_loss = sum(mask)
