@@ -1,0 +1,776 @@
+"""
+common.py -- the small plumbing module every stage script shares (pretrain, sft, reward, dpo, ppo).
+
+Each stage keeps its own training loop inline, in its own file, so a reader sees the whole loop of
+a stage in one place. What lives here is only what would otherwise be copied five times:
+
+  distributed   setup_distributed / teardown_distributed (torchrun env; nccl on cuda, gloo on cpu),
+                print0, all_reduce_mean, barrier
+  precision     resolve_dtype (--dtype), autocast (bf16 autocast on cuda, fp32 on cpu), seed_everything
+  config        add_common_args(parser) + parse_config(parser) (flags with the same names in every
+                stage, optional --config JSON of plain values), save_config -> RUN/config.json
+  model         wrap_model (DDP, or FSDP2 fully_shard per block + root; activation checkpointing;
+                torch.compile), unwrap, grad_sync (no_sync for accumulation), eval_mode,
+                configure_optimizer (AdamW, decay on matrices only), lr_at (warmup + cosine),
+                clip_grad_norm (plain tensors and DTensors alike)
+  checkpoints   save_checkpoint (atomic; sharded DCP directory under FSDP), restore_checkpoint
+                (resume), latest_checkpoint, rotate_checkpoints (keep last k), load_model (any of
+                our checkpoints, a run directory, or a HuggingFace directory), consolidate
+  logging       JsonlLogger -> RUN/log.jsonl
+
+Run directory layout:
+    RUN/config.json          the effective configuration (every flag, also usable as --config)
+    RUN/log.jsonl            one JSON object per log line / eval / event
+    RUN/step_0001000.pt      resume checkpoints (model + optimizer + RNG + data position), rotated
+    RUN/best.pt, final.pt    model-only checkpoints: best by the stage's eval metric, and the last
+  Under --parallel fsdp the same names are DIRECTORIES (RUN/step_0001000/, RUN/best/, RUN/final/)
+  in torch.distributed.checkpoint (DCP) format: every rank writes its own shard, nobody gathers
+  the whole model. Each holds DCP's files plus meta.pt (everything below except model/optimizer).
+
+Checkpoint format (a dict written by torch.save, read back with torch.load(weights_only=True), so
+it holds only tensors and plain containers of str/int/float/bool/None):
+    "format":       "nanollama.ckpt.v1"
+    "model":        state_dict of the plain Llama (unwrapped: no "module." / "_orig_mod." prefixes)
+    "model_config": LlamaConfig.to_dict()
+    "step":         optimizer steps completed (a resumed run starts at this step)
+    "config":       the run's arguments (dict of plain values)
+    "tokenizer":    {"path": str, "sha256": str} or None
+    "metrics":      {"val_loss": ..., "best_val_loss": ..., ...} (stage specific)
+  resume checkpoints (step_*) also have
+    "optimizer":    optimizer.state_dict()
+    "rng":          one entry per rank: {"torch": ByteTensor, "cuda": ByteTensor|None,
+                    "numpy": {"keys": int64 tensor, "pos", "has_gauss", "gauss"}, "python": [...]}
+    "data_state":   stage specific position in the data stream (pretrain: {"step": n})
+  plus any extra keys a stage passes to save_checkpoint (e.g. reward normalisation statistics).
+
+CLI (offline tools; no process group needed):
+    python common.py consolidate RUN/step_0001000 merged.pt        # DCP shards -> one file
+    python common.py consolidate RUN/final merged.pt --hf hf_out/  # ... and a HuggingFace directory
+    python common.py info RUN/best.pt                               # print a checkpoint's metadata
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from model import Llama, LlamaConfig, load_state_dict_checked
+
+CKPT_FORMAT = "nanollama.ckpt.v1"
+STEP_RE = re.compile(r"^step_(\d{7,})(\.pt)?$")
+
+
+def fail(msg: str):
+    """Stop with a clear message and exit status 1 (the stage scripts' way to refuse bad input)."""
+    raise SystemExit(f"error: {msg}")
+
+
+# -----------------------------------------------------------------------------
+# Distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # True if setup_distributed created the process group (so it destroys it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and join the process group.
+
+    Not under torchrun: a single process, no process group. NCCL on cuda (one GPU per local rank),
+    gloo on cpu. If a process group already exists (a test that built one itself), it is reused
+    and left for its owner to destroy."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+    if device == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)  # before init_process_group: NCCL binds each rank to its own GPU
+    else:
+        dev = torch.device(device)
+    info = DistInfo(rank, local_rank, world_size, dev)
+    if world_size > 1 and dev.type == "cpu":
+        # torchrun sets OMP_NUM_THREADS=1 per worker; on a CPU-only run that leaves cores idle, and
+        # more threads than cores per rank makes every rank crawl (measured: 3-4x slower). Split the
+        # cores evenly between this node's ranks.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if backend == "nccl":
+            _warn_small_shm()
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+        info.owns_group = True
+    return info
+
+
+def _warn_small_shm(min_bytes=1 << 30):
+    """NCCL moves data between GPUs of one node through /dev/shm. Docker gives containers 64 MB by
+    default, and NCCL then dies with "unhandled system error" or a bus error mid-run (the seed hit
+    this). Warn before it happens."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return
+    if st.f_frsize * st.f_blocks < min_bytes and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"warning: /dev/shm is only {st.f_frsize * st.f_blocks / 2**20:.0f} MB; NCCL may crash. Run docker "
+              f"with --shm-size=16g (or --ipc=host), or set NCCL_SHM_DISABLE=1 (slower).", flush=True)
+
+
+def teardown_distributed(info: DistInfo):
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (every rank printing the same line makes logs unreadable)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over all ranks (a copy; the input is left alone)."""
+    x = x.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= dist.get_world_size()
+    return x
+
+
+# -----------------------------------------------------------------------------
+# Seeds and precision
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every cuda device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: "auto" is bfloat16 on cuda (if supported) and float32 elsewhere. float16 is left
+    out on purpose: it needs a loss scaler, and every GPU this stack targets has bfloat16."""
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the forward pass: matmuls in bf16, master weights, reductions and the
+    loss in fp32 (model.py keeps RMSNorm and the logits in float32). A no-op for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# -----------------------------------------------------------------------------
+# Configuration: flags with the same names in every stage, an optional JSON config file
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every stage script shares. A stage adds its own flags and changes defaults with
+    parser.set_defaults(lr=..., ...) before calling parse_config."""
+    g = parser.add_argument_group("common (the same in every stage)")
+    g.add_argument("--config", default=None,
+                   help="JSON file of plain values {flag_name: value}; flags on the command line win. "
+                        "A run's saved config.json works here.")
+    g.add_argument("--out_dir", default="out/run", help="run directory: config.json, log.jsonl, checkpoints")
+    g.add_argument("--init_from", default=None,
+                   help="start from weights: one of our checkpoint files, a run directory (best, final, newest "
+                        "step) or a HuggingFace LLaMA directory")
+    g.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the shipped tokenizer/lab.model)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto = cuda if available")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype; auto = bfloat16 autocast on cuda, float32 on cpu")
+    g.add_argument("--parallel", default=None, choices=["none", "ddp", "fsdp"],
+                   help="data parallelism under torchrun (default: ddp with >1 process, none otherwise)")
+    g.add_argument("--batch_size", type=int, default=8, help="sequences per micro-batch per process")
+    g.add_argument("--grad_accum", type=int, default=1,
+                   help="micro-batches per optimizer step; global batch = batch_size * grad_accum * world_size")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    g.add_argument("--min_lr", type=float, default=3e-5, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup steps")
+    g.add_argument("--max_steps", type=int, default=1000, help="optimizer steps in total (end of the cosine)")
+    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay, applied to matrices only")
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--eval_interval", type=int, default=200, help="evaluate every N steps (0 = only at the end)")
+    g.add_argument("--eval_steps", type=int, default=20,
+                   help="batches per evaluation (global batches, split over ranks like training)")
+    g.add_argument("--log_interval", type=int, default=10, help="log every N steps")
+    g.add_argument("--save_interval", type=int, default=500, help="write a resume checkpoint every N steps (0 = off)")
+    g.add_argument("--keep_last", type=int, default=2, help="resume checkpoints to keep (0 = all)")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help="continue from the newest step_* checkpoint in --out_dir (starts fresh if there is none)")
+    return parser
+
+
+def parse_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse flags; values from --config FILE become defaults, so explicit flags override them.
+    The file is JSON, never executed (nanoGPT's configurator exec()s Python files)."""
+    pre, _ = parser.parse_known_args(argv)
+    if getattr(pre, "config", None):
+        try:
+            with open(pre.config, encoding="utf-8") as f:
+                values = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            fail(f"cannot read config file {pre.config}: {e}")
+        if not isinstance(values, dict):
+            fail(f"config file {pre.config} must hold a JSON object of flag values")
+        actions = {a.dest: a for a in parser._actions}
+        unknown = sorted(set(values) - set(actions) - {"config"})
+        if unknown:
+            fail(f"config file {pre.config}: unknown keys {unknown}")
+        values.pop("config", None)
+        for key, value in values.items():
+            a = actions[key]
+            if value is not None and a.type in (int, float) and not isinstance(value, bool):
+                if not isinstance(value, (int, float)) or (a.type is int and float(value) != int(value)):
+                    fail(f"config file {pre.config}: {key} must be {a.type.__name__}, got {value!r}")
+                values[key] = a.type(value)
+            if a.choices is not None and values[key] not in a.choices:
+                fail(f"config file {pre.config}: {key}={value!r} is not one of {list(a.choices)}")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def save_config(args: argparse.Namespace, out_dir: str, extra: dict = None):
+    """Write the effective configuration next to the checkpoints (rank 0, atomically). The keys are
+    exactly the flags, so the file can be passed back as --config to repeat a run."""
+    if is_main():
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write_json(os.path.join(out_dir, "config.json"), {**vars(args), **(extra or {})})
+
+
+def atomic_write_json(path: str, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Model wrapping: DDP / FSDP2, activation checkpointing, compile
+
+
+def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: torch.dtype = torch.float32,
+               compile: bool = False, activation_checkpointing: bool = False) -> nn.Module:
+    """Prepare a Llama (or anything with .layers) for training; returns the module to call.
+
+    The plain model stays reachable with unwrap(); its parameter names never change (no "module."
+    or "_orig_mod." prefixes reach a checkpoint):
+      - activation checkpointing and compile replace each block's / the model's forward in place;
+      - DDP keeps the model as .module;
+      - FSDP2's fully_shard changes the model's class in place (parameters become DTensors).
+    The model must already be on info.device (or on the meta device for FSDP, see pretrain.py)."""
+    if parallel in ("ddp", "fsdp") and not info.distributed:
+        fail(f"--parallel {parallel} needs several processes: launch with torchrun --nproc_per_node=N")
+    blocks = list(getattr(model, "layers", []))
+    if activation_checkpointing:
+        for block in blocks:
+            _checkpoint_forward(block)
+    if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        # bf16: parameters are all-gathered and used in bf16, gradients reduced in fp32, and the
+        # sharded master weights and AdamW states stay fp32 (FSDP2's MixedPrecisionPolicy).
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if dtype == torch.bfloat16 else MixedPrecisionPolicy()
+        for block in blocks:
+            if compile:
+                # Compile the block's forward, not its __call__: FSDP's all-gather hooks run around
+                # the compiled graph instead of being traced into it.
+                block.forward = torch.compile(block.forward)
+            # One FSDP unit per block: its parameters are gathered just before it runs and freed
+            # right after, so only ~2 blocks (current + prefetched) are ever whole on a GPU.
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # the root unit: embedding, final norm, head
+        return model
+    if compile:
+        model.compile()  # in place: compiles __call__, keeps parameter names
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        # gradient_as_bucket_view: gradients live inside DDP's all-reduce buckets instead of
+        # being copied there, which saves one model-sized buffer of memory.
+        return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+    return model
+
+
+def _checkpoint_forward(block: nn.Module):
+    """Activation checkpointing (Chen et al. 2016): keep only the block's input in the forward pass
+    and recompute its insides during backward. Done by replacing the instance's forward, so the
+    parameter names stay the same (checkpoint_wrapper would add a prefix to every name)."""
+    from torch.utils.checkpoint import checkpoint
+    inner = block.forward
+
+    def forward(*args, **kwargs):
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+    block.forward = forward
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP wrapper (FSDP2 and our compile/checkpointing work in place)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool):
+    """Gradient accumulation: only the last micro-step should pay for the all-reduce. Wrap each
+    micro-step's forward AND backward:  with grad_sync(model, micro == grad_accum - 1): ...
+    DDP: no_sync() skips the all-reduce (gradients accumulate locally). FSDP2: the flag makes the
+    backward keep unsharded gradients instead of reduce-scattering them every micro-step."""
+    if is_fsdp(model):
+        model.set_requires_gradient_sync(enabled)
+        yield
+    elif not enabled and hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """model.eval() for the block, then back to the mode it was in. The seed's lesson: an eval
+    function that calls model.eval() and forgets model.train() silently turns dropout off for the
+    rest of training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+# -----------------------------------------------------------------------------
+# Optimizer, learning-rate schedule, gradient clipping
+
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95),
+                        device: torch.device = torch.device("cpu")) -> torch.optim.AdamW:
+    """AdamW with two parameter groups: weight decay on every tensor with >= 2 dimensions
+    (the matmul weights and the embedding), none on vectors (RMSNorm gains, biases): decaying a
+    norm gain toward 0 only fights the normalisation. Fused kernel on cuda (one launch per step)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # named_parameters() yields tied weights once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from lr/warmup_steps to lr
+    over warmup_steps steps, then a half cosine from lr down to min_lr at max_steps, min_lr after.
+    A pure function of the step: resuming restores the schedule by restoring the step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm (max_norm <= 0: measure only) and return the norm
+    before clipping. Under FSDP the gradients are DTensor shards: clip_grad_norm_ reduces their norms
+    across ranks and returns a DTensor; full_tensor() gives the global value every rank agrees on."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.item()
+
+
+# -----------------------------------------------------------------------------
+# RNG state (stored as tensors and lists so torch.load(weights_only=True) can read it)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _gather_rng() -> list:
+    """Every rank's RNG state, in rank order (each rank draws its own dropout masks)."""
+    mine = rng_state()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_path(out_dir: str, name: str):
+    """The checkpoint called `name` in a run directory: NAME.pt (a file) or NAME/ (a DCP directory),
+    or None if neither exists."""
+    for p in (os.path.join(out_dir, name + ".pt"), os.path.join(out_dir, name)):
+        if os.path.isfile(p) or os.path.isfile(os.path.join(p, "meta.pt")):
+            return p
+    return None
+
+
+def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *, step: int, config: dict,
+                    tokenizer=None, metrics: dict = None, data_state: dict = None, model_config: dict = None,
+                    **extra) -> str:
+    """Write checkpoint `name` (e.g. "step_0001000", "best", "final") into out_dir; call it on EVERY
+    rank (it may gather). With an optimizer it is a resume checkpoint (optimizer, RNG of every rank,
+    data position); without, model weights + metadata only. Returns the path written.
+
+    Atomic: the checkpoint is written under a .tmp name and renamed into place (os.replace) only
+    when complete, so a crash or a full disk mid-write leaves the previous checkpoint intact.
+    Plain/DDP models: rank 0 writes one file NAME.pt. FSDP: a DCP directory NAME/ where every rank
+    writes its shard (no rank ever holds the whole model)."""
+    raw = unwrap(model)
+    meta = {
+        "format": CKPT_FORMAT,
+        "model_config": model_config if model_config is not None else raw.config.to_dict(),
+        "step": int(step),
+        "config": dict(config),
+        "tokenizer": {"path": tokenizer.path, "sha256": tokenizer.sha256} if tokenizer is not None else None,
+        "metrics": dict(metrics or {}),
+        **extra,
+    }
+    if optimizer is not None:
+        meta["rng"] = _gather_rng()
+        meta["data_state"] = dict(data_state or {})
+    if is_fsdp(model):
+        return _save_sharded(out_dir, name, model, optimizer, meta)
+    path = os.path.join(out_dir, name + ".pt")
+    if is_main():
+        ckpt = {"model": raw.state_dict(), **meta}
+        if optimizer is not None:
+            ckpt["optimizer"] = optimizer.state_dict()
+        _atomic_torch_save(ckpt, path)
+    barrier()
+    return path
+
+
+def _atomic_torch_save(obj, path: str):
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them "the" checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _save_sharded(out_dir, name, model, optimizer, meta):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    path = os.path.join(out_dir, name)
+    tmp = path + ".tmp"
+    if is_main() and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # left over from a crash
+    barrier()
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=tmp)  # every rank writes its own shard file
+    if is_main():
+        _atomic_torch_save(meta, os.path.join(tmp, "meta.pt"))  # meta.pt last: its presence marks "complete"
+        if os.path.exists(path):  # best/ and final/ are replaced: move the old one aside, then delete it
+            os.replace(path, path + ".old")
+        os.replace(tmp, path)
+        shutil.rmtree(path + ".old", ignore_errors=True)
+    barrier()
+    return path
+
+
+def latest_checkpoint(out_dir: str):
+    """Path of the newest complete step_* checkpoint in out_dir (file or DCP directory), or None."""
+    steps = _step_checkpoints(out_dir)
+    return steps[-1][1] if steps else None
+
+
+def _step_checkpoints(out_dir):
+    found = []
+    if os.path.isdir(out_dir):
+        for entry in os.listdir(out_dir):
+            m = STEP_RE.match(entry)
+            p = os.path.join(out_dir, entry)
+            if m and (os.path.isfile(p) or os.path.isfile(os.path.join(p, "meta.pt"))):
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def rotate_checkpoints(out_dir: str, keep_last: int):
+    """Delete all but the newest keep_last step_* checkpoints (rank 0), and any *.tmp leftovers of
+    crashed writes. Unbounded checkpointing filled the seed's disk quota more than once."""
+    if not is_main():
+        return
+    for entry in os.listdir(out_dir):
+        if entry.endswith(".tmp") or entry.endswith(".old"):
+            p = os.path.join(out_dir, entry)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    if keep_last > 0:
+        for _, p in _step_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    """Everything in a checkpoint except the weights and optimizer state."""
+    if os.path.isdir(path):
+        return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+
+
+def restore_checkpoint(path: str, model: nn.Module, optimizer=None, device="cpu") -> dict:
+    """Resume: load weights (and optimizer state) into the training model, restore this rank's RNG
+    state, and return the checkpoint's metadata (step, data_state, metrics, config, ...).
+    Call on every rank after wrap_model and configure_optimizer."""
+    sharded = os.path.isdir(path)
+    if sharded != is_fsdp(model):
+        fail(f"{path} is a {'sharded (FSDP)' if sharded else 'single-file'} checkpoint but this run uses "
+             f"--parallel {'fsdp' if is_fsdp(model) else 'none/ddp'}; resume with the same kind, or convert it "
+             f"with `python common.py consolidate` and start a new run with --init_from")
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+        state = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        dcp.load(state, checkpoint_id=path)  # each rank reads the pieces of its own shards
+        set_model_state_dict(model, state["model"])
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        meta = read_checkpoint_meta(path)
+    else:
+        meta = torch.load(path, map_location=device, weights_only=True)
+        load_state_dict_checked(unwrap(model), meta.pop("model"))
+        if optimizer is not None:
+            if "optimizer" not in meta:
+                fail(f"{path} has no optimizer state (a model-only checkpoint); use --init_from to start from it")
+            optimizer.load_state_dict(meta.pop("optimizer"))
+    rng = meta.get("rng") or []
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if len(rng) == world:
+        set_rng_state(rng[rank])
+    elif rng:
+        print0(f"warning: {path} was written by {len(rng)} processes, this run has {world}: RNG states not restored")
+    return meta
+
+
+def is_hf_dir(path: str) -> bool:
+    """A HuggingFace model directory: config.json naming the architecture, plus weight files (our run
+    directories also have a config.json, holding flags instead)."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    with open(cfg, encoding="utf-8") as f:
+        hf = json.load(f)
+    return isinstance(hf, dict) and ("model_type" in hf or "architectures" in hf)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint file, DCP directory or HF directory passes through; a run directory becomes its
+    best checkpoint, else final, else the newest step_*."""
+    if not os.path.exists(path):
+        fail(f"checkpoint {path} does not exist")
+    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "meta.pt")) or is_hf_dir(path):
+        return path
+    for name in ("best", "final"):
+        p = checkpoint_path(path, name)
+        if p:
+            return p
+    p = latest_checkpoint(path)
+    if p:
+        return p
+    fail(f"{path} holds no checkpoint (no best, final or step_* checkpoint, and it is not a HuggingFace directory)")
+
+
+def load_model(path: str, device="cpu"):
+    """-> (Llama, meta). `path`: one of our checkpoint files, a DCP checkpoint directory, a run
+    directory (best, else final, else the newest step), or a HuggingFace LLaMA directory
+    (config.json + safetensors/bin -> Llama.from_hf). The model is float32, in train mode, on
+    `device`; meta has "path", "model_config", "tokenizer" ({"path", "sha256"} or None), "step",
+    "config", "metrics" (the last three empty for HF directories)."""
+    path = resolve_checkpoint(path)
+    if os.path.isdir(path) and is_hf_dir(path):
+        model = Llama.from_hf(path)
+        tok = os.path.join(path, "tokenizer.model")
+        meta = {"format": "hf", "model_config": model.config.to_dict(), "step": 0, "config": {}, "metrics": {},
+                "tokenizer": {"path": tok, "sha256": None} if os.path.isfile(tok) else None}
+    elif os.path.isdir(path):  # sharded DCP checkpoint: read the shards straight into a whole model
+        import torch.distributed.checkpoint as dcp
+        meta = read_checkpoint_meta(path)
+        model = Llama(LlamaConfig.from_dict(meta["model_config"]))
+        state = model.state_dict()
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
+        load_state_dict_checked(model, state)
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if "model" not in ckpt or "model_config" not in ckpt:
+            fail(f"{path} is not a nanollama checkpoint (no 'model' / 'model_config' keys)")
+        model = Llama(LlamaConfig.from_dict(ckpt["model_config"]))
+        load_state_dict_checked(model, ckpt.pop("model"))
+        ckpt.pop("optimizer", None)
+        meta = ckpt
+    meta["path"] = path
+    return model.to(device), meta
+
+
+def consolidate(src: str, out_path: str, hf_dir: str = None) -> str:
+    """Merge any checkpoint load_model accepts (typically a sharded FSDP directory) into one
+    model-only checkpoint file, and optionally a HuggingFace directory (model.save_hf, plus the
+    tokenizer files when the recorded tokenizer is found). Runs in one process, no GPU needed."""
+    model, meta = load_model(src)
+    ckpt = {"model": model.state_dict(), **{k: v for k, v in meta.items() if k not in ("rng", "data_state", "path")}}
+    ckpt["format"] = CKPT_FORMAT
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    _atomic_torch_save(ckpt, out_path)
+    if hf_dir:
+        tok_info = meta.get("tokenizer") or {}
+        tok = None
+        if tok_info.get("path") and os.path.isfile(tok_info["path"]):
+            from tokenizer import Tokenizer
+            tok = Tokenizer(tok_info["path"])
+        model.save_hf(hf_dir, bos_id=tok.bos_id if tok else 1, eos_id=tok.eos_id if tok else 2)
+        if tok is not None:
+            tok.save_hf(hf_dir)
+    return out_path
+
+
+# -----------------------------------------------------------------------------
+# Logging
+
+
+class JsonlLogger:
+    """Appends one JSON object per call to a .jsonl file (rank 0 only; a no-op elsewhere). Opened
+    per write so that a crash loses nothing already logged and a resumed run appends."""
+
+    def __init__(self, path: str, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled and is_main()
+
+    def log(self, **fields):
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3)}
+        for k, v in fields.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            if isinstance(v, float) and not math.isfinite(v):
+                v = None  # NaN/inf are not JSON
+            record[k] = v
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str) -> list:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# -----------------------------------------------------------------------------
+# CLI: offline checkpoint tools
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="nanollama checkpoint tools")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("consolidate", help="merge a (sharded) checkpoint into one file, optionally a HF dir")
+    c.add_argument("src", help="checkpoint file, DCP directory, run directory or HF directory")
+    c.add_argument("out", help="output .pt file")
+    c.add_argument("--hf", default=None, help="also write a HuggingFace directory here")
+    i = sub.add_parser("info", help="print a checkpoint's metadata")
+    i.add_argument("path")
+    args = parser.parse_args(argv)
+    if args.cmd == "consolidate":
+        consolidate(args.src, args.out, args.hf)
+        print(f"wrote {args.out}" + (f" and {args.hf}/" if args.hf else ""))
+    else:
+        meta = read_checkpoint_meta(resolve_checkpoint(args.path))
+        meta.pop("rng", None)
+        print(json.dumps(meta, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
