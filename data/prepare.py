@@ -43,14 +43,14 @@ Split and shuffle without holding the corpus in memory (the choice, explained):
     Random bucket assignment + a uniform shuffle inside each bucket is a uniform shuffle of the
     whole corpus. Pass 2 reads the documents back with os.pread from the just-written bucket file
     (served by the page cache, which is not process memory), so RAM holds only the bucket's index
-    (9 bytes a document); K is chosen from the input size so a bucket is ~--shuffle_mb on disk
+    (~25 bytes a document); K is chosen from the input size so a bucket is ~--shuffle_mb on disk
     (at most 256 buckets), which keeps those reads inside the page cache. A bounded "shuffle
     buffer" would be simpler but only shuffles locally: a corpus given as zh files then en files
     would still train on all Chinese first.
 Memory: pass 1 keeps only a bounded number of chunks in flight (see _imap_bounded: a plain
 Pool.imap reads its whole input ahead and would grow with the corpus); ids are written to disk as
 they arrive. So peak RSS depends on --chunk_kb and --workers, not on corpus size (apart from the
-9-byte-per-document index of one bucket).
+~25-byte-per-document index of one bucket: ~2 MB for a 64 MB bucket of 1 KB documents).
 Atomic: everything is written to *.tmp names and a scratch directory first; only at the end is
 an existing meta.json removed, the .bin files renamed into place (os.replace) and meta.json
 written (tmp + rename). A crash at any point leaves either the previous complete dataset or a
@@ -307,7 +307,7 @@ def _n_buckets(files, itemsize, shuffle_mb):
 
 
 def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_unit="paragraph", workers=2,
-            val_fraction=0.01, seed=1337, shuffle=True, bos=True, shuffle_mb=256.0, chunk_kb=256, verbose=True):
+            val_fraction=0.01, seed=1337, shuffle=True, bos=True, shuffle_mb=64.0, chunk_kb=256, verbose=True):
     """Tokenize `inputs` into out_dir/{train.bin,val.bin,meta.json}. Returns the meta dict."""
     t0 = time.time()
     files = expand_inputs(inputs)
@@ -380,8 +380,7 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
         itemsize = np.dtype(dtype).itemsize
         for b in range(n_buckets):
             recs = np.fromfile(os.path.join(scratch, f"b{b:03d}.idx"), dtype=DOC)
-            lens = recs["len"].tolist()
-            starts = np.concatenate([[0], np.cumsum(recs["len"])]).tolist()
+            starts = np.cumsum(recs["len"]) - recs["len"]
             order = np.random.default_rng([seed, b]).permutation(len(recs)) if shuffle else np.arange(len(recs))
             is_val = recs["val"].astype(bool)
             if force_val and (~is_val).any():
@@ -389,14 +388,16 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
                 force_val = False
             # Documents are read back one by one with pread rather than loading the bucket: the bucket
             # file was just written, so it sits in the page cache (which is not our RSS), and RAM then
-            # holds only this bucket's index (9 bytes a document), whatever the bucket's size.
+            # holds only this bucket's index (~25 bytes a document as numpy arrays), whatever its size.
             fd = os.open(os.path.join(scratch, f"b{b:03d}.ids"), os.O_RDONLY)
             try:
-                for i, v in zip(order.tolist(), is_val[order].tolist()):
-                    split = "val" if v else "train"
-                    outs[split].write(os.pread(fd, lens[i] * itemsize, starts[i] * itemsize))
-                    counts[f"{split}_tokens"] += lens[i]
-                    counts[f"{split}_docs"] += 1
+                for j in range(0, len(order), 1 << 16):  # Python ints only for one slice at a time
+                    sl = order[j:j + (1 << 16)]
+                    for length, start, v in zip(recs["len"][sl].tolist(), starts[sl].tolist(), is_val[sl].tolist()):
+                        split = "val" if v else "train"
+                        outs[split].write(os.pread(fd, length * itemsize, start * itemsize))
+                        counts[f"{split}_tokens"] += length
+                        counts[f"{split}_docs"] += 1
             finally:
                 os.close(fd)
             os.remove(os.path.join(scratch, f"b{b:03d}.ids"))  # free the disk as we go
@@ -455,7 +456,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="seed of the split and the shuffle")
     p.add_argument("--no_shuffle", action="store_true", help="keep the input document order")
     p.add_argument("--no_bos", action="store_true", help="do not put BOS before each document (EOS is always put after)")
-    p.add_argument("--shuffle_mb", type=float, default=256.0,
+    p.add_argument("--shuffle_mb", type=float, default=64.0,
                    help="~size of one shuffle bucket on disk (read back from the page cache in pass 2)")
     p.add_argument("--chunk_kb", type=int, default=256, help="text per task sent to a worker")
     args = p.parse_args(argv)
