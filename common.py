@@ -511,6 +511,8 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *
     if optimizer is not None:
         meta["rng"] = _gather_rng()
         meta["data_state"] = dict(data_state or {})
+    if is_main():
+        os.makedirs(out_dir, exist_ok=True)
     if is_fsdp(model):
         return _save_sharded(out_dir, name, model, optimizer, meta)
     path = os.path.join(out_dir, name + ".pt")

@@ -240,16 +240,14 @@ def train(args, info):
     val_tokens = open_split(args.data, "val", tok)
 
     # --- the run directory: resume, or refuse to overwrite an earlier run -------------
-    resume_path = latest_checkpoint(args.out_dir)
-    earlier_run = resume_path or any(checkpoint_path(args.out_dir, n) for n in ("best", "final"))
-    if earlier_run and not (args.resume and resume_path):
+    resume_path = latest_checkpoint(args.out_dir) if args.resume else None
+    if not resume_path and (latest_checkpoint(args.out_dir) or checkpoint_path(args.out_dir, "best")
+                            or checkpoint_path(args.out_dir, "final")):
         fail(f"{args.out_dir} already holds checkpoints of a run"
              + (" but no step_* checkpoint to resume from" if args.resume else "; pass --resume to continue it")
              + ". Choose another --out_dir (nothing was changed).")
     if args.resume and not resume_path:
         print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
-    if not args.resume:
-        resume_path = None
 
     # --- model ----------------------------------------------------------------
     if resume_path:  # the checkpoint knows the shape; its weights are loaded after wrapping
@@ -307,8 +305,6 @@ def train(args, info):
                    ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
         if meta["data_state"].get("seed", args.seed) != args.seed:
             print0("warning: --seed differs from the checkpoint's: the data stream will not continue the same")
-    elif args.resume:
-        print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
 
     save_config(args, args.out_dir)
     logger = JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
