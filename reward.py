@@ -31,15 +31,63 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from typing import Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
+from common import print0
 from model import Llama, LlamaConfig, load_state_dict_checked
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train / evaluate / apply a reward model (see the docstring).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(parser)
+    g = parser.add_argument_group("reward model")
+    g.add_argument("--data", nargs="+", default=None,
+                   help="training preferences: files 'path[:weight]' in any format data/formats.py reads "
+                        "({prompt, chosen, rejected}, Anthropic HH, {prompt, responses: [best..worst]}, LLaMA-Factory)")
+    g.add_argument("--val_data", nargs="+", default=None, help="held-out preferences (same forms as --data)")
+    g.add_argument("--val_frac", type=float, default=0.05, help="without --val_data: fraction of --data held out (seeded)")
+    g.add_argument("--epochs", type=float, default=1,
+                   help="passes over the data when --max_steps is 0 (InstructGPT: one; the RM overfits after)")
+    g.add_argument("--max_seq_len", type=int, default=0, help="longest prompt + response in tokens (0 = model context)")
+    g.add_argument("--margin", type=float, default=0.0,
+                   help="Bradley-Terry margin m in -log sigma(r_better - r_worse - m), the same for every pair")
+    g.add_argument("--padding_side", default="right", choices=["right", "left"],
+                   help="how batches are padded (the reward is the same either way; a knob for checking that)")
+    g.add_argument("--calibration_bins", type=int, default=5, help="bins of the calibration table over [0.5, 1]")
+    m = parser.add_argument_group("modes (instead of training)")
+    m.add_argument("--eval_only", action="store_true",
+                   help="evaluate --init_from (a reward model) on --val_data: accuracy, per kind, length bias, calibration")
+    m.add_argument("--score", default=None, metavar="IN.jsonl",
+                   help="write rewards for the records of IN (conversations: the last assistant turn is scored; "
+                        "preference records: every response) to --out, using the reward model --init_from")
+    m.add_argument("--out", default=None, help="--score: output JSONL; --eval_only: optional metrics JSON")
+    # Reward-model defaults. --batch_size counts PROMPT GROUPS here (each brings its K responses).
+    parser.set_defaults(lr=5e-5, min_lr=5e-6, warmup_steps=20, max_steps=0, weight_decay=0.0, eval_interval=100,
+                        eval_steps=0, save_interval=200, out_dir="out/reward", batch_size=8)
+    args = common.parse_config(parser, argv)
+    if not args.init_from:
+        common.fail("--init_from is required: an SFT checkpoint / run dir / HF directory (training) "
+                    "or a reward model (--score, --eval_only)")
+    if args.score and not args.out:
+        common.fail("--score needs --out (the output JSONL)")
+    if args.eval_only and not args.val_data:
+        common.fail("--eval_only needs --val_data")
+    if not (args.score or args.eval_only) and not args.data:
+        common.fail("--data is required for training (preference files)")
+    return args
+
 
 # -----------------------------------------------------------------------------
 # Losses: pure functions of the rewards
@@ -179,9 +227,59 @@ class RewardModel(nn.Module):
         """(r - mean) / std with the reference-set statistics saved at training time."""
         return (rewards - self.reward_mean) / self.reward_std
 
+    @torch.no_grad()
     def set_stats(self, mean: float, std: float):
         self.reward_mean.fill_(float(mean))
         self.reward_std.fill_(max(float(std), 1e-8))
+
+    @property
+    def layers(self):
+        """The backbone's blocks: common.wrap_model shards (FSDP) or checkpoints them one by one.
+        A property, not a second registered name, so parameter names stay backbone.layers.*"""
+        return self.backbone.layers
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+REWARD_KIND = "reward_model"   # the "kind" key our reward checkpoints carry (LM checkpoints have none)
+
+
+def load_reward_model(path: str, device="cpu"):
+    """-> (RewardModel in eval mode on `device`, meta). `path`: a reward checkpoint written by this
+    script (best.pt, final.pt, step_*.pt, or the same names as DCP directories from --parallel fsdp),
+    or its run directory (best, else final, else the newest step). The normalisation statistics come
+    with the weights (model.reward_mean / reward_std, model.normalize); meta is common.load_model's
+    (path, model_config, tokenizer, step, config, metrics) plus "reward_stats" {mean, std, n, ...}.
+    A language-model checkpoint is refused: start a reward model from it by training (--init_from)."""
+    path = common.resolve_checkpoint(path)
+    meta = {} if common.is_hf_dir(path) else common.read_checkpoint_meta(path)
+    if meta.get("kind") != REWARD_KIND:
+        common.fail(f"{path} is not a reward-model checkpoint (no kind={REWARD_KIND!r}); a language model becomes "
+                    f"a reward model by training one: python reward.py --init_from {path} --data ...")
+    model = RewardModel(LlamaConfig.from_dict(meta["model_config"]))
+    if os.path.isdir(path):   # an FSDP run's sharded checkpoint: read every shard into the whole model
+        import torch.distributed.checkpoint as dcp
+        state = model.state_dict()
+        dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    load_state_dict_checked(model, state)
+    meta["path"] = path
+    return model.to(device).eval(), meta
+
+
+def init_reward_model(path: str):
+    """The starting point of training -> (RewardModel, meta, was_reward_model). A reward checkpoint
+    continues as it is; a language model (our SFT checkpoint or run dir, or a HuggingFace LLaMA
+    directory, via common.load_model) becomes the backbone under a fresh zero head -- InstructGPT and
+    DeepSpeed-Chat start the reward model from the SFT model, which already reads the chat format."""
+    resolved = common.resolve_checkpoint(path)
+    if not common.is_hf_dir(resolved) and common.read_checkpoint_meta(resolved).get("kind") == REWARD_KIND:
+        model, meta = load_reward_model(resolved)
+        return model.train(), meta, True
+    llama, meta = common.load_model(resolved)
+    return RewardModel.from_llama(llama), meta, False
 
 
 # -----------------------------------------------------------------------------
@@ -220,14 +318,17 @@ def load_groups(paths, tok, max_len: int, seed: int = 0, name: str = "data"):
     """Read preference files (any format data/formats.py knows; "path:weight" mixes) and encode
     them. Skipped records (malformed/invalid lines, too long) are counted and reported."""
     from data.formats import read_preferences
-    records, report = read_preferences(paths, seed=seed)
+    try:
+        records, report = read_preferences(paths, seed=seed)
+    except (OSError, ValueError) as e:
+        common.fail(f"{name}: {e}")
     groups = [g for g in (encode_group(tok, r, max_len) for r in records) if g is not None]
     too_long = len(records) - len(groups)
     print0(f"{name}: {report.summary()}")
     if too_long:
         print0(f"{name}: {too_long} record(s) dropped: last user turn + longest response > {max_len} tokens")
     if not groups:
-        raise ValueError(f"{name}: no usable preference records in {paths}")
+        common.fail(f"{name}: no usable preference records in {paths}")
     return groups
 
 
@@ -273,7 +374,8 @@ def preference_metrics(rewards, groups, n_bins: int = 5):
             li, lj = g["resp_len"][i], g["resp_len"][j]
             if li != lj:
                 longer_wins_label.append(li > lj)                            # i is the better one
-                longer_wins_model.append((rs[i] > rs[j]) == (li > lj))
+                win_i = 1.0 if rs[i] > rs[j] else (0.5 if rs[i] == rs[j] else 0.0)   # a tie counts 1/2
+                longer_wins_model.append(win_i if li > lj else 1.0 - win_i)
     d = torch.tensor(diffs, dtype=torch.float64)
     correct = (d > 0).double() + 0.5 * (d == 0).double()
     best = torch.tensor([rs[0] for rs in rewards], dtype=torch.float64)
@@ -355,3 +457,312 @@ def format_report(m) -> str:
     for b in m["calibration"]:
         lines.append(f"  [{b['lo']:.1f}, {b['hi']:.1f}]  n={b['n']:<6d} confidence {b['confidence']:.3f}  accuracy {b['accuracy']:.3f}")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def score_groups(model, groups, batch_size: int, pad_id: int, info, ctx, side: str = "right"):
+    """Rewards of every response of every group -> a list of K-lists (floats), the same on every rank.
+
+    Groups are batched by length (less padding; the reward does not depend on batch companions) and
+    dealt out to the ranks; every rank runs the same number of forwards, because under FSDP the
+    weights are gathered collectively (a rank with nothing left re-runs batch 0 and drops it)."""
+    order = sorted(range(len(groups)), key=lambda i: max(len(s) for s in groups[i]["ids"]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    mine = {}
+    with common.eval_mode(model):
+        for j in range(math.ceil(len(batches) / info.world_size)):
+            k = j * info.world_size + info.rank
+            batch = batches[k if k < len(batches) else 0]
+            idx, mask, sizes = collate([groups[i] for i in batch], pad_id, side)
+            with ctx:
+                rewards = model(idx.to(info.device), mask.to(info.device))
+            if k < len(batches):
+                flat, o = rewards.float().cpu().tolist(), 0
+                for i, n in zip(batch, sizes):
+                    mine[i], o = flat[o:o + n], o + n
+    if info.distributed:   # a few floats per group: all_gather_object is plenty
+        parts = [None] * info.world_size
+        dist.all_gather_object(parts, mine)
+        mine = {i: r for part in parts for i, r in part.items()}
+    return [mine[i] for i in range(len(groups))]
+
+
+def evaluate(model, groups, args, pad_id, info, ctx):
+    rewards = score_groups(model, groups, args.batch_size, pad_id, info, ctx, args.padding_side)
+    return preference_metrics(rewards, groups, args.calibration_bins)
+
+
+# -----------------------------------------------------------------------------
+# Modes: scoring a file, evaluating a trained reward model
+
+
+def tokenizer_for(meta, args):
+    """The tokenizer the model was trained with (recorded in its checkpoint); --tokenizer overrides,
+    but a different file (sha256) is refused: the ids would mean other strings."""
+    from tokenizer import Tokenizer
+    recorded = meta.get("tokenizer") or {}
+    try:
+        tok = Tokenizer(args.tokenizer or recorded.get("path"))
+    except (FileNotFoundError, OSError, ValueError) as e:
+        common.fail(f"tokenizer: {e}")
+    if recorded.get("sha256") and recorded["sha256"] != tok.sha256:
+        common.fail(f"{meta['path']} was trained with tokenizer {recorded.get('path')} (sha256 "
+                    f"{recorded['sha256'][:12]}), but {tok.path} has sha256 {tok.sha256[:12]}")
+    if tok.vocab_size > meta["model_config"]["vocab_size"]:
+        common.fail(f"tokenizer has {tok.vocab_size} tokens, the model only {meta['model_config']['vocab_size']}")
+    return tok
+
+
+def score_file(args, info, ctx):
+    """--score IN --out OUT: every record of IN comes back with its rewards added.
+    A conversation (any SFT format) -> "reward", "reward_normalized": its LAST assistant turn scored
+    given the turns before it. A preference record (any preference format) -> "rewards",
+    "rewards_normalized": one per response in best-first order ([chosen, rejected] for a pair; a
+    ranking in its order, exact duplicate texts scored once). Bad lines are skipped and reported."""
+    from data.formats import FormatError, Report, iter_json, to_messages, to_preference
+    model, meta = load_reward_model(args.init_from, info.device)
+    tok = tokenizer_for(meta, args)
+    max_len = min(args.max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    report, records, groups = Report(), [], []
+    try:
+        for lineno, obj in iter_json(args.score, report):
+            is_pref = any(k in obj for k in ("chosen", "rejected", "responses", "ranked"))
+            try:
+                if is_pref:
+                    rec = to_preference(obj)
+                    messages, responses = rec["messages"], rec["responses"]
+                else:
+                    conv = to_messages(obj)
+                    messages, responses = conv[:-1], [conv[-1]["content"]]
+            except FormatError as e:
+                report.skip(args.score, lineno, str(e))
+                continue
+            group = encode_group(tok, {"messages": messages, "responses": responses}, max_len)
+            if group is None:
+                report.skip(args.score, lineno, f"too long (last user turn + response > {max_len} tokens)")
+                continue
+            records.append((obj, is_pref))
+            groups.append(group)
+    except OSError as e:
+        common.fail(f"{args.score}: {e}")
+    report.records = report.emitted = len(records)
+    print0(f"{args.score}: {report.summary()}")
+    if not records:
+        common.fail(f"{args.score}: nothing to score")
+    rewards = score_groups(model, groups, args.batch_size, tok.pad_id, info, ctx, args.padding_side)
+    tmp = args.out + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        for (obj, is_pref), rs in zip(records, rewards):
+            z = model.normalize(torch.tensor(rs)).tolist()
+            added = {"rewards": rs, "rewards_normalized": z} if is_pref else {"reward": rs[0], "reward_normalized": z[0]}
+            f.write(json.dumps({**obj, **added}, ensure_ascii=False) + "\n")
+    os.replace(tmp, args.out)
+    flat = torch.tensor([r for rs in rewards for r in rs])
+    print0(f"wrote {args.out}: {len(records)} records, {flat.numel()} responses, reward mean {flat.mean():+.4f} "
+           f"std {flat.std(unbiased=False):.4f} (normalisation stats of the model: mean "
+           f"{model.reward_mean.item():+.4f} std {model.reward_std.item():.4f})")
+
+
+def eval_file(args, info, ctx):
+    """--eval_only: the full diagnostics of a trained reward model on --val_data."""
+    model, meta = load_reward_model(args.init_from, info.device)
+    tok = tokenizer_for(meta, args)
+    max_len = min(args.max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    groups = load_groups(args.val_data, tok, max_len, args.seed, "val")
+    metrics = evaluate(model, groups, args, tok.pad_id, info, ctx)
+    print0(format_report(metrics))
+    if args.out and info.is_main:
+        common.atomic_write_json(args.out, metrics)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):
+    """The batches (lists of group indices) of one epoch: a fresh permutation per (seed, epoch), so
+    the order is reproducible and a resumed run continues with exactly the same batches."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[i:i + batch_size].tolist() for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def stats_record(metrics, step, name):
+    s = metrics["stats"]
+    return {"mean": s["mean"], "std": s["std"], "n": s["n"], "step": step, "checkpoint": name,
+            "reference": "rewards of every response (chosen and rejected) of the evaluation set",
+            "val_accuracy": metrics["accuracy"]}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    info = common.setup_distributed(args.device)
+    try:
+        dtype = common.resolve_dtype(args.dtype, info.device)
+        ctx = common.autocast(info.device, dtype)
+        if args.score:
+            if info.distributed:
+                common.fail("--score runs in one process (no torchrun)")
+            return score_file(args, info, ctx)
+        if args.eval_only:
+            return eval_file(args, info, ctx)
+        return train(args, info, dtype, ctx)
+    finally:
+        common.teardown_distributed(info)
+
+
+def train(args, info, dtype, ctx):
+    parallel = args.parallel or ("ddp" if info.distributed else "none")
+    if info.distributed and parallel == "none":
+        common.fail(f"{info.world_size} processes with --parallel none would train unrelated models; use ddp or fsdp")
+    common.seed_everything(args.seed + info.rank)   # dropout differs per rank; the data order does not
+
+    # --- the run directory: resume, or refuse to overwrite an earlier run
+    resume_path = common.latest_checkpoint(args.out_dir) if args.resume else None
+    earlier = common.latest_checkpoint(args.out_dir) or any(common.checkpoint_path(args.out_dir, n) for n in ("best", "final"))
+    if earlier and not resume_path:
+        common.fail(f"{args.out_dir} already holds checkpoints of a run"
+                    + ("" if args.resume else "; pass --resume to continue it")
+                    + ". Choose another --out_dir (nothing was changed).")
+
+    # --- model: the SFT model under a zero head (or a reward model to continue); its tokenizer
+    model, meta, was_rm = init_reward_model(args.init_from)
+    tok = tokenizer_for(meta, args)
+    seq_len = min(args.max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    print0(f"model: {meta['path']} ({'a reward model' if was_rm else 'language model + new zero head'}, "
+           f"{model.num_params() / 1e6:.2f}M parameters, context {model.config.max_seq_len}); tokenizer {tok.path}")
+
+    # --- data: every rank reads and encodes the same groups (deterministic), then takes its batches
+    groups = load_groups(args.data, tok, seq_len, args.seed, "train")
+    if args.val_data:
+        train_groups, val_groups = groups, load_groups(args.val_data, tok, seq_len, args.seed, "val")
+    else:   # hold out whole prompt groups, seeded
+        order = np.random.default_rng([args.seed, 7]).permutation(len(groups))
+        n_val = int(round(len(groups) * args.val_frac))
+        train_groups, val_groups = [groups[i] for i in order[n_val:]], [groups[i] for i in order[:n_val]]
+    n_pairs = sum(len(g["ids"]) * (len(g["ids"]) - 1) // 2 for g in train_groups)
+    print0(f"train: {len(train_groups)} prompt groups, {n_pairs} pairs; val: {len(val_groups)} groups")
+    per_step = info.world_size * args.grad_accum   # micro-batches per optimizer step, all ranks together
+    steps_per_epoch = len(epoch_batches(len(train_groups), args.batch_size, args.seed, 0)) // per_step
+    if steps_per_epoch == 0:
+        common.fail(f"{len(train_groups)} prompt groups make less than one step of {per_step} x {args.batch_size}")
+    max_steps = args.max_steps if args.max_steps > 0 else max(1, round(args.epochs * steps_per_epoch))
+    print0(f"{steps_per_epoch} steps per epoch ({per_step} micro-batches of {args.batch_size} prompt groups), "
+           f"{max_steps} steps")
+
+    # --- wrap, optimizer, resume
+    model = common.wrap_model(model.to(info.device), info, parallel, dtype, args.compile, args.activation_checkpointing)
+    raw = common.unwrap(model)
+    optimizer = common.configure_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2), info.device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    common.save_config(args, args.out_dir, {"steps_per_epoch": steps_per_epoch, "resolved_max_steps": max_steps})
+    logger = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
+    step, best = 0, (-1.0, float("inf"))   # best by (val accuracy, then lower val loss)
+    if resume_path:
+        state = common.restore_checkpoint(resume_path, model, optimizer, info.device)
+        step = state["step"]
+        best = tuple(state.get("metrics", {}).get("best", best))
+        if state.get("data_state", {}).get("steps_per_epoch") != steps_per_epoch:
+            common.fail(f"{resume_path} was written with {state.get('data_state', {}).get('steps_per_epoch')} steps "
+                        f"per epoch, this run has {steps_per_epoch}: data or batch flags changed, resume is not exact")
+        print0(f"resumed from {resume_path} at step {step}")
+    stats_json = os.path.join(args.out_dir, "reward_stats.json")
+
+    def save(name, with_optimizer, metrics):
+        """A checkpoint carrying the normalisation stats of exactly these weights (set by the eval
+        that came just before), in the state dict and readable without building the model."""
+        stats = stats_record(metrics, step, name) if metrics else None
+        path = common.save_checkpoint(
+            args.out_dir, name, model, optimizer if with_optimizer else None, step=step, config=vars(args),
+            tokenizer=tok, metrics={"best": list(best), **({"val_accuracy": metrics["accuracy"],
+                                                            "val_loss": metrics["loss"]} if metrics else {})},
+            data_state={"steps_per_epoch": steps_per_epoch}, kind=REWARD_KIND, reward_stats=stats)
+        if stats and not with_optimizer and info.is_main:   # reward_stats.json: {"best": ..., "final": ...}
+            saved = json.load(open(stats_json)) if os.path.exists(stats_json) else {}
+            common.atomic_write_json(stats_json, {**saved, name: {**stats, "path": path}})
+        return path
+
+    def run_eval():
+        nonlocal best
+        metrics = evaluate(model, val_groups, args, tok.pad_id, info, ctx)
+        raw.set_stats(metrics["stats"]["mean"], metrics["stats"]["std"])
+        print0(f"step {step}: val " + format_report(metrics))
+        logger.log(event="eval", step=step, **{k: v for k, v in metrics.items()})
+        improved = (metrics["accuracy"], -metrics["loss"]) > (best[0], -best[1])
+        if improved:
+            best = (metrics["accuracy"], metrics["loss"])
+        return metrics, improved
+
+    # --- step 0: the invariant of a zero head -- every reward 0, loss exactly ln 2, accuracy 1/2
+    metrics = None
+    if step == 0 and val_groups:
+        metrics, _ = run_eval()
+        if not was_rm:
+            ok = abs(metrics["loss"] - math.log(2)) < 1e-6 and metrics["accuracy"] == 0.5
+            print0(f"check at step 0 (zero head): loss {metrics['loss']:.6f} vs ln 2 = {math.log(2):.6f}, accuracy "
+                   f"{metrics['accuracy']:.3f} vs 0.5: {'ok' if ok else 'MISMATCH (is the head really zero?)'}")
+
+    # --- the loop
+    plan_epoch, plan, t_last, seqs_since, tokens_since = None, None, time.time(), 0, 0
+    model.train()
+    while step < max_steps:
+        epoch, pos = divmod(step, steps_per_epoch)
+        if epoch != plan_epoch:   # this rank's micro-batches of the epoch: every world_size-th one
+            plan = epoch_batches(len(train_groups), args.batch_size, args.seed, epoch)[info.rank::info.world_size]
+            plan_epoch = epoch
+        lr = common.lr_at(step, args.lr, args.min_lr, args.warmup_steps, max_steps)
+        common.set_lr(optimizer, lr)
+        sums = torch.zeros(4, dtype=torch.float64)   # loss, correct pairs, pairs, summed margin
+        for micro in range(args.grad_accum):
+            batch = [train_groups[i] for i in plan[pos * args.grad_accum + micro]]
+            idx, mask, sizes = collate(batch, tok.pad_id, args.padding_side)
+            idx, mask = idx.to(info.device), mask.to(info.device)
+            with common.grad_sync(model, micro == args.grad_accum - 1):
+                with ctx:
+                    rewards = model(idx, mask)   # ONE forward for all K responses of every group
+                loss, diff, _ = ranking_loss(rewards, sizes, args.margin)
+                (loss / args.grad_accum).backward()
+            d = diff.detach().double().cpu()
+            sums += torch.stack([loss.detach().double().cpu(), ((d > 0).double() + 0.5 * (d == 0).double()).sum(),
+                                 torch.tensor(float(d.numel()), dtype=torch.float64), d.sum()])
+            seqs_since += idx.size(0)
+            tokens_since += int(mask.sum())
+        grad_norm = common.clip_grad_norm(model, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % args.log_interval == 0 or step == max_steps:
+            if info.distributed:
+                sums = sums.to(info.device)
+                dist.all_reduce(sums)
+                sums = sums.cpu()
+            loss_avg = (sums[0] / (args.grad_accum * info.world_size)).item()
+            dt = time.time() - t_last
+            print0(f"step {step}/{max_steps} ep {step / steps_per_epoch:.2f} | loss {loss_avg:.4f} | acc "
+                   f"{sums[1] / sums[2]:.3f} | margin {sums[3] / sums[2]:+.3f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
+                   f"{seqs_since * info.world_size / dt:.1f} seq/s, {tokens_since * info.world_size / dt:,.0f} tok/s")
+            logger.log(step=step, epoch=step / steps_per_epoch, loss=loss_avg, accuracy=(sums[1] / sums[2]).item(),
+                       margin=(sums[3] / sums[2]).item(), lr=lr, grad_norm=grad_norm,
+                       tokens_per_s=tokens_since * info.world_size / dt)
+            t_last, seqs_since, tokens_since = time.time(), 0, 0
+        if val_groups and args.eval_interval > 0 and (step % args.eval_interval == 0 or step == max_steps):
+            metrics, improved = run_eval()
+            if improved:
+                save("best", False, metrics)
+                print0(f"step {step}: best so far (val accuracy {best[0]:.4f}, loss {best[1]:.4f}): saved best")
+        if args.save_interval > 0 and step % args.save_interval == 0 and step < max_steps:
+            save(f"step_{step:07d}", True, None)
+            common.rotate_checkpoints(args.out_dir, args.keep_last)
+    if val_groups and (metrics is None or args.eval_interval <= 0):
+        metrics, improved = run_eval()   # final.pt's stats must describe final.pt's weights
+        if improved:
+            save("best", False, metrics)
+    path = save("final", False, metrics)
+    print0(f"done: {path}; best val accuracy {best[0]:.4f}; normalisation stats in {stats_json}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
