@@ -1,0 +1,186 @@
+"""sft.py: the assistant-only label mask, dynamic padding, length-grouped batches, the pretraining
+mix, every shared SFT file through one loading path, DDP/FSDP against one process, exact resume,
+and the lab world: SFT answers held-out questions better than the pretrained model it started from."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import sft
+from model import Llama, LlamaConfig
+from tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONV = [  # system + two exchanges, English then Chinese (byte-fallback characters included)
+    {"role": "system", "content": "You are nanollama. Answer briefly."},
+    {"role": "user", "content": "Where does Alice live?"},
+    {"role": "assistant", "content": "Alice lives in Paris."},
+    {"role": "user", "content": "她养了什么宠物？"},
+    {"role": "assistant", "content": "她养了一只鹦鹉。"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(tok, seed=0, **kw):
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, **kw))
+
+
+# -----------------------------------------------------------------------------
+# The label mask
+
+
+def test_labels_are_exactly_the_assistant_tokens(tok):
+    # The expected sequence and targets, built here from the template's definition (BOS, then
+    # <|role|> content <|end|> per turn), not from render_conversation.
+    marker = {r: tok.sp.piece_to_id(f"<|{r}|>") for r in ("system", "user", "assistant")}
+    end = tok.sp.piece_to_id("<|end|>")
+    ids, targets = [tok.bos_id], []  # targets: positions in ids that must be predicted
+    for m in CONV:
+        ids.append(marker[m["role"]])
+        body = tok.encode(m["content"]) + [end]
+        if m["role"] == "assistant":
+            targets += range(len(ids), len(ids) + len(body))
+        ids += body
+    split = sft.Split(sft.tokenize([CONV], tok), [0], max_len=10_000)
+    x, y = sft.collate([split.example(0)], tok.pad_id)
+    assert x[0].tolist() == ids[:-1]
+    want = [ids[t + 1] if t + 1 in targets else -100 for t in range(len(ids) - 1)]
+    assert y[0].tolist() == want  # token by token: the shift, both turns, both <|end|>s, nothing else
+    # read back: exactly the two answers with their end markers, and no system/user text
+    trained = [ids[t + 1] for t in range(len(ids) - 1) if want[t] != -100]
+    answers = [tok.encode(m["content"]) + [end] for m in CONV if m["role"] == "assistant"]
+    assert trained == answers[0] + answers[1]
+    assert (y[0] != -100).sum().item() == sum(len(a) for a in answers)
+
+
+def test_turn_cut_keeps_whole_turns(tok):
+    """Too long: keep the longest run of leading whole turns ending on an assistant turn, which
+    must equal rendering that shorter conversation; nothing fits: 0 (dropped)."""
+    ids, mask = tok.render_conversation(CONV)
+    first, _ = tok.render_conversation(CONV[:3])
+    for max_len in (len(first), len(first) + 3, len(ids) - 1):
+        n = sft.turn_cut(mask, max_len)
+        assert n == len(first) and ids[:n] == first
+    assert sft.turn_cut(mask, len(ids)) == len(ids)
+    assert sft.turn_cut(mask, len(first) - 1) == 0
+    split = sft.Split(sft.tokenize([CONV, CONV[:3]], tok), [0, 1], max_len=len(first) - 1)
+    assert (len(split), split.dropped, split.truncated) == (0, 2, 0)
+    split = sft.Split(sft.tokenize([CONV, CONV[:3]], tok), [0, 1], max_len=len(first) + 1)
+    assert (len(split), split.dropped, split.truncated) == (2, 0, 1)
+    assert split.example(0)[0].tolist() == first
+
+
+# -----------------------------------------------------------------------------
+# Dynamic padding and batching
+
+
+def summed_token_loss(model, x, y):
+    logits, _ = model(x)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "manual"])
+def test_dynamic_padding_equals_each_example_alone(tok, one_thread, attn):
+    convs = [CONV, CONV[:3], [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]]
+    data = sft.tokenize(convs, tok)
+    model = tiny_model(tok, attn=attn).eval()
+    x, y = sft.collate([data[i] for i in range(3)], tok.pad_id)
+    assert x.shape[1] == max(data.lengths) - 1  # padded to the batch's longest, not the context
+    with torch.no_grad():
+        batched = summed_token_loss(model, x, y)
+        alone = sum(summed_token_loss(model, *sft.collate([data[i]], tok.pad_id)) for i in range(3))
+        _, mean_loss = model(x, y)  # the model's own loss: the mean over the same targets
+    assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-5), (batched, alone)
+    assert torch.allclose(mean_loss * (y != -100).sum(), alone, rtol=1e-5)
+
+
+def test_length_grouped_batches(tok):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 300, size=1000)
+    a = sft.length_grouped_batches(lengths, 16, seed=3, epoch=0, group_batches=32)
+    assert a == sft.length_grouped_batches(lengths, 16, seed=3, epoch=0, group_batches=32)  # deterministic
+    assert a != sft.length_grouped_batches(lengths, 16, seed=3, epoch=1, group_batches=32)  # reshuffled per epoch
+    assert sorted(i for b in a for i in b) == list(range(1000))  # every example once per epoch
+    assert sorted(len(b) for b in a) == [1000 % 16] + [16] * (1000 // 16)
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[b]) - lengths[b].sum() for b in batches)
+    plain = sft.length_grouped_batches(lengths, 16, seed=3, epoch=0, group_batches=0)
+    assert sorted(i for b in plain for i in b) == list(range(1000))
+    assert padding(a) < 0.2 * padding(plain)  # grouping removes most padding
+    # ... yet batches still mix the whole length range over an epoch (no short-first curriculum)
+    first_half = [max(lengths[b]) for b in a[:len(a) // 2]]
+    assert min(first_half) < 60 and max(first_half) > 250
+
+
+def test_pretrain_mix_ratio_and_batches(tok):
+    class Args:
+        batch_size, seed, group_batches, pretrain_ratio = 4, 0, 4, 0.25
+    lengths = np.full(120, 10)
+    split = type("S", (), {"lengths": lengths})()
+    plan = sft.epoch_plan(split, Args, epoch=0)
+    kinds = [k for k, _ in plan]
+    assert kinds.count("sft") == 30 and kinds.count("pretrain") == 10  # 10 / 40 = the ratio
+    assert plan == sft.epoch_plan(split, Args, epoch=0)
+    tokens = np.arange(10_000) % 2000
+    x, y = sft.materialize(("pretrain", 3), None, 0, tokens, Args, 0, seq_len=32)
+    assert x.shape == y.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])  # loss on every token
+    x2, _ = sft.materialize(("pretrain", 3), None, 0, tokens, Args, 0, seq_len=32)
+    assert torch.equal(x, x2)  # a pure function of the position: resumable
+
+
+# -----------------------------------------------------------------------------
+# Every SFT file of the shared data through the same path
+
+
+def count_lines(path):
+    with gzip.open(path, "rb") as f:
+        return sum(1 for line in f.read().split(b"\n") if line.strip())
+
+
+def test_every_shared_sft_file_loads(shared_data, tok, tmp_path):
+    files = sorted((shared_data / "sft").glob("*.jsonl*"))
+    assert len(files) >= 7
+    for path in files:
+        data, _, report = sft.load_source([str(path)], tok, seed=0)
+        n_lines = count_lines(path)  # counted here, independently of the reader
+        assert len(data) + report.skipped == n_lines and len(data) > 0.9 * n_lines, (path, report.summary())
+        split = sft.Split(data, np.arange(len(data)), max_len=257)
+        assert len(split) + split.dropped == len(data)
+        for k in range(0, len(split), max(1, len(split) // 50)):
+            ids, mask = split.example(k)
+            assert ids[0] == tok.bos_id and len(ids) <= 257 and mask.sum() > 0 and mask[-1] == 1
+            assert ids[-1] == tok.end_id  # every example ends right after a whole assistant turn
+    # the pre-tokenised path gives the same examples (oasst1: multi-turn, some truncated)
+    from data.sft_prepare import sft_prepare
+    path = str(shared_data / "sft" / "zh_oasst1_chat.jsonl.gz")
+    sft_prepare([path], str(tmp_path / "mm"), tok.path, workers=1, verbose=False)
+    mm, _, _ = sft.load_source([str(tmp_path / "mm")], tok, seed=0)
+    mem, _, _ = sft.load_source([path], tok, seed=0)
+    a, b = sft.Split(mm, np.arange(len(mm)), 257), sft.Split(mem, np.arange(len(mem)), 257)
+    assert (len(a), a.truncated, a.dropped) == (len(b), b.truncated, b.dropped) and a.truncated > 0
+    for k in range(len(a)):
+        assert np.array_equal(a.example(k)[0], b.example(k)[0]) and np.array_equal(a.example(k)[1], b.example(k)[1])
