@@ -391,8 +391,8 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
             # holds only this bucket's index (~25 bytes a document as numpy arrays), whatever its size.
             fd = os.open(os.path.join(scratch, f"b{b:03d}.ids"), os.O_RDONLY)
             try:
-                for j in range(0, len(order), 1 << 16):  # Python ints only for one slice at a time
-                    sl = order[j:j + (1 << 16)]
+                for j in range(0, len(order), 1 << 13):  # Python ints for one small slice at a time
+                    sl = order[j:j + (1 << 13)]
                     for length, start, v in zip(recs["len"][sl].tolist(), starts[sl].tolist(), is_val[sl].tolist()):
                         split = "val" if v else "train"
                         outs[split].write(os.pread(fd, length * itemsize, start * itemsize))
