@@ -73,8 +73,9 @@ def get_args(argv=None):
     g.add_argument("--val_frac", type=float, default=0.05,
                    help="without --val_data: fraction of --data conversations held out (seeded)")
     g.add_argument("--epochs", type=float, default=3, help="passes over the data (used when --max_steps is 0)")
-    g.add_argument("--max_seq_len", type=int, default=0,
-                   help="longest training sequence in tokens (0 = the model's context length)")
+    g.add_argument("--seq_len", type=int, default=None,
+                   help="longest training sequence in tokens (default: the model's max_seq_len); longer "
+                        "conversations are cut at a turn boundary or dropped")
     g.add_argument("--group_batches", type=int, default=32,
                    help="length-grouped sampling: sort windows of this many batches by length (0 = random batches)")
     g.add_argument("--pretrain_data", default=None, help="data/prepare.py directory for plain pretraining batches")
@@ -82,8 +83,9 @@ def get_args(argv=None):
                    help="fraction of micro-batches that are plain pretraining batches (needs --pretrain_data)")
     g.add_argument("--max_skips", type=int, default=5,
                    help="stop after this many consecutive steps with a non-finite loss or gradient")
-    # SFT defaults: a pretrained model needs a gentler learning rate and a short warmup; 0 max_steps
-    # means "from --epochs"; eval_steps 0 evaluates on the whole held-out split.
+    # SFT defaults: a pretrained model needs a gentler learning rate and a short warmup; no weight
+    # decay (a few epochs on a small set; decay would only pull the pretrained weights toward 0);
+    # max_steps 0 means "from --epochs"; eval_steps 0 evaluates on the whole held-out split.
     parser.set_defaults(lr=1e-4, min_lr=1e-5, warmup_steps=20, max_steps=0, weight_decay=0.0, eval_interval=100,
                         eval_steps=0, save_interval=200, out_dir="out/sft", batch_size=16)
     args = common.parse_config(parser, argv)
@@ -322,7 +324,9 @@ def train(args, info):
                     f"...), but the tokenizer here is {tok.path} (sha256 {tok.sha256[:16]}...)")
     if tok.vocab_size > model.config.vocab_size:
         common.fail(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({tok.vocab_size})")
-    seq_len = min(args.max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    seq_len = args.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        common.fail(f"--seq_len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
 
     # --- data: every rank builds the same splits and plans (deterministic), then takes its share --
     source, desc, _ = load_source(args.data, tok, args.seed)

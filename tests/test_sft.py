@@ -184,3 +184,110 @@ def test_every_shared_sft_file_loads(shared_data, tok, tmp_path):
     assert (len(a), a.truncated, a.dropped) == (len(b), b.truncated, b.dropped) and a.truncated > 0
     for k in range(len(a)):
         assert np.array_equal(a.example(k)[0], b.example(k)[0]) and np.array_equal(a.example(k)[1], b.example(k)[1])
+
+
+# -----------------------------------------------------------------------------
+# The training loop: DDP and FSDP against one process, exact resume
+
+
+def lab_conversations(path, n=96):
+    from data import lab
+    from data.prepare import prepare
+    recs = lab.generate(seed=1, pretrain_docs=40, sft_train=n, sft_val=16, prefs_train=4, prefs_val=4,
+                        rank_train=4, rl_prompts=4, rl_eval=4)
+    for name in ("sft_train", "sft_val", "pretrain"):
+        with open(path / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs[name])
+    prepare([str(path / "pretrain.jsonl")], str(path / "pt"), workers=1, val_fraction=0.1, verbose=False)
+
+
+def sft_argv(tmp_path, init, out, *extra):
+    return ["--init_from", str(init), "--data", str(tmp_path / "sft_train.jsonl"), "--val_data",
+            str(tmp_path / "sft_val.jsonl"), "--out_dir", str(out), "--batch_size", "4", "--max_steps", "6",
+            "--lr", "3e-3", "--warmup_steps", "2", "--eval_interval", "3", "--log_interval", "1", "--save_interval", "0",
+            "--seed", "5", *extra]
+
+
+@pytest.fixture
+def tiny_init(tmp_path, tok):
+    lab_conversations(tmp_path)
+    common.save_checkpoint(str(tmp_path / "init"), "final", tiny_model(tok, max_seq_len=128), step=0, config={},
+                           tokenizer=tok)
+    return tmp_path / "init"
+
+
+def _dist_worker(rank, world, store, runs, queue):
+    import traceback
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        for argv in runs:
+            sft.main(argv)
+        queue.put((rank, None))
+    except BaseException:  # report every rank's traceback: the first error may be the victim's
+        queue.put((rank, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def final_weights(out):
+    model, _ = common.load_model(str(common.checkpoint_path(str(out), "final")))
+    return model.state_dict()
+
+
+def test_ddp_and_fsdp_match_one_process(tmp_path, tiny_init, one_thread):
+    """2 ranks x 1 micro-batch (DDP, and FSDP) take the same steps as 1 process x 2 accumulated
+    micro-batches: the epoch plan is split by rank, not re-drawn."""
+    sft.main(sft_argv(tmp_path, tiny_init, tmp_path / "one", "--grad_accum", "2"))
+    runs = [sft_argv(tmp_path, tiny_init, tmp_path / p, "--parallel", p) for p in ("ddp", "fsdp")]
+    ctx = torch.multiprocessing.get_context("fork")
+    queue = ctx.SimpleQueue()
+    torch.multiprocessing.start_processes(_dist_worker, args=(2, str(tmp_path / "store"), runs, queue), nprocs=2,
+                                          start_method="fork")
+    errors = [err for _, err in (queue.get() for _ in range(2)) if err]
+    assert not errors, "\n".join(errors)
+    one = final_weights(tmp_path / "one")
+    for p in ("ddp", "fsdp"):
+        other = final_weights(tmp_path / p)
+        diff = max((one[k] - other[k]).abs().max().item() for k in one)
+        assert diff < 1e-5, (p, diff)
+        logs = common.read_jsonl(str(tmp_path / p / "log.jsonl"))
+        ref = common.read_jsonl(str(tmp_path / "one" / "log.jsonl"))
+        assert [r["val_loss"] for r in logs if r.get("event") == "eval"] == pytest.approx(
+            [r["val_loss"] for r in ref if r.get("event") == "eval"], abs=1e-5)
+
+
+def test_exact_resume_and_epoch_token_counts(tmp_path, tiny_init, one_thread):
+    """With a pretraining mix: resume is bit-exact, and each epoch logs exactly the assistant tokens
+    it trained on and the tokens it saw."""
+    flags = ("--max_steps", "0", "--epochs", "2", "--save_interval", "5", "--keep_last", "0", "--eval_interval", "20",
+             "--log_interval", "100", "--pretrain_data", str(tmp_path / "pt"), "--pretrain_ratio", "0.2")
+    sft.main(sft_argv(tmp_path, tiny_init, tmp_path / "a", *flags))
+    spe = json.load(open(tmp_path / "a" / "config.json"))["steps_per_epoch"]
+    # resume from the step-10 checkpoint into a fresh directory: the same final weights, bit for bit
+    os.makedirs(tmp_path / "b")
+    os.link(tmp_path / "a" / "step_0000010.pt", tmp_path / "b" / "step_0000010.pt")
+    sft.main(sft_argv(tmp_path, tiny_init, tmp_path / "b", *flags, "--resume"))
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # per-epoch accounting: every assistant target of the train set, once per epoch (the last
+    # partial batch of an epoch is dropped, so count what the plan actually contains)
+    tok = Tokenizer()
+    train = sft.Split(sft.load_source([str(tmp_path / "sft_train.jsonl")], tok, 5)[0], np.arange(96), 129)
+
+    class Args:
+        batch_size, seed, group_batches, pretrain_ratio = 4, 5, 32, 0.2
+    for log_dir in ("a", "b"):
+        epochs = [r for r in common.read_jsonl(str(tmp_path / log_dir / "log.jsonl")) if r.get("event") == "epoch"]
+        assert [r["epoch"] for r in epochs] == [1, 2]  # b resumed inside epoch 1: its counts came back too
+        for r in epochs:
+            plan = sft.epoch_plan(train, Args, r["epoch"] - 1)[:spe]
+            examples = [k for kind, b in plan if kind == "sft" for k in b]
+            n_pt = sum(kind == "pretrain" for kind, _ in plan)
+            assert n_pt == round(spe * 0.2) or abs(n_pt - spe * 0.2) <= 3
+            assert r["assistant_tokens"] == sum(int(train.example(k)[1][1:].sum()) for k in examples)
+            assert r["sft_tokens"] == sum(int(train.lengths[k]) - 1 for k in examples)
+            assert r["pretrain_tokens"] == n_pt * 4 * 128
+            assert r["tokens_seen"] == r["sft_tokens"] + r["pretrain_tokens"]
