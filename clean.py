@@ -4,7 +4,7 @@ clean.py: pretraining and SFT data cleaning, Chinese-aware, with a report that s
     python clean.py --input raw/ --out cleaned/ --workers 8                     # JSONL {"text"}, .txt, .gz
     python clean.py --input wudao/ --text-fields title,content --out cleaned/   # WuDao: title + content
     python clean.py --input pile/ --source-field meta.pile_set_name --keep-meta --out cleaned/   # The Pile
-    python clean.py --input raw/ --out cleaned/ --blacklist words.txt --eval-files ceval.jsonl --line-dedup
+    python clean.py --input raw/ --out cleaned/ --blacklist words.txt --eval-files ceval.jsonl --line-dedup 10
     python clean.py --mode sft --input sft/ --out sft_clean/                    # conversations, any common layout
     python clean.py --contam-only --input cleaned/kept --eval-files eval.jsonl --out contam/
 
@@ -40,10 +40,8 @@ import numpy as np
 
 # ----------------------------------------------------------------------------- config
 
-
 def floats(s):
     return [float(x) for x in s.split(",")]
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -65,14 +63,12 @@ def get_args(argv=None):
     g = p.add_argument_group("normalisation and routing")
     g.add_argument("--html", action=argparse.BooleanOptionalAction, default=None, help="strip HTML tags/entities (default: on, off in sft where answers hold code)")
     g.add_argument("--pii", action=argparse.BooleanOptionalAction, default=True, help="mask emails, phones, IDs, cards, IPs, URLs")
-    g.add_argument("--line-dedup", action="store_true", help="CCNet-style: drop lines found in >= 2 documents of a shard")
-    g.add_argument("--line-dedup-min-chars", type=int, default=10, help="shorter lines are never line-deduplicated")
+    g.add_argument("--line-dedup", type=int, default=0, metavar="N", help="CCNet-style: drop lines of >= N chars found in >= 2 documents of a shard (0: off)")
     g.add_argument("--c4-terminal-lines", action="store_true", help="C4's strict rule: drop every en line without terminal punctuation")
     g.add_argument("--zh-min-han", type=float, default=0.3, help="Han share of letters that makes a document zh")
     g.add_argument("--en-min-stop", type=float, default=0.05, help="English stop-word share of words that makes a Latin document en")
     g = p.add_argument_group("English filters (Gopher / C4 / FineWeb) and filters for every language")
-    g.add_argument("--min-words", type=int, default=50)
-    g.add_argument("--max-words", type=int, default=100_000)
+    g.add_argument("--words", type=floats, default=[50, 100_000], help="allowed word count: min,max")
     g.add_argument("--mean-word", type=floats, default=[3.0, 10.0], help="allowed mean word length: min,max")
     g.add_argument("--max-symbol-ratio", type=float, default=0.1, help="max ('#' + ellipses) per word")
     g.add_argument("--max-bullet-lines", type=float, default=0.9)
@@ -90,8 +86,7 @@ def get_args(argv=None):
     g = p.add_argument_group("Chinese filters (character based)")
     g.add_argument("--zh-chars", type=floats, default=[80, 200_000], help="allowed non-space characters: min,max")
     g.add_argument("--zh-min-han-share", type=float, default=0.4, help="min Han share of non-space chars")
-    g.add_argument("--zh-short-line", type=int, default=10, help="a line shorter than this many chars is short")
-    g.add_argument("--zh-max-short-lines", type=float, default=0.5)
+    g.add_argument("--zh-short-lines", type=floats, default=[10, 0.5], help="a line under N chars is short; max share of short lines")
     g.add_argument("--zh-min-sentence-lines", type=float, default=0.15, help="min share of lines holding a sentence end")
     g.add_argument("--zh-top-ngram", type=floats, default=[0.20, 0.18, 0.16], help="max char share of the top 2,3,4-char gram")
     g.add_argument("--zh-dup-ngram", type=floats, default=[0.60, 0.55, 0.50, 0.45, 0.40, 0.35], help="max char share of repeated 5..10-char grams")
@@ -102,6 +97,8 @@ def get_args(argv=None):
     g.add_argument("--sft-prompt-dedup", action=argparse.BooleanOptionalAction, default=True, help="also drop repeated prompts")
     g.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--shingle", type=int, default=5, help="tokens per shingle (a CJK char or a Latin word is one token)")
+    # 16 bands x 8 rows: P(candidate) = 1-(1-J^8)^16 = 0.95 at J=0.8, 0.994 at 0.85, 0.06 at 0.5. The S-curve sits
+    # below the 0.8 threshold on purpose (recall); the true-Jaccard check then drops candidates under --jaccard.
     g.add_argument("--bands", type=int, default=16)
     g.add_argument("--rows", type=int, default=8)
     g.add_argument("--jaccard", type=float, default=0.8, help="a candidate pair merges only if its true Jaccard is >= this")
@@ -124,7 +121,6 @@ NOT_RESULT_FLAGS = {"input", "out", "workers", "restart", "eval_files", "eval_fi
 
 JSON_NAME = re.compile(r"\.(jsonl?|ndjson)(\.gz)?$")
 
-
 def list_inputs(paths):
     files = []
     for p in map(Path, paths):
@@ -138,12 +134,10 @@ def list_inputs(paths):
         sys.exit(f"clean.py: no .jsonl/.json/.txt(.gz) files in {paths}")
     return files
 
-
 def open_text(path):
     # newline="\n": split lines on "\n" only; corpora hold U+2028 inside documents, which splitlines() would cut
     opener = gzip.open if str(path).endswith(".gz") else open
     return opener(path, "rt", encoding="utf-8", errors="replace", newline="\n")
-
 
 def read_units(path, text_unit):
     """Yield (line_number, kind, raw) for each document of a file; kind 'json' is parsed later, in a worker."""
@@ -167,7 +161,6 @@ def read_units(path, text_unit):
                     yield start, "text", "".join(buf)
                 buf, start = ([line], i) if line.strip() else ([], i + 1)
 
-
 def iter_shards(files, a):
     """Cut every file into shards of --chunk-docs documents; ids are stable, so a rerun finds its finished shards."""
     for fi, path in enumerate(files):
@@ -180,12 +173,10 @@ def iter_shards(files, a):
         if units or k == 0:
             yield f"{fi:04d}-{stem}-{k:05d}", str(path), units
 
-
 def get_field(rec, path):
     for k in path.split("."):
         rec = rec.get(k) if isinstance(rec, dict) else None
     return rec
-
 
 def to_messages(rec):
     """An SFT record in any common layout -> [{"role", "content"}], or None when no layout fits."""
@@ -229,12 +220,10 @@ C4_BOILER_RE = re.compile(r"javascript|terms of use|privacy policy|cookie policy
 EN_END = ".!?\"'”’)"
 ZH_END = EN_END + "。！？…；;」』）》"
 
-
 def swap(t, pairs):   # one str.replace per pair: much faster than str.translate with a dict
     for x, y in pairs:
         t = t.replace(x, y)
     return t
-
 
 def normalise(t, a, ch, sft=False):
     """Edit rules in order, each gated by a cheap test so clean text pays almost nothing. ch[rule] += characters
@@ -269,7 +258,6 @@ def normalise(t, a, ch, sft=False):
                                        and not (a.c4_terminal_lines and l and not l.endswith(tuple(EN_END)))))
     return t, lang
 
-
 def route_lang(t, a):
     """Script ratios, no model: Han share of letters -> zh; Latin with English stop words -> en; kana -> ja; hangul -> ko."""
     s = t[:5000]
@@ -289,17 +277,14 @@ def route_lang(t, a):
 
 # ----------------------------------------------------------------------------- PII masking
 
-
 def luhn_ok(digits):
     s = sum(int(c) if i % 2 == 0 else sum(divmod(2 * int(c), 10)) for i, c in enumerate(reversed(digits)))
     return s % 10 == 0
-
 
 def cn_id_ok(d):
     """GB 11643 checksum of the 18-character resident ID: a random 18-digit number fails it 10 times in 11."""
     w = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
     return "10X98765432"[sum(int(c) * k for c, k in zip(d, w)) % 11] == d[17].upper()
-
 
 EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 URL_RE = re.compile(rf"(?:https?://|www\.)[^\s<>\"'{CJK}\u3000-\u303f\uff01-\uff5e]+", re.I)
@@ -312,7 +297,6 @@ NUM_PII_RE = re.compile(r"(?<![0-9A-Za-z.,_\-])(?:"  # never the tail of a longe
                         r"|\+\d{1,3}[ -]\(?\d{1,4}\)?[ -]\d{3,4}[ -]\d{3,4}|\(\d{3}\) ?\d{3}-\d{4}|[2-9]\d\d-[2-9]\d\d-\d{4})"
                         r")(?![0-9A-Za-z_]|[.,\-]\d)")  # ... nor its head
 CARD_CONTEXT_RE = re.compile(r"卡号|银行卡|信用卡|储蓄卡|账号|帐号|card|account", re.I)
-
 
 def mask_pii(t, counts):
     """Replace PII by <EMAIL> <URL> <ID_CN> <CARD> <IP> <PHONE>. Mask, not delete: the sentence stays grammatical
@@ -339,7 +323,6 @@ def mask_pii(t, counts):
 
 # ----------------------------------------------------------------------------- blacklist
 
-
 def trie_regex(words):
     """One regex for many literal words with shared prefixes factored out (a trie): the scan is one left-to-right
     pass that branches on a single character per step, instead of trying every word at every position."""
@@ -355,7 +338,6 @@ def trie_regex(words):
         body = "" if not alts else alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
         return f"(?:{body})?" if "" in node and alts else body
     return emit(root)
-
 
 def load_blacklist(path):
     """'word' or 'category<TAB>word' per line -> (one compiled regex, {word: category})."""
@@ -376,7 +358,6 @@ TOKH = type("TokenHash", (dict,), {"__missing__": lambda self, t: self.setdefaul
     t, int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little"))})()
 P64 = np.uint64(0x100000001B3)   # multiplier of the rolling n-gram hash (uint64 arithmetic wraps, fine for hashing)
 
-
 def shard_tokens(texts):
     """Tokens of many documents, concatenated: (ids, char lengths, document of each token, document offsets)."""
     if len(TOKH) > 2_000_000:
@@ -387,7 +368,6 @@ def shard_tokens(texts):
     ids, lens = np.fromiter(map(TOKH.__getitem__, flat), np.uint64, len(flat)), np.fromiter(map(len, flat), np.int64, len(flat))
     return ids, lens, np.repeat(np.arange(len(texts)), cnt), np.concatenate(([0], np.cumsum(cnt)))
 
-
 def ngram_hashes(ids, n):
     """h[i] = hash of ids[i:i+n]."""
     h = ids[: len(ids) - n + 1].copy()
@@ -395,7 +375,6 @@ def ngram_hashes(ids, n):
         for k in range(1, n):
             h = h * P64 + ids[k: len(ids) - n + 1 + k]
     return h
-
 
 def repetition_batch(ids, lens, doc, ndocs):
     """Gopher's repetition features for all documents of a shard in a few large numpy calls (per-document numpy
@@ -427,7 +406,6 @@ def repetition_batch(ids, lens, doc, ndocs):
                 c = np.concatenate(([0], np.cumsum(start)))
                 out[:, n] = np.bincount(doc, weights=lens * (c[pos + 1] > c[np.maximum(pos + 1 - n, 0)]), minlength=ndocs) / total
     return out
-
 
 class Doc:
     """One document and the features its rules share, each computed once, on first use."""
@@ -464,10 +442,8 @@ class Doc:
 # A rule is (doc, args) -> None to keep, or a short reason to reject; its threshold is a flag. Every rule runs
 # on every document, so the report can tell which rule rejected first and what each would reject alone.
 
-
 def lang_not_allowed(d, a):  # routing by script ratios (route_lang): only --langs are kept
     return None if d.lang in a.langs else f"lang={d.lang}"
-
 
 def blacklist(d, a):  # the seed's spam check: reject at >= 3 hits of a word list; categories are reported
     if BL is None:
@@ -475,115 +451,91 @@ def blacklist(d, a):  # the seed's spam check: reject at >= 3 hits of a word lis
     hits = Counter(BL[1].get(m.group(), "default") for m in BL[0].finditer(d.text.lower()))
     return f"{sum(hits.values())} hits {dict(hits)}" if sum(hits.values()) >= a.blacklist_threshold else None
 
-
 def dup_lines(d, a):  # Gopher (Rae et al. 2021) Table A1: repeated lines <= 30% of lines and <= 20% of chars
     n, c = d.repeats(d.lines)
     return f"repeated lines {n:.2f}, chars {c:.2f}" if n > a.max_dup_lines[0] or c > a.max_dup_lines[1] else None
-
 
 def dup_paragraphs(d, a):  # Gopher Table A1: repeated paragraphs <= 30% of paragraphs and <= 20% of chars
     n, c = d.repeats([p.strip() for p in d.text.split("\n\n") if p.strip()])
     return f"repeated paragraphs {n:.2f}, chars {c:.2f}" if n > a.max_dup_paras[0] or c > a.max_dup_paras[1] else None
 
-
 def gopher_word_count(d, a):  # Gopher (Rae et al. 2021) App. A: 50 to 100,000 words
-    return None if a.min_words <= len(d.words) <= a.max_words else f"{len(d.words)} words"
-
+    return None if a.words[0] <= len(d.words) <= a.words[1] else f"{len(d.words)} words"
 
 def gopher_mean_word_length(d, a):  # Gopher App. A: mean word length 3 to 10 characters
     m = d.n_chars / max(1, len(d.words))
     return None if a.mean_word[0] <= m <= a.mean_word[1] else f"mean word length {m:.1f}"
 
-
 def gopher_symbol_ratio(d, a):  # Gopher App. A: '#' and ellipses <= 0.1 per word
     r = (d.text.count("#") + d.text.count("...") + d.text.count("…")) / max(1, len(d.words))
     return f"symbols/word {r:.2f}" if r > a.max_symbol_ratio else None
-
 
 def gopher_bullet_lines(d, a):  # Gopher App. A: <= 90% of lines start with a bullet
     r = d.share(lambda l: l.startswith(("•", "-", "*", "·", "●", "▪", "◦", "‣")))
     return f"bullet lines {r:.2f}" if r > a.max_bullet_lines else None
 
-
 def gopher_ellipsis_lines(d, a):  # Gopher App. A: <= 30% of lines end with an ellipsis
     r = d.share(lambda l: l.endswith(("...", "…")))
     return f"ellipsis lines {r:.2f}" if r > a.max_ellipsis_lines else None
 
-
 ALPHA_RE = re.compile(r"[^\W\d_]")
 GOPHER_STOP_RE = re.compile(r"\b(?:the|be|to|of|and|that|have|with)\b", re.I)
-
 
 def gopher_alpha_words(d, a):  # Gopher App. A: >= 80% of words contain an alphabetic character
     r = d.share(ALPHA_RE.search, d.words)
     return f"words with a letter {r:.2f}" if r < a.min_alpha_words else None
 
-
 def gopher_stop_words(d, a):  # Gopher App. A: >= 2 of: the, be, to, of, and, that, have, with
     n = sum(1 for _ in zip(range(a.min_stop_words), GOPHER_STOP_RE.finditer(d.text)))   # stops at the threshold
     return f"{n} stop words" if n < a.min_stop_words else None
-
 
 def top_ngram(d, a):  # Gopher Table A1: top 2/3/4-gram <= 20/18/16% of chars; zh: the same on characters
     lim = a.zh_top_ngram if d.lang == "zh" else a.top_ngram
     return ", ".join(f"top {n}-gram {d.repetition[n]:.2f}" for n, t in zip((2, 3, 4), lim) if d.repetition[n] > t) or None
 
-
 def dup_ngram(d, a):  # Gopher Table A1: repeated 5..10-grams <= 15..10% of chars; zh chars: set so >= 99% of zh wiki passes
     lim = a.zh_dup_ngram if d.lang == "zh" else a.dup_ngram
     return next((f"repeated {n}-grams {d.repetition[n]:.2f}" for n, t in zip(range(5, 11), lim) if d.repetition[n] > t), None)
 
-
 def c4_lorem_ipsum(d, a):  # C4 (Raffel et al. 2020): pages with "lorem ipsum" are removed
     return "lorem ipsum" if "lorem ipsum" in d.text.lower() else None
-
 
 def fineweb_line_punct(d, a):  # FineWeb (Penedo et al. 2024): >= 12% of lines end in terminal punctuation
     r = d.share(lambda l: l.endswith(tuple(ZH_END)))
     return f"lines ending in punctuation {r:.2f}" if r < a.min_line_punct else None
 
-
 def fineweb_short_lines(d, a):  # FineWeb 2024: <= 67% of lines shorter than 30 characters
     r = d.share(lambda l: len(l) < 30)
     return f"short lines {r:.2f}" if r > a.max_short_lines else None
 
-
 def zh_length(d, a):  # ~ Gopher's 50-word minimum at ~1.6 characters per Chinese word (the seed used 512)
     return None if a.zh_chars[0] <= d.n_chars <= a.zh_chars[1] else f"{d.n_chars} chars"
-
 
 def zh_han_share(d, a):  # ours, set on ../shared/data: zh wiki is >= 49% Han in 99% of passages; code/number pages far less
     r = sum(map(len, HAN_RE.findall(d.text))) / max(1, d.n_chars)
     return f"han {r:.2f}" if r < a.zh_min_han_share else None
 
-
 def zh_short_lines(d, a):  # FineWeb's short-line rule in characters (10 Chinese chars ~ 30 Latin chars)
-    r = d.share(lambda l: len(l) < a.zh_short_line)
-    return f"short lines {r:.2f}" if r > a.zh_max_short_lines else None
-
+    r = d.share(lambda l: len(l) < a.zh_short_lines[0])
+    return f"short lines {r:.2f}" if r > a.zh_short_lines[1] else None
 
 ZH_SENT_RE = re.compile("[。！？；…]")
-
 
 def zh_sentence_lines(d, a):  # FineWeb's punctuation rule where 。！？ end sentences, anywhere in a line (menus have none)
     r = d.share(lambda l: l.endswith(tuple(ZH_END)) or ZH_SENT_RE.search(l) is not None)
     return f"lines with a sentence end {r:.2f}" if r < a.zh_min_sentence_lines else None
 
-
 CHAPTER_RE = re.compile("第[0-9一二三四五六七八九十百千万零〇两壹贰叁肆伍陆柒捌玖拾佰仟]+[章节回卷集篇]|[（(][0-9一二三四五六七八九十]+[）)]")
 TABLE_LINE_RE = re.compile(r"^(?:[^\t|]*[\t|]){2,}|^[\d\s.,:;%+\-/¥$€()（）|]+$")
-
 
 def zh_chapter_list(d, a):  # the seed's IsChatperText: > 10 chapter headings, or > 25% of the characters in them
     m = CHAPTER_RE.findall(d.text)
     share = sum(map(len, m)) / max(1, len(d.text))
     return f"{len(m)} chapter headings, {share:.2f} of chars" if len(m) > a.zh_max_chapters[0] or share > a.zh_max_chapters[1] else None
 
-
 def zh_table_page(d, a):  # after the seed's table-page check: most lines (of >= 5) are cells or bare numbers
     r = d.share(lambda l: TABLE_LINE_RE.search(l) is not None)
     return f"table lines {r:.2f}" if len(d.lines) >= 5 and r > a.zh_max_table_lines else None
-
 
 def sft_format(d, a):  # [system] user assistant user ... assistant, every content a string
     roles = [m.get("role") for m in d.msgs or []]
@@ -593,19 +545,15 @@ def sft_format(d, a):  # [system] user assistant user ... assistant, every conte
     ok = body and body[-1] == "assistant" and all(r == ("user", "assistant")[i % 2] for i, r in enumerate(body))
     return None if ok else "roles " + ",".join(map(str, roles))
 
-
 def sft_empty_answer(d, a):  # an empty reply teaches the model to stop at once
     return "empty answer" if any(m.get("role") == "assistant" and not str(m.get("content") or "").strip() for m in d.msgs or []) else None
-
 
 def sft_truncated(d, a):  # the last reply ends inside a code block or mid-sentence (comma, colon, open bracket)
     last = str(d.msgs[-1].get("content") or "").rstrip() if d.msgs else ""
     return "truncated answer" if last and (last.count("```") % 2 or last.endswith(tuple(",，、:：;；(（[{“-"))) else None
 
-
 def sft_length(d, a):  # the conversation must fit a training context
     return f"{len(d.text)} chars" if len(d.text) > a.sft_max_chars else None
-
 
 COMMON_RULES = [lang_not_allowed, blacklist, dup_lines, dup_paragraphs]
 EN_RULES = [gopher_word_count, gopher_mean_word_length, gopher_symbol_ratio, gopher_bullet_lines, gopher_ellipsis_lines,
@@ -615,17 +563,14 @@ SFT_RULES = [sft_format, sft_empty_answer, sft_truncated, sft_length, blacklist]
 
 # ----------------------------------------------------------------------------- MinHash
 
-
 def minhash_params(a):
     rng = np.random.default_rng(1234)   # fixed seed: signatures stay comparable across runs and resumes
     n = a.bands * a.rows
     return rng.integers(1, 2**63, n, dtype=np.uint64) | np.uint64(1), rng.integers(0, 2**63, n, dtype=np.uint64)
 
-
 def shingles(ids, k):
     """The set of k-token shingle hashes (a document shorter than k tokens is one shingle)."""
     return np.unique(ngram_hashes(ids, min(k, len(ids)))) if len(ids) else np.zeros(1, np.uint64)
-
 
 def minhash_batch(ids, offs, which, k, A, B):
     """MinHash signatures of documents `which`: for each permutation, the minimum over a document's shingles of
@@ -647,7 +592,6 @@ def minhash_batch(ids, offs, which, k, A, B):
         b0 = b1
     return sig.astype(np.uint32)
 
-
 def exact_key(text):
     return hashlib.blake2b(re.sub(r"\s+", "", text.lower()).encode(), digest_size=16).digest()
 
@@ -655,17 +599,14 @@ def exact_key(text):
 
 BL = SPM = MINHASH = None   # blacklist (regex, {word: category}), sentencepiece, MinHash (A, B); set by setup()
 
-
 def setup(a):
     global BL, SPM, MINHASH
     BL = load_blacklist(a.blacklist) if a.blacklist else None
     SPM = __import__("sentencepiece").SentencePieceProcessor(model_file=a.tokenizer) if a.tokenizer else None
     MINHASH = minhash_params(a)
 
-
 def ntok(t):
     return len(SPM.encode(t)) if SPM is not None and t else 0
-
 
 def write_atomic(path, data):
     tmp = f"{path}.tmp{os.getpid()}"
@@ -673,90 +614,85 @@ def write_atomic(path, data):
         data(f) if callable(data) else f.write(data)
     os.replace(tmp, path)
 
-
 def jsonl_bytes(rows):
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-
 
 def new_stats():
     return {"funnel": defaultdict(lambda: [0] * 9), "rules": defaultdict(lambda: [0, 0, 0]), "examples": defaultdict(list),
             "edits": Counter(), "pii": Counter(), "time": Counter(), "malformed": 0, "malformed_at": [], "docs": 0}
 
+def lap(st, step, t0):   # CPU seconds (process_time: robust to other load on the machine) since t0 -> st["time"][step]
+    t = time.process_time()
+    st["time"][step] += t - t0
+    return t
+
+def prepare(kind, raw, where, path, a, st):
+    """Parse, normalise and mask one record -> [id, source, lang, text, messages, meta], or None if malformed."""
+    t = time.process_time()
+    try:
+        rec = json.loads(raw) if kind == "json" else raw if kind == "obj" else {"text": raw}
+        if not isinstance(rec, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:   # json.JSONDecodeError is a ValueError: skip and count with file:line, never fatal
+        st["malformed"] += 1
+        st["malformed_at"] += [f"{where}: {str(e)[:80]}"][: 20 - len(st["malformed_at"])]
+        return None
+    fields = a.text_fields.split(",")
+    rid = where if kind == "text" else str(get_field(rec, a.id_field) or where)
+    src = str(get_field(rec, a.source_field) or Path(path).name) if a.source_field else Path(path).name
+    msgs = (to_messages(rec) or []) if a.mode == "sft" else None
+    raw_text = ("\n\n".join(str(m.get("content") or "") for m in msgs) if msgs is not None else raw if kind == "text" else
+                "\n".join(str(v) for v in (get_field(rec, f) for f in fields) if isinstance(v, (str, int, float)) and str(v).strip()))
+    t = lap(st, "parse", t)
+    parts = [m for m in msgs if isinstance(m.get("content"), str)] if msgs is not None else None
+    if parts is None:
+        text, lang = normalise(raw_text, a, st["edits"])
+    else:   # sft: every message on its own, with the code-unsafe edits off
+        for m in parts:
+            m["content"] = normalise(m["content"], a, st["edits"], sft=True)[0]
+        lang = route_lang(raw_text, a)
+    t = lap(st, "normalise", t)
+    if a.pii:
+        for m in parts or []:
+            m["content"] = mask_pii(m["content"], st["pii"])
+        text = mask_pii(text, st["pii"]) if parts is None else ""
+    text = "\n\n".join(m["content"] for m in parts) if parts is not None else text
+    lap(st, "pii", t)
+    st["docs"] += 1
+    f = st["funnel"][f"{src}\t{lang}"]
+    f[0], f[1], f[2] = f[0] + 1, f[1] + len(raw_text), f[2] + ntok(raw_text)
+    return [rid, src, lang, text, msgs, {k: v for k, v in rec.items() if k not in fields} if a.keep_meta else None]
 
 def process_shard(job, a, out):
     """Clean one shard. Writes work/ID.jsonl (documents that passed the filters), work/ID.npz (exact keys and
     MinHash signatures) and rejected/ID.jsonl, then the marker work/ID.stats.json: a shard is finished exactly
-    when its stats file exists. Times are CPU seconds (process_time): robust to other load on the machine."""
+    when its stats file exists."""
     sid, path, units = job
-    st, docs, fields = new_stats(), [], a.text_fields.split(",")
-    tm, clock = st["time"], time.process_time
-    for lineno, kind, raw in units:   # pass 1: parse, normalise, mask
-        t0, where = clock(), f"{path}:{lineno}"
-        try:
-            rec = json.loads(raw) if kind == "json" else raw if kind == "obj" else {"text": raw}
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:   # json.JSONDecodeError is a ValueError: skip and count, never fatal
-            st["malformed"] += 1
-            st["malformed_at"] += [f"{where}: {str(e)[:80]}"][: 20 - len(st["malformed_at"])]
-            continue
-        st["docs"] += 1
-        rid = str(get_field(rec, a.id_field) or where) if kind != "text" else where
-        src = str(get_field(rec, a.source_field) or Path(path).name) if a.source_field else Path(path).name
-        msgs = to_messages(rec) if a.mode == "sft" else None
-        if a.mode == "sft":
-            raw_text = "\n\n".join(str(m.get("content") or "") for m in msgs or [])
-        elif kind == "text":
-            raw_text = raw
-        else:
-            raw_text = "\n".join(str(v) for v in map(lambda f: get_field(rec, f), fields) if isinstance(v, (str, int, float)) and str(v).strip())
-        t1 = clock()
-        tm["parse"] += t1 - t0
-        if msgs:
-            for m in msgs:
-                if isinstance(m.get("content"), str):
-                    m["content"] = normalise(m["content"], a, st["edits"], sft=True)[0]
-            lang = route_lang(raw_text, a)
-        else:
-            text, lang = normalise(raw_text, a, st["edits"])
-        t2 = clock()
-        if a.pii and msgs:
-            for m in msgs:
-                m["content"] = mask_pii(m["content"], st["pii"]) if isinstance(m.get("content"), str) else m.get("content")
-        elif a.pii:
-            text = mask_pii(text, st["pii"])
-        text = "\n\n".join(str(m.get("content") or "") for m in msgs) if msgs is not None else text
-        tm["normalise"], tm["pii"] = tm["normalise"] + t2 - t1, tm["pii"] + clock() - t2
-        docs.append([rid, src, lang, text, msgs, {k: v for k, v in rec.items() if k not in fields} if a.keep_meta else None])
-        f = st["funnel"][f"{src}\t{lang}"]
-        f[0], f[1], f[2] = f[0] + 1, f[1] + len(raw_text), f[2] + ntok(raw_text)
+    st = new_stats()
+    docs = [d for d in (prepare(kind, raw, f"{path}:{i}", path, a, st) for i, kind, raw in units) if d]
+    t = time.process_time()
     if a.line_dedup and a.mode == "pretrain":   # CCNet (Wenzek et al. 2019): a line shared by documents is boilerplate
-        t0, long = clock(), lambda l: len(l.strip()) >= a.line_dedup_min_chars
+        long = lambda l: len(l.strip()) >= a.line_dedup
         seen = Counter(chain.from_iterable({l.strip() for l in d[3].split("\n") if long(l)} for d in docs))
         for d in docs:
             new = "\n".join(l for l in d[3].split("\n") if not long(l) or seen[l.strip()] < 2)
-            st["edits"]["line_dedup"] += len(d[3]) - len(new)
-            d[3] = new
-        tm["line_dedup"] += clock() - t0
-    t0 = clock()   # pass 2: tokens and repetition features of the whole shard at once, then the rules
-    ids, lens, doc, offs = shard_tokens([d[3] for d in docs])
-    t1 = clock()
+            st["edits"]["line_dedup"], d[3] = st["edits"]["line_dedup"] + len(d[3]) - len(new), new
+        t = lap(st, "line_dedup", t)
+    ids, lens, doc, offs = shard_tokens([d[3] for d in docs])   # tokens and repetition of the whole shard at once
+    t = lap(st, "tokenize", t)
     rep = repetition_batch(ids, lens, doc, len(docs)) if a.mode == "pretrain" else [None] * len(docs)
-    tm["tokenize"], tm["repetition"] = tm["tokenize"] + t1 - t0, tm["repetition"] + clock() - t1
+    t = lap(st, "repetition", t)
     kept, keys, which, rejected = [], [], [], []
     for k, (rid, src, lang, text, msgs, meta) in enumerate(docs):
-        t0, d = clock(), Doc(text, lang, msgs, rep[k])
+        d = Doc(text, lang, msgs, rep[k])
         rules = SFT_RULES if a.mode == "sft" else COMMON_RULES + {"en": EN_RULES, "zh": ZH_RULES}.get(lang, [])
         fired = [(r.__name__, why) for r in rules for why in [r(d, a)] if why]
-        tm["filters"] += clock() - t0
-        for name, why in fired:   # [rejected first, would reject alone, the only rule that fired]
+        for name, why in fired:   # counts: [rejected first, would reject alone, the only rule that fired]
             c = st["rules"][name]
             c[0], c[1], c[2] = c[0] + (name == fired[0][0]), c[1] + 1, c[2] + (len(fired) == 1)
         if fired:
-            if len(st["examples"][fired[0][0]]) < 5:
-                st["examples"][fired[0][0]].append({"id": rid, "why": fired[0][1], "text": text[:300]})
-            if a.rejected:
-                rejected.append({"id": rid, "source": src, "lang": lang, "rule": fired[0][0], "rules": dict(fired), "text": text})
+            st["examples"][fired[0][0]] += [{"id": rid, "why": fired[0][1], "text": text[:300]}][: 5 - len(st["examples"][fired[0][0]])]
+            rejected += [{"id": rid, "source": src, "lang": lang, "rule": fired[0][0], "rules": dict(fired), "text": text}] * a.rejected
             continue
         prompt = "\n\n".join(m["content"] for m in msgs if m["role"] != "assistant") if msgs else ""
         keys.append(exact_key(text) + exact_key(prompt))
@@ -765,28 +701,20 @@ def process_shard(job, a, out):
         f[3], f[4], f[5] = f[3] + 1, f[4] + len(text), f[5] + n_tok
         body = {"messages": msgs} if msgs is not None else {"text": text}
         kept.append({"id": rid, "source": src, "lang": lang, **body, **({"meta": meta} if meta else {}), "_chars": len(text), "_tok": n_tok})
-    t0 = clock()
+    t = lap(st, "filters", t)
     sigs = minhash_batch(ids, offs, which, a.shingle, *MINHASH)
-    t1 = clock()
+    t = lap(st, "minhash", t)
     write_atomic(out / "work" / f"{sid}.jsonl", jsonl_bytes(kept))
     write_atomic(out / "work" / f"{sid}.npz", lambda fh: np.savez(fh, key=np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 32), sig=sigs))
     if a.rejected:
         write_atomic(out / "rejected" / f"{sid}.jsonl", jsonl_bytes(rejected))
-    tm["minhash"], tm["write"] = tm["minhash"] + t1 - t0, tm["write"] + clock() - t1
+    lap(st, "write", t)
     write_atomic(out / "work" / f"{sid}.stats.json", json.dumps(st).encode())   # last: marks the shard finished
     return sid
 
 
-def _worker(job):
-    return process_shard(job, _worker.a, _worker.out)
-
-
-def _init(a, out):
-    setup(a)
-    _worker.a, _worker.out = a, out
 
 # ----------------------------------------------------------------------------- dedup (main process)
-
 
 def first_of(keys):
     """For each row of a (n, bytes) uint8 array: the index of the first row with the same bytes."""
@@ -794,15 +722,12 @@ def first_of(keys):
     _, first, inv = np.unique(v, return_index=True, return_inverse=True)   # return_index: the first occurrence
     return first[inv.ravel()]
 
-
 def read_rows(path):
     with open_text(path) as f:
         yield from (json.loads(line) for line in f)
 
-
 def doc_text(r):
     return r["text"] if "text" in r else "\n\n".join(m["content"] for m in r["messages"])
-
 
 def dedup(a, out, sids):
     """Exact dedup on hashes of the normalised text (and, in sft mode, of the prompt), then MinHash-LSH: documents
@@ -862,7 +787,6 @@ def dedup(a, out, sids):
         "candidate_probability_at_jaccard": {s: p(s) for s in (0.5, 0.7, 0.8, 0.85, 0.9)},
         "merged_examples": ex(merged), "refused_examples": ex(sorted(refused, key=lambda x: -x[2]))}
 
-
 def write_kept(a, out, sids, dup, reason, funnel):
     """Final outputs: kept/ID.jsonl without duplicates; the duplicates go to rejected/ID.dedup.jsonl."""
     names, g, ids = {1: "exact_dup", 2: "prompt_dup", 3: "near_dup"}, 0, []
@@ -886,7 +810,6 @@ def write_kept(a, out, sids, dup, reason, funnel):
             f.unlink()
 
 # ----------------------------------------------------------------------------- contamination
-
 
 def contamination(a, eval_files, corpus_files):
     """Train <-> eval overlap: an eval item is contaminated when one of its --contam-n token n-grams occurs in a
@@ -921,7 +844,6 @@ def contamination(a, eval_files, corpus_files):
 
 # ----------------------------------------------------------------------------- report
 
-
 def merge_stats(out, sids):
     tot = new_stats()
     for sid in sids:
@@ -938,21 +860,15 @@ def merge_stats(out, sids):
         tot["malformed_at"] = (tot["malformed_at"] + st["malformed_at"])[:50]
     return tot
 
-
 FUNNEL = ["docs_in", "chars_in", "tokens_in", "docs_after_filters", "chars_after_filters", "tokens_after_filters", "docs_kept", "chars_kept", "tokens_kept"]
-
-
-def rule_scope(name):
-    return "sft" if name.startswith("sft_") else "zh" if name.startswith("zh_") else "en" if name.startswith(("gopher", "c4", "fineweb")) \
-        else "en, zh" if name in ("top_ngram", "dup_ngram") else "all"
-
 
 def write_report(a, out, st, dd, wall, contam, extra):
     funnel = {k: dict(zip(FUNNEL, v)) for k, v in sorted(st["funnel"].items())}
     total = {f: sum(v[f] for v in funnel.values()) for f in FUNNEL}
     steps = {k: {"cpu_seconds": round(v, 3), "docs_per_s": round((total["docs_after_filters"] if k == "minhash" else st["docs"]) / v, 1) if v else None}
              for k, v in st["time"].items()}
-    rules = {k: {"scope": rule_scope(k), "rejected_first": v[0], "would_reject_alone": v[1], "only_rule": v[2], "examples": st["examples"][k]}
+    scope = lambda k: ", ".join(n for n, rs in (("all", COMMON_RULES), ("en", EN_RULES), ("zh", ZH_RULES), ("sft", SFT_RULES)) if k in {r.__name__ for r in rs})
+    rules = {k: {"scope": scope(k), "rejected_first": v[0], "would_reject_alone": v[1], "only_rule": v[2], "examples": st["examples"][k]}
              for k, v in sorted(st["rules"].items(), key=lambda kv: -kv[1][0])}
     rep = {"total": total, "funnel": funnel, "malformed": {"count": st["malformed"], "first": st["malformed_at"]}, "rules": rules,
            "edits_chars_changed": dict(st["edits"].most_common()), "pii_masked": dict(st["pii"].most_common()), "dedup": dd,
@@ -985,7 +901,6 @@ def write_report(a, out, st, dd, wall, contam, extra):
 
 # ----------------------------------------------------------------------------- main
 
-
 def main(argv=None):
     a = get_args(argv)
     out = Path(a.out)
@@ -1014,7 +929,7 @@ def main(argv=None):
     t0, sids, resumed, pending, wall, pool = time.perf_counter(), [], 0, deque(), {}, None
     if a.workers > 1:
         import multiprocessing as mp
-        pool = mp.get_context("fork").Pool(a.workers, _init, (a, out))
+        pool = mp.get_context("fork").Pool(a.workers, setup, (a,))
     try:
         for sid, path, units in iter_shards(files, a):
             sids.append(sid)
@@ -1023,7 +938,7 @@ def main(argv=None):
             elif pool is None:
                 process_shard((sid, path, units), a, out)
             else:   # at most 2 shards per worker in flight: memory stays bounded by the shard size
-                pending.append(pool.apply_async(_worker, ((sid, path, units),)))
+                pending.append(pool.apply_async(process_shard, ((sid, path, units), a, out)))
                 while len(pending) >= 2 * a.workers:
                     pending.popleft().get()
         while pending:

@@ -301,6 +301,27 @@ def test_dedup_exact_and_near_duplicates_with_known_jaccard(shared_data, tmp_pat
     assert len(rows_in(out / "kept")) == rep["total"]["docs_kept"] == len(rows) - len(filtered) - len(dups)
 
 
+def test_inputs_directory_gzip_txt_json_array_pile_and_wudao(tmp_path):
+    d = tmp_path / "raw"
+    (d / "sub").mkdir(parents=True)
+    with gzip.open(d / "pile.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": EN_OK, "meta": {"pile_set_name": "Wikipedia (en)"}}) + "\n")
+    (d / "sub" / "book.txt").write_text(f"{EN_OK2}\n\n\n{EN_OK}\n", encoding="utf-8")
+    (d / "wudao.json").write_text(json.dumps([{"id": "w1", "title": "图书馆", "content": ZH_OK, "dataType": "百科"}], ensure_ascii=False), encoding="utf-8")
+    (d / "notes.md").write_text("ignored: not a known extension")
+    out = tmp_path / "out"
+    rep = clean.main(["--input", str(d), "--out", str(out), "--workers", "1", "--text-fields", "title,content,text",
+                      "--source-field", "meta.pile_set_name", "--keep-meta", "--dedup"])
+    rows = {r["id"]: r for r in rows_in(out / "kept")} | {r["id"]: r for r in rows_in(out / "rejected")}
+    assert rows["w1"]["text"] == "图书馆\n" + ZH_OK and rows["w1"]["meta"]["dataType"] == "百科" and rows["w1"]["source"] == "wudao.json"
+    pile = next(r for r in rows.values() if r["source"] == "Wikipedia (en)")
+    assert pile["text"] == EN_OK and pile["meta"]["meta"]["pile_set_name"] == "Wikipedia (en)"
+    book = f"{d / 'sub' / 'book.txt'}"
+    assert rows[f"{book}:1"]["text"] == EN_OK2 and rows[f"{book}:4"]["text"] == EN_OK, "paragraphs, with their first line"
+    assert rows[f"{book}:4"].get("rule") == "exact_dup" and rows[f"{book}:4"]["dup_of"] == pile["id"]
+    assert rep["total"]["docs_in"] == 4 and set(rep["funnel"]) == {"Wikipedia (en)\ten", "book.txt\ten", "wudao.json\tzh"}
+
+
 def test_malformed_lines_are_counted_with_file_and_line(tmp_path):
     lines = [json.dumps({"text": EN_OK}) + "\n", "{not json\n", json.dumps({"text": ZH_OK}) + "\n", "[1, 2]\n", "\n", json.dumps({"id": "z", "text": EN_OK2}) + "\n"]
     rep, out = run(tmp_path, "bad", lines)
@@ -313,7 +334,7 @@ def test_ccnet_line_dedup_removes_shared_boilerplate(tmp_path):
     footer, menu = "Copyright 2019 Millbrook Gazette. All rights reserved.", "首页 | 新闻中心 | 联系我们 | 网站地图"
     rows = [{"id": "a", "text": EN_OK + "\n" + footer}, {"id": "b", "text": EN_OK2 + "\n" + footer},
             {"id": "c", "text": menu + "\n" + ZH_OK}, {"id": "d", "text": menu + "\n" + ZH_OK[::-1] + "。"}]
-    rep, out = run(tmp_path, "ld", rows, "--line-dedup")
+    rep, out = run(tmp_path, "ld", rows, "--line-dedup", "10")
     kept = {r["id"]: r["text"] for r in rows_in(out / "kept")}
     assert kept["a"] == EN_OK and kept["b"] == EN_OK2 and kept["c"] == ZH_OK
     assert rep["edits_chars_changed"]["line_dedup"] == 2 * (len(footer) + 1) + 2 * (len(menu) + 1)   # lines and their newlines
@@ -401,4 +422,4 @@ def test_killed_run_resumes_without_redoing_or_duplicating(shared_data, tmp_path
     ids = [r["id"] for r in rows_in(out / "kept")]
     assert len(ids) == len(set(ids)) and not list(out.glob("*/*.tmp*"))
     with pytest.raises(SystemExit, match="other settings"):
-        clean.main(common + ["--out", str(out), "--min-words", "10"])
+        clean.main(common + ["--out", str(out), "--words", "10,1000"])
