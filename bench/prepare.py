@@ -3,14 +3,17 @@ Benchmark data/prepare.py: tokens/s with a process pool vs a plain single-proces
 encode loop over the same file, and peak RSS for a corpus and one 4x larger.
 
 Usage:
-    python bench/prepare.py                         # ~16 MB corpus from ../shared/data/pretrain, lab tokenizer
+    python bench/prepare.py                         # 16 MB corpus from ../shared/data/pretrain, lab tokenizer
     python bench/prepare.py --mb 32 --tokenizer path/to.model --workers 2
 
-Every measured run is its own subprocess, started from a fresh wrapper process that reports
-getrusage(RUSAGE_CHILDREN).ru_maxrss: the peak RSS of the largest process of that run (the
-prepare main process or one of its workers), unpolluted by earlier runs.
-The prepare rows time the whole job (read, parse, tokenize, two-pass shuffle, write); the baseline
-only reads, parses and encodes, writing nothing. Other jobs on a shared machine add noise: run twice.
+Each measured run is its own fresh subprocess (so peak RSS figures are not polluted by earlier runs):
+  * the baseline reads the JSONL, json-parses each line and calls sp.encode(text), one by one;
+  * prepare runs the whole job (read, parse, tokenize in the pool, two-pass shuffle, write train/val).
+Columns: wall-clock tokens/s and its ratio to the baseline; CPU seconds of the main process and of
+the workers (getrusage SELF / CHILDREN); peak RSS of the largest process (main or one worker).
+On a shared machine the wall-clock columns mostly measure the other jobs (see the load average
+printed), so the table also gives the wall time the same CPU work would take on `--cores` idle
+cores: max(main CPU, workers' CPU / workers, total CPU / cores), and the speed-up that implies.
 """
 import argparse
 import gzip
@@ -25,47 +28,37 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "pretrain")
 
 BASELINE = textwrap.dedent("""
-    import json, sys, time, sentencepiece as spm
+    import json, resource, sys, time, sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=sys.argv[1])
-    batch = sys.argv[3] == "batch"
-    t0, n, docs = time.time(), 0, []
+    cpu0, t0, n = time.process_time(), time.time(), 0
     with open(sys.argv[2], "rb") as f:
         for line in f:
-            text = json.loads(line)["text"]
-            if batch:
-                docs.append(text)
-                if len(docs) == 256:
-                    n += sum(map(len, sp.encode(docs, num_threads=1)))
-                    docs = []
-            else:
-                n += len(sp.encode(text)) + 2  # + BOS/EOS, to count like prepare does
-        if docs:
-            n += sum(map(len, sp.encode(docs, num_threads=1)))
-    print(json.dumps({"tokens": n, "seconds": time.time() - t0}))
+            n += len(sp.encode(json.loads(line)["text"])) + 2  # + BOS/EOS, counted like prepare
+    print(json.dumps({"tokens": n, "seconds": time.time() - t0, "main_cpu": time.process_time() - cpu0,
+                      "workers_cpu": 0.0, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """)
 
-MEASURE = textwrap.dedent("""
-    import resource, subprocess, sys, time
-    t0 = time.time()
-    out = subprocess.run(sys.argv[1:], check=True, capture_output=True, text=True).stdout
-    print(out.strip().splitlines()[-1] if out.strip() else "{}")
-    print(time.time() - t0)
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(r.ru_utime + r.ru_stime)
-    print(r.ru_maxrss)
+PREPARE = textwrap.dedent("""
+    import json, resource, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from data.prepare import prepare
+    cpu0 = time.process_time()
+    meta = prepare([sys.argv[2]], sys.argv[3], sys.argv[4], workers=int(sys.argv[5]), verbose=False)
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"tokens": meta["train_tokens"] + meta["val_tokens"], "seconds": meta["seconds"],
+                      "main_cpu": time.process_time() - cpu0, "workers_cpu": kids.ru_utime + kids.ru_stime,
+                      "rss": max(me.ru_maxrss, kids.ru_maxrss) / 1024}))
 """)
 
 
-def measure(cmd):
-    """Run cmd under a fresh wrapper: (last stdout line, wall s, CPU s of all its processes, peak RSS MB)."""
-    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], check=True, capture_output=True, text=True).stdout
-    last, wall, cpu, rss = out.strip().splitlines()[-4:]
-    return last, float(wall), float(cpu), int(rss) / 1024
+def run(code, *args):
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def build_corpus(path, mb):
     """JSONL of real documents (TinyStories, C4, Chinese wiki, poetry), repeated with a copy number
-    prefixed so that no two documents are identical, until `mb` MB of text."""
+    prefixed so that no two documents are identical, until `mb` MB."""
     docs = []
     for name in ("en_tinystories_2k.jsonl.gz", "en_c4_300.jsonl.gz", "zh_wiki_cmrc2018_wudao_format.jsonl.gz",
                  "zh_classical_poetry.jsonl.gz"):
@@ -91,34 +84,35 @@ def main():
     p.add_argument("--mb", type=float, default=16, help="size of the 1x corpus in MB of JSONL")
     p.add_argument("--tokenizer", default=os.path.join(REPO, "tokenizer", "lab.model"))
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cores", type=int, default=2, help="cores assumed by the idle-machine estimate")
     args = p.parse_args()
     tok = os.path.abspath(args.tokenizer)
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:
         c1, c4 = os.path.join(d, "x1.jsonl"), os.path.join(d, "x4.jsonl")
         s1, s4 = build_corpus(c1, args.mb), build_corpus(c4, 4 * args.mb)
-        print(f"corpus: {s1 / 2**20:.1f} MB and {s4 / 2**20:.1f} MB of JSONL; tokenizer {tok}; {os.cpu_count()} cpus")
-        rows = []
-        for label, kind in (("sentencepiece encode loop, 1 process", "loop"),
-                            ("sentencepiece batch encode, 1 process", "batch")):
-            last, wall, cpu, rss = measure([sys.executable, "-c", BASELINE, tok, c1, kind])
-            res = json.loads(last)
-            rows.append((label, "1x", res["tokens"], res["seconds"], cpu, rss))
-        base = rows[0][2] / rows[0][3]
+        print(f"corpus: {s1 / 2**20:.1f} MB and {s4 / 2**20:.1f} MB of JSONL; tokenizer {tok}; "
+              f"{os.cpu_count()} cpus, load average {load0:.1f} at start")
+        rows = [("sentencepiece encode loop, 1 process", "1x", run(BASELINE, tok, c1))]
         for workers, corpus, tag in ((1, c1, "1x"), (args.workers, c1, "1x"), (args.workers, c4, "4x")):
-            out = os.path.join(d, f"out_{workers}_{tag}")
-            cmd = [sys.executable, os.path.join(REPO, "data", "prepare.py"), "--input", corpus, "--out", out,
-                   "--tokenizer", tok, "--workers", str(workers)]
-            _, wall, cpu, rss = measure(cmd)
-            with open(os.path.join(out, "meta.json")) as f:
-                meta = json.load(f)
-            rows.append((f"data/prepare.py --workers {workers}", tag, meta["train_tokens"] + meta["val_tokens"],
-                         meta["seconds"], cpu, rss))
-        print(f"\n| run | corpus | tokens | seconds | tokens/s | vs loop | CPU s (all procs) | peak RSS MB |")
-        print(f"|---|---|---|---|---|---|---|---|")
-        for label, tag, n, sec, cpu, rss in rows:
-            print(f"| {label} | {tag} | {n:,} | {sec:.2f} | {n / sec:,.0f} | {n / sec / base:.2f}x | {cpu:.1f} | {rss:.0f} |")
-        print("\nCPU s counts every process of a run, including interpreter start-up and the corpus-independent"
-              "\nsetup; on an idle machine the pool's speed-up is about min(workers, cores) x loop CPU / prepare CPU.")
+            res = run(PREPARE, REPO, corpus, os.path.join(d, f"out_{workers}_{tag}"), tok, workers)
+            rows.append((f"data/prepare.py --workers {workers}", tag, res))
+    base = rows[0][2]
+    base_cpu_per_tok = base["main_cpu"] / base["tokens"]
+    print(f"\n| run | corpus | tokens | wall s | tokens/s | vs loop | main CPU s | workers CPU s "
+          f"| idle {args.cores}-core est. s | est. vs loop | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, tag, r in rows:
+        n, main_cpu, w_cpu = r["tokens"], r["main_cpu"], r["workers_cpu"]
+        workers = int(label.rsplit(" ", 1)[-1]) if "workers" in label else 1
+        idle = max(main_cpu, w_cpu / max(workers, 1), (main_cpu + w_cpu) / args.cores)
+        if workers <= 1:  # in-process: one process does everything
+            idle = main_cpu + w_cpu
+        print(f"| {label} | {tag} | {n:,} | {r['seconds']:.2f} | {n / r['seconds']:,.0f} | "
+              f"{n / r['seconds'] / (base['tokens'] / base['seconds']):.2f}x | {main_cpu:.2f} | {w_cpu:.2f} | "
+              f"{idle:.2f} | {n * base_cpu_per_tok / idle:.2f}x | {r['rss']:.0f} |")
+    print(f"\nload average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end "
+          f"(on {os.cpu_count()} cpus: above {os.cpu_count()} the wall-clock columns are contended)")
 
 
 if __name__ == "__main__":

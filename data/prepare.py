@@ -337,7 +337,7 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
         idx_files = [open(os.path.join(scratch, f"b{b:03d}.idx"), "wb") for b in range(n_buckets)]
         chunks = iter_chunks(files, fmt, text_unit, chunk_kb * 1024, stats)
         n_tok, last = 0, time.time()
-        for res in _imap_bounded(pool, encode_chunk, chunks, max_in_flight=2 * max(workers, 1)):
+        for res in _imap_bounded(pool, encode_chunk, chunks, max_in_flight=4 * max(workers, 1)):
             st = stats[res["file_index"]]
             for lineno, reason in res["skipped"]:
                 if len(skipped_examples) < 20:
