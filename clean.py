@@ -137,7 +137,7 @@ def list_inputs(paths):
 def open_text(path):
     # newline="\n": split lines on "\n" only; corpora hold U+2028 inside documents, which splitlines() would cut
     opener = gzip.open if str(path).endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8", errors="replace", newline="\n")
+    return opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="\n")   # -sig: drop a leading BOM
 
 def read_units(path, text_unit):
     """Yield (line_number, kind, raw) for each document of a file; kind 'json' is parsed later, in a worker."""
@@ -309,8 +309,8 @@ def mask_pii(t, counts):
 
         def one(p):
             kind = next(k for k in ("ID_CN", "CARD", "IP", "PHONE") if p.group(k))
-            if kind == "ID_CN" and not cn_id_ok(p.group(kind)) or kind == "CARD" and not (luhn_ok(re.sub(r"\D", "", p.group(kind)))
-                                                                                      and CARD_CONTEXT_RE.search(t[max(0, s0 + p.start() - 12): s0 + p.start()])):
+            v, before = p.group(kind), t[max(0, s0 + p.start() - 12): s0 + p.start()]
+            if kind == "ID_CN" and not cn_id_ok(v) or kind == "CARD" and not (luhn_ok(re.sub(r"\D", "", v)) and CARD_CONTEXT_RE.search(before)):
                 return p.group()
             counts[kind] += 1
             return f"<{kind}>"
