@@ -159,7 +159,7 @@ def test_clean_chinese_survives_and_planted_spam_is_caught(shared_data, tmp_path
     assert others == {"TRIAL_47", "DEV_1070"}, others   # the known false positives: articles about casinos (James Bond, One Piece)
     clean_ids = {r["id"] for r in wiki} - planted
     kept_share = len(clean_ids - set(rejected)) / len(clean_ids)
-    print(f"Chinese Wikipedia passages kept by the Chinese rules: {kept_share:.1%}")   # measured: 98.9%
+    print(f"Chinese Wikipedia passages kept by the Chinese rules: {kept_share:.1%}")   # measured: 98.8% (981 of 993)
     assert kept_share >= 0.97
     # gambling SEO pages in the Chinese Common Crawl sample (hand-labelled by their titles/brands)
     cc = jsonl(shared_data / "noisy" / "zh_commoncrawl_2021_43_100.jsonl.gz")
