@@ -117,15 +117,6 @@ STATEMENTS = {  # pretraining phrasings of one fact
         "friend": ["{name}最好的朋友是{friend}。", "{friend}是{name}最好的朋友。", "{name}和最好的朋友{friend}常常见面。"],
     },
 }
-# The completion probes for the base model: (prefix, continuation); prefix+continuation is one
-# of the STATEMENTS above (tested), so the base model has seen the full sentence many times.
-PROBES = {
-    "en": {"city": ("{name} lives in", " {city}."), "job": ("{name} works as", " {a_job}."),
-           "pet": ("{name}'s pet is", " {a_pet}."), "age": ("{name}'s age is", " {age}."),
-           "friend": ("{name}'s best friend is", " {friend}.")},
-    "zh": {"city": ("{name}住在", "{city}。"), "job": ("{name}的职业是", "{job}。"), "pet": ("{name}的宠物是", "一{m}{pet}。"),
-           "age": ("{name}今年", "{age}岁。"), "friend": ("{name}最好的朋友是", "{friend}。")},
-}
 QUESTIONS = {
     "en": {"city": ["Where does {name} live?", "Which city does {name} live in?", "In which city does {name} live?"],
            "job": ["What does {name} do for a living?", "What is {name}'s job?", "What is {name}'s profession?"],
@@ -255,7 +246,7 @@ MAX_WORDS = 40
 FILES = {k: k + ".jsonl" for k in ("pretrain", "sft_train", "sft_val", "eval_qa", "showcase", "eval_pretrain",
                                    "prefs_train", "prefs_val", "rank_train", "rl_prompts", "rl_eval")}
 REJECTED_KINDS = ("wrong_fact", "wrong_language", "rude", "rambling")
-DEFAULTS = dict(people=36, rl_people=9, eval_people=9, max_num=12, max_mul=9, pretrain_docs=24000, qa_frac=0.1,
+DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pretrain_docs=24000, qa_frac=0.15,
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
                 eval_extra=40, showcase=8)
 
@@ -377,7 +368,7 @@ def _a(word):
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def build_world(seed=0, people=36, rl_people=9, eval_people=9, max_num=12, max_mul=9, **_):
+def build_world(seed=0, people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, **_):
     """The people (with their group and facts) and the arithmetic problems, split by group."""
     if people - rl_people - eval_people < 3 or rl_people < 3 or eval_people < 3:
         raise ValueError(f"each group needs >= 3 people: got sft={people - rl_people - eval_people}, "
@@ -554,15 +545,15 @@ def _pretrain_doc(world, rng, qa_frac):
             lines.append(f"{q}{item['q']}\n{a}{item['a']}")
         return "\n".join(lines)
     r = (r - qa_frac) / (1 - qa_frac)  # the rest of the mix, whatever qa_frac is
-    if r < 0.5:
+    if r < 0.52:  # the workhorse: one person's facts, a random subset in a random order
         return _bio(world, rng.choice(people), lang, rng)
-    if r < 0.62:  # two friends in one document
+    if r < 0.66:  # two friends in one document
         p = rng.choice(people)
         return _bio(world, p, lang, rng) + "\n" + _bio(world, people[p["friend"]], lang, rng)
-    if r < 0.77:
+    if r < 0.75:  # stories: the same facts in running text (longer, so fewer of them)
         p = rng.choice(people)
         return rng.choice(STORIES[lang]).format(**_fields(world, p, lang))
-    if r < 0.92:  # arithmetic drill: all problems of all groups appear here
+    if r < 0.90:  # arithmetic drill: all problems of all groups appear here
         lines = []
         problems = [tuple(x) for g in ("sft", "rl", "eval") for x in world["arith"][g]]
         for op, a, b in rng.sample(problems, rng.randint(6, 12)):
@@ -572,7 +563,7 @@ def _pretrain_doc(world, rng, qa_frac):
             else:
                 lines.append(f"{a}{OP_ZH[op]}{b}等于{c}" if rng.random() < 0.7 else f"{a} {op} {b} = {c}")
         return "\n".join(lines)
-    if r < 0.97:  # parallel sentences: ties the English and Chinese names of the same fact together
+    if r < 0.96:  # parallel sentences: ties the English and Chinese names of the same fact together
         p = rng.choice(people)
         fe, fz = _fields(world, p, "en"), _fields(world, p, "zh")
         attrs = rng.sample(ATTRS, 3)
@@ -686,15 +677,18 @@ def _eval_sets(world, rng, extra, n_show):
 
 
 def _probe_sets(world, rng, n_arith):
+    """Probes for the base model (no chat template): the plain-text Q/A format of the pretraining
+    corpus, cut after "A:" / "答：". Not a cut inside a sentence ("爱丽丝住在" + "巴黎"): a BPE
+    trained on this corpus merges pieces like "住在巴黎" into one token, so a prompt ending in
+    "住在" asks the model to continue mid-token, something it has never seen."""
     out = []
     for p in world["people"]:
         for attr in ATTRS:
             for lang in LANGS:
-                truth = {**_fact_truth(world, p, attr, lang), "completion": True}
-                f = _fields(world, p, lang)
-                prefix, rest = PROBES[lang][attr]
-                out.append({"prompt": prefix.format(**f), "reference": rest.format(**f), "truth": truth,
-                            "kind": "complete_fact", "group": p["group"]})
+                it = _fact_item(world, p, attr, lang, rng)
+                q, a = QA_MARKS[lang]
+                out.append({"prompt": f"{q}{it['q']}\n{a}".rstrip(), "reference": (" " if lang == "en" else "") + it["a"],
+                            "truth": {**it["truth"], "completion": True}, "kind": "complete_fact", "group": p["group"]})
     for k in range(n_arith):
         op, a, b = rng.choice(world["arith"]["eval"])
         lang = LANGS[k % 2]
@@ -719,17 +713,20 @@ def _rank_record(item, rng):
             "task": item["task"], "truth": item["truth"]}
 
 
-def _distinct_items(world, group, rng, n):
-    """n single-turn items with as few repeats as possible (all distinct prompts, then cycle)."""
+def _items(world, group, rng, n, distinct):
+    """n single-turn items. Training sets sample freely (a prompt may repeat, with another rejected
+    answer); held-out sets take distinct prompts (drawn with the same task mix until n are found)."""
+    if not distinct:
+        return [_single_item(world, group, rng) for _ in range(n)]
     pool, seen = [], set()
-    for _ in range(n * 20):
+    for _ in range(n * 50):
         it = _single_item(world, group, rng)
         if it["q"] not in seen:
             seen.add(it["q"])
             pool.append(it)
         if len(pool) >= n:
             break
-    return [pool[i % len(pool)] for i in range(n)]
+    return pool
 
 
 # ---------------------------------------------------------------------------------------------
@@ -753,15 +750,15 @@ def generate(seed=0, **knobs):
     out["eval_pretrain"] = _probe_sets(world, _rng(seed, "probe"), k["eval_extra"])
     rng = _rng(seed, "prefs")
     out["prefs_train"] = [_pref_record(it, REJECTED_KINDS[i % 4], rng)
-                          for i, it in enumerate(_distinct_items(world, "rl", rng, k["prefs_train"]))]
-    out["prefs_val"] = [_pref_record(it, kind, rng) for it in _distinct_items(world, "eval", rng, k["prefs_val"] // 4)
+                          for i, it in enumerate(_items(world, "rl", rng, k["prefs_train"], False))]
+    out["prefs_val"] = [_pref_record(it, kind, rng) for it in _items(world, "eval", rng, k["prefs_val"] // 4, True)
                         for kind in REJECTED_KINDS]
-    out["rank_train"] = [_rank_record(it, rng) for it in _distinct_items(world, "rl", rng, k["rank_train"])]
+    out["rank_train"] = [_rank_record(it, rng) for it in _items(world, "rl", rng, k["rank_train"], False)]
     rng = _rng(seed, "rl")
     out["rl_prompts"] = [{**_prompt_record(it), "reference": it["a"], "truth": it["truth"], "task": it["task"]}
-                         for it in _distinct_items(world, "rl", rng, k["rl_prompts"])]
+                         for it in _items(world, "rl", rng, k["rl_prompts"], False)]
     out["rl_eval"] = [{**_prompt_record(it), "reference": it["a"], "truth": it["truth"], "task": it["task"]}
-                      for it in _distinct_items(world, "eval", rng, k["rl_eval"])]
+                      for it in _items(world, "eval", rng, k["rl_eval"], True)]
     world["knobs"] = k
     world["counts"] = {name: len(out[name]) for name in FILES}
     world["groups"] = {g: [p["name"]["en"] for p in world["people"] if p["group"] == g] for g in ("sft", "rl", "eval")}

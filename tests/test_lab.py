@@ -114,7 +114,9 @@ def test_world_groups_and_friends(sets):
     world = sets["world"]
     people = world["people"]
     groups = {g: [p for p in people if p["group"] == g] for g in ("sft", "rl", "eval")}
-    assert [len(groups[g]) for g in ("sft", "rl", "eval")] == [18, 9, 9]
+    k = lab.DEFAULTS
+    assert [len(groups[g]) for g in ("sft", "rl", "eval")] == [k["people"] - k["rl_people"] - k["eval_people"],
+                                                               k["rl_people"], k["eval_people"]]
     assert len({p["name"]["en"] for p in people}) == len(people)
     for p in people:  # friends: one per person, someone else, in the same group (no leaks)
         f = people[p["friend"]]
@@ -125,10 +127,14 @@ def test_world_groups_and_friends(sets):
     assert len(all_problems) == len(set(all_problems))  # arithmetic split without overlap
 
 
-def test_probe_prefix_plus_continuation_is_a_pretraining_statement():
-    for lang in lab.LANGS:
-        for attr, (prefix, rest) in lab.PROBES[lang].items():
-            assert prefix + rest in lab.STATEMENTS[lang][attr], (lang, attr)
+def test_probes_use_the_pretraining_qa_format(sets):
+    docs = "\n".join(d["text"] for d in sets["pretrain"])
+    for r in sets["eval_pretrain"]:
+        if r["kind"] == "complete_fact":
+            assert (r["prompt"] + r["reference"]) in docs or r["prompt"].endswith(("A:", "答：")), r
+            assert r["prompt"].startswith(("Q: ", "问：")) and r["truth"]["completion"]
+    groups = {r["group"] for r in sets["eval_pretrain"]}
+    assert groups == {"sft", "rl", "eval"}
 
 
 # --- held-out people ----------------------------------------------------------------------------
@@ -152,7 +158,7 @@ def test_held_out_people_only_in_pretraining_and_their_own_sets(sets):
     assert mentions(sets["sft_val"], _names(world, ("sft",))) == []
     assert mentions(sets["prefs_val"] + sets["rl_eval"], _names(world, ("sft", "rl"))) == []
     facts = [r for r in sets["eval_qa"] if r["kind"] == "fact"]
-    assert len(facts) == 9 * 5 * 2  # every eval person, attribute and language once
+    assert len(facts) == lab.DEFAULTS["eval_people"] * 5 * 2  # every eval person, attribute and language once
 
 
 def test_heldout_facts_are_stated_in_pretraining(sets):
