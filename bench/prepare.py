@@ -9,7 +9,7 @@ Usage:
 Each measured run is its own fresh subprocess (so peak RSS figures are not polluted by earlier runs):
   * the baseline reads the JSONL, json-parses each line and calls sp.encode(text), one by one;
   * prepare runs the whole job (read, parse, tokenize in the pool, two-pass shuffle, write train/val).
-Columns: wall-clock tokens/s and its ratio to the baseline; CPU seconds of the main process and of
+Each 1x row is the minimum over --repeat runs (per metric). Columns: wall-clock tokens/s and its ratio to the baseline; CPU seconds of the main process and of
 the workers (getrusage SELF / CHILDREN); peak RSS of the largest process (main or one worker).
 On a shared machine the wall-clock columns mostly measure the other jobs (see the load average
 printed), so the table also gives the wall time the same CPU work would take on `--cores` idle
@@ -51,9 +51,14 @@ PREPARE = textwrap.dedent("""
 """)
 
 
-def run(code, *args):
-    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run(code, *args, repeat=1):
+    """Run a measurement `repeat` times in fresh processes; keep each metric's minimum (the least
+    disturbed run: noise from other jobs only ever adds time)."""
+    results = []
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {k: min(r[k] for r in results) for k in results[0]}
 
 
 def build_corpus(path, mb):
@@ -85,6 +90,7 @@ def main():
     p.add_argument("--tokenizer", default=os.path.join(REPO, "tokenizer", "lab.model"))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cores", type=int, default=2, help="cores assumed by the idle-machine estimate")
+    p.add_argument("--repeat", type=int, default=3, help="runs per row (the minimum of each metric is kept)")
     args = p.parse_args()
     tok = os.path.abspath(args.tokenizer)
     load0 = os.getloadavg()[0]
@@ -93,9 +99,10 @@ def main():
         s1, s4 = build_corpus(c1, args.mb), build_corpus(c4, 4 * args.mb)
         print(f"corpus: {s1 / 2**20:.1f} MB and {s4 / 2**20:.1f} MB of JSONL; tokenizer {tok}; "
               f"{os.cpu_count()} cpus, load average {load0:.1f} at start")
-        rows = [("sentencepiece encode loop, 1 process", "1x", run(BASELINE, tok, c1))]
+        rows = [("sentencepiece encode loop, 1 process", "1x", run(BASELINE, tok, c1, repeat=args.repeat))]
         for workers, corpus, tag in ((1, c1, "1x"), (args.workers, c1, "1x"), (args.workers, c4, "4x")):
-            res = run(PREPARE, REPO, corpus, os.path.join(d, f"out_{workers}_{tag}"), tok, workers)
+            res = run(PREPARE, REPO, corpus, os.path.join(d, f"out_{workers}_{tag}"), tok, workers,
+                      repeat=args.repeat if tag == "1x" else 1)
             rows.append((f"data/prepare.py --workers {workers}", tag, res))
     base = rows[0][2]
     base_cpu_per_tok = base["main_cpu"] / base["tokens"]
