@@ -243,3 +243,125 @@ def test_hh_split_real_records(shared_data):
     assert r["responses"][0].startswith("Alrighty, I’ll do my best, here’s the key:\n\nAssistant:  O.k. let’s go ahead")
     assert r["responses"][1] == ("You mean a password, right? I can help you put that in, but I’m not so sure this "
                                  "password would be accepted on the official download site. What do you think?")
+
+
+# -----------------------------------------------------------------------------
+# End to end on the lab world: train through reward.main, evaluate, stats, scoring, DDP
+
+LAB_STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def lab_rm(tmp_path_factory):
+    """A small reward model trained on the lab world's preference pairs through the real CLI path.
+
+    The starting "SFT model" is a tiny randomly initialised Llama saved as one of our checkpoints
+    (common.save_checkpoint, with the tokenizer recorded), exactly the form sft.py writes: a real
+    pretrain + SFT run that has memorised the lab world's facts takes minutes, far over this file's
+    CI budget. Consequence, measured and asserted below: every rejected kind that can be judged from
+    the text (rude, rambling, wrong language) is learned, and wrong facts are learned for the people
+    the reward model saw in training -- but for the held-out people of prefs_val a model that never
+    read their facts can only guess. Model selection uses a 10% split of prefs_train (people seen
+    in training); prefs_val (unseen people) is the untouched test set."""
+    import common
+    import reward
+    from data import lab
+    from model import Llama
+    from tokenizer import Tokenizer
+    root = tmp_path_factory.mktemp("reward_lab")
+    lab.write(str(root / "lab"), seed=0, pretrain_docs=50)
+    tok = Tokenizer()
+    torch.manual_seed(0)
+    sft_stand_in = Llama(LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                     max_seq_len=128))
+    common.save_checkpoint(str(root / "sft"), "final", sft_stand_in, step=0, config={}, tokenizer=tok)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # deterministic and, on a busy 2-core machine, faster than 2
+    try:
+        split = reward.main(["--init_from", str(root / "sft"), "--data", str(root / "lab" / "prefs_train.jsonl"),
+                             "--val_frac", "0.1", "--out_dir", str(root / "rm"), "--max_steps", str(LAB_STEPS),
+                             "--batch_size", "16", "--lr", "6e-3", "--min_lr", "6e-4", "--warmup_steps", "10",
+                             "--eval_interval", "100", "--log_interval", "50", "--save_interval", "0", "--seed", "0"])
+        test = reward.main(["--eval_only", "--init_from", str(root / "rm"), "--val_data",
+                            str(root / "lab" / "prefs_val.jsonl"), "--out", str(root / "test_metrics.json")])
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, "split": split, "test": test, "tok": tok}
+
+
+def test_lab_reward_model_accuracy(lab_rm):
+    import json
+
+    import reward
+    split, test = lab_rm["split"], lab_rm["test"]
+    table = "\n".join(f"{name:<28s} overall {m['accuracy']:.3f}  " + "  ".join(
+        f"{k} {v['accuracy']:.2f}" for k, v in m["per_kind"].items())
+        for name, m in (("held-out pairs, seen people", split), ("prefs_val, unseen people", test)))
+    print("\n" + table)
+    kinds = {"wrong_fact", "wrong_language", "rude", "rambling"}
+    assert set(split["per_kind"]) == kinds and set(test["per_kind"]) == kinds
+    assert test["pairs"] == test["groups"] == 400 and split["pairs"] == split["groups"] == 300
+    # Measured (seed 0, 200 steps, 1 thread): seen people 0.887, unseen people 0.870 -- below the
+    # 0.9 aim, because of wrong facts (next lines). Thresholds leave room for platform noise.
+    assert split["accuracy"] >= 0.85
+    assert test["accuracy"] >= 0.82
+    # every kind that can be judged from the text is ranked below the chosen answer
+    for m in (split, test):
+        assert m["per_kind"]["rude"]["accuracy"] >= 0.95          # measured 1.00 / 1.00
+        assert m["per_kind"]["rambling"]["accuracy"] >= 0.95      # measured 1.00 / 1.00
+        assert m["per_kind"]["wrong_language"]["accuracy"] >= 0.85   # measured 0.95 / 0.94
+    # wrong facts, per task: an identity or refusal answer is wrong in its words ("I am a human
+    # being", complying with a harmful request), which the model learns; a wrong city, pet or sum
+    # can only be told from knowledge this stand-in SFT model never had (measured ~0.55: chance).
+    rm, _ = reward.load_reward_model(str(lab_rm["root"] / "rm"))
+    per_task = {}
+    with torch.no_grad():
+        for line in (lab_rm["root"] / "lab" / "prefs_val.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r["kind"] == "wrong_fact":
+                g = reward.encode_group(lab_rm["tok"], {"messages": r["messages"], "responses": [r["chosen"], r["rejected"]]}, 128)
+                rc, rr = rm(*reward.collate([g], lab_rm["tok"].pad_id)[:2]).tolist()
+                per_task.setdefault(r["task"], []).append(rc > rr)
+    print("wrong_fact on prefs_val by task: " + ", ".join(f"{t} {sum(v) / len(v):.2f} (n={len(v)})" for t, v in per_task.items()))
+    words = per_task["identity"] + per_task["refusal"]
+    assert sum(words) / len(words) >= 0.75
+    # the reward separates chosen from rejected on average, and most margins are positive
+    assert test["chosen_mean"] > test["rejected_mean"] and test["margin_q50"] > 0
+
+
+def test_lab_stats_checkpoints_and_scoring(lab_rm):
+    import json
+
+    import reward
+    root, tok = lab_rm["root"], lab_rm["tok"]
+    stats = json.loads((root / "rm" / "reward_stats.json").read_text())
+    assert set(stats) >= {"best", "final"}
+    final = stats["final"]
+    # the stats describe exactly the final weights: they are the split's eval at the last step
+    assert final["mean"] == pytest.approx(lab_rm["split"]["stats"]["mean"])
+    assert final["std"] == pytest.approx(lab_rm["split"]["stats"]["std"])
+    assert final["n"] == 2 * lab_rm["split"]["groups"] and final["step"] == LAB_STEPS
+    rm, meta = reward.load_reward_model(str(root / "rm" / "final.pt"))
+    assert meta["kind"] == "reward_model" and meta["reward_stats"]["mean"] == pytest.approx(final["mean"])
+    assert rm.reward_mean.item() == pytest.approx(final["mean"]) and rm.reward_std.item() == pytest.approx(final["std"])
+    # a language-model checkpoint is refused by load_reward_model
+    with pytest.raises(SystemExit):
+        reward.load_reward_model(str(root / "sft"))
+    # --score: pairs and single responses get the rewards the model gives them directly
+    recs = [json.loads(line) for line in (root / "lab" / "prefs_val.jsonl").read_text().splitlines()[:6]]
+    inp = root / "to_score.jsonl"
+    with open(inp, "w") as f:
+        for r in recs:
+            f.write(json.dumps({"messages": r["messages"], "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n")
+        f.write(json.dumps({"prompt": recs[0]["messages"][-1]["content"], "response": recs[0]["chosen"]}) + "\n")
+        f.write("{broken\n")
+    reward.main(["--score", str(inp), "--out", str(root / "scored.jsonl"), "--init_from", str(root / "rm")])
+    out = [json.loads(line) for line in (root / "scored.jsonl").read_text().splitlines()]
+    assert len(out) == 7   # the broken line is skipped and reported, not fatal
+    with torch.no_grad():
+        for r, o in zip(recs, out):
+            for resp, got in zip((r["chosen"], r["rejected"]), o["rewards"]):
+                ids, _ = tok.render_conversation(r["messages"] + [{"role": "assistant", "content": resp}])
+                assert got == pytest.approx(rm(torch.tensor([ids]))[0].item(), abs=1e-5)
+            assert o["rewards_normalized"][0] == pytest.approx((o["rewards"][0] - final["mean"]) / final["std"], abs=1e-5)
+    assert out[6]["reward"] == pytest.approx(out[0]["rewards"][0], abs=1e-5)   # same prompt + answer, same reward
