@@ -1,29 +1,32 @@
 """
 reward.py -- the reward model (RLHF step 2, as in InstructGPT and DeepSpeed-Chat): a LLaMA backbone
-started from the SFT checkpoint, with a scalar head, trained on human (or lab) preferences.
+started from the SFT checkpoint, with a scalar head, trained on preference pairs and rankings.
 
-    # train (one process; on a GPU the same command runs in bf16)
-    python reward.py --init_from runs/sft --train_data lab_run/data/prefs_train.jsonl \
+    # train (one process; on a GPU the same command runs in bf16 autocast)
+    python reward.py --init_from runs/sft --data lab_run/data/prefs_train.jsonl \
         --val_data lab_run/data/prefs_val.jsonl --out_dir runs/rm
-    # rankings ({prompt, responses: [best, ..., worst]}) mix in like any other file
-    python reward.py --init_from runs/sft --train_data prefs.jsonl rank_train.jsonl:0.5 ...
-    # several GPUs / nodes (DDP, or --fsdp for a model that does not fit on one device)
-    torchrun --standalone --nproc_per_node=8 reward.py --init_from runs/sft ...
-    # diagnostics only (accuracy per kind, length bias, calibration) of a trained reward model
+    # rankings ({prompt, responses: [best, ..., worst]}) mix in like any other file ("path:weight")
+    python reward.py --init_from runs/sft --data prefs_train.jsonl rank_train.jsonl:0.5 --out_dir runs/rm
+    # several processes: DDP by default, --parallel fsdp to shard a model too big for one GPU
+    torchrun --standalone --nproc_per_node=8 reward.py --init_from runs/sft --data ... --out_dir runs/rm
+    python reward.py ... --resume        # continue exactly from the newest step_* checkpoint
+    # diagnostics of a trained reward model: accuracy per kind, length bias, calibration
     python reward.py --eval_only --init_from runs/rm --val_data lab_run/data/prefs_val.jsonl
-    # score prompt/response pairs (any conversation or preference format data/formats.py reads)
+    # score prompt/response records (any conversation or preference format data/formats.py reads)
     python reward.py --score IN.jsonl --out OUT.jsonl --init_from runs/rm
 
-In code (rlhf_ppo.py, dpo.py):
+In code (rlhf_ppo.py uses it as the frozen reward and to initialise its critic):
     from reward import RewardModel, load_reward_model
-    rm = load_reward_model("runs/rm")            # our checkpoint file or run dir; eval mode
-    r = rm(idx, attention_mask)                  # (B,) raw rewards, read at each row's last real token
-    z = rm.normalize(r)                          # (r - mean) / std with the stats saved at training time
-    v = rm.values(idx, attention_mask)           # (B, T) the head applied at every position (critic init)
+    rm, meta = load_reward_model("runs/rm")    # checkpoint file or run dir -> eval mode; meta["reward_stats"]
+    r = rm(idx, attention_mask)                # (B,) float32 rewards read at each row's LAST REAL token
+    z = rm.normalize(r)                        # (r - mean) / std, the stats saved with these weights
+    v = rm.values(idx, attention_mask)         # (B, T) the head at every position (a critic's values)
+  idx (B, T) token ids rendered with the chat template; attention_mask (B, T) 1 = real, 0 = padding,
+  left or right. Under DDP call the wrapped module: critic(idx, mask, per_token=True) == values().
 
-Simplifications on purpose: one scalar head, no bias (Bradley-Terry is blind to a constant
-offset, so a bias would never get a gradient); no per-pair preference strength from the data
-(only a constant --margin, Llama 2's eq. 2 with one m for every pair).
+Simplifications on purpose: one scalar head without bias (Bradley-Terry sees only differences, so
+a bias would never get a gradient); the margin is one constant for every pair (Llama 2 scales it by
+the annotators' preference strength, which our formats do not carry).
 """
 from __future__ import annotations
 
@@ -154,7 +157,7 @@ def ranking_loss(rewards, group_sizes, margin=0.0):
 # The model
 
 
-def last_real_index(attention_mask, T: int, device=None):
+def last_real_index(attention_mask, T: int):
     """(B,) index of each row's last real token. attention_mask (B, T): 1 = real, 0 = padding,
     anywhere (left padding, right padding, or both). None means no padding: T - 1."""
     if attention_mask is None:
@@ -311,7 +314,9 @@ def encode_group(tok, record, max_len: int):
             prompt = tok.render_prompt(messages, max_len=max_len - longest)
         except ValueError:
             return None
-    return {"ids": [prompt + s for s in seqs], "resp_len": [len(s) for s in seqs], "kind": record.get("kind")}
+    kind = record.get("kind")
+    return {"ids": [prompt + s for s in seqs], "resp_len": [len(s) for s in seqs],
+            "kind": None if kind is None else str(kind)}
 
 
 def load_groups(paths, tok, max_len: int, seed: int = 0, name: str = "data"):
@@ -589,10 +594,11 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):
 
 
 def stats_record(metrics, step, name):
+    """The normalisation statistics as saved in a checkpoint ("reward_stats") and reward_stats.json."""
     s = metrics["stats"]
     return {"mean": s["mean"], "std": s["std"], "n": s["n"], "step": step, "checkpoint": name,
-            "reference": "rewards of every response (chosen and rejected) of the evaluation set",
-            "val_accuracy": metrics["accuracy"]}
+            "reference": metrics.get("reference", "every response (chosen and rejected) of the held-out set"),
+            "accuracy": metrics["accuracy"]}
 
 
 def main(argv=None):
@@ -679,7 +685,10 @@ def train(args, info, dtype, ctx):
                                                             "val_loss": metrics["loss"]} if metrics else {})},
             data_state={"steps_per_epoch": steps_per_epoch}, kind=REWARD_KIND, reward_stats=stats)
         if stats and not with_optimizer and info.is_main:   # reward_stats.json: {"best": ..., "final": ...}
-            saved = json.load(open(stats_json)) if os.path.exists(stats_json) else {}
+            saved = {}
+            if os.path.exists(stats_json):
+                with open(stats_json, encoding="utf-8") as f:
+                    saved = json.load(f)
             common.atomic_write_json(stats_json, {**saved, name: {**stats, "path": path}})
         return path
 
@@ -704,7 +713,7 @@ def train(args, info, dtype, ctx):
                    f"{metrics['accuracy']:.3f} vs 0.5: {'ok' if ok else 'MISMATCH (is the head really zero?)'}")
 
     # --- the loop
-    plan_epoch, plan, t_last, seqs_since, tokens_since = None, None, time.time(), 0, 0
+    plan_epoch, plan, t_last, seqs_since, tokens_since, skipped = None, None, time.time(), 0, 0, 0
     model.train()
     while step < max_steps:
         epoch, pos = divmod(step, steps_per_epoch)
@@ -728,8 +737,15 @@ def train(args, info, dtype, ctx):
                                  torch.tensor(float(d.numel()), dtype=torch.float64), d.sum()])
             seqs_since += idx.size(0)
             tokens_since += int(mask.sum())
-        grad_norm = common.clip_grad_norm(model, args.grad_clip)
-        optimizer.step()
+        grad_norm = common.clip_grad_norm(model, args.grad_clip)   # the same on every rank (after the all-reduce)
+        if math.isfinite(grad_norm):
+            optimizer.step()
+        else:   # a non-finite gradient would write NaN into every weight: skip this update, say so
+            skipped += 1
+            print0(f"warning: step {step + 1}: non-finite gradient norm; update skipped ({skipped} so far)")
+            logger.log(event="skip", step=step + 1)
+            if skipped >= 5:
+                common.fail("5 updates skipped for non-finite gradients: lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
@@ -759,8 +775,15 @@ def train(args, info, dtype, ctx):
         metrics, improved = run_eval()   # final.pt's stats must describe final.pt's weights
         if improved:
             save("best", False, metrics)
+    if not val_groups:   # no held-out set: the normalisation stats come from (up to) 1000 training groups
+        print0("no held-out preferences (--val_frac 0, no --val_data): reward stats from training groups")
+        metrics = evaluate(model, train_groups[:1000], args, tok.pad_id, info, ctx)
+        raw.set_stats(metrics["stats"]["mean"], metrics["stats"]["std"])
+        metrics["reference"] = f"every response of the first {min(1000, len(train_groups))} training groups"
     path = save("final", False, metrics)
-    print0(f"done: {path}; best val accuracy {best[0]:.4f}; normalisation stats in {stats_json}")
+    print0(f"done: {path}" + (f"; best val accuracy {best[0]:.4f}" if best[0] >= 0 else "")
+           + f"; normalisation stats (mean {raw.reward_mean.item():+.4f}, std {raw.reward_std.item():.4f}) in "
+           f"the checkpoints and {stats_json}")
     return metrics
 
 

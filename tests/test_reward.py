@@ -1,6 +1,7 @@
 """Tests for reward.py: losses against closed forms, the ranked-pair expansion, padding-invariant
 last-token reading, the HH split on real data, and a small reward model on the lab world."""
 import math
+import os
 
 import pytest
 import torch
@@ -252,19 +253,10 @@ LAB_STEPS = 200
 
 
 @pytest.fixture(scope="module")
-def lab_rm(tmp_path_factory):
-    """A small reward model trained on the lab world's preference pairs through the real CLI path.
-
-    The starting "SFT model" is a tiny randomly initialised Llama saved as one of our checkpoints
-    (common.save_checkpoint, with the tokenizer recorded), exactly the form sft.py writes: a real
-    pretrain + SFT run that has memorised the lab world's facts takes minutes, far over this file's
-    CI budget. Consequence, measured and asserted below: every rejected kind that can be judged from
-    the text (rude, rambling, wrong language) is learned, and wrong facts are learned for the people
-    the reward model saw in training -- but for the held-out people of prefs_val a model that never
-    read their facts can only guess. Model selection uses a 10% split of prefs_train (people seen
-    in training); prefs_val (unseen people) is the untouched test set."""
+def lab_files(tmp_path_factory):
+    """The lab world (seed 0) and a tiny randomly initialised Llama saved as one of our checkpoints
+    (common.save_checkpoint, tokenizer recorded): the form sft.py writes, standing in for the SFT model."""
     import common
-    import reward
     from data import lab
     from model import Llama
     from tokenizer import Tokenizer
@@ -275,6 +267,22 @@ def lab_rm(tmp_path_factory):
     sft_stand_in = Llama(LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                      max_seq_len=128))
     common.save_checkpoint(str(root / "sft"), "final", sft_stand_in, step=0, config={}, tokenizer=tok)
+    return root, tok
+
+
+@pytest.fixture(scope="module")
+def lab_rm(lab_files):
+    """A small reward model trained on the lab world's preference pairs through the real CLI path.
+
+    It starts from the stand-in SFT model of lab_files: a real pretrain + SFT run that has
+    memorised the lab world's facts takes minutes, far over this file's CI budget. Consequence,
+    measured and asserted below: every rejected kind that can be judged from the text (rude,
+    rambling, wrong language, and wrong identity/refusal answers) is learned; a wrong city, pet or
+    sum can only be told from knowledge, which this model does not have, so wrong_fact stays near
+    chance. Model selection uses a 10% split of prefs_train (people seen in training); prefs_val
+    (unseen people) is the untouched test set."""
+    import reward
+    root, tok = lab_files
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # deterministic and, on a busy 2-core machine, faster than 2
     try:
@@ -365,3 +373,74 @@ def test_lab_stats_checkpoints_and_scoring(lab_rm):
                 assert got == pytest.approx(rm(torch.tensor([ids]))[0].item(), abs=1e-5)
             assert o["rewards_normalized"][0] == pytest.approx((o["rewards"][0] - final["mean"]) / final["std"], abs=1e-5)
     assert out[6]["reward"] == pytest.approx(out[0]["rewards"][0], abs=1e-5)   # same prompt + answer, same reward
+
+
+def _dist_worker(rank, world, store, runs, queue):
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    import reward
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        for argv in runs:
+            reward.main(argv)
+        queue.put((rank, None))
+    except BaseException:   # every rank's traceback: the first error reported may be the victim's
+        queue.put((rank, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_fsdp_match_one_process_and_exact_resume(lab_files, tmp_path):
+    """Mixed pairs (K=2) and rankings (K=5) in the same batches. 2 ranks x 1 micro-batch (DDP, and
+    FSDP2) take the same steps as 1 process x 2 accumulated micro-batches; a run resumed from its
+    step-3 checkpoint ends with the same weights, bit for bit."""
+    import json
+
+    import common
+    import reward
+    root, _ = lab_files
+    lines = lambda name, n: (root / "lab" / name).read_text().splitlines()[:n]   # noqa: E731
+    (tmp_path / "train.jsonl").write_text("\n".join(lines("prefs_train.jsonl", 40) + lines("rank_train.jsonl", 8)) + "\n")
+    (tmp_path / "val.jsonl").write_text("\n".join(lines("prefs_val.jsonl", 12)) + "\n")
+
+    def argv(out, *extra):
+        return ["--init_from", str(root / "sft"), "--data", str(tmp_path / "train.jsonl"), "--val_data",
+                str(tmp_path / "val.jsonl"), "--out_dir", str(tmp_path / out), "--batch_size", "4", "--max_steps", "5",
+                "--lr", "3e-3", "--warmup_steps", "2", "--eval_interval", "2", "--log_interval", "1", "--seed", "3",
+                "--save_interval", "3", "--margin", "0.1", *extra]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reward.main(argv("one", "--grad_accum", "2"))
+        # exact resume: only the step-3 checkpoint in a fresh directory
+        (tmp_path / "resumed").mkdir()
+        os.link(tmp_path / "one" / "step_0000003.pt", tmp_path / "resumed" / "step_0000003.pt")
+        reward.main(argv("resumed", "--grad_accum", "2", "--resume"))
+        ctx = torch.multiprocessing.get_context("fork")
+        queue = ctx.SimpleQueue()
+        runs = [argv(p, "--parallel", p, "--save_interval", "0") for p in ("ddp", "fsdp")]
+        torch.multiprocessing.start_processes(_dist_worker, args=(2, str(tmp_path / "store"), runs, queue),
+                                              nprocs=2, start_method="fork")
+        errors = [err for _, err in (queue.get() for _ in range(2)) if err]
+    finally:
+        torch.set_num_threads(threads)
+    assert not errors, "\n".join(errors)
+    one, _ = reward.load_reward_model(str(tmp_path / "one"))
+    resumed, _ = reward.load_reward_model(str(tmp_path / "resumed"))
+    ref = one.state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in resumed.state_dict().items())
+    assert ref["head.weight"].abs().sum() > 0   # it trained
+    for p in ("ddp", "fsdp"):
+        other, meta = reward.load_reward_model(str(tmp_path / p))   # fsdp: a sharded DCP directory
+        diff = max((ref[k] - v).abs().max().item() for k, v in other.state_dict().items())
+        assert diff < 1e-5, (p, diff)
+        evals = lambda d: [r["accuracy"] for r in common.read_jsonl(str(tmp_path / d / "log.jsonl"))  # noqa: E731
+                           if r.get("event") == "eval"]
+        assert evals(p) == pytest.approx(evals("one"), abs=1e-6) and len(evals(p)) == 4   # steps 0, 2, 4, 5
+        stats = json.loads((tmp_path / p / "reward_stats.json").read_text())["final"]
+        assert stats["mean"] == pytest.approx(meta["reward_stats"]["mean"], abs=1e-6)
