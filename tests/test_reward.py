@@ -246,6 +246,33 @@ def test_hh_split_real_records(shared_data):
                                  "password would be accepted on the official download site. What do you think?")
 
 
+def test_encode_group_chat_template_and_truncation():
+    """Every response is rendered as the assistant turn after the prompt (the SFT template), the
+    reward is read on the <|end|> that closes it, and a too-long prompt loses its OLDEST whole
+    exchanges, the same for all responses of a group -- never a piece of a response."""
+    from reward import encode_group
+    from tokenizer import Tokenizer
+    tok = Tokenizer()
+    messages = [{"role": "user", "content": "Where does Alice live?"},
+                {"role": "assistant", "content": "Alice lives in Paris."},
+                {"role": "user", "content": "And what pet does she have?"}]
+    record = {"messages": messages, "responses": ["She has a parrot.", "Ugh, a parrot. Go away."], "kind": "rude"}
+    g = encode_group(tok, record, max_len=256)
+    for ids, resp, n in zip(g["ids"], record["responses"], g["resp_len"]):
+        full, mask = tok.render_conversation(messages + [{"role": "assistant", "content": resp}])
+        assert ids == full and ids[-1] == tok.end_id
+        assert n == len(tok.encode(resp)) + 1 == sum(mask[-n:]) and mask[-n - 1] == 0   # content + <|end|>
+    assert g["kind"] == "rude"
+    # too long: the first exchange is dropped from both sequences; the responses stay whole
+    short_prompt = tok.render_prompt(messages[2:])
+    longest = max(g["resp_len"])
+    g2 = encode_group(tok, record, max_len=len(short_prompt) + longest)
+    assert all(ids[:len(short_prompt)] == short_prompt for ids in g2["ids"])
+    assert [ids[len(short_prompt):] for ids in g2["ids"]] == [ids[-n:] for ids, n in zip(g["ids"], g["resp_len"])]
+    # not even the last user turn + the longest response fits: the record is dropped (None)
+    assert encode_group(tok, record, max_len=len(short_prompt) + longest - 1) is None
+
+
 # -----------------------------------------------------------------------------
 # End to end on the lab world: train through reward.main, evaluate, stats, scoring, DDP
 
