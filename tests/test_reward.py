@@ -1,5 +1,13 @@
-"""Tests for reward.py: losses against closed forms, the ranked-pair expansion, padding-invariant
-last-token reading, the HH split on real data, and a small reward model on the lab world."""
+"""Tests for reward.py.
+
+Unit level: the Bradley-Terry and ranking losses against their closed forms (with and without a
+margin), the K(K-1)/2 expansion of rankings in one forward per batch, the reward read at the last
+real token whatever the padding side and batch companions, the zero-initialised head, the metrics
+and the calibration table on hand examples, the chat-template rendering and truncation of groups.
+Real data: Anthropic HH records split into prompt / chosen / rejected, against hand-written text.
+End to end (the real CLI path, reward.main): a small reward model on the lab world -- held-out
+accuracy overall and per rejected kind, normalisation stats in checkpoints and reward_stats.json,
+--score, --eval_only -- and DDP / FSDP against one process, plus an exact resume."""
 import math
 import os
 
