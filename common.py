@@ -122,7 +122,8 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         # more threads than cores per rank makes every rank crawl (measured: 3-4x slower). Split the
         # cores evenly between this node's ranks.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores // local_world))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if backend == "nccl":
@@ -590,6 +591,16 @@ def rotate_checkpoints(out_dir: str, keep_last: int):
     if keep_last > 0:
         for _, p in _step_checkpoints(out_dir)[:-keep_last]:
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+def warn_if_low_disk(out_dir: str, bytes_needed: float):
+    """Warn (rank 0) when the disk holding out_dir has less free space than the run's checkpoints
+    will take: better at step 0 than as a failed write at step 90,000 (the seed's quota incidents)."""
+    if is_main() and os.path.isdir(out_dir):
+        free = shutil.disk_usage(out_dir).free
+        if free < bytes_needed:
+            print0(f"warning: {out_dir} has {free / 1e9:.1f} GB free, the checkpoints of this run need about "
+                   f"{bytes_needed / 1e9:.1f} GB (lower --keep_last, or choose another --out_dir)")
 
 
 def read_checkpoint_meta(path: str) -> dict:

@@ -33,7 +33,7 @@ from common import (JsonlLogger, add_common_args, all_reduce_mean, autocast, bar
                     clip_grad_norm, configure_optimizer, eval_mode, fail, grad_sync, latest_checkpoint,
                     load_model, lr_at, parse_config, print0, read_checkpoint_meta, resolve_dtype,
                     restore_checkpoint, rotate_checkpoints, save_checkpoint, save_config, seed_everything,
-                    set_lr, setup_distributed, teardown_distributed, wrap_model)
+                    set_lr, setup_distributed, teardown_distributed, warn_if_low_disk, wrap_model)
 from model import PEAK_FLOPS, PRESETS, Llama, LlamaConfig
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # separate random streams for training and validation windows
@@ -103,7 +103,8 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
             + unsharded gradients before the reduce-scatter: (p + 4) * max(root, block)
     Activations per micro-batch of B*T tokens (measured by counting the tensors autograd saves,
     tests/test_pretrain.py; fused SDPA attention, so no T x T score matrix):
-      per block and token: 34*dim + 8*hidden_dim bytes in bf16 autocast (52*dim + 16*hidden in fp32)
+      per block and token: 34*dim + 8*hidden_dim bytes in bf16 autocast (48*dim + 16*hidden in fp32),
+      exact for multi-head attention, a little high for GQA (smaller k and v)
       outside the blocks: 8*vocab bytes per token (fp32 log-probabilities kept for the backward + their gradient)
       with activation checkpointing a block keeps only its fp32 input (4*dim per token) and one
       block's activations exist at a time, during its recomputation.
@@ -118,7 +119,7 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
     if p == 2:
         per_block_token = 34 * config.dim + 8 * config.hidden_dim
     else:
-        per_block_token = 52 * config.dim + 16 * config.hidden_dim
+        per_block_token = 48 * config.dim + 16 * config.hidden_dim
     act_full = tokens * (config.n_layers * per_block_token + 8 * config.vocab_size)
     act_ckpt = tokens * (config.n_layers * 4 * config.dim + per_block_token + 8 * config.vocab_size)
     ddp = {"weights": 4 * n + (2 * n if p == 2 else 0), "grads": 4 * n, "adamw": 8 * n}
@@ -313,6 +314,9 @@ def train(args, info):
     peak = next((f for k, f in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device.type == "cuda" else None
     n_params = raw.num_params()
+    # resume checkpoints: fp32 weights + 2 AdamW moments = 12 bytes/parameter; best and final: 4 bytes
+    kept = args.keep_last if args.keep_last > 0 else args.max_steps // max(args.save_interval, 1)
+    warn_if_low_disk(args.out_dir, 12 * n_params * (kept + 1) * bool(args.save_interval) + 2 * 4 * n_params)
     print0(f"model: {n_params / 1e6:.2f}M parameters, {src}; {args.parallel} x {world} on {device}, {dtype}")
     print0(f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens; {tokens_per_step:,} tokens per step "
            f"({args.batch_size} x {args.seq_len} x {args.grad_accum} accum x {world} ranks)")
@@ -353,19 +357,27 @@ def train(args, info):
     model.train()
     pbar = tqdm(total=args.max_steps, initial=start_step, disable=not info.is_main, desc="pretrain",
                 dynamic_ncols=True, file=sys.stderr)
+    td = time.perf_counter()
+    batch = get_batch(train_tokens, TRAIN_STREAM, step, 0)
+    data_time += time.perf_counter() - td
     while step < args.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, args.max_steps)
         set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
-            td = time.perf_counter()
-            x, y = get_batch(train_tokens, TRAIN_STREAM, step, micro)
-            data_time += time.perf_counter() - td
+            x, y = batch
             # no_sync / no reduce-scatter on all but the last micro-step: one all-reduce per step
             with grad_sync(model, micro == args.grad_accum - 1):
                 with autocast(device, dtype):
                     loss = model(x, y)[1]  # [1]: let the (B, T, vocab) logits go now, not after backward
+                # Read the next micro-batch while the GPU runs this one's queued kernels (the host
+                # to device copy is asynchronous). The batch of a step depends only on (step, micro),
+                # so reading ahead changes nothing in the data stream.
+                td = time.perf_counter()
+                nxt = (step, micro + 1) if micro + 1 < args.grad_accum else (step + 1, 0)
+                batch = get_batch(train_tokens, TRAIN_STREAM, *nxt) if nxt[0] < args.max_steps else None
+                data_time += time.perf_counter() - td
                 (loss / args.grad_accum).backward()
             loss_sum += loss.detach()
         # The mean over ranks: every rank sees the same value, so all take the same skip decision.
