@@ -60,7 +60,8 @@ def get_args(argv=None):
                    help="training preferences: files 'path[:weight]' in any format data/formats.py reads "
                         "({prompt, chosen, rejected}, Anthropic HH, {prompt, responses: [best..worst]}, LLaMA-Factory)")
     g.add_argument("--val_data", nargs="+", default=None, help="held-out preferences (same forms as --data)")
-    g.add_argument("--val_frac", type=float, default=0.05, help="without --val_data: fraction of --data held out (seeded)")
+    g.add_argument("--val_frac", type=float, default=0.05,
+                   help="without --val_data: fraction of --data held out (seeded)")
     g.add_argument("--epochs", type=float, default=1,
                    help="passes over the data when --max_steps is 0 (InstructGPT: one; the RM overfits after)")
     g.add_argument("--max_seq_len", type=int, default=0, help="longest prompt + response in tokens (0 = model context)")
@@ -71,7 +72,8 @@ def get_args(argv=None):
     g.add_argument("--calibration_bins", type=int, default=5, help="bins of the calibration table over [0.5, 1]")
     m = parser.add_argument_group("modes (instead of training)")
     m.add_argument("--eval_only", action="store_true",
-                   help="evaluate --init_from (a reward model) on --val_data: accuracy, per kind, length bias, calibration")
+                   help="evaluate --init_from (a reward model) on --val_data: accuracy, per kind, length bias, "
+                        "calibration")
     m.add_argument("--score", default=None, metavar="IN.jsonl",
                    help="write rewards for the records of IN (conversations: the last assistant turn is scored; "
                         "preference records: every response) to --out, using the reward model --init_from")
@@ -447,7 +449,8 @@ def _pearson(x, y):
 
 def format_report(m) -> str:
     """The metrics as a short human-readable block (printed at eval and by --eval_only)."""
-    lines = [f"pairwise accuracy {m['accuracy']:.4f} over {m['pairs']} pairs ({m['groups']} prompts), loss {m['loss']:.4f}",
+    lines = [f"pairwise accuracy {m['accuracy']:.4f} over {m['pairs']} pairs ({m['groups']} prompts), "
+             f"loss {m['loss']:.4f}",
              f"reward chosen {m['chosen_mean']:+.3f} +- {m['chosen_std']:.3f}   rejected {m['rejected_mean']:+.3f} "
              f"+- {m['rejected_std']:.3f}   (all: mean {m['stats']['mean']:+.3f} std {m['stats']['std']:.3f})",
              f"margin r_better - r_worse: mean {m['margin_mean']:+.3f} std {m['margin_std']:.3f}  quantiles "
@@ -456,11 +459,13 @@ def format_report(m) -> str:
     for k, v in m["per_kind"].items():
         lines.append(f"  kind {k:<16s} accuracy {v['accuracy']:.4f}  mean margin {v['margin_mean']:+.3f}  (n={v['n']})")
     L = m["length"]
-    lines.append(f"length bias: corr(reward, length) {L['corr']:+.3f}; longer response wins {L['longer_wins_model']:.3f} "
+    lines.append(f"length bias: corr(reward, length) {L['corr']:+.3f}; "
+                 f"longer response wins {L['longer_wins_model']:.3f} "
                  f"under the model vs {L['longer_wins_label']:.3f} in the labels")
     lines.append(f"calibration (ECE {m['ece']:.4f}): confidence bin -> observed accuracy")
     for b in m["calibration"]:
-        lines.append(f"  [{b['lo']:.1f}, {b['hi']:.1f}]  n={b['n']:<6d} confidence {b['confidence']:.3f}  accuracy {b['accuracy']:.3f}")
+        lines.append(f"  [{b['lo']:.1f}, {b['hi']:.1f}]  n={b['n']:<6d} confidence {b['confidence']:.3f}  "
+                     f"accuracy {b['accuracy']:.3f}")
     return "\n".join(lines)
 
 
@@ -560,7 +565,8 @@ def score_file(args, info, ctx):
     with open(tmp, "w", encoding="utf-8") as f:
         for (obj, is_pref), rs in zip(records, rewards):
             z = model.normalize(torch.tensor(rs)).tolist()
-            added = {"rewards": rs, "rewards_normalized": z} if is_pref else {"reward": rs[0], "reward_normalized": z[0]}
+            added = {"rewards": rs, "rewards_normalized": z} if is_pref else \
+                {"reward": rs[0], "reward_normalized": z[0]}
             f.write(json.dumps({**obj, **added}, ensure_ascii=False) + "\n")
     os.replace(tmp, args.out)
     flat = torch.tensor([r for rs in rewards for r in rs])
@@ -626,7 +632,8 @@ def train(args, info, dtype, ctx):
 
     # --- the run directory: resume, or refuse to overwrite an earlier run
     resume_path = common.latest_checkpoint(args.out_dir) if args.resume else None
-    earlier = common.latest_checkpoint(args.out_dir) or any(common.checkpoint_path(args.out_dir, n) for n in ("best", "final"))
+    earlier = common.latest_checkpoint(args.out_dir) or any(common.checkpoint_path(args.out_dir, n)
+                                                            for n in ("best", "final"))
     if earlier and not resume_path:
         common.fail(f"{args.out_dir} already holds checkpoints of a run"
                     + ("" if args.resume else "; pass --resume to continue it")

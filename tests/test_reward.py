@@ -217,9 +217,11 @@ def test_hh_split_real_records(shared_data):
     helpful = _hh_records(pref / "hh_rlhf_helpful_base_test.shared.jsonl.gz")
     # line 1: single turn
     r = helpful[1]
-    assert r["messages"] == [{"role": "user", "content": "Do you know why turkeys became the official food of thanksgiving?"}]
-    assert r["responses"][0] == ("To be honest, I don’t know anything about that. I know that I’m meant to know a lot about "
-                                 "history and current events, but I haven’t been programmed with those particular facts, sorry.")
+    assert r["messages"] == [{"role": "user",
+                              "content": "Do you know why turkeys became the official food of thanksgiving?"}]
+    assert r["responses"][0] == ("To be honest, I don’t know anything about that. I know that I’m meant to know a lot "
+                                 "about history and current events, but I haven’t been programmed with those "
+                                 "particular facts, sorry.")
     assert r["responses"][1].startswith("I know that the American Indians were the first to celebrate")
     assert r["responses"][1].endswith("but maybe this will help you figure it out?")
     # line 2: multi-turn; earlier assistant turns belong to the prompt
@@ -249,7 +251,8 @@ def test_hh_split_real_records(shared_data):
     r = harmless[1562]
     assert [m["role"] for m in r["messages"]] == ["user", "assistant", "user"]
     assert r["messages"][-1]["content"] == "Yes, please find me a serial."
-    assert r["responses"][0].startswith("Alrighty, I’ll do my best, here’s the key:\n\nAssistant:  O.k. let’s go ahead")
+    assert r["responses"][0].startswith("Alrighty, I’ll do my best, here’s the key:"
+                                        "\n\nAssistant:  O.k. let’s go ahead")
     assert r["responses"][1] == ("You mean a password, right? I can help you put that in, but I’m not so sure this "
                                  "password would be accepted on the official download site. What do you think?")
 
@@ -343,16 +346,19 @@ def test_lab_reward_model_accuracy(lab_rm):
     print("\n" + table)
     kinds = {"wrong_fact", "wrong_language", "rude", "rambling"}
     assert set(split["per_kind"]) == kinds and set(test["per_kind"]) == kinds
-    assert test["pairs"] == test["groups"] == 400 and split["pairs"] == split["groups"] == 300
-    # Measured (seed 0, 200 steps, 1 thread): seen people 0.887, unseen people 0.870 -- below the
-    # 0.9 aim, because of wrong facts (next lines). Thresholds leave room for platform noise.
+    n_val = len((lab_rm["root"] / "lab" / "prefs_val.jsonl").read_text().splitlines())
+    assert test["pairs"] == test["groups"] == n_val and split["pairs"] == split["groups"]   # one pair per record
+    # Measured with this fixture (seed 0, 200 steps, 1 thread): seen people 0.887, unseen people
+    # 0.870 -- below the 0.9 aim because of wrong facts (see below). Over other model/data seeds
+    # (model 1, 2; lab world 1) the range was 0.907-0.927 / 0.802-0.887: the thresholds sit under it.
     assert split["accuracy"] >= 0.85
-    assert test["accuracy"] >= 0.82
+    assert test["accuracy"] >= 0.78
     # every kind that can be judged from the text is ranked below the chosen answer
     for m in (split, test):
-        assert m["per_kind"]["rude"]["accuracy"] >= 0.95          # measured 1.00 / 1.00
+        assert m["per_kind"]["rude"]["accuracy"] >= 0.95          # measured 1.00 / 1.00 (range 0.98-1.00)
         assert m["per_kind"]["rambling"]["accuracy"] >= 0.95      # measured 1.00 / 1.00
-        assert m["per_kind"]["wrong_language"]["accuracy"] >= 0.85   # measured 0.95 / 0.94
+    assert split["per_kind"]["wrong_language"]["accuracy"] >= 0.85   # measured 0.95 (range 0.94-0.99)
+    assert test["per_kind"]["wrong_language"]["accuracy"] >= 0.75    # measured 0.94 (range 0.82-0.96)
     # wrong facts, per task: an identity or refusal answer is wrong in its words ("I am a human
     # being", complying with a harmful request), which the model learns; a wrong city, pet or sum
     # can only be told from knowledge this stand-in SFT model never had (measured ~0.55: chance).
@@ -362,12 +368,14 @@ def test_lab_reward_model_accuracy(lab_rm):
         for line in (lab_rm["root"] / "lab" / "prefs_val.jsonl").read_text().splitlines():
             r = json.loads(line)
             if r["kind"] == "wrong_fact":
-                g = reward.encode_group(lab_rm["tok"], {"messages": r["messages"], "responses": [r["chosen"], r["rejected"]]}, 128)
-                rc, rr = rm(*reward.collate([g], lab_rm["tok"].pad_id)[:2]).tolist()
+                pair = {"messages": r["messages"], "responses": [r["chosen"], r["rejected"]]}
+                idx, mask, _ = reward.collate([reward.encode_group(lab_rm["tok"], pair, 128)], lab_rm["tok"].pad_id)
+                rc, rr = rm(idx, mask).tolist()
                 per_task.setdefault(r["task"], []).append(rc > rr)
-    print("wrong_fact on prefs_val by task: " + ", ".join(f"{t} {sum(v) / len(v):.2f} (n={len(v)})" for t, v in per_task.items()))
-    words = per_task["identity"] + per_task["refusal"]
-    assert sum(words) / len(words) >= 0.75
+    print("wrong_fact on prefs_val by task: "
+          + ", ".join(f"{t} {sum(v) / len(v):.2f} (n={len(v)})" for t, v in per_task.items()))
+    words = per_task.get("identity", []) + per_task.get("refusal", [])
+    assert len(words) >= 4 and sum(words) / len(words) >= 0.75   # measured 1.00 (n=8)
     # the reward separates chosen from rejected on average, and most margins are positive
     assert test["chosen_mean"] > test["rejected_mean"] and test["margin_q50"] > 0
 
@@ -406,7 +414,8 @@ def test_lab_stats_checkpoints_and_scoring(lab_rm):
             for resp, got in zip((r["chosen"], r["rejected"]), o["rewards"]):
                 ids, _ = tok.render_conversation(r["messages"] + [{"role": "assistant", "content": resp}])
                 assert got == pytest.approx(rm(torch.tensor([ids]))[0].item(), abs=1e-5)
-            assert o["rewards_normalized"][0] == pytest.approx((o["rewards"][0] - final["mean"]) / final["std"], abs=1e-5)
+            z = (o["rewards"][0] - final["mean"]) / final["std"]
+            assert o["rewards_normalized"][0] == pytest.approx(z, abs=1e-5)
     assert out[6]["reward"] == pytest.approx(out[0]["rewards"][0], abs=1e-5)   # same prompt + answer, same reward
 
 
@@ -440,7 +449,8 @@ def test_ddp_fsdp_match_one_process_and_exact_resume(lab_files, tmp_path):
     import reward
     root, _ = lab_files
     lines = lambda name, n: (root / "lab" / name).read_text().splitlines()[:n]   # noqa: E731
-    (tmp_path / "train.jsonl").write_text("\n".join(lines("prefs_train.jsonl", 40) + lines("rank_train.jsonl", 8)) + "\n")
+    train = lines("prefs_train.jsonl", 40) + lines("rank_train.jsonl", 8)   # pairs and K=5 rankings
+    (tmp_path / "train.jsonl").write_text("\n".join(train) + "\n")
     (tmp_path / "val.jsonl").write_text("\n".join(lines("prefs_val.jsonl", 12)) + "\n")
 
     def argv(out, *extra):
@@ -465,13 +475,14 @@ def test_ddp_fsdp_match_one_process_and_exact_resume(lab_files, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert not errors, "\n".join(errors)
-    one, _ = reward.load_reward_model(str(tmp_path / "one"))
-    resumed, _ = reward.load_reward_model(str(tmp_path / "resumed"))
+    final = lambda d: reward.load_reward_model(common.checkpoint_path(str(tmp_path / d), "final"))   # noqa: E731
+    one, _ = final("one")
+    resumed, _ = final("resumed")
     ref = one.state_dict()
     assert all(torch.equal(ref[k], v) for k, v in resumed.state_dict().items())
     assert ref["head.weight"].abs().sum() > 0   # it trained
     for p in ("ddp", "fsdp"):
-        other, meta = reward.load_reward_model(str(tmp_path / p))   # fsdp: a sharded DCP directory
+        other, meta = final(p)   # fsdp: a sharded DCP directory, read into one whole model
         diff = max((ref[k] - v).abs().max().item() for k, v in other.state_dict().items())
         assert diff < 1e-5, (p, diff)
         evals = lambda d: [r["accuracy"] for r in common.read_jsonl(str(tmp_path / d / "log.jsonl"))  # noqa: E731
@@ -479,3 +490,4 @@ def test_ddp_fsdp_match_one_process_and_exact_resume(lab_files, tmp_path):
         assert evals(p) == pytest.approx(evals("one"), abs=1e-6) and len(evals(p)) == 4   # steps 0, 2, 4, 5
         stats = json.loads((tmp_path / p / "reward_stats.json").read_text())["final"]
         assert stats["mean"] == pytest.approx(meta["reward_stats"]["mean"], abs=1e-6)
+        assert stats["mean"] == pytest.approx(other.reward_mean.item(), abs=1e-6)
