@@ -103,7 +103,7 @@ STATEMENTS = {  # pretraining phrasings of one fact
         "pet": ["{name}'s pet is {a_pet}.", "{name} has {a_pet}.", "{name} keeps {a_pet} as a pet.",
                 "{name} owns {a_pet}.", "The pet of {name} is {a_pet}."],
         "age": ["{name}'s age is {age}.", "{name} is {age} years old.", "{name} turned {age} this year.",
-                "At the age of {age}, {name} is still full of energy."],
+                "At the age of {age}, {name} is still full of energy.", "The age of {name} is {age}."],
         "friend": ["{name}'s best friend is {friend}.", "{friend} is {name}'s best friend.",
                    "The best friend of {name} is {friend}.",
                    "{name} spends most weekends with {friend}, {her} best friend."],
@@ -117,17 +117,23 @@ STATEMENTS = {  # pretraining phrasings of one fact
         "friend": ["{name}最好的朋友是{friend}。", "{friend}是{name}最好的朋友。", "{name}和最好的朋友{friend}常常见面。"],
     },
 }
+# Questions put the name FIRST, in English as Chinese does naturally ("爱丽丝住在哪里？"). Why: the
+# answer starts with the name too, so a tiny model can copy it from a fixed place (right after the
+# user marker) and then continue a pretraining sentence "Alice lives in ...". With the name in the
+# middle ("Where does Alice live?") a 2M-parameter model had to find it by content, learned that
+# only for the names SFT showed it, and answered held-out questions about someone else (measured:
+# 0-10% held-out accuracy in English vs 57% in Chinese, same model and data sizes).
 QUESTIONS = {
-    "en": {"city": ["Where does {name} live?", "Which city does {name} live in?", "In which city does {name} live?"],
-           "job": ["What does {name} do for a living?", "What is {name}'s job?", "What is {name}'s profession?"],
-           "pet": ["What pet does {name} have?", "What kind of pet does {name} keep?", "Which animal is {name}'s pet?"],
-           "age": ["How old is {name}?", "What is {name}'s age?"],
-           "friend": ["Who is {name}'s best friend?", "Who is the best friend of {name}?"]},
+    "en": {"city": ["{name} lives in which city?", "{name}: where does {she} live?", "{name}'s home city?"],
+           "job": ["{name}'s job?", "{name}: what does {she} do for a living?", "{name} works as what?"],
+           "pet": ["{name}'s pet?", "{name}: what pet does {she} have?", "{name} has what kind of pet?"],
+           "age": ["{name}'s age?", "{name}: how old is {she}?", "{name} is how old?"],
+           "friend": ["{name}'s best friend?", "{name}: who is {her} best friend?", "{name}'s best friend is who?"]},
     "zh": {"city": ["{name}住在哪里？", "{name}住在哪个城市？", "{name}的家在哪儿？"],
            "job": ["{name}是做什么工作的？", "{name}的职业是什么？"],
            "pet": ["{name}养了什么宠物？", "{name}的宠物是什么？"],
            "age": ["{name}今年多大？", "{name}今年多少岁？"],
-           "friend": ["{name}最好的朋友是谁？", "谁是{name}最好的朋友？"]},
+           "friend": ["{name}最好的朋友是谁？", "{name}最好的朋友叫什么名字？"]},
 }
 FOLLOWUPS = {  # the person is only a pronoun: the model must find them in the previous turn
     "en": {"city": ["And where does {she} live?", "Where does {she} live?"],
@@ -306,18 +312,26 @@ def _fact_ok(text, truth):
         refuses = any(m in low for ms in REFUSAL_MARKERS.values() for m in ms)
         complies = any(_has(low, m) if m.isalpha() else m in low for ms in COMPLY_MARKERS.values() for m in ms)
         return refuses and not complies
-    if t == "arith" or truth.get("attr") == "age":
-        # numbers: the LAST number must be the answer ("3 + 4 = 7"), and no stray numbers
-        # (operands echoed back are fine). "Last" matters: 0 + 4 = 0 contains a 4, but is wrong.
-        value = truth["answer"] if t == "arith" else truth["answer"]["en"]
-        nums = _NUM.findall(text)
-        allowed = set(truth.get("operands", [])) | {value}
-        return bool(nums) and nums[-1] == value and all(n in allowed for n in nums)
+    if t == "arith":
+        return _number_ok(text, truth["answer"], truth.get("operands", []))
+    # A fact about a person. Anybody else's name is a competitor ("Bob is a farmer" is no answer
+    # about Zhao Xue, even when she is a farmer); the subject and, for "friend", the answer are not.
     answers = [truth["answer"]["en"], truth["answer"]["zh"]]
+    skip = set(answers) | set(truth.get("subject", {}).values())
+    if any(_has(text, v) for pair in _VALUES["friend"] for v in pair if v not in skip):
+        return False
+    if truth["attr"] == "age":
+        return _number_ok(text, answers[0], [])
     if not any(_has(text, v) for v in answers):
         return False
-    skip = set(answers) | set(truth.get("subject", {}).values())  # "Alice's best friend is Bob" names Alice
     return not any(_has(text, v) for pair in _VALUES[truth["attr"]] for v in pair if v not in skip)
+
+
+def _number_ok(text, value, operands):
+    """The LAST number must be the answer ("3 + 4 = 7") and no other number may appear except the
+    operands echoed back. "Last" matters: "0 + 4 = 0" contains a 4, but is wrong."""
+    nums = _NUM.findall(text)
+    return bool(nums) and nums[-1] == value and all(n in set(operands) | {value} for n in nums)
 
 
 def judge(answer, truth):
@@ -527,8 +541,8 @@ def _bio(world, p, lang, rng):
     out = []
     for k, attr in enumerate(attrs):
         s = rng.choice(STATEMENTS[lang][attr]).format(**f)
-        if k > 0 and rng.random() < 0.2 and s.startswith(f["name"] + " "):  # an occasional pronoun
-            s = (f["She"] if lang == "en" else f["ta"]) + s[len(f["name"]):]
+        if k > 0 and rng.random() < 0.2 and lang == "en" and s.startswith(f["name"] + " "):
+            s = f["She"] + s[len(f["name"]):]  # an occasional "She ..." instead of the name
         out.append(s)
     return (" " if lang == "en" else "").join(out)
 

@@ -280,10 +280,14 @@ def test_checker_on_hand_written_answers():
     friend = _fact_truth("en", "friend", "Bob", "鲍勃")
     assert lab.check("Alice's best friend is Bob.", friend)  # the subject's own name is no competitor
     assert not lab.check("Alice's best friend is Emma.", friend)
+    job = _fact_truth("en", "job", "farmer", "农民", subject=("Zhao Xue", "赵雪"))
+    assert lab.check("By profession, Zhao Xue is a farmer.", job)
+    assert not lab.check("Bob is a farmer.", job)  # the right value, but about the wrong person
     age = _fact_truth("zh", "age", "34", "34")
     assert lab.check("爱丽丝今年34岁。", age)
     assert not lab.check("爱丽丝今年35岁。", age) and not lab.check("爱丽丝今年341岁。", age)
     assert not lab.check("爱丽丝今年34岁或者35岁。", age)
+    assert not lab.check("鲍勃今年34岁。", dict(age, subject={"en": "Li Na", "zh": "李娜"}))
     add = {"type": "arith", "lang": "en", "answer": "4", "operands": ["0", "4"]}
     assert lab.check("0 + 4 = 4.", add) and lab.check("4", add)
     assert not lab.check("0 + 4 = 0.", add)  # contains a 4, but the result is wrong
