@@ -8,6 +8,8 @@ Real data: Anthropic HH records split into prompt / chosen / rejected, against h
 End to end (the real CLI path, reward.main): a small reward model on the lab world -- held-out
 accuracy overall and per rejected kind, normalisation stats in checkpoints and reward_stats.json,
 --score, --eval_only -- and DDP / FSDP against one process, plus an exact resume."""
+import contextlib
+import json
 import math
 import os
 
@@ -319,6 +321,7 @@ def lab_rm(lab_files):
     sum can only be told from knowledge, which this model does not have, so wrong_fact stays near
     chance. Model selection uses a 10% split of prefs_train (people seen in training); prefs_val
     (unseen people) is the untouched test set."""
+    import common
     import reward
     root, tok = lab_files
     threads = torch.get_num_threads()
@@ -330,15 +333,22 @@ def lab_rm(lab_files):
                              "--eval_interval", "100", "--log_interval", "50", "--save_interval", "0", "--seed", "0"])
         test = reward.main(["--eval_only", "--init_from", str(root / "rm"), "--val_data",
                             str(root / "lab" / "prefs_val.jsonl"), "--out", str(root / "test_metrics.json")])
+        # wrong_fact pairs of prefs_val by task (fact / arith / identity / refusal)
+        rm, _ = reward.load_reward_model(str(root / "rm"))
+        recs = [json.loads(line) for line in (root / "lab" / "prefs_val.jsonl").read_text().splitlines()]
+        recs = [r for r in recs if r["kind"] == "wrong_fact"]
+        groups = [reward.encode_group(tok, {"messages": r["messages"], "responses": [r["chosen"], r["rejected"]]}, 128)
+                  for r in recs]
+        rewards = reward.score_groups(rm, groups, 64, tok.pad_id, common.DistInfo(), contextlib.nullcontext())
+        per_task = {}
+        for r, (rc, rr) in zip(recs, rewards):
+            per_task.setdefault(r["task"], []).append(rc > rr)
     finally:
         torch.set_num_threads(threads)
-    return {"root": root, "split": split, "test": test, "tok": tok}
+    return {"root": root, "split": split, "test": test, "tok": tok, "wrong_fact_per_task": per_task}
 
 
 def test_lab_reward_model_accuracy(lab_rm):
-    import json
-
-    import reward
     split, test = lab_rm["split"], lab_rm["test"]
     table = "\n".join(f"{name:<28s} overall {m['accuracy']:.3f}  " + "  ".join(
         f"{k} {v['accuracy']:.2f}" for k, v in m["per_kind"].items())
@@ -348,30 +358,21 @@ def test_lab_reward_model_accuracy(lab_rm):
     assert set(split["per_kind"]) == kinds and set(test["per_kind"]) == kinds
     n_val = len((lab_rm["root"] / "lab" / "prefs_val.jsonl").read_text().splitlines())
     assert test["pairs"] == test["groups"] == n_val and split["pairs"] == split["groups"]   # one pair per record
-    # Measured with this fixture (seed 0, 200 steps, 1 thread): seen people 0.887, unseen people
-    # 0.870 -- below the 0.9 aim because of wrong facts (see below). Over other model/data seeds
-    # (model 1, 2; lab world 1) the range was 0.907-0.927 / 0.802-0.887: the thresholds sit under it.
+    # Measured with this fixture (seed 0, 200 steps, 1 thread; lab world of commit bdafc62): seen
+    # people 0.923, unseen people 0.887 -- under the 0.9 aim on unseen people because of wrong facts
+    # (below). Other model/data seeds gave 0.907-0.947 / 0.802-0.887; the thresholds sit under that.
     assert split["accuracy"] >= 0.85
     assert test["accuracy"] >= 0.78
     # every kind that can be judged from the text is ranked below the chosen answer
     for m in (split, test):
         assert m["per_kind"]["rude"]["accuracy"] >= 0.95          # measured 1.00 / 1.00 (range 0.98-1.00)
-        assert m["per_kind"]["rambling"]["accuracy"] >= 0.95      # measured 1.00 / 1.00
-    assert split["per_kind"]["wrong_language"]["accuracy"] >= 0.85   # measured 0.95 (range 0.94-0.99)
-    assert test["per_kind"]["wrong_language"]["accuracy"] >= 0.75    # measured 0.94 (range 0.82-0.96)
+        assert m["per_kind"]["rambling"]["accuracy"] >= 0.95      # measured 0.99 / 0.99 (range 0.99-1.00)
+    assert split["per_kind"]["wrong_language"]["accuracy"] >= 0.85   # measured 1.00 (range 0.94-1.00)
+    assert test["per_kind"]["wrong_language"]["accuracy"] >= 0.75    # measured 0.97 (range 0.82-0.97)
     # wrong facts, per task: an identity or refusal answer is wrong in its words ("I am a human
     # being", complying with a harmful request), which the model learns; a wrong city, pet or sum
-    # can only be told from knowledge this stand-in SFT model never had (measured ~0.55: chance).
-    rm, _ = reward.load_reward_model(str(lab_rm["root"] / "rm"))
-    per_task = {}
-    with torch.no_grad():
-        for line in (lab_rm["root"] / "lab" / "prefs_val.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            if r["kind"] == "wrong_fact":
-                pair = {"messages": r["messages"], "responses": [r["chosen"], r["rejected"]]}
-                idx, mask, _ = reward.collate([reward.encode_group(lab_rm["tok"], pair, 128)], lab_rm["tok"].pad_id)
-                rc, rr = rm(idx, mask).tolist()
-                per_task.setdefault(r["task"], []).append(rc > rr)
+    # can only be told from knowledge this stand-in SFT model never had (measured 0.35-0.64: chance).
+    per_task = lab_rm["wrong_fact_per_task"]
     print("wrong_fact on prefs_val by task: "
           + ", ".join(f"{t} {sum(v) / len(v):.2f} (n={len(v)})" for t, v in per_task.items()))
     words = per_task.get("identity", []) + per_task.get("refusal", [])
@@ -381,8 +382,6 @@ def test_lab_reward_model_accuracy(lab_rm):
 
 
 def test_lab_stats_checkpoints_and_scoring(lab_rm):
-    import json
-
     import reward
     root, tok = lab_rm["root"], lab_rm["tok"]
     stats = json.loads((root / "rm" / "reward_stats.json").read_text())
@@ -443,8 +442,6 @@ def test_ddp_fsdp_match_one_process_and_exact_resume(lab_files, tmp_path):
     """Mixed pairs (K=2) and rankings (K=5) in the same batches. 2 ranks x 1 micro-batch (DDP, and
     FSDP2) take the same steps as 1 process x 2 accumulated micro-batches; a run resumed from its
     step-3 checkpoint ends with the same weights, bit for bit."""
-    import json
-
     import common
     import reward
     root, _ = lab_files
