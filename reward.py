@@ -498,6 +498,9 @@ def score_groups(model, groups, batch_size: int, pad_id: int, info, ctx, side: s
 
 
 def evaluate(model, groups, args, pad_id, info, ctx):
+    """score_groups + preference_metrics; --eval_steps > 0 caps it at that many batches per rank."""
+    if args.eval_steps > 0:
+        groups = groups[:args.eval_steps * args.batch_size * info.world_size]
     rewards = score_groups(model, groups, args.batch_size, pad_id, info, ctx, args.padding_side)
     return preference_metrics(rewards, groups, args.calibration_bins)
 
