@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dpo
 from model import Llama, LlamaConfig
@@ -190,7 +189,8 @@ def test_precomputed_reference_equals_live_and_step0_is_ln2(tok):
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    precomputed = dpo.reference_logps(ref_model, groups, 1, tok.pad_id, DistInfo(), no_ac)  # batch size 1: other padding
+    # batch size 1: other batch shapes and padding than in the live forward below
+    precomputed = dpo.reference_logps(ref_model, groups, 1, tok.pad_id, DistInfo(), no_ac)
     cached = [dict(g, ref_logps=v) for g, v in zip(groups, precomputed)]
     loss_live, stats_live, _ = dpo.dpo_batch(policy, live, groups, Args, tok.pad_id, "cpu", no_ac)
     loss_pre, stats_pre, _ = dpo.dpo_batch(policy, dpo.Reference(None), cached, Args, tok.pad_id, "cpu", no_ac)
@@ -250,7 +250,6 @@ def flawed_sft(tmp_path_factory, one_thread):
     import random
     import numpy as np
     import common
-    import sft
     from data import lab
     d = tmp_path_factory.mktemp("dpo_lab")
     sets = lab.generate(seed=0, pretrain_docs=1, sft_train=1, sft_val=1, rank_train=1, rl_prompts=1, rl_eval=1)
@@ -264,13 +263,15 @@ def flawed_sft(tmp_path_factory, one_thread):
     for r in train:
         answer = r["chosen"] + (rng.choice(lab.RUDE[r["truth"]["lang"]][1]) if rng.random() < 0.7 else "")
         convs.append(r["messages"] + [{"role": "assistant", "content": answer}])
-    examples = [tok.render_conversation(c) for c in convs]
+    # SFT = maximum likelihood of the answer tokens given the prompt: dpo.collate gives exactly those
+    # labels (answer + <|end|>, the tokenizer's assistant mask), so the fixture needs no sft.py
+    examples = [encode_group(tok, {"messages": c[:-1], "responses": [c[-1]["content"]]}, 160) for c in convs]
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=160))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0, betas=(0.9, 0.95))
     g, steps = np.random.default_rng(0), 250
     for s in range(steps):
-        x, y = sft.collate([examples[i] for i in g.choice(len(examples), 32)], tok.pad_id)
+        x, y, _ = dpo.collate([examples[i] for i in g.choice(len(examples), 32)], tok.pad_id)
         for group in opt.param_groups:
             group["lr"] = 3e-3 * min(1, (s + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
         model(x, y)[1].backward()
@@ -338,7 +339,8 @@ def test_rounds_sample_rank_and_train(flawed_sft):
     out = d / "rounds"
     m = dpo.main(["--init_from", str(d / "sft" / "final.pt"), "--rounds", "1", "--prompts", str(d / "prompts.jsonl"),
                   "--round_prompts", "24", "--samples", "3", "--max_new_tokens", "32", "--reward_model", str(d / "rm"),
-                  "--val_data", str(d / "prefs_val.jsonl"), "--eval_steps", "2", "--eval_data", str(d / "heldout_qa.jsonl"),
+                  "--val_data", str(d / "prefs_val.jsonl"), "--eval_steps", "2",
+                  "--eval_data", str(d / "heldout_qa.jsonl"),
                   "--eval_limit", "12", "--out_dir", str(out), "--batch_size", "4", "--max_steps", "3", "--lr", "1e-4",
                   "--warmup_steps", "1", "--eval_interval", "0", "--log_interval", "1", "--save_interval", "0"])
     pairs = [json.loads(line) for line in open(out / "round_01_pairs.jsonl", encoding="utf-8")]
@@ -346,7 +348,8 @@ def test_rounds_sample_rank_and_train(flawed_sft):
     assert all(p["chosen_score"] > p["rejected_score"] and p["chosen"] != p["rejected"] for p in pairs)
     # the scores are the reward model's: recompute two of them
     fn = dpo.reward_scorer(rm.eval(), Tokenizer(), "cpu", torch.autocast("cpu", enabled=False))
-    got = fn([p["messages"] for p in pairs[:2]] * 2, [p["chosen"] for p in pairs[:2]] + [p["rejected"] for p in pairs[:2]])
+    got = fn([p["messages"] for p in pairs[:2]] * 2,
+             [p["chosen"] for p in pairs[:2]] + [p["rejected"] for p in pairs[:2]])
     assert got == pytest.approx([p["chosen_score"] for p in pairs[:2]] + [p["rejected_score"] for p in pairs[:2]],
                                 abs=1e-4)
     assert m["step0_check"]["pass"] and m["n_eval"] == 12
