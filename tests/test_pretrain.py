@@ -148,7 +148,8 @@ def test_estimate_equals_hand_arithmetic(capsys):
     per_block = 34 * 64 + 8 * 192
     assert e["activations"] == B * T * (2 * per_block + 8 * 256)
     assert e["activations_ckpt"] == B * T * (2 * 4 * 64 + per_block + 8 * 256)
-    flops_token = 6 * (n - 256 * 64) + 12 * 2 * 4 * hd * T          # PaLM: 6N (matmul params) + attention
+    n_matmul = n - 256 * 64 - (2 * 2 * 64 + 64)                      # no embedding lookup, no norm gains
+    flops_token = 6 * n_matmul + 12 * 2 * 4 * hd * T                   # PaLM: 6N (matmul weights) + attention
     assert e["flops_per_step"] == flops_token * B * T * accum * W
     assert e["step_time_s"] == pytest.approx(e["flops_per_step"] / (W * 312e12 * 0.5), rel=1e-12)
     assert e["ddp"]["total"] == 16 * n + 2 * n + e["activations"] and e["ddp"]["fits"]
@@ -181,7 +182,8 @@ def test_activation_formula_matches_saved_tensors(one_thread):
     """The per-block activation bytes in --estimate against what autograd really keeps, measured as
     the growth in saved-tensor bytes from 1 to 3 layers and from batch 2 to 4 (which cancels the
     weights and anything that does not scale with tokens)."""
-    for dtype, per_dim, per_hidden in ((torch.bfloat16, 34, 8), (torch.float32, 48, 16)):
+    # bf16 (what GPUs train in) to 2%; fp32 (CPU) to 5%: it moves with model.py's rotary code
+    for dtype, per_dim, per_hidden, tol in ((torch.bfloat16, 34, 8, 0.02), (torch.float32, 48, 16, 0.05)):
         cfg = dict(dim=128, n_heads=4, vocab_size=300, hidden_dim=384, max_seq_len=64)
         T = 32
         per_token = []
@@ -191,7 +193,7 @@ def test_activation_formula_matches_saved_tensors(one_thread):
             per_token.append(growth / (2 * T))
         measured_block = (per_token[1] - per_token[0]) / 2
         formula_block = per_dim * 128 + per_hidden * 384
-        assert abs(measured_block - formula_block) / formula_block < 0.02, (dtype, measured_block, formula_block)
+        assert abs(measured_block - formula_block) / formula_block < tol, (dtype, measured_block, formula_block)
         outside = per_token[0] - measured_block            # embedding, final norm, head, loss
         assert 4 * 300 <= outside <= 8 * 300 + 16 * 128      # the formula's 8*vocab is an upper-side budget
 
