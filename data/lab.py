@@ -103,7 +103,7 @@ STATEMENTS = {  # pretraining phrasings of one fact
         "pet": ["{name}'s pet is {a_pet}.", "{name} has {a_pet}.", "{name} keeps {a_pet} as a pet.",
                 "{name} owns {a_pet}.", "The pet of {name} is {a_pet}."],
         "age": ["{name}'s age is {age}.", "{name} is {age} years old.", "{name} turned {age} this year.",
-                "At the age of {age}, {name} is still full of energy.", "The age of {name} is {age}."],
+                "At the age of {age}, {name} is still full of energy."],
         "friend": ["{name}'s best friend is {friend}.", "{friend} is {name}'s best friend.",
                    "The best friend of {name} is {friend}.",
                    "{name} spends most weekends with {friend}, {her} best friend."],
@@ -117,23 +117,17 @@ STATEMENTS = {  # pretraining phrasings of one fact
         "friend": ["{name}最好的朋友是{friend}。", "{friend}是{name}最好的朋友。", "{name}和最好的朋友{friend}常常见面。"],
     },
 }
-# Questions put the name FIRST, in English as Chinese does naturally ("爱丽丝住在哪里？"). Why: the
-# answer starts with the name too, so a tiny model can copy it from a fixed place (right after the
-# user marker) and then continue a pretraining sentence "Alice lives in ...". With the name in the
-# middle ("Where does Alice live?") a 2M-parameter model had to find it by content, learned that
-# only for the names SFT showed it, and answered held-out questions about someone else (measured:
-# 0-10% held-out accuracy in English vs 57% in Chinese, same model and data sizes).
 QUESTIONS = {
-    "en": {"city": ["{name} lives in which city?", "{name}: where does {she} live?", "{name}'s home city?"],
-           "job": ["{name}'s job?", "{name}: what does {she} do for a living?", "{name} works as what?"],
-           "pet": ["{name}'s pet?", "{name}: what pet does {she} have?", "{name} has what kind of pet?"],
-           "age": ["{name}'s age?", "{name}: how old is {she}?", "{name} is how old?"],
-           "friend": ["{name}'s best friend?", "{name}: who is {her} best friend?", "{name}'s best friend is who?"]},
+    "en": {"city": ["Where does {name} live?", "Which city does {name} live in?", "In which city does {name} live?"],
+           "job": ["What does {name} do for a living?", "What is {name}'s job?", "What is {name}'s profession?"],
+           "pet": ["What pet does {name} have?", "What kind of pet does {name} keep?", "Which animal is {name}'s pet?"],
+           "age": ["How old is {name}?", "What is {name}'s age?"],
+           "friend": ["Who is {name}'s best friend?", "Who is the best friend of {name}?"]},
     "zh": {"city": ["{name}住在哪里？", "{name}住在哪个城市？", "{name}的家在哪儿？"],
            "job": ["{name}是做什么工作的？", "{name}的职业是什么？"],
            "pet": ["{name}养了什么宠物？", "{name}的宠物是什么？"],
            "age": ["{name}今年多大？", "{name}今年多少岁？"],
-           "friend": ["{name}最好的朋友是谁？", "{name}最好的朋友叫什么名字？"]},
+           "friend": ["{name}最好的朋友是谁？", "谁是{name}最好的朋友？"]},
 }
 FOLLOWUPS = {  # the person is only a pronoun: the model must find them in the previous turn
     "en": {"city": ["And where does {she} live?", "Where does {she} live?"],
@@ -256,6 +250,18 @@ DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pr
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
                 eval_extra=40, showcase=8)
 
+KNOB_HELP = {
+    "people": "people in the world (<= 40, the name pool)", "rl_people": "people of the rl group",
+    "eval_people": "people of the eval group (held out from every training set)",
+    "max_num": "+ and - use operands 0..max_num", "max_mul": "x uses operands 1..max_mul",
+    "pretrain_docs": "pretraining documents (~55 tokens each with tokenizer/lab.model)",
+    "qa_frac": "share of pretraining documents in plain-text Q/A form", "sft_train": "SFT conversations",
+    "sft_val": "SFT validation conversations (rl group)", "prefs_train": "preference pairs (rl group)",
+    "prefs_val": "held-out preference pairs (eval group; a multiple of 4: each prompt with each rejected kind)",
+    "rank_train": "ranked lists of 5 answers", "rl_prompts": "RL training prompts (rl group)",
+    "rl_eval": "held-out RL prompts (eval group)", "eval_extra": "eval_qa follow-ups and arithmetic (each)",
+    "showcase": "eval_qa records marked for side-by-side reports",
+}
 
 # ---------------------------------------------------------------------------------------------
 # The checker. Lives near the top because every other part is tested against it.
@@ -806,7 +812,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--seed", type=int, default=0, help="world seed: same seed, byte-identical files")
     for key, val in DEFAULTS.items():
-        ap.add_argument("--" + key.replace("_", "-"), type=type(val), default=val, help=f"(default {val})")
+        ap.add_argument("--" + key.replace("_", "-"), type=type(val), default=val, help=f"{KNOB_HELP[key]} (default {val})")
     args = vars(ap.parse_args(argv))
     out, seed = args.pop("out"), args.pop("seed")
     try:
