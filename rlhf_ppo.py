@@ -1,0 +1,836 @@
+"""
+rlhf_ppo.py -- RLHF step 3 (InstructGPT, DeepSpeed-Chat): improve the SFT model against a frozen reward
+model with PPO, held near the SFT model by a per-token KL penalty.
+
+Usage (single process; CPU or one GPU):
+    python rlhf_ppo.py --init_from runs/sft --reward_model runs/rm --prompts lab_data/rl_prompts.jsonl \\
+        --eval_data lab_data/rl_eval.jsonl --out_dir runs/ppo --max_steps 100 --rollout_batch 32
+    python rlhf_ppo.py ... --kl_estimator k3 --adaptive_kl --kl_target 3   # Ziegler et al.'s KL controller
+    python rlhf_ppo.py ... --ptx_coef 0.5 --ptx_data lab_data/sft_train.jsonl  # PPO-ptx (InstructGPT)
+Distributed (DDP; every process samples its own rollouts, gradients are averaged):
+    torchrun --standalone --nproc_per_node=2 rlhf_ppo.py --init_from runs/sft --reward_model runs/rm ...
+Resume an interrupted run (same flags + --resume): actor, critic, both optimizers, KL coefficient,
+iteration. Prompts, sampling and minibatch order are pure functions of (seed, iteration, rank).
+
+Four models (DeepSpeed-Chat's names):
+  actor      the policy pi, trained; starts as the SFT model (--init_from)
+  reference  pi_ref, the SFT model, frozen (--ref_model; default --init_from)
+  reward     r(x, y), reward.py's model, frozen; scores the whole response at its last token
+  critic     V(s_t), trained; a reward model's backbone + head read at EVERY token (--critic_from,
+             default --reward_model: it already knows what a good answer looks like)
+
+One iteration (= one "step": --max_steps, --log_interval, --eval_interval, --save_interval count them):
+  1. sample --rollout_batch prompts; the actor answers them (model.generate, KV cache, stops at <|end|>)
+  2. experience, no gradients: log-probs of the response tokens under the actor ("old") and the
+     reference, the reward model's score (normalised with reward.py's mean/std, clipped), the
+     critic's values. Per-token reward r_t = -beta * KL_t, plus the score on the last token.
+  3. advantages by GAE(gamma, lambda) from rewards and values, whitened over the batch
+  4. --ppo_epochs passes over the rollout in minibatches: clipped surrogate loss for the actor
+     (+ entropy bonus, + PPO-ptx language-modelling loss), clipped value loss for the critic
+Checked at run time: on the first minibatch of every iteration the actor has not changed yet, so the
+ratio pi/pi_old must be 1 and the approximate KL 0 (to float tolerance); a mismatch means rollout and
+training compute log-probs differently (padding, positions, KV cache, dropout) -- a silent bug that
+turns PPO into noise. k3 KL estimates are >= 0. Alarms for reward hacking: reward up while the lab
+checker's accuracy goes down, answers getting longer, answers repeating themselves.
+
+Log-probs: all of them (old, new, reference) are log softmax(logits / temperature), the distribution
+the tokens were sampled from. With --top_k/--top_p the samples come from a truncated distribution
+that these log-probs do not describe: the ratio check still holds, the KL estimate does not.
+
+Run directory: config.json, log.jsonl (one row per iteration, "eval" / "alarm" / "samples" events),
+step_XXXXXXX.pt (resume: actor + critic + optimizers), final.pt (the actor only: a normal LM checkpoint
+for chat.py, save_hf, dpo.py), metrics.json (what the lab report reads; keys as dpo.py's):
+  accuracy, accuracy_sft               lab-checker accuracy of greedy PPO / SFT answers on --eval_data
+  accuracy_by_kind, accuracy_by_kind_sft   the same per record kind (task)
+  mean_score, mean_score_sft           mean graded lab score (data.lab.score, 0..1)
+  win_rate_checker, win_rate_reward    PPO vs SFT per prompt under the checker / the reward model (tie 1/2)
+  mean_reward, mean_reward_sft         mean raw reward-model score of the greedy answers
+  mean_reward_normalized, mean_reward_normalized_sft   the same after reward.py's normalisation
+  checker, reward                      chat.head_to_head's full dicts
+  kl_to_sft                            KL(pi || pi_sft) per answer in nats (k1 on temperature-1 samples)
+  accuracy_sampled, accuracy_sampled_sft, mean_reward_sampled, mean_reward_sampled_sft   with
+                                       --eval_samples K: K answers per prompt at --temperature
+  n_eval, eval_data, policy, sft_model, reward_model, examples, stage ("ppo"), steps
+  kl_coef, kl_coef_init, kl_estimator  the KL coefficient at the end / start
+  invariants                           {ratio_max_dev, approx_kl_max, ratio_tol, ratio_failures,
+                                        k3_min, kl_at_start, iterations}
+  alarms                               every reward-hacking alarm raised ({iteration, kind, message})
+  train                                first/last rollout reward, accuracy, length, KL
+
+Simplifications on purpose: no FSDP (generation runs on whole models); the critic is a separate model
+(no shared trunk with a value head: nothing shared by accident, at twice the memory); advantages are
+whitened per process; "best" is not kept (no held-out loss to pick it by; final.pt is the result).
+"""
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import chat
+import common
+import sft
+from common import print0
+from data import lab
+from reward import encode_group, load_reward_model, score_groups, tokenizer_for
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="PPO RLHF (see the docstring).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(parser)
+    m = parser.add_argument_group("ppo: models")
+    m.add_argument("--reward_model", default=None, help="reward.py run dir or checkpoint (frozen)")
+    m.add_argument("--ref_model", default=None, help="reference model (default: --init_from, the SFT model)")
+    m.add_argument("--critic_from", default=None, help="reward checkpoint the critic starts from (default: --reward_model)")
+    m.add_argument("--critic_lr", type=float, default=None, help="critic learning rate (default: --lr)")
+    m.add_argument("--offload", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the frozen reference and reward model on the CPU except while scoring (saves GPU memory)")
+    r = parser.add_argument_group("ppo: rollouts")
+    r.add_argument("--prompts", default=None, help="JSONL prompts ({messages or prompt, truth?}), e.g. lab rl_prompts.jsonl")
+    r.add_argument("--rollout_batch", type=int, default=32, help="prompts answered per process per iteration")
+    r.add_argument("--max_new_tokens", type=int, default=48, help="answer length limit")
+    r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0); log-probs use it too")
+    r.add_argument("--top_k", type=int, default=None, help="(makes the KL estimate meaningless, see the docstring)")
+    r.add_argument("--top_p", type=float, default=None, help="(makes the KL estimate meaningless, see the docstring)")
+    r.add_argument("--missing_eos_penalty", type=float, default=0.0,
+                   help="subtracted from the normalised score of answers cut at --max_new_tokens")
+    o = parser.add_argument_group("ppo: objective")
+    o.add_argument("--kl_coef", type=float, default=0.05, help="beta of the per-token KL penalty (initial value if adaptive)")
+    o.add_argument("--kl_estimator", default="k1", choices=["k1", "k2", "k3"], help="per-token KL estimate in the reward")
+    o.add_argument("--adaptive_kl", action=argparse.BooleanOptionalAction, default=False,
+                   help="adapt beta toward --kl_target (Ziegler et al. 2019)")
+    o.add_argument("--kl_target", type=float, default=6.0, help="adaptive KL: target KL per answer, in nats")
+    o.add_argument("--kl_horizon", type=float, default=10000, help="adaptive KL: horizon K (samples)")
+    o.add_argument("--reward_clip", type=float, default=5.0, help="clip the normalised score to +-this (0 = off)")
+    o.add_argument("--gamma", type=float, default=1.0, help="discount")
+    o.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    o.add_argument("--whiten_advantages", action=argparse.BooleanOptionalAction, default=True)
+    o.add_argument("--ppo_epochs", type=int, default=2, help="passes over each rollout")
+    o.add_argument("--clip_range", type=float, default=0.2, help="epsilon of the clipped surrogate")
+    o.add_argument("--clip_range_value", type=float, default=0.2, help="clip of the value update")
+    o.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus")
+    o.add_argument("--ptx_coef", type=float, default=0.0, help="PPO-ptx: weight of a language-modelling loss")
+    o.add_argument("--ptx_data", nargs="+", default=None,
+                   help="PPO-ptx data: conversation files / an sft_prepare dir (assistant-only loss) or a data/prepare.py dir")
+    w = parser.add_argument_group("ppo: watching")
+    w.add_argument("--sample_interval", type=int, default=10, help="print prompt/response pairs every N iterations (0 = off)")
+    w.add_argument("--alarm_window", type=int, default=5, help="reward-hacking alarms compare the last N iterations to the first N")
+    e = parser.add_argument_group("evaluation (the same as dpo.py's at the end)")
+    e.add_argument("--eval_data", default=None, help="lab prompts with truths (rl_eval.jsonl or eval_qa.jsonl)")
+    e.add_argument("--sft_model", default=None, help="the baseline to beat (default: --init_from)")
+    e.add_argument("--eval_max_new_tokens", type=int, default=64)
+    e.add_argument("--eval_limit", type=int, default=0, help="end evaluation: only the first N prompts (0 = all)")
+    e.add_argument("--eval_sample", type=int, default=64, help="prompts answered by the evaluations during training")
+    e.add_argument("--eval_samples", type=int, default=0,
+                   help="end evaluation: also K sampled answers per prompt at --temperature (0 = greedy only)")
+    # PPO defaults: small, slowly decaying learning rates; no weight decay (the KL term anchors the
+    # actor); steps are iterations, so warmup and the cosine count iterations too.
+    parser.set_defaults(lr=1e-5, min_lr=1e-6, warmup_steps=2, max_steps=100, weight_decay=0.0, eval_interval=20,
+                        log_interval=1, save_interval=50, out_dir="out/ppo", batch_size=16)
+    args = common.parse_config(parser, argv)
+    if not (args.init_from and args.reward_model and args.prompts):
+        common.fail("--init_from (SFT model), --reward_model and --prompts are required")
+    if args.temperature <= 0:
+        common.fail("--temperature must be > 0: PPO needs sampled answers and their probabilities")
+    if args.rollout_batch % (args.batch_size * args.grad_accum):
+        common.fail(f"--rollout_batch {args.rollout_batch} must be a multiple of --batch_size x --grad_accum "
+                    f"({args.batch_size} x {args.grad_accum})")
+    if args.ptx_coef > 0 and not args.ptx_data:
+        common.fail("--ptx_coef > 0 needs --ptx_data")
+    if args.parallel == "fsdp":
+        common.fail("--parallel fsdp is not supported: generation needs whole models (use ddp)")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Pure functions: the equations of PPO-RLHF. Tensors (B, R): one row per answer, one column per
+# response token; mask (B, R) is 1 on the answer's tokens (its stop token included: stopping is an
+# action), 0 after it. Masked positions may hold anything, even inf: they never reach a result.
+
+
+def masked_mean(x, mask):
+    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the masked entries (PPO's advantage normalisation); 0 elsewhere."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
+
+
+def kl_estimates(logp, logp_ref, kind):
+    """Per-token estimates of KL(pi || pi_ref) from tokens sampled from pi (Schulman, "Approximating
+    KL divergence", 2020). With x = log pi(y_t) - log pi_ref(y_t):
+        k1 = x                      unbiased, noisy, negative for some tokens
+        k2 = x^2 / 2                biased, low variance, >= 0
+        k3 = (e^-x - 1) + x         unbiased, low variance, >= 0 (since e^z >= 1 + z)
+    Computed in float64 (expm1): in float32 the two terms of k3 cancel for tiny x."""
+    x = (logp - logp_ref).double()
+    if kind == "k1":
+        out = x
+    elif kind == "k2":
+        out = 0.5 * x ** 2
+    elif kind == "k3":
+        out = torch.expm1(-x) + x
+    else:
+        raise ValueError(f"unknown KL estimator {kind!r}")
+    return out.to(logp.dtype)
+
+
+def token_rewards(score, kl, mask, kl_coef):
+    """InstructGPT's reward as a per-token signal: r_t = -beta * KL_t on every response token, plus
+    the reward model's score of the whole answer on its last token. score (B,), kl (B, R) -> (B, R)."""
+    rewards = torch.where(mask.bool(), -kl_coef * kl, 0.0)
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(rewards.size(0), device=rewards.device), last] += score
+    return rewards
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016), backwards over the tokens:
+        delta_t = r_t + gamma * V_{t+1} - V_t        (V after the last token = 0: the answer is over)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        returns_t = A_t + V_t                        (the critic's regression target)
+    mask must be a prefix (1...1 0...0) per row; rewards and values there are zeroed, so padding
+    contributes 0 to every sum. Returns (advantages, returns), both 0 on masked positions."""
+    m = mask.bool()
+    rewards, values = torch.where(m, rewards, 0.0), torch.where(m, values, 0.0)
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        adv[:, t] = running
+    adv = torch.where(m, adv, 0.0)
+    return adv, torch.where(m, adv + values, 0.0)
+
+
+def policy_loss(logp, logp_old, advantages, mask, clip_range):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss (mean over response tokens):
+        rho_t = exp(log pi(y_t) - log pi_old(y_t))
+        L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
+    Returns (loss, stats): clipfrac (share of tokens on the clipped branch), approx_kl (k3 estimate of
+    KL(pi_old || pi), 0 when nothing moved) and ratio_dev = max |rho - 1| (the ratio==1 check)."""
+    log_ratio = torch.where(mask.bool(), logp - logp_old, 0.0)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                 "approx_kl": masked_mean(torch.expm1(log_ratio.double()) - log_ratio.double(), mask),
+                 "ratio_dev": (ratio - 1).abs().max()}
+    return loss, stats
+
+
+def value_loss(values, values_old, returns, mask, clip_range_value):
+    """Clipped value loss (PPO2 / DeepSpeed-Chat): the new value may move at most c from the value
+    the rollout saw, or pay the larger of the two errors:
+        V_clip = V_old + clip(V - V_old, -c, c)
+        L = 1/2 mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)
+    Returns (loss, stats) with vf_clipfrac, the share of tokens where the clipped error is larger."""
+    v_clip = values_old + (values - values_old).clamp(-clip_range_value, clip_range_value)
+    err, err_clip = (values - returns) ** 2, (v_clip - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clip), mask)
+    return loss, {"vf_clipfrac": masked_mean((err_clip > err).float(), mask).detach()}
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns): 1 = the critic predicts the returns, 0 = no better
+    than their mean, < 0 = worse."""
+    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_diff = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return (1 - var_diff / var).item() if var > 0 else float("nan")
+
+
+class KLController:
+    """beta, fixed or adaptive (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
+    Preferences", section 2.2): a proportional controller on the measured KL per answer,
+        e = clip(KL / KL_target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n / horizon)
+    with n the answers of the batch: beta grows when the policy drifts too far, shrinks when it stays close."""
+
+    def __init__(self, value, target=None, horizon=10000):
+        self.value, self.target, self.horizon = float(value), target, horizon
+
+    def update(self, kl, n):
+        if self.target is not None:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n / self.horizon
+        return self.value
+
+
+def hacking_alarms(history, window):
+    """Reward-hacking alarms from per-iteration rollout statistics (dicts with reward_norm, accuracy,
+    length, repeat_frac): the mean of the last `window` iterations against the first `window`.
+      reward_vs_accuracy  the normalised reward rose by > 0.2 while checker accuracy fell by > 0.05
+      length              answers grew by > 50% and by > 8 tokens
+      repetition          the share of answers repeating a 4-gram rose by > 0.15
+    (DeepSpeed-Chat's reported failure: the actor learned to spam tokens the reward model liked.)
+    Returns [(kind, message)]."""
+    if window < 1 or len(history) < 2 * window:
+        return []
+
+    def avg(rows, key):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+    base, now = history[:window], history[-window:]
+    out = []
+    r0, r1, a0, a1 = avg(base, "reward_norm"), avg(now, "reward_norm"), avg(base, "accuracy"), avg(now, "accuracy")
+    if a0 is not None and r1 - r0 > 0.2 and a1 < a0 - 0.05:
+        out.append(("reward_vs_accuracy", f"reward {r0:+.3f} -> {r1:+.3f} while checker accuracy {a0:.3f} -> {a1:.3f}"))
+    l0, l1 = avg(base, "length"), avg(now, "length")
+    if l1 > 1.5 * l0 and l1 - l0 > 8:
+        out.append(("length", f"mean answer length {l0:.1f} -> {l1:.1f} tokens"))
+    p0, p1 = avg(base, "repeat_frac"), avg(now, "repeat_frac")
+    if p1 > p0 + 0.15:
+        out.append(("repetition", f"answers repeating a 4-gram {p0:.2f} -> {p1:.2f}"))
+    return out
+
+
+def repeats(ids, n=4):
+    """Does the token list contain some n-gram twice (an answer on a loop)?"""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+# -----------------------------------------------------------------------------
+# Rollouts: one padded layout shared by every forward, so all log-probs are computed the same way
+
+
+def pad_rollout(prompts, responses, pad_id, stop_ids):
+    """Prompts LEFT-padded to a common length P (so every answer starts in column P, as in
+    model.generate), answers RIGHT-padded after their stop token. Returns idx (B, P + R),
+    attention_mask (B, P + R) (1 = real token), response_mask (B, R) float (1 up to and including the
+    first stop token, 0 after: nothing after EOS carries loss), and P. Answer token j sits in column
+    P + j and is predicted by the logits in column P + j - 1."""
+    stop = set(stop_ids)
+    cut = []
+    for r in responses:   # everything after the first stop token is dropped here, whoever made r
+        n = next((i + 1 for i, t in enumerate(r) if t in stop), len(r))
+        cut.append(list(r[:n]))
+    B, P, R = len(prompts), max(len(p) for p in prompts), max(1, max(len(r) for r in cut))
+    idx = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    resp_mask = torch.zeros((B, R))
+    for b, (p, r) in enumerate(zip(prompts, cut)):
+        idx[b, P - len(p):P] = torch.tensor(p)
+        attn[b, P - len(p):P + len(r)] = 1
+        if r:
+            idx[b, P:P + len(r)] = torch.tensor(r)
+            resp_mask[b, :len(r)] = 1
+    return idx, attn, resp_mask, P
+
+
+def response_logprobs(model, idx, attn, P, temperature, with_entropy=False):
+    """log pi(y_t | x, y_<t) of every answer token (B, R) under softmax(logits / temperature) (the
+    distribution generate sampled from), and optionally the entropy of that distribution (B, R).
+    `model` is called as given: the DDP-wrapped actor in training (so gradients are averaged), the
+    plain one in the rollout. Same idx, same attention mask, same positions in both: the ratio check."""
+    logits, _ = model(idx, attention_mask=attn)
+    logits = logits[:, P - 1:-1].float() / temperature          # column t predicts token t + 1
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, idx[:, P:, None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def critic_values(critic, idx, attn, P):
+    """V(s_t) for the state before each answer token (B, R): the critic's head at column P + j - 1, in
+    NORMALISED reward units, like the scores it must predict. The head of a critic started from the
+    reward model outputs raw rewards; mapping them through the same (r - mean) / std (the critic's own
+    copy of reward.py's statistics, a fixed affine map) makes its first guess at the last token exactly
+    the normalised score, instead of a value loss of order std^2 on the first iterations."""
+    plain = common.unwrap(critic)
+    return (critic(idx, attn, per_token=True)[:, P - 1:-1].float() - plain.reward_mean) / plain.reward_std
+
+
+def frozen(model, dtype, device):
+    """A frozen model: no gradients, eval mode (no dropout), on `device`; parameters (not the rotary
+    buffer, whose precision positions need) in bf16 when the run computes in bf16 (half the memory)."""
+    model.requires_grad_(False)
+    model.eval()
+    if dtype == torch.bfloat16:
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    return model.to(device)
+
+
+@torch.no_grad()
+def make_experience(actor, ref, rm, critic, prompts, responses, tok, args, kl_coef, ctx, device):
+    """Step 2 of the loop: everything PPO needs about a batch of answers, computed once, no gradients.
+    actor / critic are the plain (unwrapped) modules here."""
+    idx, attn, mask, P = pad_rollout(prompts, responses, tok.pad_id, tok.stop_ids)
+    idx, attn, mask = idx.to(device), attn.to(device), mask.to(device)
+    with ctx:
+        logp_old, _ = response_logprobs(actor, idx, attn, P, args.temperature)
+        logp_ref, _ = response_logprobs(ref, idx, attn, P, args.temperature)
+        values = critic_values(critic, idx, attn, P)
+        raw = rm(idx, attn).float()                               # read at each row's last real token
+    norm = rm.normalize(raw)                                      # reward.py's statistics
+    score = norm.clamp(-args.reward_clip, args.reward_clip) if args.reward_clip > 0 else norm
+    ended = torch.tensor([len(r) > 0 and r[-1] in tok.stop_ids for r in responses], device=device)
+    score = score - args.missing_eos_penalty * (~ended).float()
+    kl = kl_estimates(logp_old, logp_ref, args.kl_estimator)
+    rewards = token_rewards(score, kl, mask, kl_coef)
+    advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
+    if args.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    k1, k3 = kl_estimates(logp_old, logp_ref, "k1"), kl_estimates(logp_old, logp_ref, "k3")
+    return {"idx": idx, "attn": attn, "mask": mask, "P": P, "logp_old": logp_old, "logp_ref": logp_ref,
+            "values": values, "advantages": advantages, "returns": returns, "rewards": rewards,
+            "raw": raw, "norm": norm, "score": score, "ended": ended,
+            "kl_seq": torch.where(mask.bool(), k1, 0.0).sum(1), "k3_seq": torch.where(mask.bool(), k3, 0.0).sum(1),
+            "k3_min": torch.where(mask.bool(), k3, 0.0).min()}
+
+
+# -----------------------------------------------------------------------------
+# Data: prompts, the PPO-ptx batches, scoring answer strings
+
+
+def load_prompts(path, tok, max_len):
+    """Records with "messages" (ending on a user turn) or a "prompt" string; "truth" optional (then
+    the lab checker grades rollouts, for the reward-hacking alarm). -> (records, prompt ids)."""
+    records, ids, skipped = [], [], 0
+    for r in chat.read_records(path):
+        if "messages" not in r and isinstance(r.get("prompt"), str):
+            r = {**r, "messages": [{"role": "user", "content": r["prompt"]}]}
+        try:
+            ids.append(tok.render_prompt(r["messages"], max_len=max_len))
+            records.append(r)
+        except (KeyError, TypeError, ValueError):
+            skipped += 1
+    if skipped:
+        print0(f"{path}: {skipped} record(s) skipped (no valid messages / prompt, or longer than {max_len} tokens)")
+    if not records:
+        common.fail(f"{path}: no usable prompts")
+    return records, ids
+
+
+class PtxData:
+    """PPO-ptx (InstructGPT eq. 2, gamma * E_pretrain[log pi]): language-modelling batches mixed into
+    the actor's loss. Conversations (any format sft.py reads) get sft.py's assistant-only loss; a
+    data/prepare.py directory gives plain windows with a loss on every token. Batches are pure
+    functions of (seed, iteration, rank, k): resumable."""
+
+    def __init__(self, specs, tok, seq_len, seed):
+        self.tok, self.seq_len, self.seed = tok, seq_len, seed
+        self.tokens = self.split = None
+        if len(specs) == 1 and os.path.isfile(os.path.join(specs[0], "train.bin")):
+            from data.prepare import load_tokens
+            self.tokens = load_tokens(specs[0], "train", tok)
+        else:
+            source, desc, _ = sft.load_source(specs, tok, seed)
+            self.split = sft.Split(source, np.arange(len(source)), seq_len + 1)
+            print0(f"ptx data: {desc}, {len(self.split)} examples")
+
+    def batch(self, batch_size, *key):
+        rng = np.random.default_rng([self.seed, 99, *key])
+        if self.tokens is not None:
+            return sft.pretrain_batch(self.tokens, batch_size, self.seq_len, rng)
+        pick = rng.choice(len(self.split), size=batch_size, replace=len(self.split) < batch_size)
+        return sft.collate([self.split.example(int(k)) for k in pick], self.tok.pad_id)
+
+
+def reward_texts(rm, tok, device, ctx):
+    """reward_fn(conversations, answers) -> raw reward-model scores of answer strings (rendered like
+    reward.py's data), the form chat.head_to_head takes. Scored locally, whatever the rank."""
+    local = common.DistInfo(device=torch.device(device))
+
+    def reward_fn(conversations, answers):
+        groups = [encode_group(tok, {"messages": c, "responses": [a]}, rm.config.max_seq_len)
+                  for c, a in zip(conversations, answers)]
+        if any(g is None for g in groups):
+            raise ValueError(f"a prompt + answer does not fit the reward model's context ({rm.config.max_seq_len})")
+        return [r[0] for r in score_groups(rm, groups, 32, tok.pad_id, local, ctx)]
+    return reward_fn
+
+
+@torch.no_grad()
+def kl_to_model(policy, base, tok, convs, max_new_tokens, seed, ctx, batch_size=32):
+    """Monte-Carlo KL(pi || pi_base) per answer, in nats: answers sampled from pi at temperature 1 (no
+    top-k/p: the samples follow pi exactly), mean over answers of sum_t log pi(y_t) - log pi_base(y_t)."""
+    device = next(policy.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total = 0.0
+    for s in range(0, len(convs), batch_size):
+        prompts = [tok.render_prompt(c, max_len=policy.config.max_seq_len - max_new_tokens) for c in convs[s:s + batch_size]]
+        with ctx:
+            answers = policy.generate(prompts, max_new_tokens, temperature=1.0, eos_id=tok.stop_ids, generator=gen)
+        idx, attn, mask, P = (t.to(device) if torch.is_tensor(t) else t
+                              for t in pad_rollout(prompts, answers, tok.pad_id, tok.stop_ids))
+        with ctx:
+            lp, lb = response_logprobs(policy, idx, attn, P, 1.0)[0], response_logprobs(base, idx, attn, P, 1.0)[0]
+        total += torch.where(mask.bool(), lp - lb, 0.0).sum().item()
+    return total / len(convs)
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    args = get_args(argv)
+    info = common.setup_distributed(args.device)
+    try:
+        return train(args, info)
+    finally:
+        common.teardown_distributed(info)
+
+
+def train(args, info):
+    device, world, rank = info.device, info.world_size, info.rank
+    if args.parallel is None:
+        args.parallel = "ddp" if world > 1 else "none"
+    if world > 1 and args.parallel == "none":
+        common.fail(f"{world} processes with --parallel none would train {world} unrelated models; use ddp")
+    common.seed_everything(args.seed + rank)   # (every random draw below also has its own explicit seed)
+    dtype = common.resolve_dtype(args.dtype, device)
+    ctx = common.autocast(device, dtype)
+    ratio_tol = 1e-4 if dtype == torch.float32 else 2e-2   # bf16 autocast rounds logits differently per batch shape
+
+    # --- the run directory: resume, or refuse to overwrite an earlier run (as sft.py) -------------
+    resume_path = common.latest_checkpoint(args.out_dir) if args.resume else None
+    if not args.resume and (common.latest_checkpoint(args.out_dir) or common.checkpoint_path(args.out_dir, "final")):
+        common.fail(f"{args.out_dir} already holds checkpoints of a run; pass --resume to continue it, or choose "
+                    f"another --out_dir (nothing was changed)")
+
+    # --- the four models ---------------------------------------------------------------------------
+    actor, meta = common.load_model(args.init_from)
+    tok = tokenizer_for(meta, args)
+    ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device)
+    rm, rm_meta = load_reward_model(args.reward_model)
+    critic, _ = load_reward_model(args.critic_from or args.reward_model)
+    if (rm_meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
+        common.fail(f"the reward model ({rm_meta['path']}) was trained with another tokenizer than the actor")
+    rm = frozen(rm, dtype, device)
+    if actor.config.dropout > 0 or critic.config.dropout > 0:
+        print0("note: dropout is switched off for PPO (actor and critic stay in eval mode): with dropout the "
+               "rollout and the training forward would see different networks and the ratio would not start at 1")
+    actor.eval()    # eval mode = no dropout; gradients still flow (train() vs eval() changes nothing else here)
+    critic.eval()
+    # Nothing shared by accident: four separate sets of storage (a critic built as a view of the actor
+    # would silently train the actor with the value loss).
+    storages = [{p.untyped_storage().data_ptr() for p in m.parameters()} for m in (actor, critic, ref, rm)]
+    if any(storages[i] & storages[j] for i in range(4) for j in range(i + 1, 4)):
+        common.fail("actor, critic, reference and reward model share parameter storage")
+    stats_ok = not (rm.reward_mean.item() == 0.0 and rm.reward_std.item() == 1.0)
+    print0(f"reward normalisation (reward.py): mean {rm.reward_mean.item():+.4f} std {rm.reward_std.item():.4f}"
+           + ("" if stats_ok else "  -- warning: default stats (0, 1); was the reward model evaluated?"))
+    if args.top_k or args.top_p:
+        print0("warning: --top_k/--top_p sample from a truncated distribution; the log-probs (and so the KL "
+               "estimate and the KL penalty) describe the full one at this temperature: the KL numbers are "
+               "meaningless (the ratio check is unaffected)")
+    ctx_len = actor.config.max_seq_len
+    records, prompt_ids = load_prompts(args.prompts, tok, ctx_len - args.max_new_tokens)
+    eval_records = chat.read_records(args.eval_data) if args.eval_data else None
+    ptx = PtxData(args.ptx_data, tok, ctx_len, args.seed) if args.ptx_coef > 0 else None
+
+    actor, critic = actor.to(device), critic.to(device)
+    raw_actor, raw_critic = actor, critic
+    actor = common.wrap_model(actor, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
+    critic = common.wrap_model(critic, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
+    critic_lr = args.critic_lr or args.lr
+    betas = (args.beta1, args.beta2)
+    opt_actor = common.configure_optimizer(actor, args.lr, args.weight_decay, betas, device)
+    opt_critic = common.configure_optimizer(critic, critic_lr, args.weight_decay, betas, device)
+    kl_ctl = KLController(args.kl_coef, args.kl_target if args.adaptive_kl else None, args.kl_horizon)
+    if args.offload and device.type == "cuda":
+        ref.cpu(), rm.cpu()
+
+    it, history, alarms, last_alarm = 0, [], [], {}
+    inv = {"ratio_max_dev": 0.0, "approx_kl_max": 0.0, "ratio_tol": ratio_tol, "ratio_failures": 0,
+           "k3_min": float("inf"), "kl_at_start": None, "iterations": 0}
+    if resume_path:
+        st = common.restore_checkpoint(resume_path, actor, opt_actor, device)
+        common.load_state_dict_checked(raw_critic, st["critic"])
+        opt_critic.load_state_dict(st["critic_optimizer"])
+        it, ps = st["step"], st["ppo_state"]
+        kl_ctl.value, history, alarms, inv = ps["kl_coef"], ps["history"], ps["alarms"], ps["invariants"]
+        if st["data_state"] != {"rollout_batch": args.rollout_batch, "seed": args.seed, "world_size": world}:
+            common.fail(f"{resume_path} was written with {st['data_state']}; this run differs: resume is not exact")
+        print0(f"resumed from {resume_path} at iteration {it}")
+    common.save_config(args, args.out_dir)
+    logger = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
+    print0(f"actor {meta['path']} ({raw_actor.num_params() / 1e6:.2f}M), reward model {rm_meta['path']}, critic from "
+           f"{args.critic_from or args.reward_model}; {args.parallel} x {world} on {device}, {dtype}; "
+           f"{len(records)} prompts, {args.rollout_batch} answers per process per iteration, {args.max_steps} iterations")
+    reward_fn = reward_texts(rm, tok, device, ctx)
+
+    def checkpoint(name, with_optimizer):
+        state = {"kl_coef": kl_ctl.value, "history": history, "alarms": alarms, "invariants": inv}
+        extra = {"critic": raw_critic.state_dict(), "critic_optimizer": opt_critic.state_dict()} if with_optimizer else {}
+        return common.save_checkpoint(
+            args.out_dir, name, actor, opt_actor if with_optimizer else None, step=it, config=vars(args), tokenizer=tok,
+            metrics={"kl_coef": kl_ctl.value, **(history[-1] if history else {})}, ppo_state=state,
+            data_state={"rollout_batch": args.rollout_batch, "seed": args.seed, "world_size": world}, **extra)
+
+    def run_eval():
+        """Greedy answers to the first --eval_sample held-out prompts: checker accuracy and reward (rank 0)."""
+        out = [None]
+        if info.is_main:
+            recs = eval_records[:args.eval_sample]
+            answers = chat.generate_answers(raw_actor, tok, [r["messages"] for r in recs], args.eval_max_new_tokens)
+            rewards = reward_fn([r["messages"] for r in recs], answers)
+            out[0] = {"accuracy": sum(lab.check(a, r["truth"]) for a, r in zip(answers, recs)) / len(recs),
+                      "reward": sum(rewards) / len(rewards), "n": len(recs)}
+        if info.distributed:
+            dist.broadcast_object_list(out, src=0)
+        print0(f"eval iteration {it}: greedy accuracy {out[0]['accuracy']:.3f}, mean reward {out[0]['reward']:+.3f} "
+               f"on {out[0]['n']} held-out prompts")
+        logger.log(event="eval", step=it, **out[0])
+
+    def clock():   # the time split generation / scoring / training needs finished GPU work
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    if it == 0 and eval_records and args.eval_interval > 0:
+        run_eval()
+
+    # --- the loop ------------------------------------------------------------------------------------
+    while it < args.max_steps:
+        t0 = time.perf_counter()
+        frac = common.lr_at(it, args.lr, args.min_lr, args.warmup_steps, args.max_steps) / args.lr
+        common.set_lr(opt_actor, args.lr * frac)
+        common.set_lr(opt_critic, critic_lr * frac)
+
+        # 1. sample prompts and answer them with the actor (plain module, KV cache, no gradients)
+        pick = np.random.default_rng([args.seed, it, rank]).choice(
+            len(records), size=args.rollout_batch, replace=len(records) < args.rollout_batch)
+        prompts = [prompt_ids[i] for i in pick]
+        gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + it * 1009 + rank)
+        with ctx:
+            responses = raw_actor.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                           top_p=args.top_p, eos_id=tok.stop_ids, generator=gen)
+        t1 = clock()
+
+        # 2. experience: old/reference log-probs, reward, values, KL-penalised rewards, GAE
+        if args.offload and device.type == "cuda":
+            ref.to(device), rm.to(device)
+        exp = make_experience(raw_actor, ref, rm, raw_critic, prompts, responses, tok, args, kl_ctl.value, ctx, device)
+        if args.offload and device.type == "cuda":
+            ref.cpu(), rm.cpu()
+            torch.cuda.empty_cache()
+        if it == 0 and inv["kl_at_start"] is None:   # actor == reference: every KL term must be 0
+            inv["kl_at_start"] = (exp["logp_old"] - exp["logp_ref"]).abs().mul(exp["mask"]).max().item()
+            same = (args.ref_model or args.init_from) == args.init_from
+            verdict = "not expected to be 0: --ref_model differs" if not same else (
+                "ok" if inv["kl_at_start"] == 0 else "not exactly 0: bf16 reference" if dtype != torch.float32 else
+                "MISMATCH: actor and reference compute log-probs differently")
+            print0(f"check at iteration 0 (actor == reference): max |log pi - log pi_ref| {inv['kl_at_start']:.2e} ({verdict})")
+        inv["k3_min"] = min(inv["k3_min"], exp["k3_min"].item())
+        t2 = clock()
+
+        # 3. PPO epochs over minibatches: actor (clipped surrogate, entropy, ptx), critic (clipped value loss)
+        mask, B = exp["mask"], args.rollout_batch
+        micro_bs, step_rows = args.batch_size, args.batch_size * args.grad_accum
+        sums, n_steps = {}, 0
+        for epoch in range(args.ppo_epochs):
+            order = torch.randperm(B, generator=torch.Generator().manual_seed(args.seed + 7 * it + 31 * rank + epoch))
+            for start in range(0, B, step_rows):
+                for micro in range(args.grad_accum):
+                    rows = order[start + micro * micro_bs:start + (micro + 1) * micro_bs].to(device)
+                    mb = {k: v[rows] for k, v in exp.items() if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == B}
+                    last = micro == args.grad_accum - 1
+                    with common.grad_sync(actor, last and ptx is None):
+                        with ctx:   # the DDP-wrapped actor: gradients are averaged across processes
+                            logp, ent = response_logprobs(actor, mb["idx"], mb["attn"], exp["P"], args.temperature, True)
+                        pl, st = policy_loss(logp, mb["logp_old"], mb["advantages"], mb["mask"], args.clip_range)
+                        entropy = masked_mean(ent if args.entropy_coef > 0 else ent.detach(), mb["mask"])
+                        ((pl - args.entropy_coef * entropy) / args.grad_accum).backward()
+                    if epoch == 0 and start == 0 and micro == 0:   # the actor has not moved yet: ratio == 1
+                        dev, akl = st["ratio_dev"].item(), st["approx_kl"].item()
+                        inv["ratio_max_dev"], inv["approx_kl_max"] = max(inv["ratio_max_dev"], dev), max(inv["approx_kl_max"], akl)
+                        sums["ratio_dev"] = dev
+                        if not dev < ratio_tol:
+                            inv["ratio_failures"] += 1
+                            print0(f"warning: iteration {it}: ratio check FAILED: max |ratio - 1| = {dev:.2e} >= {ratio_tol:g} "
+                                   f"on the first minibatch (rollout and training compute log-probs differently)")
+                    if ptx is not None:
+                        x, y = ptx.batch(micro_bs, it, rank, epoch, start, micro)
+                        with common.grad_sync(actor, last):
+                            with ctx:
+                                _, lm_loss = actor(x.to(device), y.to(device))
+                            (args.ptx_coef * lm_loss / args.grad_accum).backward()
+                        sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + lm_loss.item()
+                    with common.grad_sync(critic, last):
+                        with ctx:
+                            values = critic_values(critic, mb["idx"], mb["attn"], exp["P"])
+                        vl, vst = value_loss(values, mb["values"], mb["returns"], mb["mask"], args.clip_range_value)
+                        (vl / args.grad_accum).backward()
+                    for k, v in {"policy_loss": pl.item(), "value_loss": vl.item(), "entropy": entropy.item(),
+                                 "clipfrac": st["clipfrac"].item(), "approx_kl": st["approx_kl"].item(),
+                                 "vf_clipfrac": vst["vf_clipfrac"].item()}.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_steps += 1
+                gn_a, gn_c = common.clip_grad_norm(actor, args.grad_clip), common.clip_grad_norm(critic, args.grad_clip)
+                if math.isfinite(gn_a) and math.isfinite(gn_c):
+                    opt_actor.step()
+                    opt_critic.step()
+                else:
+                    print0(f"warning: iteration {it}: non-finite gradient norm (actor {gn_a}, critic {gn_c}); update skipped")
+                opt_actor.zero_grad(set_to_none=True)
+                opt_critic.zero_grad(set_to_none=True)
+        t3 = clock()
+
+        # 4. statistics of this iteration (all processes), the KL controller, alarms, logs
+        answers = [tok.decode(chat.strip_stop(r, tok.stop_ids)) for r in responses]
+        checks = [float(lab.check(a, records[i]["truth"])) for a, i in zip(answers, pick) if "truth" in records[i]]
+        lengths = mask.sum(1)
+        sq = lambda t: [t.sum().item(), (t.double() ** 2).sum().item()]  # noqa: E731
+        local = torch.tensor([*sq(exp["raw"]), *sq(exp["norm"]), exp["kl_seq"].sum().item(), exp["k3_seq"].sum().item(),
+                              lengths.sum().item(), exp["ended"].float().sum().item(),
+                              sum(repeats(chat.strip_stop(r, tok.stop_ids)) for r in responses), sum(checks), len(checks),
+                              explained_variance(exp["values"], exp["returns"], mask),
+                              *[sums.get(k, 0.0) / (n_steps if k != "ratio_dev" else 1) for k in
+                                ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac",
+                                 "ptx_loss", "ratio_dev")]], dtype=torch.float64)
+        n_local = local.numel()
+        if info.distributed:
+            local = local.to(device)
+            dist.all_reduce(local)
+            local = local.cpu()
+        s, n = local.tolist(), B * world
+        mean_std = lambda a, b: (a / n, math.sqrt(max(b / n - (a / n) ** 2, 0.0)))  # noqa: E731
+        row = {"reward_raw": mean_std(s[0], s[1])[0], "reward_raw_std": mean_std(s[0], s[1])[1],
+               "reward_norm": mean_std(s[2], s[3])[0], "reward_norm_std": mean_std(s[2], s[3])[1],
+               "kl": s[4] / n, "kl_k3": s[5] / n, "kl_coef": kl_ctl.value, "length": s[6] / n, "eos_frac": s[7] / n,
+               "repeat_frac": s[8] / n, "accuracy": s[9] / s[10] if s[10] else None, "explained_var": s[11] / world,
+               **{k: v / world for k, v in zip(("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl",
+                                                "vf_clipfrac", "ptx_loss", "ratio_dev"), s[12:n_local])},
+               "time_gen": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2}
+        if ptx is None:
+            row.pop("ptx_loss")
+        kl_ctl.update(row["kl"], n)
+        history.append(row)
+        inv["iterations"] += 1
+        it += 1
+        if it % args.log_interval == 0 or it == args.max_steps:
+            acc = f" acc {row['accuracy']:.3f} |" if row["accuracy"] is not None else ""
+            print0(f"iter {it:>4}/{args.max_steps} | reward {row['reward_raw']:+.3f} (norm {row['reward_norm']:+.3f}) |{acc} "
+                   f"KL {row['kl']:.3f} beta {row['kl_coef']:.3f} | len {row['length']:.1f} | ent {row['entropy']:.3f} | "
+                   f"clip {row['clipfrac']:.3f} | akl {row['approx_kl']:.1e} | vloss {row['value_loss']:.4f} | "
+                   f"ev {row['explained_var']:.2f} | ratio0 {row['ratio_dev']:.1e} | gen {row['time_gen']:.1f}s "
+                   f"score {row['time_score']:.1f}s train {row['time_train']:.1f}s")
+        logger.log(step=it, **row)
+
+        # rank 0's rollout: examples for the alarms and the sample printout
+        rollout = [{"prompt": records[i]["messages"][-1]["content"], "answer": a, "reward": r,
+                    "ok": lab.check(a, records[i]["truth"]) if "truth" in records[i] else None, "length": len(resp),
+                    "repeats": repeats(chat.strip_stop(resp, tok.stop_ids))}
+                   for i, a, r, resp in zip(pick, answers, exp["raw"].tolist(), responses)]
+        for kind, message in hacking_alarms(history, args.alarm_window):
+            if it - last_alarm.get(kind, -10 ** 9) >= args.alarm_window:
+                last_alarm[kind] = it
+                key = {"reward_vs_accuracy": lambda e: (e["ok"] is False, e["reward"]),
+                       "length": lambda e: e["length"], "repetition": lambda e: (e["repeats"], e["reward"])}[kind]
+                examples = sorted(rollout, key=key, reverse=True)[:2]
+                alarms.append({"iteration": it, "kind": kind, "message": message})
+                print0(f"ALARM (possible reward hacking) at iteration {it}: {message}. Examples:")
+                for e in examples:
+                    print0(f"    [{e['reward']:+.2f} ok={e['ok']}] {e['prompt']!r} -> {e['answer']!r}")
+                logger.log(event="alarm", step=it, kind=kind, message=message, examples=examples)
+        if args.sample_interval and (it % args.sample_interval == 0 or it == 1):
+            print0(f"samples at iteration {it}:")
+            for e in rollout[:3]:
+                print0(f"    [{e['reward']:+.2f} ok={e['ok']}] {e['prompt']!r} -> {e['answer']!r}")
+            logger.log(event="samples", step=it, samples=rollout[:3])
+        if eval_records and args.eval_interval > 0 and (it % args.eval_interval == 0 or it == args.max_steps):
+            run_eval()
+        if args.save_interval and it % args.save_interval == 0 and it < args.max_steps:
+            checkpoint(f"step_{it:07d}", True)
+            common.rotate_checkpoints(args.out_dir, args.keep_last)
+
+    # --- the processes must hold the same actor (DDP averaged every gradient) ----------------------------
+    checksum = torch.tensor([sum(p.double().sum().item() for p in raw_actor.parameters()),
+                             sum(p.double().sum().item() for p in raw_critic.parameters())], dtype=torch.float64)
+    in_sync = True
+    if info.distributed:
+        every = [torch.zeros_like(checksum) for _ in range(world)]
+        dist.all_gather(every, checksum)
+        in_sync = all(torch.equal(e, every[0]) for e in every)
+        print0(f"weights identical on all {world} processes: {'yes' if in_sync else 'NO (was .module called?)'}")
+
+    # --- save, then the end-of-run evaluation on rank 0 --------------------------------------------------
+    final = checkpoint("final", False)
+    fails = inv["ratio_failures"]
+    print0(f"invariants over {inv['iterations']} iterations: max |ratio - 1| on first minibatches {inv['ratio_max_dev']:.2e} "
+           f"(tolerance {ratio_tol:g}, {fails} failure(s)), max approx KL {inv['approx_kl_max']:.2e}, min k3 {inv['k3_min']:.2e}")
+    out = {"stage": "ppo", "policy": final, "steps": it, "kl_coef": kl_ctl.value, "kl_coef_init": args.kl_coef,
+           "kl_estimator": args.kl_estimator, "invariants": inv, "alarms": alarms, "weights_in_sync": in_sync,
+           "train": {k: {"first": history[0].get(k), "last": history[-1].get(k)} for k in
+                     ("reward_raw", "reward_norm", "accuracy", "length", "kl")} if history else {}}
+    if info.is_main:
+        if eval_records:
+            t0 = time.time()
+            out.update(final_evaluation(args, raw_actor, rm, reward_fn, tok, eval_records, device, ctx))
+            print0(f"end evaluation on {out['n_eval']} prompts ({time.time() - t0:.0f}s): lab accuracy {out['accuracy']:.1%} "
+                   f"(SFT {out['accuracy_sft']:.1%}); mean reward {out['mean_reward']:+.3f} (SFT {out['mean_reward_sft']:+.3f}); "
+                   f"win rate vs SFT: checker {out['win_rate_checker']:.3f}, reward model {out['win_rate_reward']:.3f}; "
+                   f"KL to SFT {out['kl_to_sft']:.3f} nats")
+            if out["mean_reward"] > out["mean_reward_sft"] and out["accuracy"] < out["accuracy_sft"]:
+                msg = "the reward model prefers PPO's answers but the checker grades them worse than SFT's"
+                out["alarms"].append({"iteration": it, "kind": "end_reward_vs_accuracy", "message": msg})
+                print0(f"ALARM (possible reward hacking): {msg}")
+        common.atomic_write_json(os.path.join(args.out_dir, "metrics.json"), out)
+        logger.log(event="end", step=it, **{k: v for k, v in out.items() if not isinstance(v, (dict, list))})
+    common.barrier()
+    print0(f"ppo done: {final}; metrics in {os.path.join(args.out_dir, 'metrics.json')}")
+    return out
+
+
+def final_evaluation(args, actor, rm, reward_fn, tok, records, device, ctx):
+    """PPO actor vs the SFT model on held-out lab prompts: greedy answers graded by the checker and the
+    reward model (dpo.py reports the same keys), the KL to SFT, optionally sampled answers too."""
+    records = records[:args.eval_limit] if args.eval_limit > 0 else records
+    if any("messages" not in r or "truth" not in r for r in records):
+        common.fail(f"{args.eval_data}: every evaluation record needs 'messages' and 'truth' (lab rl_eval / eval_qa)")
+    convs = [r["messages"] for r in records]
+    sft_path = args.sft_model or args.init_from
+    models = {"ppo": actor, "sft": common.load_model(sft_path, device)[0].eval()}
+    answers = {k: chat.generate_answers(m, tok, convs, max_new_tokens=args.eval_max_new_tokens) for k, m in models.items()}
+    graded = {k: chat.evaluate_lab(None, tok, records, answers=a) for k, a in answers.items()}
+    h2h = chat.head_to_head(answers["ppo"], answers["sft"], records, reward_fn=reward_fn)
+    score = {k: sum(lab.score(a, r["truth"]) for a, r in zip(answers[k], records)) / len(records) for k in answers}
+    norm = lambda x: ((x - rm.reward_mean) / rm.reward_std).item()  # noqa: E731
+    out = {"sft_model": sft_path, "reward_model": args.reward_model,
+           "eval_data": args.eval_data, "n_eval": len(records),
+           "accuracy": graded["ppo"]["accuracy"], "accuracy_sft": graded["sft"]["accuracy"],
+           "accuracy_by_kind": graded["ppo"]["by_kind"], "accuracy_by_kind_sft": graded["sft"]["by_kind"],
+           "mean_score": score["ppo"], "mean_score_sft": score["sft"],
+           "win_rate_checker": h2h["checker"]["win_rate"], "win_rate_reward": h2h["reward"]["win_rate"],
+           "mean_reward": h2h["reward"]["mean_a"], "mean_reward_sft": h2h["reward"]["mean_b"],
+           "mean_reward_normalized": norm(h2h["reward"]["mean_a"]), "mean_reward_normalized_sft": norm(h2h["reward"]["mean_b"]),
+           "checker": h2h["checker"], "reward": h2h["reward"],
+           "kl_to_sft": kl_to_model(actor, models["sft"], tok, convs, args.eval_max_new_tokens, args.seed, ctx),
+           "examples": [{"question": r["messages"][-1]["content"], "sft": s, "ppo": p, "ok_sft": lab.check(s, r["truth"]),
+                         "ok_ppo": lab.check(p, r["truth"])}
+                        for r, s, p in list(zip(records, answers["sft"], answers["ppo"]))[:6]]}
+    if args.eval_samples > 0:   # the sampling policy PPO optimised, not only its greedy mode
+        many = [c for c in convs for _ in range(args.eval_samples)]
+        truths = [r["truth"] for r in records for _ in range(args.eval_samples)]
+        for k, m in models.items():
+            a = chat.generate_answers(m, tok, many, max_new_tokens=args.eval_max_new_tokens,
+                                      temperature=args.temperature, seed=args.seed + 1)
+            sfx = "" if k == "ppo" else "_sft"
+            out["accuracy_sampled" + sfx] = sum(lab.check(x, t) for x, t in zip(a, truths)) / len(a)
+            out["mean_reward_sampled" + sfx] = sum(reward_fn(many, a)) / len(a)
+        out["eval_samples"] = args.eval_samples
+    return out
+
+
+if __name__ == "__main__":
+    main()
