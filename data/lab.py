@@ -4,7 +4,7 @@ Every stage of nanollama needs data whose right answers are known, so that "did 
 help?" is a number, not an impression. This file makes that data from nothing:
 
     python data/lab.py --out lab_data --seed 0            # or: python -m data.lab --out lab_data
-    python data/lab.py --out lab_data --seed 1 --people 48 --pretrain-docs 40000
+    python data/lab.py --out lab_data --seed 1 --people 40 --pretrain-docs 40000   # pool: 40 names
 
     from data import lab
     sets = lab.generate(seed=0)           # {"world": {...}, "pretrain": [...], "sft_train": [...], ...}
