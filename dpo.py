@@ -59,6 +59,7 @@ metrics.json, what the lab report reads (written atomically at the end):
   pref_logp_rejected, pref_accuracy_by_kind, pref_pairs   the last held-out preference eval (--val_data)
   pref_logp_accuracy, pref_logp_accuracy_init   how often the policy / the starting model gives the
                                        chosen answer the higher log-prob (comparable before and after)
+  pref_logp_chosen_init, pref_logp_rejected_init   the starting model's summed log-probs on --val_data
   step0_check                          {"round", "loss", "expected", "max_abs_margin", "margin_tol", "pass"}
                                        of the first round
   rounds                               one dict per round (pairs, sample accuracy / reward, final val)
@@ -378,6 +379,15 @@ def evaluate(model, ref, groups, args, pad_id, info, ctx):
 # Sampling rounds: new pairs from the policy's own answers
 
 
+def reward_model(path, tok, device):
+    """reward.py's model (eval mode), refused if it was trained with another tokenizer than the policy:
+    it would read the policy's token ids as other strings."""
+    rm, meta = load_reward_model(path, device)
+    if (meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
+        common.fail(f"the reward model {meta['path']} was trained with another tokenizer than the policy ({tok.path})")
+    return rm
+
+
 def reward_scorer(rm, tok, device, ctx, batch_size=32):
     """reward_fn(conversations, answers) -> raw reward-model scores, the form chat.head_to_head takes.
     Scored locally (no collectives), whatever the rank."""
@@ -511,7 +521,7 @@ def final_evaluation(args, policy_path, tok, device, extra):
                for k, m in models.items()}
     reward_fn, norm = None, None
     if args.reward_model:
-        rm, _ = load_reward_model(args.reward_model, device)
+        rm = reward_model(args.reward_model, tok, device)
         reward_fn = reward_scorer(rm, tok, device, ctx)
         norm = lambda r: (r - rm.reward_mean.item()) / rm.reward_std.item()  # noqa: E731 (reward.py's statistics)
     graded = {k: chat.evaluate_lab(None, tok, records, answers=a) for k, a in answers.items()}
@@ -602,7 +612,7 @@ def train(args, info):
     model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
     rm_fn = None
     if args.rounds > 0 and args.reward_model:
-        rm_fn = reward_scorer(load_reward_model(args.reward_model, device)[0], tok, device, ctx)
+        rm_fn = reward_scorer(reward_model(args.reward_model, tok, device), tok, device, ctx)
     os.makedirs(args.out_dir, exist_ok=True)
     common.save_config(args, args.out_dir)
     logger = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
@@ -735,6 +745,13 @@ def train(args, info):
             if "accuracy_by_kind" in val_metrics:
                 print0("  accuracy by kind: " + ", ".join(f"{k} {v:.3f}"
                                                           for k, v in val_metrics["accuracy_by_kind"].items()))
+            start = summary.get("pref_logp_chosen_init")
+            if start is not None and step > 0 and val_metrics["logp_chosen"] < start - max(1.0, 0.1 * abs(start)):
+                msg = (f"the held-out CHOSEN answers' log-prob fell from {start:.2f} to "
+                       f"{val_metrics['logp_chosen']:.2f}: DPO is pushing both answers down (the rejected faster); "
+                       f"expect odd text -- lower --lr or raise --beta")
+                print0("warning: " + msg)
+                logger.log(event="alarm", round=rnd, step=round_start + step, message=msg)
             if improved and step > 0:
                 checkpoint("best", False, val_metrics)
             return val_metrics
@@ -764,7 +781,8 @@ def train(args, info):
                 print0("step-0 check skipped: the reference is not the starting policy (--ref_model)")
             if val_groups:
                 start_metrics = run_eval()
-                summary.setdefault("pref_logp_accuracy_init", start_metrics["logp_accuracy"])
+                for k in ("logp_accuracy", "logp_chosen", "logp_rejected"):
+                    summary.setdefault(f"pref_{k}_init", start_metrics[k])
 
         # --- the loop ----------------------------------------------------------------------------
         plan_epoch, plan, t_log, tokens = None, None, time.time(), 0

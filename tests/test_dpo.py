@@ -322,6 +322,8 @@ def test_lab_dpo_beats_sft(flawed_sft):
     for key in ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "logp_chosen", "logp_rejected"):
         assert all(key in r for r in steps)
     assert all((out / f).exists() for f in ("best.pt", "final.pt", "round_00.pt", "ref_logps_00.json"))
+    # a healthy run: the chosen answers' log-prob did not collapse (no alarm)
+    assert m["pref_logp_chosen"] > m["pref_logp_chosen_init"] - 1.0 and "alarm" not in [r.get("event") for r in log]
 
 
 def test_rounds_sample_rank_and_train(flawed_sft):
@@ -382,3 +384,24 @@ def test_ddp_two_processes_equal_one_process(flawed_sft):
     l1 = [r["loss"] for r in common.read_jsonl(d / "one" / "log.jsonl") if "round_step" in r]
     l2 = [r["loss"] for r in common.read_jsonl(d / "two" / "log.jsonl") if "round_step" in r]
     assert len(l1) == 2 and l1 == pytest.approx(l2, abs=1e-6)
+
+
+def test_resume_is_exact(flawed_sft):
+    """Stop after step 2 of 4 (only step_0000002.pt and the cached reference log-probs survive), then
+    --resume: the final weights equal an uninterrupted run's, bit for bit."""
+    import shutil
+    d = flawed_sft
+    flags = ["--init_from", str(d / "sft" / "final.pt"), "--data", str(d / "prefs_train.jsonl"), "--val_frac", "0",
+             "--max_steps", "4", "--lr", "1e-3", "--warmup_steps", "1", "--eval_interval", "0", "--save_interval", "2",
+             "--log_interval", "1", "--batch_size", "4", "--precompute_ref", "--keep_last", "0"]
+    dpo.main(flags + ["--out_dir", str(d / "full")])
+    (d / "cut").mkdir()
+    for name in ("step_0000002.pt", "ref_logps_00.json"):
+        shutil.copy(d / "full" / name, d / "cut" / name)
+    with pytest.raises(SystemExit):   # an existing run is never overwritten without --resume
+        dpo.main(flags + ["--out_dir", str(d / "cut")])
+    dpo.main(flags + ["--out_dir", str(d / "cut"), "--resume"])
+    a = torch.load(d / "full" / "final.pt", weights_only=True)
+    b = torch.load(d / "cut" / "final.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
