@@ -175,7 +175,8 @@ def dpo_sigmoid_loss(h, beta, label_smoothing=0.0):
 
 def ipo_loss(h, beta):
     """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
-    Preferences", eq. 17), with h as in dpo_sigmoid_loss and beta in the role of their tau:
+    Preferences", section 5: the sampled IPO loss), with h as in dpo_sigmoid_loss and beta in the
+    role of their regularisation strength tau:
 
         loss = (h - 1 / (2 * beta))^2
 
@@ -255,8 +256,9 @@ def pair_index(sizes, device=None):
         weight += [1.0 / len(pairs)] * len(pairs)
         group += [g] * len(pairs)
         offset += k
-    t = lambda v, dt=torch.long: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-    return t(first), t(second), t(weight, torch.float32), group
+    as_long = dict(dtype=torch.long, device=device)
+    return (torch.tensor(first, **as_long), torch.tensor(second, **as_long),
+            torch.tensor(weight, dtype=torch.float32, device=device), group)
 
 
 def batch_logps(model, groups, pad_id, device, ctx):
@@ -519,11 +521,11 @@ def final_evaluation(args, policy_path, tok, device, extra):
               "sft": common.load_model(sft_path, device)[0].eval()}
     answers = {k: chat.generate_answers(m, tok, convs, max_new_tokens=args.eval_max_new_tokens)
                for k, m in models.items()}
-    reward_fn, norm = None, None
+    reward_fn, stats = None, None
     if args.reward_model:
         rm = reward_model(args.reward_model, tok, device)
         reward_fn = reward_scorer(rm, tok, device, ctx)
-        norm = lambda r: (r - rm.reward_mean.item()) / rm.reward_std.item()  # noqa: E731 (reward.py's statistics)
+        stats = (rm.reward_mean.item(), rm.reward_std.item())   # reward.py's normalisation statistics
     graded = {k: chat.evaluate_lab(None, tok, records, answers=a) for k, a in answers.items()}
     h2h = chat.head_to_head(answers["dpo"], answers["sft"], records, reward_fn=reward_fn)
     kl = kl_estimate(models["dpo"], models["sft"], tok, convs, args.eval_max_new_tokens, args.seed, ctx)
@@ -540,8 +542,8 @@ def final_evaluation(args, policy_path, tok, device, extra):
             "win_rate_reward": h2h["reward"]["win_rate"] if h2h["reward"] else None,
             "mean_reward": h2h["reward"]["mean_a"] if h2h["reward"] else None,
             "mean_reward_sft": h2h["reward"]["mean_b"] if h2h["reward"] else None,
-            "mean_reward_normalized": norm(h2h["reward"]["mean_a"]) if norm else None,
-            "mean_reward_normalized_sft": norm(h2h["reward"]["mean_b"]) if norm else None,
+            "mean_reward_normalized": (h2h["reward"]["mean_a"] - stats[0]) / stats[1] if stats else None,
+            "mean_reward_normalized_sft": (h2h["reward"]["mean_b"] - stats[0]) / stats[1] if stats else None,
             "checker": h2h["checker"], "reward": h2h["reward"], "kl_to_sft": kl, "examples": examples, **extra}
 
 
