@@ -163,8 +163,9 @@ class Split:
     """A set of examples of a source (indices), each cut to fit max_len tokens at a turn boundary."""
 
     def __init__(self, source, indices, max_len):
-        self.source, kept, lengths = source, [], []
+        self.source = source
         self.truncated = self.dropped = 0
+        kept, lengths = [], []
         for i in indices:
             n = int(source.lengths[i])
             if n > max_len:
@@ -244,6 +245,7 @@ def epoch_plan(split, args, epoch):
 
 
 def materialize(item, split, pad_id, pt_tokens, args, epoch, seq_len):
+    """An epoch_plan item -> (x, y) tensors on the CPU."""
     kind, what = item
     if kind == "sft":
         return collate([split.example(k) for k in what], pad_id)
@@ -257,8 +259,11 @@ def materialize(item, split, pad_id, pt_tokens, args, epoch, seq_len):
 
 @torch.no_grad()
 def evaluate(model, split, pad_id, args, info, ctx):
-    batches = [b for b in length_grouped_batches(split.lengths, args.batch_size, 0, 0, group_batches=0)]
-    batches = sorted(batches, key=lambda b: max(split.lengths[k] for k in b))  # fixed, comparable runs
+    """Summed loss over all assistant targets / their number, over the whole split (or the first
+    --eval_steps batches per rank). Batches are the split sorted by length: fixed from one
+    evaluation to the next (so best.pt is not chosen by luck) and with almost no padding."""
+    order = np.argsort(split.lengths, kind="stable")
+    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     if args.eval_steps > 0:
         batches = batches[:args.eval_steps * info.world_size]
     # every rank runs the same number of forwards (FSDP gathers weights collectively): a rank with
