@@ -104,6 +104,29 @@ def test_gqa_fallback_for_old_torch_matches(monkeypatch):
     assert (m(idx)[0] - ref).abs().max() <= 1e-6
 
 
+def test_rope_real_path_for_torch_compile_matches_complex(monkeypatch):
+    """apply_rope multiplies complex numbers in eager mode and spells out the real 2x2 rotation
+    under torch.compile (inductor has no complex codegen): same values and gradients."""
+    x = torch.randn(2, 5, 3, 8, requires_grad=True)
+    rope = Llama(LlamaConfig(dim=32, n_heads=4, n_layers=1, vocab_size=16)).rope[torch.tensor([[0, 1, 2, 3, 4],
+                                                                                             [3, 4, 5, 9, 11]])]
+    out = {}
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        y = model_py.apply_rope(x, rope)
+        (grad,) = torch.autograd.grad((y * torch.arange(8.0)).sum(), x)
+        out[compiling] = y, grad
+    assert (out[True][0] - out[False][0]).abs().max() <= 1e-6
+    assert (out[True][1] - out[False][1]).abs().max() <= 1e-6
+    # and it is a rotation of each (x0, x1) pair by position * theta^(-2i/hd)
+    pos, i = 9, 1
+    angle = pos * 10000.0 ** (-2 * i / 8)
+    x0, x1 = x[1, 3, 0, 2 * i].item(), x[1, 3, 0, 2 * i + 1].item()
+    y0, y1 = out[False][0][1, 3, 0, 2 * i].item(), out[False][0][1, 3, 0, 2 * i + 1].item()
+    assert y0 == pytest.approx(x0 * math.cos(angle) - x1 * math.sin(angle), abs=1e-5)
+    assert y1 == pytest.approx(x0 * math.sin(angle) + x1 * math.cos(angle), abs=1e-5)
+
+
 def test_left_padding_does_not_change_outputs():
     m = tiny()
     seq = torch.randint(0, 256, (1, 10))
