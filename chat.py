@@ -41,7 +41,7 @@ from tokenizer import Tokenizer
 def load_chat_model(path, device="cpu", tokenizer=None):
     """(model, tokenizer) ready for generation, in eval mode on `device`.
 
-    path: a run dir (its final.pt, else best.pt, else the newest step_*.pt), a checkpoint file, or
+    path: a run dir (its best checkpoint, else final, else the newest step_*), a checkpoint file, or
     a HuggingFace dir (weights + tokenizer.model, as model.save_hf + Tokenizer.save_hf write them).
     tokenizer: a Tokenizer or a .model path; None uses the one the checkpoint names (our runs
     record it), else the HF dir's tokenizer.model, else the shipped default."""
@@ -94,7 +94,8 @@ def generate_answers(model, tok, conversations, max_new_tokens=64, temperature=0
     Prompts are rendered with tok.render_prompt, dropping the oldest whole exchanges when a prompt
     plus max_new_tokens would not fit the context; batches are grouped by prompt length (less
     padding) and left-padded by model.generate; each answer stops at any of tok.stop_ids.
-    seed makes sampling (temperature > 0) reproducible; greedy ignores it."""
+    seed makes sampling (temperature > 0) reproducible; greedy ignores it. model: the plain Llama
+    (common.unwrap(model) of a DDP-wrapped one), in any mode: it runs in eval mode and is put back."""
     ctx = model.config.max_seq_len
     if max_new_tokens >= ctx:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of {ctx}")
@@ -105,18 +106,13 @@ def generate_answers(model, tok, conversations, max_new_tokens=64, temperature=0
         generator = torch.Generator(device=device).manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out_ids = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        with _autocast(model):
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                new = model.generate([prompts[i] for i in chunk], max_new_tokens, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, eos_id=tok.stop_ids, generator=generator)
-                for i, ids in zip(chunk, new):
-                    out_ids[i] = strip_stop(ids, tok.stop_ids)
-    finally:
-        model.train(was_training)
+    with common.eval_mode(model), _autocast(model):  # eval: no dropout while answering
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            new = model.generate([prompts[i] for i in chunk], max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, eos_id=tok.stop_ids, generator=generator)
+            for i, ids in zip(chunk, new):
+                out_ids[i] = strip_stop(ids, tok.stop_ids)
     answers = [tok.decode(ids) for ids in out_ids]
     return (answers, out_ids) if return_ids else answers
 
@@ -231,8 +227,7 @@ def chat_loop(model, tok, args, inp=input, out=sys.stdout):
     history = list(system)
     ctx = model.config.max_seq_len
     generator = torch.Generator(device=next(model.parameters()).device)
-    if args.seed is not None:
-        generator.manual_seed(args.seed)
+    generator.manual_seed(args.seed)
     print(f"chatting with {args.model} ({model.num_params() / 1e6:.1f}M parameters, context {ctx}). "
           "/reset to start over, /exit to quit.", file=out, flush=True)
     while True:
@@ -293,7 +288,7 @@ def get_args(argv=None):
     p.add_argument("--top_k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the smallest set with mass >= p")
     p.add_argument("--max_new_tokens", type=int, default=128, help="answer length limit, in tokens")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0; default: random)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--prompt", default=None, help="one-shot: answer this user message and exit")
     mode.add_argument("--prompts_file", default=None, help="answer every non-empty line; prints JSONL {prompt, answer}")
@@ -312,6 +307,8 @@ def main(argv=None):
     args = get_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.seed is None:  # torch's default generator starts from the same seed in every process
+        args.seed = int.from_bytes(os.urandom(4), "little")
     device = torch.device(args.device)
     model, tok = load_chat_model(args.model, device, args.tokenizer)
     ctx = model.config.max_seq_len
@@ -342,4 +339,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad paths or files: one clear line, no traceback
+        sys.exit(f"error: {e}")
