@@ -30,7 +30,11 @@ What the script shows while it trains (every log line and every eval):
                                     watch for logp_chosen FALLING (both answers made less likely, the
                                     rejected one faster), a known failure mode that ends in odd text.
   the step-0 check                  policy == reference, so every margin is 0 and the loss is exactly
-                                    ln 2 (sigmoid; (1/(2 beta))^2 for IPO): printed PASS / FAIL.
+                                    ln 2 (sigmoid; (1/(2 beta))^2 for IPO): printed PASS / FAIL. (With
+                                    --precompute_ref the margins are rounding noise, ~1e-6, because the
+                                    reference ran on other batch shapes: the first log line's accuracy
+                                    is then a coin toss, not a signal.)
+  an alarm                          when the held-out chosen log-prob falls by more than 10% (or 1 nat)
 
 Rounds (--rounds N): after the first DPO pass (on --data, if given) each round samples --samples
 answers per prompt from the current policy (temperature > 0), ranks them with the reward model or
