@@ -204,3 +204,14 @@ def test_win_rate_and_head_to_head():
     assert res["checker"]["win_rate"] == pytest.approx((0.5 + 1 + 0) / 3)
     assert res["checker"]["accuracy_a"] == pytest.approx(2 / 3) and res["checker"]["accuracy_b"] == pytest.approx(2 / 3)
     assert res["reward"]["win_rate"] == 0.5 and res["reward"]["ties"] == 3
+
+
+def test_huggingface_dir_answers_the_same(loaded, tmp_path):
+    """An HF directory written by model.save_hf + Tokenizer.save_hf chats exactly like our checkpoint."""
+    model, tok = loaded
+    model.save_hf(str(tmp_path / "hf"), bos_id=tok.bos_id, eos_id=tok.eos_id)
+    tok.save_hf(str(tmp_path / "hf"))
+    hf_model, hf_tok = chat.load_chat_model(str(tmp_path / "hf"), "cpu")
+    assert hf_tok.sha256 == tok.sha256
+    prompts = [REMEMBER, ASK, PET]
+    assert chat.generate_answers(hf_model, hf_tok, prompts, 24) == chat.generate_answers(model, tok, prompts, 24)
