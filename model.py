@@ -520,14 +520,21 @@ class Llama(nn.Module):
             hf = json.load(f)
         if hf.get("model_type", "llama") != "llama":
             raise ValueError(f"{hf_dir}: model_type {hf.get('model_type')!r} is not 'llama'")
-        if hf.get("rope_scaling"):
-            raise ValueError(f"{hf_dir}: rope_scaling {hf['rope_scaling']} is not supported")
+        # transformers >= 5 nests rope_theta in "rope_parameters" (with a rope_type); older files
+        # have a top-level rope_theta and an optional rope_scaling. Only plain RoPE is supported.
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling:
+            raise ValueError(f"{hf_dir}: RoPE scaling {scaling} is not supported")
+        for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            if hf.get(key, want) != want:
+                raise ValueError(f"{hf_dir}: {key}={hf[key]!r} is not LLaMA's ({want!r}); not supported")
         n_heads = hf["num_attention_heads"]
         fields_ = dict(
             dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=hf.get("num_key_value_heads") or n_heads, vocab_size=hf["vocab_size"],
             hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=hf.get("rope_theta", 10000.0), max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), max_seq_len=hf.get("max_position_embeddings", 2048),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
         if (hf.get("head_dim") or hf["hidden_size"] // n_heads) != hf["hidden_size"] // n_heads:
             raise ValueError(f"{hf_dir}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads "

@@ -356,6 +356,33 @@ def test_hf_round_trip_is_exact_and_logits_match_transformers(tmp_path, tie):
         assert (ours - theirs)[mask.bool()].abs().max() <= 1e-4
 
 
+def test_loads_a_checkpoint_written_by_transformers(tmp_path):
+    """The other direction: a LlamaForCausalLM built and saved by transformers itself (its own
+    config.json layout, e.g. rope_theta nested in rope_parameters; tied head left out)."""
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, vocab_size=300,
+                                   max_position_embeddings=128, rope_theta=500000.0, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():   # sharper attention than at init, so that positions matter
+        for layer in ref.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+    ref.save_pretrained(str(tmp_path))
+    m = Llama.from_hf(str(tmp_path)).eval()
+    assert (m.config.rope_theta, m.config.n_kv_heads, m.config.hidden_dim) == (500000.0, 1, 160)
+    idx = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        assert (m(idx)[0] - ref(idx).logits).abs().max() <= 1e-4
+    # what we cannot run is refused, not silently mis-loaded
+    c = json.loads((tmp_path / "config.json").read_text())
+    for key, value in (("rope_parameters", {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
+                       ("attention_bias", True)):
+        (tmp_path / "config.json").write_text(json.dumps({**c, key: value}))
+        with pytest.raises(ValueError, match="not supported"):
+            Llama.from_hf(str(tmp_path))
+
+
 def test_hf_greedy_generate_matches(tmp_path):
     m = tiny().eval()
     m.save_hf(str(tmp_path), eos_id=2)
