@@ -37,8 +37,10 @@ Log-probs: all of them (old, new, reference) are log softmax(logits / temperatur
 the tokens were sampled from. With --top_k/--top_p the samples come from a truncated distribution
 that these log-probs do not describe: the ratio check still holds, the KL estimate does not.
 
-Run directory: config.json, log.jsonl (one row per iteration, "eval" / "alarm" / "samples" events),
-step_XXXXXXX.pt (resume: actor + critic + optimizers), final.pt (the actor only: a normal LM checkpoint
+Run directory: config.json, log.jsonl (one row per iteration: step, reward_raw(_std), reward_norm(_std),
+accuracy (checker, on the rollout), kl (k1 per answer), kl_k3, kl_coef, length, eos_frac, repeat_frac,
+entropy, clipfrac, approx_kl, ratio_dev, policy_loss, value_loss, vf_clipfrac, explained_var, ptx_loss,
+time_gen / time_score / time_train; and "eval" / "alarm" / "samples" / "end" events), step_XXXXXXX.pt (resume: actor + critic + optimizers), final.pt (the actor only: a normal LM checkpoint
 for chat.py, save_hf, dpo.py), metrics.json (what the lab report reads; keys as dpo.py's):
   accuracy, accuracy_sft               lab-checker accuracy of greedy PPO / SFT answers on --eval_data
   accuracy_by_kind, accuracy_by_kind_sft   the same per record kind (task)
@@ -50,12 +52,15 @@ for chat.py, save_hf, dpo.py), metrics.json (what the lab report reads; keys as 
   kl_to_sft                            KL(pi || pi_sft) per answer in nats (k1 on temperature-1 samples)
   accuracy_sampled, accuracy_sampled_sft, mean_reward_sampled, mean_reward_sampled_sft   with
                                        --eval_samples K: K answers per prompt at --temperature
-  n_eval, eval_data, policy, sft_model, reward_model, examples, stage ("ppo"), steps
+  examples                             the first 6 prompts: {question, sft, ppo, ok_sft, ok_ppo}
+  n_eval, eval_data, policy (final.pt), sft_model, reward_model, stage ("ppo"), steps (iterations)
   kl_coef, kl_coef_init, kl_estimator  the KL coefficient at the end / start
   invariants                           {ratio_max_dev, approx_kl_max, ratio_tol, ratio_failures,
                                         k3_min, kl_at_start, iterations}
   alarms                               every reward-hacking alarm raised ({iteration, kind, message})
-  train                                first/last rollout reward, accuracy, length, KL
+  train                                rollout reward (raw, normalised), accuracy, length, repeat_frac,
+                                       KL: {"first", "last"} = means over the first / last --alarm_window
+  weights_in_sync                      all processes ended with identical actor and critic weights
 
 Simplifications on purpose: no FSDP (generation runs on whole models); the critic is a separate model
 (no shared trunk with a value head: nothing shared by accident, at twice the memory); advantages are
@@ -298,6 +303,16 @@ def hacking_alarms(history, window):
     return out
 
 
+def train_summary(history, window):
+    """Rollout statistics averaged over the first and the last `window` iterations (single iterations are noisy)."""
+    def avg(rows, key):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+    w = max(1, min(window, len(history)))
+    return {k: {"first": avg(history[:w], k), "last": avg(history[-w:], k)}
+            for k in ("reward_raw", "reward_norm", "accuracy", "length", "repeat_frac", "kl")} if history else {}
+
+
 def repeats(ids, n=4):
     """Does the token list contain some n-gram twice (an answer on a loop)?"""
     grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
@@ -536,6 +551,8 @@ def train(args, info):
     ctx_len = actor.config.max_seq_len
     records, prompt_ids = load_prompts(args.prompts, tok, ctx_len - args.max_new_tokens)
     eval_records = chat.read_records(args.eval_data) if args.eval_data else None
+    if eval_records and any("messages" not in r or "truth" not in r for r in eval_records):
+        common.fail(f"{args.eval_data}: every evaluation record needs 'messages' and 'truth' (lab rl_eval / eval_qa)")
     ptx = PtxData(args.ptx_data, tok, ctx_len, args.seed) if args.ptx_coef > 0 else None
 
     actor, critic = actor.to(device), critic.to(device)
@@ -771,8 +788,7 @@ def train(args, info):
            f"(tolerance {ratio_tol:g}, {fails} failure(s)), max approx KL {inv['approx_kl_max']:.2e}, min k3 {inv['k3_min']:.2e}")
     out = {"stage": "ppo", "policy": final, "steps": it, "kl_coef": kl_ctl.value, "kl_coef_init": args.kl_coef,
            "kl_estimator": args.kl_estimator, "invariants": inv, "alarms": alarms, "weights_in_sync": in_sync,
-           "train": {k: {"first": history[0].get(k), "last": history[-1].get(k)} for k in
-                     ("reward_raw", "reward_norm", "accuracy", "length", "kl")} if history else {}}
+           "train": train_summary(history, args.alarm_window)}
     if info.is_main:
         if eval_records:
             t0 = time.time()
@@ -796,8 +812,6 @@ def final_evaluation(args, actor, rm, reward_fn, tok, records, device, ctx):
     """PPO actor vs the SFT model on held-out lab prompts: greedy answers graded by the checker and the
     reward model (dpo.py reports the same keys), the KL to SFT, optionally sampled answers too."""
     records = records[:args.eval_limit] if args.eval_limit > 0 else records
-    if any("messages" not in r or "truth" not in r for r in records):
-        common.fail(f"{args.eval_data}: every evaluation record needs 'messages' and 'truth' (lab rl_eval / eval_qa)")
     convs = [r["messages"] for r in records]
     sft_path = args.sft_model or args.init_from
     models = {"ppo": actor, "sft": common.load_model(sft_path, device)[0].eval()}

@@ -305,9 +305,8 @@ def write_jsonl(path, records):
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-@pytest.fixture(scope="module")
-def lab_models(tmp_path_factory, tok):
-    d = tmp_path_factory.mktemp("ppo_lab")
+def build_lab_models(d, tok):
+    """The lab fixture's files and models in directory d (a function, so experiments can rebuild it)."""
     sets = lab.generate(seed=0, pretrain_docs=10, sft_train=10, sft_val=10)
     prefs = [r for r in sets["prefs_train"] if r["task"] in TASKS]
     rng = random.Random(0)
@@ -335,6 +334,11 @@ def lab_models(tmp_path_factory, tok):
     finally:
         torch.set_num_threads(n)
     return d
+
+
+@pytest.fixture(scope="module")
+def lab_models(tmp_path_factory, tok):
+    return build_lab_models(tmp_path_factory.mktemp("ppo_lab"), tok)
 
 
 def ppo_argv(d, out, *extra):
@@ -383,6 +387,22 @@ def test_lab_ppo_beats_sft(lab_models, one_thread):
     model.save_hf(str(d / "ppo_hf"))     # ... and exports to HuggingFace like any other stage's model
     back = Llama.from_hf(str(d / "ppo_hf")).state_dict()
     assert all(torch.equal(v, back[k]) for k, v in model.state_dict().items())
+
+
+def test_without_kl_penalty_the_actor_hacks_the_reward_model_and_the_alarm_fires(lab_models, tmp_path, one_thread):
+    """Issue 10's class exercise: no KL penalty and a large step size. The actor drifts to garbled answers the
+    small reward model over-rates ("I't aboutMy型型型型。" scored +3.9), rollout reward rises while the checker's
+    accuracy falls, and the alarm reports it with examples. Measured on this fixture: an alarm within 20
+    iterations for --seed 1..5 (reward_vs_accuracy 4x, length 1x); with --seed 3 at iterations 10 and 15."""
+    d = lab_models
+    m = ppo.main(ppo_argv(d, tmp_path / "hack", "--max_steps", "16", "--rollout_batch", "32", "--kl_coef", "0",
+                          "--lr", "1e-3", "--min_lr", "1e-3", "--ppo_epochs", "4", "--warmup_steps", "0", "--seed", "3"))
+    assert "reward_vs_accuracy" in {a["kind"] for a in m["alarms"]}
+    assert m["train"]["reward_raw"]["last"] > m["train"]["reward_raw"]["first"] + 0.5
+    assert m["train"]["accuracy"]["last"] < m["train"]["accuracy"]["first"] - 0.05
+    events = [r for r in common.read_jsonl(str(tmp_path / "hack" / "log.jsonl")) if r.get("event") == "alarm"]
+    assert events and all(len(e["examples"]) == 2 for e in events)
+    assert events[0]["examples"][0]["ok"] is False                     # a high-reward answer the checker rejects
 
 
 def test_exact_resume(lab_models, tmp_path, one_thread):
