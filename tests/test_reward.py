@@ -358,20 +358,20 @@ def test_lab_reward_model_accuracy(lab_rm):
     assert set(split["per_kind"]) == kinds and set(test["per_kind"]) == kinds
     n_val = len((lab_rm["root"] / "lab" / "prefs_val.jsonl").read_text().splitlines())
     assert test["pairs"] == test["groups"] == n_val and split["pairs"] == split["groups"]   # one pair per record
-    # Measured with this fixture (seed 0, 200 steps, 1 thread; lab world of commit bdafc62): seen
-    # people 0.923, unseen people 0.887 -- under the 0.9 aim on unseen people because of wrong facts
-    # (below). Other model/data seeds gave 0.907-0.947 / 0.802-0.887; the thresholds sit under that.
+    # Measured with this fixture (seed 0, 200 steps, 1 thread; lab world of commit 051f983): seen
+    # people 0.887, unseen people 0.870 -- under the 0.9 aim because of wrong facts (below). Other
+    # model/data seeds and lab versions gave 0.887-0.947 / 0.802-0.887; the thresholds sit under that.
     assert split["accuracy"] >= 0.85
     assert test["accuracy"] >= 0.78
     # every kind that can be judged from the text is ranked below the chosen answer
     for m in (split, test):
         assert m["per_kind"]["rude"]["accuracy"] >= 0.95          # measured 1.00 / 1.00 (range 0.98-1.00)
-        assert m["per_kind"]["rambling"]["accuracy"] >= 0.95      # measured 0.99 / 0.99 (range 0.99-1.00)
-    assert split["per_kind"]["wrong_language"]["accuracy"] >= 0.85   # measured 1.00 (range 0.94-1.00)
-    assert test["per_kind"]["wrong_language"]["accuracy"] >= 0.75    # measured 0.97 (range 0.82-0.97)
+        assert m["per_kind"]["rambling"]["accuracy"] >= 0.95      # measured 1.00 / 1.00 (range 0.99-1.00)
+    assert split["per_kind"]["wrong_language"]["accuracy"] >= 0.85   # measured 0.95 (range 0.94-1.00)
+    assert test["per_kind"]["wrong_language"]["accuracy"] >= 0.75    # measured 0.94 (range 0.82-0.97)
     # wrong facts, per task: an identity or refusal answer is wrong in its words ("I am a human
     # being", complying with a harmful request), which the model learns; a wrong city, pet or sum
-    # can only be told from knowledge this stand-in SFT model never had (measured 0.35-0.64: chance).
+    # can only be told from knowledge this stand-in SFT model never had (measured 0.48 / 0.54 on facts / sums: chance).
     per_task = lab_rm["wrong_fact_per_task"]
     print("wrong_fact on prefs_val by task: "
           + ", ".join(f"{t} {sum(v) / len(v):.2f} (n={len(v)})" for t, v in per_task.items()))
