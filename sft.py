@@ -166,8 +166,9 @@ class Split:
         self.source = source
         self.truncated = self.dropped = 0
         kept, lengths = [], []
+        all_lengths = np.asarray(source.lengths)  # once: SFTDataset computes it from the offsets
         for i in indices:
-            n = int(source.lengths[i])
+            n = int(all_lengths[i])
             if n > max_len:
                 n = turn_cut(source[i][1], max_len)
                 if n == 0:

@@ -259,16 +259,24 @@ def test_ddp_and_fsdp_match_one_process(tmp_path, tiny_init, one_thread):
             [r["val_loss"] for r in ref if r.get("event") == "eval"], abs=1e-5)
 
 
-def test_init_from_huggingface_dir(tmp_path, tiny_init, tok, one_thread):
-    """--init_from accepts a HuggingFace directory: same weights in, same fine-tuned weights out."""
+def test_huggingface_init_and_pretokenised_data(tmp_path, tiny_init, tok, one_thread):
+    """--init_from a HuggingFace directory, and --data a data/sft_prepare.py directory, train exactly
+    like our checkpoint and the JSONL file they were made from."""
+    from data.sft_prepare import sft_prepare
     model, _ = common.load_model(str(tiny_init))
     model.save_hf(str(tmp_path / "hf"), bos_id=tok.bos_id, eos_id=tok.eos_id)
     tok.save_hf(str(tmp_path / "hf"))
+    sft_prepare([str(tmp_path / "sft_train.jsonl")], str(tmp_path / "mm"), tok.path, workers=1, verbose=False)
     flags = ("--max_steps", "3", "--eval_interval", "0")
     sft.main(sft_argv(tmp_path, tiny_init, tmp_path / "ours", *flags))
     sft.main(sft_argv(tmp_path, tmp_path / "hf", tmp_path / "from_hf", *flags))
-    a, b = final_weights(tmp_path / "ours"), final_weights(tmp_path / "from_hf")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    argv = sft_argv(tmp_path, tiny_init, tmp_path / "from_mm", *flags)
+    argv[argv.index("--data") + 1] = str(tmp_path / "mm")
+    sft.main(argv)
+    a = final_weights(tmp_path / "ours")
+    for other in ("from_hf", "from_mm"):
+        b = final_weights(tmp_path / other)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, other
 
 
 def test_exact_resume_and_epoch_token_counts(tmp_path, tiny_init, one_thread):
