@@ -49,7 +49,8 @@ for chat.py, save_hf, dpo.py), metrics.json (what the lab report reads; keys as 
   mean_reward, mean_reward_sft         mean raw reward-model score of the greedy answers
   mean_reward_normalized, mean_reward_normalized_sft   the same after reward.py's normalisation
   checker, reward                      chat.head_to_head's full dicts
-  kl_to_sft                            KL(pi || pi_sft) per answer in nats (k1 on temperature-1 samples)
+  kl_to_sft                            KL(pi || pi_sft) per answer in nats (k1 on temperature-1 samples;
+                                       max(1, --eval_samples) per prompt)
   accuracy_sampled, accuracy_sampled_sft, mean_reward_sampled, mean_reward_sampled_sft   with
                                        --eval_samples K: K answers per prompt at --temperature
   examples                             the first 6 prompts: {question, sft, ppo, ok_sft, ok_ppo}
@@ -829,7 +830,9 @@ def final_evaluation(args, actor, rm, reward_fn, tok, records, device, ctx):
            "mean_reward": h2h["reward"]["mean_a"], "mean_reward_sft": h2h["reward"]["mean_b"],
            "mean_reward_normalized": norm(h2h["reward"]["mean_a"]), "mean_reward_normalized_sft": norm(h2h["reward"]["mean_b"]),
            "checker": h2h["checker"], "reward": h2h["reward"],
-           "kl_to_sft": kl_to_model(actor, models["sft"], tok, convs, args.eval_max_new_tokens, args.seed, ctx),
+           # k1 is unbiased but noisy (single answers can give a negative sum): K samples per prompt with --eval_samples K
+           "kl_to_sft": kl_to_model(actor, models["sft"], tok, [c for c in convs for _ in range(max(1, args.eval_samples))],
+                                    args.eval_max_new_tokens, args.seed, ctx),
            "examples": [{"question": r["messages"][-1]["content"], "sft": s, "ppo": p, "ok_sft": lab.check(s, r["truth"]),
                          "ok_ppo": lab.check(p, r["truth"])}
                         for r, s, p in list(zip(records, answers["sft"], answers["ppo"]))[:6]]}
