@@ -1,0 +1,984 @@
+"""
+run_lab.py -- the lab: one command from nothing to an aligned chat model, with a report card.
+
+    python run_lab.py                           # 2 CPU cores, the default lab size -> lab_run/report.md
+    python run_lab.py --size tiny --out_dir /tmp/lab_tiny      # the CI size: a few hundred steps in all
+    python run_lab.py --device cuda             # a larger model on one GPU (size "gpu"), a few minutes
+    python run_lab.py --force_from sft          # re-run SFT (and, because its output changes, all after it)
+    python run_lab.py --train_tokenizer         # train a tokenizer on the lab data instead of the shipped one
+    python run_lab.py --dry_run                 # print every stage's command, run nothing
+    python run_lab.py --size tiny --golden tests/golden_lab_tiny.json   # does my modified code still behave?
+Two stages of the pipeline live in this file and run alone too (the pipeline runs exactly these lines):
+    python run_lab.py --evaluate lab_run        # the evaluation stage: lab_run/eval/eval.json
+    python run_lab.py --report lab_run          # rewrite lab_run/report.md + report.json from what is there
+
+The stages, each the real script run as a subprocess; its command is printed before it runs, so any
+stage can be re-run alone by copying that line (run from the repository root):
+    data       data/lab.py        the seeded bilingual lab world: corpus, conversations, preferences, evals
+    tokenizer  tokenizer/train.py (only with --train_tokenizer; otherwise the shipped tokenizer/lab.model)
+    prepare    data/prepare.py    the corpus -> flat token memmaps (train.bin, val.bin, meta.json)
+    pretrain   pretrain.py        a LLaMA from scratch on the memmaps
+    sft        sft.py             chat-template fine-tuning with an assistant-only loss
+    reward     reward.py          the reward model (Bradley-Terry on pairs and rankings), from SFT
+    dpo        dpo.py             Direct Preference Optimization from SFT on the preference pairs
+    ppo        rlhf_ppo.py        PPO against the reward model, from SFT, KL-penalised to SFT
+    eval       run_lab.py --evaluate   every model on the held-out questions, side by side
+    report     run_lab.py --report     report.md (GitHub-readable, SVG curves) + report.json
+
+Idempotent, like make: a stage is skipped when its final artefact (written atomically by the stage:
+world.json, meta.json, final.pt, metrics.json, eval.json) exists AND its small state file
+(<stage dir>/lab_stage.json, written by this script after the stage succeeded) says it was made by
+the same command, from the same upstream artefacts (size + mtime) and the same source code (sha256 of
+the stage's script and the modules it leans on). Anything else re-runs the stage, after deleting its
+directory (the stage scripts refuse to overwrite a run). So a crashed pipeline resumes at the stage
+that failed; `rm -r lab_run/sft` (or editing sft.py -- the class exercises) re-runs SFT and every stage
+downstream of it, and nothing upstream. Downstream means "reads its output": PPO does not read DPO's,
+so deleting dpo/ re-runs dpo and eval only.
+
+Timing: wall-clock and CPU time (resource.getrusage(RUSAGE_CHILDREN), the stage and its workers) per
+stage are recorded in its state file and reported; on a shared machine the CPU time is the honest one.
+
+Simplifications on purpose: a stage that fails is re-run from its start (the stages support --resume,
+but at lab sizes a stage takes a minute or two, and a half-written run directory is easier to delete
+than to reason about); the sizes below are plain dicts, not flags -- edit them, or copy a printed
+command and change its flags.
+"""
+import argparse
+import hashlib
+import html
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# Sizes: every stage's flags. "lab" is tuned for 2 CPU cores (whole pipeline <= 15 min), "tiny" for
+# CI (the same directions, a few hundred optimizer steps in all), "gpu" for one GPU (a few minutes).
+# Keys are the stages' own flag names (data/lab.py spells its knobs with dashes; translated below).
+
+SIZES = {
+    "tiny": dict(
+        data=dict(pretrain_docs=8000, sft_train=1500, sft_val=100, prefs_train=1000, prefs_val=200, rank_train=100,
+                  rl_prompts=300, rl_eval=100),
+        model=dict(model="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=128),
+        pretrain=dict(max_steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_interval=50,
+                      eval_steps=5, log_interval=10),
+        sft=dict(max_steps=100, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=10, eval_interval=50, log_interval=10),
+        reward=dict(max_steps=60, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=6, eval_interval=30, log_interval=5),
+        dpo=dict(max_steps=40, batch_size=8, lr=2e-4, min_lr=2e-5, warmup_steps=4, beta=0.1, eval_interval=20,
+                 log_interval=5),
+        ppo=dict(max_steps=10, batch_size=16),
+        eval=dict(max_new_tokens=32),
+    ),
+    "lab": dict(
+        data=dict(),
+        model=dict(model="lab", seq_len=256),
+        pretrain=dict(max_steps=250, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_interval=50,
+                      eval_steps=10, log_interval=10),
+        sft=dict(max_steps=250, batch_size=16, lr=5e-4, min_lr=5e-5, warmup_steps=25, eval_interval=50,
+                 log_interval=10),
+        reward=dict(max_steps=150, batch_size=8, lr=3e-4, min_lr=3e-5, warmup_steps=15, eval_interval=50,
+                    log_interval=10),
+        dpo=dict(max_steps=100, batch_size=8, lr=1e-4, min_lr=1e-5, warmup_steps=10, beta=0.1, eval_interval=50,
+                 log_interval=10, eval_limit=64),
+        ppo=dict(max_steps=30, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.02,
+                 eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10),
+        eval=dict(max_new_tokens=48),
+    ),
+    "gpu": dict(
+        data=dict(pretrain_docs=100000, sft_train=20000, prefs_train=12000, rank_train=2000, rl_prompts=4000),
+        model=dict(model="lab", dim=512, n_layers=8, n_heads=8, n_kv_heads=4, seq_len=256),
+        pretrain=dict(max_steps=3000, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=200, eval_interval=500,
+                      eval_steps=20, log_interval=50),
+        sft=dict(max_steps=1500, batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=100, eval_interval=500,
+                 log_interval=50),
+        reward=dict(max_steps=600, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=50, eval_interval=200,
+                    log_interval=20),
+        dpo=dict(max_steps=400, batch_size=32, lr=5e-5, min_lr=5e-6, warmup_steps=40, beta=0.1, eval_interval=200,
+                 log_interval=20),
+        ppo=dict(max_steps=100, batch_size=64),
+        eval=dict(max_new_tokens=48),
+    ),
+}
+
+# The source files each stage's result depends on (besides its own script): editing one re-runs the
+# stage. model.py and common.py are everywhere; the tokenizer and the checker where they are used.
+CORE = ["model.py", "common.py", "tokenizer/tokenizer.py"]
+CODE = {
+    "data": ["data/lab.py"],
+    "tokenizer": ["tokenizer/train.py"],
+    "prepare": ["data/prepare.py", "tokenizer/tokenizer.py"],
+    "pretrain": ["pretrain.py", "data/prepare.py"] + CORE,
+    "sft": ["sft.py", "data/formats.py"] + CORE,
+    "reward": ["reward.py", "data/formats.py"] + CORE,
+    "dpo": ["dpo.py", "reward.py", "chat.py", "data/formats.py", "data/lab.py"] + CORE,
+    "ppo": ["rlhf_ppo.py", "reward.py", "chat.py", "data/lab.py"] + CORE,
+    "eval": ["run_lab.py", "chat.py", "reward.py", "data/lab.py"] + CORE,
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="The nanollama lab: data -> tokenizer -> pretrain -> SFT -> reward "
+                                            "model -> DPO -> PPO -> evaluation -> report (see the docstring).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out_dir", default="lab_run", help="run directory: one sub-directory per stage, report.md")
+    p.add_argument("--size", default="auto", choices=["auto"] + list(SIZES),
+                   help="hyper-parameter set; auto = gpu with --device cuda, else lab")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="passed to every stage")
+    p.add_argument("--seed", type=int, default=0, help="one seed for the world, the data split and every stage")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads per stage (OMP_NUM_THREADS; 0 = torch's default). 1 is deterministic and, for "
+                        "models this small, as fast as 2 on a busy machine (idle OpenMP threads spin)")
+    p.add_argument("--train_tokenizer", action="store_true",
+                   help="train a sentencepiece tokenizer on the lab data (default: reuse tokenizer/lab.model)")
+    p.add_argument("--force", action="store_true", help="re-run every stage")
+    p.add_argument("--force_from", default=None, metavar="STAGE",
+                   help="re-run this stage; every stage that reads its output re-runs with it")
+    p.add_argument("--stop_after", default=None, metavar="STAGE", help="stop after this stage (no report)")
+    p.add_argument("--dry_run", action="store_true", help="print the stage commands and whether each would run")
+    p.add_argument("--golden", default=None, metavar="JSON",
+                   help="after the run, compare report.json with these golden values; exit 1 on a miss")
+    p.add_argument("--write_golden", default=None, metavar="JSON",
+                   help="after the run, write this run's golden values (with default tolerances) to JSON")
+    m = p.add_argument_group("the two in-file stages, alone")
+    m.add_argument("--evaluate", default=None, metavar="RUN_DIR", help="run only the evaluation stage of RUN_DIR")
+    m.add_argument("--report", default=None, metavar="RUN_DIR", help="only (re)write RUN_DIR's report")
+    m.add_argument("--max_new_tokens", type=int, default=48, help="--evaluate: answer length limit (greedy)")
+    m.add_argument("--batch_size", type=int, default=32, help="--evaluate: prompts per generate call")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        import torch   # only here: the pipeline itself never needs torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.size == "auto":
+        args.size = "gpu" if args.device == "cuda" else "lab"
+    return args
+
+
+# -----------------------------------------------------------------------------
+# The stages: commands, directories, artefacts, dependencies
+
+
+class Stage:
+    """One pipeline stage. cmd: argv after "python" (None: nothing to run, e.g. the shipped
+    tokenizer); out: its directory (deleted before a re-run); artefact: the file whose presence
+    means "done" (the stage writes it atomically, last); needs: upstream stages whose artefacts
+    it reads."""
+
+    def __init__(self, name, what, cmd, out, artefact, needs, code, env=None):
+        self.name, self.what, self.cmd, self.out, self.artefact = name, what, cmd, out, artefact
+        self.needs, self.code, self.env = needs, code, env or {}
+
+
+def flags(d):
+    """{"lr": 1e-3, "batch_size": 16} -> ["--lr", "0.001", "--batch_size", "16"]."""
+    out = []
+    for k, v in d.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+def build_stages(args):
+    """The pipeline for these arguments, in order."""
+    S, R = SIZES[args.size], args.out_dir
+    j = lambda *parts: os.path.join(R, *parts)   # noqa: E731  (a path inside the run directory)
+    data, common_flags = j("data"), ["--device", args.device, "--seed", str(args.seed)]
+    lab_knobs = []
+    for k, v in S["data"].items():
+        lab_knobs += [f"--{k.replace('_', '-')}", str(v)]
+    stages = [Stage("data", "the lab world (bilingual synthetic facts, conversations, preferences, evals)",
+                    ["data/lab.py", "--out", data, "--seed", str(args.seed)] + lab_knobs,
+                    data, j("data", "world.json"), [], CODE["data"])]
+    if args.train_tokenizer:
+        tok = j("tokenizer", "lab.model")
+        stages.append(Stage("tokenizer", "sentencepiece BPE trained on the lab data (2048 pieces, split Han)",
+                            ["tokenizer/train.py", "--out", tok, "--vocab_size", "2048", "--split_han",
+                             "--character_coverage", "1.0", "--fields", "text,messages,chosen,rejected,responses",
+                             "--seed", str(args.seed)]
+                            + [os.path.join(data, f) for f in ("pretrain.jsonl", "sft_train.jsonl", "prefs_train.jsonl",
+                                                               "rank_train.jsonl", "rl_prompts.jsonl")],
+                            j("tokenizer"), tok, ["data"], CODE["tokenizer"]))
+    else:
+        tok = "tokenizer/lab.model"
+        stages.append(Stage("tokenizer", "the shipped tokenizer/lab.model (reproduce: tokenizer/train.py's docstring)",
+                            None, None, tok, [], []))
+    tok_flags = ["--tokenizer", tok]
+    stages.append(Stage("prepare", "tokenize the corpus into token memmaps",
+                        ["data/prepare.py", "--input", os.path.join(data, "pretrain.jsonl"), "--out", j("tokens"),
+                         "--workers", "2", "--seed", str(args.seed)] + tok_flags,
+                        j("tokens"), j("tokens", "meta.json"), ["data", "tokenizer"], CODE["prepare"]))
+    stages.append(Stage("pretrain", "a LLaMA from scratch on the lab corpus",
+                        ["pretrain.py", "--data", j("tokens"), "--out_dir", j("pretrain"), "--save_interval", "0"]
+                        + flags(S["model"]) + flags(S["pretrain"]) + common_flags + tok_flags,
+                        j("pretrain"), j("pretrain", "final.pt"), ["prepare", "tokenizer"], CODE["pretrain"]))
+    stages.append(Stage("sft", "supervised fine-tuning on lab conversations (assistant-only loss)",
+                        ["sft.py", "--init_from", j("pretrain", "final.pt"), "--data", os.path.join(data, "sft_train.jsonl"),
+                         "--val_data", os.path.join(data, "sft_val.jsonl"), "--out_dir", j("sft"), "--save_interval", "0"]
+                        + flags(S["sft"]) + common_flags,
+                        j("sft"), j("sft", "final.pt"), ["pretrain", "data"], CODE["sft"]))
+    stages.append(Stage("reward", "the reward model, from SFT, on preference pairs and ranked lists",
+                        ["reward.py", "--init_from", j("sft", "final.pt"),
+                         "--data", os.path.join(data, "prefs_train.jsonl"), os.path.join(data, "rank_train.jsonl"),
+                         "--val_data", os.path.join(data, "prefs_val.jsonl"), "--out_dir", j("reward"),
+                         "--save_interval", "0"] + flags(S["reward"]) + common_flags,
+                        j("reward"), j("reward", "final.pt"), ["sft", "data"], CODE["reward"]))
+    stages.append(Stage("dpo", "Direct Preference Optimization from SFT (reference = SFT)",
+                        ["dpo.py", "--init_from", j("sft", "final.pt"), "--data", os.path.join(data, "prefs_train.jsonl"),
+                         "--val_data", os.path.join(data, "prefs_val.jsonl"), "--out_dir", j("dpo"),
+                         "--eval_data", os.path.join(data, "rl_eval.jsonl"), "--reward_model", j("reward", "final.pt"),
+                         "--save_interval", "0"] + flags(S["dpo"]) + common_flags,
+                        j("dpo"), j("dpo", "metrics.json"), ["sft", "reward", "data"], CODE["dpo"]))
+    stages.append(Stage("ppo", "PPO RLHF: actor from SFT, reward model, KL penalty to SFT",
+                        ["rlhf_ppo.py", "--init_from", j("sft", "final.pt"), "--reward_model", j("reward", "final.pt"),
+                         "--prompts", os.path.join(data, "rl_prompts.jsonl"), "--eval_data",
+                         os.path.join(data, "rl_eval.jsonl"), "--out_dir", j("ppo"), "--save_interval", "0"]
+                        + flags(S["ppo"]) + common_flags,
+                        j("ppo"), j("ppo", "metrics.json"), ["sft", "reward", "data"], CODE["ppo"]))
+    stages.append(Stage("eval", "every model on the held-out lab questions; the reward model on its answers",
+                        ["run_lab.py", "--evaluate", R, "--device", args.device] + flags(S["eval"]),
+                        j("eval"), j("eval", "eval.json"), ["pretrain", "sft", "reward", "dpo", "ppo", "data"],
+                        CODE["eval"]))
+    if args.threads > 0 and args.device == "cpu":
+        for st in stages:
+            st.env = {"OMP_NUM_THREADS": str(args.threads)}
+    return stages
+
+
+# -----------------------------------------------------------------------------
+# State: is a stage's output up to date?
+
+STATE_FILE = "lab_stage.json"
+STAGE_DIRS = {"data": "data", "tokenizer": "tokenizer", "prepare": "tokens", "pretrain": "pretrain", "sft": "sft",
+              "reward": "reward", "dpo": "dpo", "ppo": "ppo", "eval": "eval"}   # stage -> its directory in the run
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(stage):
+    """What identifies a stage's artefact: size and modification time (like make; hashing
+    checkpoints would cost more than it saves). The shipped tokenizer is hashed instead: a git
+    checkout changes its mtime, not its content."""
+    if not os.path.exists(stage.artefact):
+        return None
+    if stage.cmd is None:
+        return "sha256:" + sha256_file(stage.artefact)
+    st = os.stat(stage.artefact)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def expected_state(stage, by_name):
+    """What the state file of an up-to-date stage must say about its inputs."""
+    return {"cmd": stage.cmd, "env": stage.env,
+            "upstream": {n: fingerprint(by_name[n]) for n in stage.needs},
+            "code": {f: sha256_file(os.path.join(REPO, f)) for f in stage.code if os.path.exists(os.path.join(REPO, f))}}
+
+
+def read_state(stage):
+    path = os.path.join(stage.out, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def up_to_date(stage, by_name):
+    """(True, why) when the stage can be skipped, else (False, why it must run)."""
+    if stage.cmd is None:
+        return True, "nothing to run"
+    if not os.path.exists(stage.artefact):
+        return False, f"{stage.artefact} does not exist"
+    state = read_state(stage)
+    if state is None:
+        return False, f"{stage.artefact} exists but no {STATE_FILE} says how it was made"
+    if state.get("artefact") != fingerprint(stage):
+        return False, f"{stage.artefact} changed after the stage finished"
+    want = expected_state(stage, by_name)
+    if state.get("cmd") != want["cmd"] or state.get("env", {}) != want["env"]:
+        return False, "its command changed"
+    changed = [n for n, fp in want["upstream"].items() if state.get("upstream", {}).get(n) != fp]
+    if changed:
+        return False, "upstream output changed: " + ", ".join(changed)
+    changed = [f for f, h in want["code"].items() if state.get("code", {}).get(f) != h]
+    if changed:
+        return False, "source changed: " + ", ".join(changed)
+    return True, f"up to date ({stage.artefact})"
+
+
+def atomic_write(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def show(cmd, env=None):
+    """The command as a user would type it, from the repository root."""
+    return "".join(f"{k}={v} " for k, v in (env or {}).items()) + "python " + shlex.join(cmd)
+
+
+def cpu_seconds_children():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_stage(stage, by_name):
+    """Run one stage as a subprocess; on success write its state file. Returns (wall_s, cpu_s)."""
+    if os.path.isdir(stage.out):   # a stale or half-written run: the stage scripts refuse to overwrite one
+        shutil.rmtree(stage.out)
+    want = expected_state(stage, by_name)   # before the run: the inputs it was started with
+    t0, c0 = time.time(), cpu_seconds_children()
+    rc = subprocess.call([sys.executable] + stage.cmd, cwd=REPO, env={**os.environ, **stage.env})
+    wall, cpu = time.time() - t0, cpu_seconds_children() - c0
+    if rc != 0:
+        raise SystemExit(f"\nstage {stage.name} failed (exit {rc}) after {wall:.0f}s. Fix it and run the same "
+                         f"run_lab.py command again: finished stages are skipped. The stage alone:\n  {show(stage.cmd, stage.env)}")
+    if not os.path.exists(stage.artefact):
+        raise SystemExit(f"stage {stage.name} exited 0 but did not write {stage.artefact}")
+    state = {"stage": stage.name, **want, "artefact": fingerprint(stage), "wall_s": round(wall, 2),
+             "cpu_s": round(cpu, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write(os.path.join(stage.out, STATE_FILE), json.dumps(state, indent=1) + "\n")
+    return wall, cpu
+
+
+def run_pipeline(args):
+    stages = build_stages(args)
+    by_name = {s.name: s for s in stages}
+    for opt in ("force_from", "stop_after"):
+        if getattr(args, opt) and getattr(args, opt) not in by_name:
+            raise SystemExit(f"--{opt} {getattr(args, opt)}: no such stage; stages: {', '.join(by_name)}")
+    if args.force_from and by_name[args.force_from].cmd is None:
+        raise SystemExit(f"--force_from {args.force_from}: that stage has nothing to run")
+    os.makedirs(args.out_dir, exist_ok=True)
+    print(f"nanollama lab: size {args.size}, device {args.device}, seed {args.seed}, run dir {args.out_dir}")
+    if os.path.abspath(os.getcwd()) != REPO:
+        print(f"(stage commands below run from the repository root {REPO})")
+    t_start, c_start, ran = time.time(), cpu_seconds_children(), {}
+    for stage in stages:
+        ok, why = up_to_date(stage, by_name)
+        forced = stage.cmd is not None and (args.force or args.force_from == stage.name)
+        if ok and not forced:
+            print(f"\n[skip] {stage.name}: {why}")
+            ran[stage.name] = "skipped"
+        elif args.dry_run:
+            print(f"\n[would run] {stage.name}: {'forced' if forced else why}\n  {show(stage.cmd, stage.env)}")
+            ran[stage.name] = "would run"
+        elif stage.cmd[0] != "run_lab.py" and not os.path.exists(os.path.join(REPO, stage.cmd[0])):
+            print(f"\n[missing] {stage.name}: {stage.cmd[0]} is not in this checkout; its numbers will be n/a")
+            ran[stage.name] = "missing"
+        else:
+            print(f"\n[run] {stage.name}: {'forced' if forced else why}\n$ {show(stage.cmd, stage.env)}", flush=True)
+            wall, cpu = run_stage(stage, by_name)
+            print(f"[done] {stage.name}: {wall:.1f}s wall, {cpu:.1f}s CPU", flush=True)
+            ran[stage.name] = "ran"
+        if args.stop_after == stage.name:
+            print(f"\n--stop_after {stage.name}: stopping here")
+            return None
+    if args.dry_run:
+        return None
+    this_run = {"wall_s": round(time.time() - t_start, 2), "cpu_s": round(cpu_seconds_children() - c_start, 2)}
+    print(f"\n$ python run_lab.py --report {args.out_dir}")
+    return write_report(args.out_dir, ran, this_run, announce=True)
+
+
+# -----------------------------------------------------------------------------
+# The evaluation stage (python run_lab.py --evaluate RUN_DIR)
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def base_qa_prompt(messages):
+    """A chat turn list -> the plain-text Q/A format of the pretraining corpus ("Q: ...\\nA: ..."
+    / "问：...\\n答：..."), ending after the last "A:", so a base model can answer in the format it
+    was pretrained on (the chat template means nothing to it yet)."""
+    from data.lab import QA_MARKS
+    text = ""
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        zh = any("\u4e00" <= c <= "\u9fff" for c in m["content"])
+        q, a = QA_MARKS["zh" if zh else "en"]
+        text += f"{q}{m['content']}\n" if m["role"] == "user" else f"{a}{m['content']}\n"
+    zh = any("\u4e00" <= c <= "\u9fff" for c in messages[-1]["content"])
+    return text + QA_MARKS["zh" if zh else "en"][1].rstrip()
+
+
+def complete(model, tok, texts, max_new_tokens, batch_size):
+    """Greedy plain-text continuations (BOS + text, as the corpus was laid out), up to EOS."""
+    import torch
+    import chat
+    out = []
+    with torch.no_grad(), chat._autocast(model):
+        for i in range(0, len(texts), batch_size):
+            ids = [tok.encode(t, bos=True) for t in texts[i:i + batch_size]]
+            new = model.generate(ids, max_new_tokens, temperature=0.0, eos_id=[tok.eos_id])
+            out += [tok.decode(chat.strip_stop(n, [tok.eos_id])) for n in new]
+    return out
+
+
+def by_group(flags_, keys):
+    """Mean of booleans per key -> {key: accuracy}, plus the counts."""
+    acc, n = {}, {}
+    for ok, k in zip(flags_, keys):
+        acc[k] = acc.get(k, 0) + bool(ok)
+        n[k] = n.get(k, 0) + 1
+    return {k: acc[k] / n[k] for k in sorted(n)}, dict(sorted(n.items()))
+
+
+def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
+    """Everything the report card needs that no stage reports by itself, computed the same way for
+    every model: greedy answers to eval_qa.jsonl graded by data.lab.check, per kind and language;
+    the base model's plain-text completions of eval_pretrain.jsonl; the reward model's scores of
+    every model's answers and win rates against SFT (chat.head_to_head); the showcase side by side."""
+    import torch
+    import chat
+    import common
+    from data import lab
+    from reward import encode_group, load_reward_model, score_groups
+
+    d = lambda *p: os.path.join(run_dir, *p)   # noqa: E731
+    device = torch.device(device)
+    t0 = time.time()
+    qa, probes = read_jsonl(d("data", "eval_qa.jsonl")), read_jsonl(d("data", "eval_pretrain.jsonl"))
+    convs = [r["messages"] for r in qa]
+    models = {name: d(name, "final.pt") for name in ("base", "sft", "dpo", "ppo")}
+    models["base"] = d("pretrain", "final.pt")
+    out = {"n_eval_qa": len(qa), "n_probes": len(probes), "models": {}, "max_new_tokens": max_new_tokens}
+    answers = {}
+
+    # the reward model scores every policy's answers (raw scores, as reward.py --score writes them)
+    rm, _ = load_reward_model(d("reward", "final.pt"), device)
+    rm_ctx = common.autocast(device, common.resolve_dtype("auto", device))
+    local = common.DistInfo(device=device)
+
+    def reward_fn(conversations, replies):
+        groups = [encode_group(tok, {"messages": c, "responses": [a]}, rm.config.max_seq_len)
+                  for c, a in zip(conversations, replies)]
+        keep = [i for i, g in enumerate(groups) if g is not None]   # too long for the RM: scored as None
+        scores = score_groups(rm, [groups[i] for i in keep], batch_size, tok.pad_id, local, rm_ctx)
+        full = [None] * len(groups)
+        for i, s in zip(keep, scores):
+            full[i] = s[0]
+        return [s if s is not None else float("nan") for s in full]
+
+    for name, path in models.items():
+        if not os.path.exists(path):
+            print(f"{name}: {path} not found, skipped")
+            continue
+        model, tok = chat.load_chat_model(path, device)
+        answers[name] = chat.generate_answers(model, tok, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        graded = chat.evaluate_lab(None, tok, qa, answers=answers[name])
+        langs = [r["truth"]["lang"] for r in qa]
+        by_lang, _ = by_group([row["ok"] for row in graded["records"]], langs)
+        rewards = reward_fn(convs, answers[name])
+        m = {"accuracy": graded["accuracy"], "by_kind": graded["by_kind"], "by_lang": by_lang,
+             "mean_reward": sum(rewards) / len(rewards),
+             "mean_score": sum(lab.score(a, r["truth"]) for a, r in zip(answers[name], qa)) / len(qa),
+             "mean_answer_chars": sum(len(a) for a in answers[name]) / len(qa)}
+        if name == "base":   # what pretraining stored: plain-text completions of eval_pretrain.jsonl
+            texts = complete(model, tok, [p["prompt"] for p in probes], 24, batch_size)
+            oks = [lab.check(t, p["truth"]) for t, p in zip(texts, probes)]
+            m["probe_accuracy"] = sum(oks) / len(oks)
+            m["probe_by_kind"], _ = by_group(oks, [p["kind"] for p in probes])
+            m["probe_by_group"], _ = by_group(oks, [p["group"] for p in probes])
+            m["probe_by_lang"], _ = by_group(oks, [p["truth"]["lang"] for p in probes])
+            show_ = [r for r in qa if r.get("showcase")]
+            base_texts = complete(model, tok, [base_qa_prompt(r["messages"]) for r in show_], 32, batch_size)
+            base_show = {r["id"]: t.split("\n")[0].strip() for r, t in zip(show_, base_texts)}
+            out["probe_examples"] = [{"prompt": p["prompt"], "completion": t, "ok": ok}
+                                     for p, t, ok in list(zip(probes, texts, oks))[::max(1, len(probes) // 6)]]
+        out["models"][name] = m
+        print(f"{name:>5}: lab accuracy {m['accuracy']:.1%}, mean reward {m['mean_reward']:+.3f}"
+              + (f"; plain-text probes {m['probe_accuracy']:.1%}" if "probe_accuracy" in m else ""), flush=True)
+        del model
+
+    # head to head against SFT: win rates under the checker and under the reward model
+    for name in ("dpo", "ppo"):
+        if name in answers and "sft" in answers:
+            h = chat.head_to_head(answers[name], answers["sft"], qa, reward_fn=reward_fn)
+            out["models"][name]["vs_sft"] = {"win_rate_checker": h["checker"]["win_rate"],
+                                             "win_rate_reward": h["reward"]["win_rate"],
+                                             "checker": h["checker"], "reward": h["reward"]}
+    # the fixed showcase questions, side by side (the base model answers the plain Q/A prompt)
+    out["showcase"] = []
+    for i, r in enumerate(qa):
+        if r.get("showcase"):
+            row = {"id": r["id"], "kind": r["kind"], "question": r["messages"][-1]["content"],
+                   "context": [m["content"] for m in r["messages"][:-1]], "reference": r.get("reference"), "answers": {}}
+            for name in answers:
+                a = base_show.get(r["id"], "") if name == "base" and "base" in answers else answers[name][i]
+                row["answers"][name] = {"text": a, "ok": bool(lab.check(a, r["truth"]))}
+            out["showcase"].append(row)
+    out["seconds"] = round(time.time() - t0, 2)
+    os.makedirs(d("eval"), exist_ok=True)
+    rows = [{"id": r["id"], "kind": r["kind"], "question": r["messages"][-1]["content"], "reference": r.get("reference"),
+             **{name: answers[name][i] for name in answers}} for i, r in enumerate(qa)]
+    atomic_write(d("eval", "answers.jsonl"), "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+    atomic_write(d("eval", "eval.json"), json.dumps(out, ensure_ascii=False, indent=1) + "\n")   # last: the artefact
+    print(f"evaluation done in {out['seconds']:.0f}s: {d('eval', 'eval.json')}")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Pictures: a small hand-written SVG line plot (the runtime dependencies stay torch, numpy,
+# sentencepiece and tqdm; an SVG is a text file GitHub and every browser display)
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values (steps of 1, 2 or 5 x 10^k) from below lo to above hi."""
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    ticks, t = [], math.floor(lo / step) * step
+    while t < hi + step * 0.999:
+        ticks.append(round(t, 12))
+        t += step
+    return ticks
+
+
+def svg_plot(path, title, series, xlabel="step", ylabel=""):
+    """series: [(label, xs, ys), ...] -> a standalone SVG line plot with axes, grid and a legend.
+    A series with a single point is drawn as a dot. Returns the path, or None if nothing to draw."""
+    series = [(lab_, xs, ys) for lab_, xs, ys in series if xs and all(y is not None for y in ys)]
+    if not series:
+        return None
+    W, H, left, right, top, bottom = 640, 320, 60, 150, 30, 45
+    xt = nice_ticks(min(min(s[1]) for s in series), max(max(s[1]) for s in series))
+    yt = nice_ticks(min(min(s[2]) for s in series), max(max(s[2]) for s in series))
+    px = lambda x: left + (x - xt[0]) / (xt[-1] - xt[0]) * (W - left - right)   # noqa: E731
+    py = lambda y: H - bottom - (y - yt[0]) / (yt[-1] - yt[0]) * (H - top - bottom)   # noqa: E731
+    e = html.escape
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+           f'font-family="sans-serif" font-size="11">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{left}" y="18" font-size="13" font-weight="bold">{e(title)}</text>']
+    for x in xt:   # vertical grid + x labels
+        out.append(f'<line x1="{px(x):.1f}" y1="{top}" x2="{px(x):.1f}" y2="{H - bottom}" stroke="#e5e5e5"/>')
+        out.append(f'<text x="{px(x):.1f}" y="{H - bottom + 15}" text-anchor="middle">{x:g}</text>')
+    for y in yt:   # horizontal grid + y labels
+        out.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{W - right}" y2="{py(y):.1f}" stroke="#e5e5e5"/>')
+        out.append(f'<text x="{left - 5}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    out.append(f'<rect x="{left}" y="{top}" width="{W - left - right}" height="{H - top - bottom}" fill="none" '
+               f'stroke="#444"/>')
+    out.append(f'<text x="{(left + W - right) / 2}" y="{H - 8}" text-anchor="middle">{e(xlabel)}</text>')
+    if ylabel:
+        out.append(f'<text x="14" y="{(top + H - bottom) / 2}" text-anchor="middle" '
+                   f'transform="rotate(-90 14 {(top + H - bottom) / 2})">{e(ylabel)}</text>')
+    for i, (label, xs, ys) in enumerate(series):
+        color = PALETTE[i % len(PALETTE)]
+        pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
+        if len(xs) > 1:
+            out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+        for x, y in zip(xs, ys) if len(xs) <= 12 else []:   # few points (evals): mark each
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>')
+        ly = top + 12 + 18 * i
+        out.append(f'<line x1="{W - right + 10}" y1="{ly}" x2="{W - right + 30}" y2="{ly}" stroke="{color}" '
+                   f'stroke-width="2"/>')
+        out.append(f'<text x="{W - right + 35}" y="{ly + 4}">{e(label)}</text>')
+    out.append("</svg>")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, "\n".join(out) + "\n")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# The report (python run_lab.py --report RUN_DIR)
+
+
+def load_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def load_log(path):
+    """A stage's log.jsonl -> list of records (empty if missing; unreadable lines skipped)."""
+    out = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    return out
+
+
+def curve(log, ykey, event=None, xkey="step"):
+    """(xs, ys) of the records with this event (None: the per-step training records) and both keys."""
+    rows = [r for r in log if r.get("event") == event and r.get(ykey) is not None and r.get(xkey) is not None]
+    return [r[xkey] for r in rows], [r[ykey] for r in rows]
+
+
+def last(log, event=None, key=None):
+    rows = [r for r in log if r.get("event") == event and (key is None or r.get(key) is not None)]
+    return rows[-1] if rows else {}
+
+
+def collect(run_dir, statuses=None):
+    """Everything the report shows, as one dict (it becomes report.json)."""
+    d = lambda *p: os.path.join(run_dir, *p)   # noqa: E731
+    rep = {"run_dir": run_dir, "run": load_json(d("run.json")) or {}}
+    stages = []
+    for name, sub in STAGE_DIRS.items():
+        st = load_json(d(sub, STATE_FILE)) or {}
+        stages.append({"stage": name, "status": (statuses or {}).get(name, "done" if st else "n/a"),
+                       "wall_s": st.get("wall_s"), "cpu_s": st.get("cpu_s"),
+                       "command": show(st["cmd"], st.get("env")) if st.get("cmd") else None})
+    rep["stages"] = stages
+    rep["total_wall_s"] = round(sum(s["wall_s"] or 0 for s in stages), 1)
+    rep["total_cpu_s"] = round(sum(s["cpu_s"] or 0 for s in stages), 1)
+
+    world = load_json(d("data", "world.json")) or {}
+    rep["data"] = {"counts": world.get("counts"), "people": len(world.get("people", []))}
+    meta = load_json(d("tokens", "meta.json")) or {}
+    rep["tokenizer"] = {k: meta.get(k) for k in ("tokenizer_path", "tokenizer_sha256", "vocab_size")}
+    rep["tokens"] = {k: meta.get(k) for k in ("train_tokens", "val_tokens", "train_docs", "val_docs")}
+
+    ev = load_json(d("eval", "eval.json")) or {"models": {}}
+    M = ev["models"]
+    logs = {n: load_log(d(n, "log.jsonl")) for n in ("pretrain", "sft", "reward", "dpo", "ppo")}
+
+    pl = logs["pretrain"]
+    end, start = last(pl, "end"), last(pl, "start")
+    train_rows = [r for r in pl if r.get("event") is None and r.get("loss") is not None]
+    val = last(pl, "eval")
+    rep["pretrain"] = {"params": start.get("params"), "steps": end.get("step"), "tokens": end.get("tokens"),
+                       "train_loss": train_rows[-1]["loss"] if train_rows else None,
+                       "val_loss": val.get("val_loss"), "val_ppl": val.get("val_ppl"),
+                       "tokens_per_s": (sum(r["tok_per_s"] for r in train_rows) / len(train_rows)) if train_rows else None,
+                       "elapsed_s": end.get("elapsed_s")}
+    base = M.get("base", {})
+    rep["base"] = {k: base.get(k) for k in ("probe_accuracy", "probe_by_kind", "probe_by_group", "probe_by_lang",
+                                            "accuracy", "by_kind", "mean_reward")}
+    sl = logs["sft"]
+    rep["sft"] = {"val_loss": last(sl, "eval").get("val_loss"), "steps": last(sl, "end").get("step"),
+                  **{k: M.get("sft", {}).get(k) for k in ("accuracy", "by_kind", "by_lang", "mean_reward", "mean_score")},
+                  "accuracy_before": base.get("accuracy")}
+    rv = last(logs["reward"], "eval")
+    rep["reward"] = {"accuracy": rv.get("accuracy"), "pairs": rv.get("pairs"), "loss": rv.get("loss"),
+                     "per_kind": {k: v["accuracy"] for k, v in (rv.get("per_kind") or {}).items()},
+                     "length_corr": (rv.get("length") or {}).get("corr"),
+                     "longer_wins_model": (rv.get("length") or {}).get("longer_wins_model"),
+                     "longer_wins_label": (rv.get("length") or {}).get("longer_wins_label"),
+                     "ece": rv.get("ece"), "chosen_mean": rv.get("chosen_mean"), "rejected_mean": rv.get("rejected_mean"),
+                     "calibration": rv.get("calibration"), "steps": last(logs["reward"], None, "loss").get("step")}
+    for name in ("dpo", "ppo"):
+        mm, sm = M.get(name), load_json(d(name, "metrics.json")) or {}
+        if not mm:
+            rep[name] = None
+            continue
+        vs = mm.get("vs_sft", {})
+        rep[name] = {"accuracy": mm["accuracy"], "accuracy_sft": M.get("sft", {}).get("accuracy"),
+                     "by_kind": mm["by_kind"], "mean_reward": mm["mean_reward"],
+                     "mean_reward_sft": M.get("sft", {}).get("mean_reward"),
+                     "win_rate_reward": vs.get("win_rate_reward"), "win_rate_checker": vs.get("win_rate_checker"),
+                     "kl_to_sft": sm.get("kl_to_sft"), "stage_metrics": {k: v for k, v in sm.items()
+                                                                          if isinstance(v, (int, float, str)) or v is None}}
+    rep["showcase"] = ev.get("showcase", [])
+    rep["probe_examples"] = ev.get("probe_examples", [])
+    rep["card"] = card(rep)
+    return rep
+
+
+def card(rep):
+    """The key numbers, flat: what the README quotes and what the golden test compares."""
+    c = {}
+
+    def put(key, v):
+        if isinstance(v, (int, float)) and v is not None and not (isinstance(v, float) and math.isnan(v)):
+            c[key] = round(float(v), 4)
+    p = rep["pretrain"]
+    for k in ("train_loss", "val_loss", "val_ppl"):
+        put(f"pretrain.{k}", p.get(k))
+    put("base.probe_accuracy", rep["base"].get("probe_accuracy"))
+    put("base.accuracy", rep["base"].get("accuracy"))
+    put("sft.accuracy", rep["sft"].get("accuracy"))
+    put("sft.val_loss", rep["sft"].get("val_loss"))
+    put("sft.mean_reward", rep["sft"].get("mean_reward"))
+    put("reward.accuracy", rep["reward"].get("accuracy"))
+    put("reward.length_corr", rep["reward"].get("length_corr"))
+    for k, v in (rep["reward"].get("per_kind") or {}).items():
+        put(f"reward.accuracy.{k}", v)
+    for name in ("dpo", "ppo"):
+        for k in ("accuracy", "mean_reward", "win_rate_reward", "win_rate_checker", "kl_to_sft"):
+            put(f"{name}.{k}", (rep.get(name) or {}).get(k))
+    return c
+
+
+def fmt(v, kind="f3"):
+    if v is None:
+        return "n/a"
+    if kind == "%":
+        return f"{100 * v:.1f}%"
+    if kind == "+":
+        return f"{v:+.3f}"
+    return f"{v:.3f}"
+
+
+def cell(text):
+    """Text for a markdown table cell: one line, pipes and HTML brackets escaped."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ⏎ ") or " "
+
+
+def code(text):
+    """Text as an inline code span (shown verbatim by GitHub: no entities inside)."""
+    return "`` " + str(text).replace("\n", " ⏎ ") + " ``"
+
+
+def plots(run_dir):
+    """The loss / reward curves of every stage -> [(caption, relative path)]."""
+    d = lambda *p: os.path.join(run_dir, *p)   # noqa: E731
+    L = {n: load_log(d(n, "log.jsonl")) for n in ("pretrain", "sft", "reward", "dpo", "ppo")}
+    specs = [
+        ("pretrain", "Pretraining: loss", "loss (nats/token)",
+         [("train", curve(L["pretrain"], "loss")), ("val", curve(L["pretrain"], "val_loss", "eval"))]),
+        ("sft", "SFT: loss on assistant tokens", "loss",
+         [("train", curve(L["sft"], "loss")), ("val", curve(L["sft"], "val_loss", "eval"))]),
+        ("reward", "Reward model: Bradley-Terry loss and pairwise accuracy", "",
+         [("train loss", curve(L["reward"], "loss")), ("train accuracy", curve(L["reward"], "accuracy")),
+          ("val accuracy", curve(L["reward"], "accuracy", "eval"))]),
+        ("dpo", "DPO: loss and preference accuracy", "",
+         [("train loss", curve(L["dpo"], "loss")), ("train accuracy", curve(L["dpo"], "accuracy")),
+          ("val loss", curve(L["dpo"], "loss", "eval")), ("val accuracy", curve(L["dpo"], "accuracy", "eval"))]),
+        ("dpo_logp", "DPO: summed log-probs of the answers (train)", "log p",
+         [("chosen", curve(L["dpo"], "logp_chosen")), ("rejected", curve(L["dpo"], "logp_rejected"))]),
+        ("ppo", "PPO: reward and KL to SFT", "",
+         [("reward", curve(L["ppo"], "reward_mean")), ("KL", curve(L["ppo"], "kl"))]),
+    ]
+    out = []
+    for name, title, ylabel, series in specs:
+        path = svg_plot(d("plots", f"{name}.svg"), title, [(lab_, xs, ys) for lab_, (xs, ys) in series], "step", ylabel)
+        if path:
+            out.append((title, os.path.join("plots", f"{name}.svg")))
+    return out
+
+
+def write_report(run_dir, statuses=None, this_run=None, announce=False):
+    """report.md + report.json in run_dir, and the short version printed. Returns the report dict."""
+    rep = collect(run_dir, statuses)
+    rep["this_invocation"] = this_run
+    figures = plots(run_dir)
+    R, c, run = rep, rep["card"], rep["run"]
+    md = ["# nanollama lab report", ""]
+    md.append(f"Run directory `{run_dir}` · size **{run.get('size', '?')}** · device {run.get('device', '?')} · seed "
+              f"{run.get('seed', '?')} · {run.get('machine', '')} · {run.get('started', '')}")
+    md.append("")
+    md.append(f"All stages together: **{R['total_wall_s'] / 60:.1f} min wall-clock, {R['total_cpu_s'] / 60:.1f} min CPU** "
+              f"(CPU = user + system time of the stage processes; on a shared machine the honest number)."
+              + (f" This invocation: {this_run['wall_s']:.0f} s wall." if this_run else ""))
+    md += ["", "## Report card", "", "| stage | key numbers |", "|---|---|"]
+    for line in card_lines(rep):
+        md.append(f"| {line[0]} | {line[1]} |")
+    kinds = sorted({k for m in ("base", "sft", "dpo", "ppo") for k in ((rep.get(m) or {}).get("by_kind") or {})})
+    names = [m for m in ("base", "sft", "dpo", "ppo") if (rep.get(m) or {}).get("by_kind")]
+    if kinds:
+        md += ["", "## Held-out lab questions: accuracy by kind", "",
+               "`eval_qa.jsonl` (people, arithmetic and phrasings never seen in SFT), greedy answers, graded by "
+               "`data.lab.check` (right fact, right language, polite, not rambling). The base model gets the chat "
+               "template it has never seen, so its number is the floor SFT starts from.", "",
+               "| kind | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for k in kinds + ["all"]:
+            row = [fmt((rep[m]["by_kind"] or {}).get(k) if k != "all" else rep[m]["accuracy"], "%") for m in names]
+            md.append(f"| {'**all**' if k == 'all' else k} | " + " | ".join(row) + " |")
+    b = rep["base"]
+    if b.get("probe_by_group"):
+        md += ["", "## What pretraining stored (base model, plain-text probes)", "",
+               "`eval_pretrain.jsonl`: the corpus's own Q/A format cut after \"A:\", greedy completion, first sentence "
+               "graded. Groups: `sft` people are asked about in SFT, `rl` in preferences/RL, `eval` only in the "
+               "held-out set; all of them appear in the pretraining corpus.", "",
+               "| slice | accuracy |", "|---|---|"]
+        for k, v in list(b["probe_by_kind"].items()) + [(f"group {g}", v) for g, v in b["probe_by_group"].items()] \
+                + [(f"language {g}", v) for g, v in b["probe_by_lang"].items()]:
+            md.append(f"| {k} | {fmt(v, '%')} |")
+        md.append(f"| **all** | {fmt(b['probe_accuracy'], '%')} |")
+        if rep["probe_examples"]:
+            md += ["", "Examples (prompt → completion):", ""]
+            for e in rep["probe_examples"]:
+                md.append(f"- {code(e['prompt'])} → {code(e['completion'])} {'✓' if e['ok'] else '✗'}")
+    if rep["showcase"]:
+        names = list(rep["showcase"][0]["answers"])
+        md += ["", "## The same questions, side by side", "",
+               "The fixed showcase questions of the lab world (✓ = the checker accepts the answer). The base model "
+               "answers the plain `Q: … A:` prompt of its corpus instead of the chat template.", "",
+               "| question | reference | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for s in rep["showcase"]:
+            q = (" / ".join(s["context"]) + " / " if s["context"] else "") + s["question"]
+            md.append(f"| {cell(q)} | {cell(s['reference'])} | " + " | ".join(
+                f"{cell(s['answers'][n]['text'])} {'✓' if s['answers'][n]['ok'] else '✗'}" for n in names) + " |")
+    rv = rep["reward"]
+    if rv.get("calibration"):
+        md += ["", "## Reward model: can it be trusted?", "",
+               f"Held-out pairs: {rv['pairs']}, pairwise accuracy {fmt(rv['accuracy'], '%')} (chance 50%); mean reward "
+               f"chosen {fmt(rv['chosen_mean'], '+')}, rejected {fmt(rv['rejected_mean'], '+')}. Length bias: "
+               f"corr(reward, length) {fmt(rv['length_corr'], '+')}; the longer answer wins "
+               f"{fmt(rv['longer_wins_model'], '%')} of pairs under the model vs {fmt(rv['longer_wins_label'], '%')} in "
+               f"the labels. Calibration (ECE {fmt(rv['ece'])}):", "",
+               "| confidence bin | pairs | mean confidence | observed accuracy |", "|---|---|---|---|"]
+        for bn in rv["calibration"]:
+            md.append(f"| {bn['lo']:.1f}–{bn['hi']:.1f} | {bn['n']} | {bn['confidence']:.3f} | {bn['accuracy']:.3f} |")
+    if figures:
+        md += ["", "## Curves", ""]
+        for title, rel in figures:
+            md += [f"![{title}]({rel})", ""]
+    md += ["## Stages: time and commands", "",
+           "Wall-clock and CPU time of the run that made each stage's output (a skipped stage shows the numbers "
+           "of the run that made it). Copy a command to re-run one stage alone, from the repository root "
+           "(delete its directory first: the training scripts refuse to overwrite a run).", "",
+           "| stage | this invocation | wall | CPU |", "|---|---|---|---|"]
+    for s in rep["stages"]:
+        md.append(f"| {s['stage']} | {s['status']} | {fmt_s(s['wall_s'])} | {fmt_s(s['cpu_s'])} |")
+    md += ["", "```bash"] + [s["command"] for s in rep["stages"] if s["command"]] + ["```", ""]
+    atomic_write(os.path.join(run_dir, "report.md"), "\n".join(md))
+    atomic_write(os.path.join(run_dir, "report.json"), json.dumps(rep, ensure_ascii=False, indent=1) + "\n")
+    if announce:
+        print("\n" + "=" * 100 + "\nREPORT CARD  (full report: " + os.path.join(run_dir, "report.md") + ")")
+        for a, b_ in card_lines(rep, plain=True):
+            print(f"  {a:<13} {b_}")
+        print("  time          " + ", ".join(f"{s['stage']} {fmt_s(s['wall_s'])}" for s in rep["stages"]
+                                            if s["wall_s"] is not None)
+              + f"; total {R['total_wall_s'] / 60:.1f} min wall, {R['total_cpu_s'] / 60:.1f} min CPU")
+        print("=" * 100)
+    return rep
+
+
+def fmt_s(s):
+    return "–" if s is None else (f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min")
+
+
+def card_lines(rep, plain=False):
+    """[(stage, key numbers)] for the card (markdown, or plain text for the terminal)."""
+    B = (lambda s: s) if plain else (lambda s: f"**{s}**")
+    p, b, s, r = rep["pretrain"], rep["base"], rep["sft"], rep["reward"]
+    counts = rep["data"].get("counts") or {}
+    lines = [("data", f"{rep['data']['people']} people; " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))]
+    t = rep["tokenizer"]
+    lines.append(("tokenizer", f"{t.get('tokenizer_path')} ({t.get('vocab_size')} pieces, sha256 "
+                               f"{(t.get('tokenizer_sha256') or '')[:12]}…); corpus {rep['tokens'].get('train_tokens') or 0:,} "
+                               f"train / {rep['tokens'].get('val_tokens') or 0:,} val tokens"))
+    if p.get("params"):
+        lines.append(("pretrain", f"{p['params'] / 1e6:.2f}M params, {p['steps']} steps, {p['tokens'] or 0:,} tokens, "
+                                  f"{p['tokens_per_s'] or 0:,.0f} tok/s; train loss {fmt(p['train_loss'])}, "
+                                  f"val loss {B(fmt(p['val_loss']))} (perplexity {fmt(p['val_ppl'])}); "
+                                  f"plain-text probes {B(fmt(b.get('probe_accuracy'), '%'))}"))
+    if s.get("accuracy") is not None:
+        lines.append(("SFT", f"lab accuracy {fmt(s['accuracy_before'], '%')} (base) → {B(fmt(s['accuracy'], '%'))}; "
+                             f"val loss {fmt(s['val_loss'])}; mean RM reward {fmt(s['mean_reward'], '+')}"))
+    if r.get("accuracy") is not None:
+        lines.append(("reward model", f"pairwise accuracy {B(fmt(r['accuracy'], '%'))} (chance 50%); by rejected kind: "
+                      + ", ".join(f"{k} {fmt(v, '%')}" for k, v in r["per_kind"].items())
+                      + f"; corr(reward, length) {fmt(r['length_corr'], '+')}"))
+    for name, label in (("dpo", "DPO"), ("ppo", "PPO")):
+        m = rep.get(name)
+        if m:
+            lines.append((label, f"lab accuracy {B(fmt(m['accuracy'], '%'))} (SFT {fmt(m['accuracy_sft'], '%')}); "
+                                 f"mean reward {B(fmt(m['mean_reward'], '+'))} (SFT {fmt(m['mean_reward_sft'], '+')}); "
+                                 f"win rate vs SFT: reward model {fmt(m['win_rate_reward'])}, checker "
+                                 f"{fmt(m['win_rate_checker'])}; KL to SFT {fmt(m['kl_to_sft'])} nats"))
+        else:
+            lines.append((label, "n/a (stage did not run)"))
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# Golden values: does a (modified) pipeline still land where the reference run did?
+
+# Tolerances, absolute, per key prefix: wide enough for float differences between CPUs (a different
+# summation order changes a few greedy answers), narrow enough to catch a broken stage.
+GOLDEN_TOL = {"pretrain.train_loss": 0.15, "pretrain.val_loss": 0.15, "pretrain.val_ppl": 1.0, "sft.val_loss": 0.15,
+              "accuracy": 0.12, "win_rate": 0.15, "mean_reward": 0.5, "reward.length_corr": 0.25, "kl": 0.5}
+
+
+def golden_tolerance(key):
+    for prefix, tol in GOLDEN_TOL.items():
+        if key.startswith(prefix) or prefix in key:
+            return tol
+    return None
+
+
+def golden_from(rep, run_dir):
+    """This run's golden values: the card with tolerances, and the pretraining loss curve."""
+    values = {k: {"value": v, "tol": golden_tolerance(k)} for k, v in rep["card"].items()
+              if golden_tolerance(k) is not None and not k.startswith("pretrain.val_ppl")}
+    xs, ys = curve(load_log(os.path.join(run_dir, "pretrain", "log.jsonl")), "loss")
+    return {"size": rep["run"].get("size"), "seed": rep["run"].get("seed"), "values": values,
+            "curves": {"pretrain.loss": {"step": xs, "loss": [round(y, 4) for y in ys], "tol": 0.15}}}
+
+
+def golden_check(rep, run_dir, golden):
+    """[(key, golden, got, tol, ok)] for every golden value and curve point."""
+    rows = []
+    for k, g in golden["values"].items():
+        got = rep["card"].get(k)
+        rows.append((k, g["value"], got, g["tol"], got is not None and abs(got - g["value"]) <= g["tol"]))
+    for name, g in golden.get("curves", {}).items():
+        xs, ys = curve(load_log(os.path.join(run_dir, "pretrain", "log.jsonl")), "loss")
+        have = dict(zip(xs, ys))
+        for x, y in zip(g["step"], g["loss"]):
+            got = have.get(x)
+            rows.append((f"{name}@{x}", y, got, g["tol"], got is not None and abs(got - y) <= g["tol"]))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.evaluate:
+        evaluate(args.evaluate, args.device, args.max_new_tokens, args.batch_size)
+        return 0
+    if args.report:
+        write_report(args.report, announce=True)
+        return 0
+    if not args.dry_run:
+        os.makedirs(args.out_dir, exist_ok=True)
+        import torch   # versions for the record (the stages import it anyway)
+        atomic_write(os.path.join(args.out_dir, "run.json"), json.dumps({
+            "size": args.size, "device": args.device, "seed": args.seed, "train_tokenizer": args.train_tokenizer,
+            "threads": args.threads, "sizes": SIZES[args.size], "python": platform.python_version(), "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"
+                       + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+            "started": time.strftime("%Y-%m-%d %H:%M")}, indent=1) + "\n")
+    rep = run_pipeline(args)
+    if rep is None:
+        return 0
+    if args.write_golden:
+        atomic_write(args.write_golden, json.dumps(golden_from(rep, args.out_dir), indent=1) + "\n")
+        print(f"golden values written to {args.write_golden}")
+    if args.golden:
+        rows = golden_check(rep, args.out_dir, load_json(args.golden))
+        bad = [r for r in rows if not r[4]]
+        print(f"\ngolden check against {args.golden}: {len(rows) - len(bad)}/{len(rows)} within tolerance")
+        for k, g, got, tol, ok in rows:
+            if not ok or not k.startswith("pretrain.loss@"):
+                print(f"  {'ok  ' if ok else 'MISS'} {k:<36} golden {g:>9.4f}  got {'n/a' if got is None else f'{got:9.4f}'}"
+                      f"  (tolerance ±{tol})")
+        return 1 if bad else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
