@@ -279,22 +279,22 @@ def chat_loop(model, tok, args, inp=input, out=sys.stdout):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description="Chat with a nanollama model, answer prompts, or run the lab evaluation.")
     p.add_argument("--model", required=True, help="run dir, checkpoint .pt file, or HuggingFace LLaMA dir")
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the one the checkpoint names)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     p.add_argument("--system", default=None, help="system prompt (kept through /reset and history truncation)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
+    p.add_argument("--temperature", type=float, default=0.0, help="%(default)s; 0 = greedy (deterministic)")
     p.add_argument("--top_k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the smallest set with mass >= p")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="answer length limit, in tokens")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="answer length limit, in tokens (%(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0; default: random)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--prompt", default=None, help="one-shot: answer this user message and exit")
     mode.add_argument("--prompts_file", default=None, help="answer every non-empty line; prints JSONL {prompt, answer}")
     mode.add_argument("--eval", default=None, metavar="EVAL_JSONL",
                       help="lab evaluation: eval_qa.jsonl of the lab world; prints accuracy overall and per kind")
-    p.add_argument("--batch_size", type=int, default=32, help="prompts per generate call in the batch modes")
+    p.add_argument("--batch_size", type=int, default=32, help="prompts per generate call in the batch modes (%(default)s)")
     p.add_argument("--eval_out", default=None, help="--eval: also write every graded answer here (JSONL)")
     args = p.parse_args(argv)
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or \

@@ -326,10 +326,12 @@ def train(args, info):
     except (FileNotFoundError, ValueError) as e:
         common.fail(f"tokenizer: {e}")
     if tok_info.get("sha256") and tok_info["sha256"] != tok.sha256:
-        common.fail(f"{meta['path']} was trained with tokenizer {tok_info.get('path')} (sha256 {tok_info['sha256'][:16]}"
-                    f"...), but the tokenizer here is {tok.path} (sha256 {tok.sha256[:16]}...)")
+        common.fail(f"{meta['path']} was trained with tokenizer {tok_info.get('path')} (sha256 "
+                    f"{tok_info['sha256'][:16]}...), but the tokenizer here is {tok.path} "
+                    f"(sha256 {tok.sha256[:16]}...)")
     if tok.vocab_size > model.config.vocab_size:
-        common.fail(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({tok.vocab_size})")
+        common.fail(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
+                    f"({tok.vocab_size})")
     seq_len = args.seq_len or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
         common.fail(f"--seq_len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
@@ -392,7 +394,8 @@ def train(args, info):
     print0(f"model: {raw.num_params() / 1e6:.2f}M parameters, {src}; {args.parallel} x {world} on {device}, {dtype}; "
            f"tokenizer {tok.path}")
     print0(f"{steps_per_epoch} steps per epoch ({micro_per_step} micro-batches of {args.batch_size}, "
-           f"{args.pretrain_ratio:.0%} of them pretraining), {max_steps} steps, {max_steps / steps_per_epoch:.2f} epochs")
+           f"{args.pretrain_ratio:.0%} of them pretraining), {max_steps} steps = "
+           f"{max_steps / steps_per_epoch:.2f} epochs")
     logger.log(event="start", step=step, params=raw.num_params(), world_size=world, parallel=args.parallel,
                steps_per_epoch=steps_per_epoch, max_steps=max_steps, train_examples=len(train_set),
                truncated=train_set.truncated, dropped=train_set.dropped, source=src)
@@ -472,9 +475,10 @@ def train(args, info):
             t_log, tokens_log = time.perf_counter(), 0
         if step % steps_per_epoch == 0:  # end of an epoch: tokens trained on versus tokens seen
             seen = counts["sft_tokens"] + counts["pretrain_tokens"]
+            pad = counts["pad_tokens"]
             print0(f"epoch {epoch + 1}: trained on {counts['assistant_tokens']:,} assistant tokens + "
                    f"{counts['pretrain_tokens']:,} pretraining tokens; seen {seen:,} tokens; padding "
-                   f"{counts['pad_tokens']:,} ({counts['pad_tokens'] / max(1, seen + counts['pad_tokens']):.1%} of compute)")
+                   f"{pad:,} ({pad / max(1, seen + pad):.1%} of the compute)")
             logger.log(event="epoch", step=step, epoch=epoch + 1, tokens_seen=seen, **counts)
             counts = dict.fromkeys(counts, 0)
         if len(val_set) and args.eval_interval > 0 and (step % args.eval_interval == 0 or step == max_steps):

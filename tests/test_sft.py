@@ -4,8 +4,6 @@ and the lab world: SFT answers held-out questions better than the pretrained mod
 import gzip
 import json
 import os
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -204,8 +202,8 @@ def lab_conversations(path, n=96):
 def sft_argv(tmp_path, init, out, *extra):
     return ["--init_from", str(init), "--data", str(tmp_path / "sft_train.jsonl"), "--val_data",
             str(tmp_path / "sft_val.jsonl"), "--out_dir", str(out), "--batch_size", "4", "--max_steps", "6",
-            "--lr", "3e-3", "--warmup_steps", "2", "--eval_interval", "3", "--log_interval", "1", "--save_interval", "0",
-            "--seed", "5", *extra]
+            "--lr", "3e-3", "--warmup_steps", "2", "--eval_interval", "3", "--log_interval", "1",
+            "--save_interval", "0", "--seed", "5", *extra]
 
 
 @pytest.fixture
