@@ -40,8 +40,9 @@ that these log-probs do not describe: the ratio check still holds, the KL estima
 Run directory: config.json, log.jsonl (one row per iteration: step, reward_raw(_std), reward_norm(_std),
 accuracy (checker, on the rollout), kl (k1 per answer), kl_k3, kl_coef, length, eos_frac, repeat_frac,
 entropy, clipfrac, approx_kl, ratio_dev, policy_loss, value_loss, vf_clipfrac, explained_var, ptx_loss,
-time_gen / time_score / time_train; and "eval" / "alarm" / "samples" / "end" events), step_XXXXXXX.pt (resume: actor + critic + optimizers), final.pt (the actor only: a normal LM checkpoint
-for chat.py, save_hf, dpo.py), metrics.json (what the lab report reads; keys as dpo.py's):
+time_gen / time_score / time_train; and "eval" / "alarm" / "samples" / "end" events), step_XXXXXXX.pt
+(resume: actor + critic + optimizers), final.pt (the actor only: a normal LM checkpoint for chat.py,
+save_hf, dpo.py), metrics.json (what the lab report reads; keys as dpo.py's):
   accuracy, accuracy_sft               lab-checker accuracy of greedy PPO / SFT answers on --eval_data
   accuracy_by_kind, accuracy_by_kind_sft   the same per record kind (task)
   mean_score, mean_score_sft           mean graded lab score (data.lab.score, 0..1)
@@ -95,12 +96,14 @@ def get_args(argv=None):
     m = parser.add_argument_group("ppo: models")
     m.add_argument("--reward_model", default=None, help="reward.py run dir or checkpoint (frozen)")
     m.add_argument("--ref_model", default=None, help="reference model (default: --init_from, the SFT model)")
-    m.add_argument("--critic_from", default=None, help="reward checkpoint the critic starts from (default: --reward_model)")
+    m.add_argument("--critic_from", default=None,
+                   help="reward checkpoint the critic starts from (default: --reward_model)")
     m.add_argument("--critic_lr", type=float, default=None, help="critic learning rate (default: --lr)")
     m.add_argument("--offload", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the frozen reference and reward model on the CPU except while scoring (saves GPU memory)")
     r = parser.add_argument_group("ppo: rollouts")
-    r.add_argument("--prompts", default=None, help="JSONL prompts ({messages or prompt, truth?}), e.g. lab rl_prompts.jsonl")
+    r.add_argument("--prompts", default=None,
+                   help="JSONL prompts ({messages or prompt, truth?}), e.g. lab rl_prompts.jsonl")
     r.add_argument("--rollout_batch", type=int, default=32, help="prompts answered per process per iteration")
     r.add_argument("--max_new_tokens", type=int, default=48, help="answer length limit")
     r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0); log-probs use it too")
@@ -109,8 +112,10 @@ def get_args(argv=None):
     r.add_argument("--missing_eos_penalty", type=float, default=0.0,
                    help="subtracted from the normalised score of answers cut at --max_new_tokens")
     o = parser.add_argument_group("ppo: objective")
-    o.add_argument("--kl_coef", type=float, default=0.05, help="beta of the per-token KL penalty (initial value if adaptive)")
-    o.add_argument("--kl_estimator", default="k1", choices=["k1", "k2", "k3"], help="per-token KL estimate in the reward")
+    o.add_argument("--kl_coef", type=float, default=0.05,
+                   help="beta of the per-token KL penalty (the initial value if adaptive)")
+    o.add_argument("--kl_estimator", default="k1", choices=["k1", "k2", "k3"],
+                   help="per-token KL estimate in the reward")
     o.add_argument("--adaptive_kl", action=argparse.BooleanOptionalAction, default=False,
                    help="adapt beta toward --kl_target (Ziegler et al. 2019)")
     o.add_argument("--kl_target", type=float, default=6.0, help="adaptive KL: target KL per answer, in nats")
@@ -125,10 +130,13 @@ def get_args(argv=None):
     o.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus")
     o.add_argument("--ptx_coef", type=float, default=0.0, help="PPO-ptx: weight of a language-modelling loss")
     o.add_argument("--ptx_data", nargs="+", default=None,
-                   help="PPO-ptx data: conversation files / an sft_prepare dir (assistant-only loss) or a data/prepare.py dir")
+                   help="PPO-ptx data: conversation files / an sft_prepare dir (assistant-only loss), "
+                        "or a data/prepare.py dir (plain text)")
     w = parser.add_argument_group("ppo: watching")
-    w.add_argument("--sample_interval", type=int, default=10, help="print prompt/response pairs every N iterations (0 = off)")
-    w.add_argument("--alarm_window", type=int, default=5, help="reward-hacking alarms compare the last N iterations to the first N")
+    w.add_argument("--sample_interval", type=int, default=10,
+                   help="print prompt/response pairs every N iterations (0 = off)")
+    w.add_argument("--alarm_window", type=int, default=5,
+                   help="reward-hacking alarms compare the last N iterations to the first N")
     e = parser.add_argument_group("evaluation (the same as dpo.py's at the end)")
     e.add_argument("--eval_data", default=None, help="lab prompts with truths (rl_eval.jsonl or eval_qa.jsonl)")
     e.add_argument("--sft_model", default=None, help="the baseline to beat (default: --init_from)")
@@ -482,7 +490,8 @@ def kl_to_model(policy, base, tok, convs, max_new_tokens, seed, ctx, batch_size=
     gen = torch.Generator(device=device).manual_seed(seed)
     total = 0.0
     for s in range(0, len(convs), batch_size):
-        prompts = [tok.render_prompt(c, max_len=policy.config.max_seq_len - max_new_tokens) for c in convs[s:s + batch_size]]
+        room = policy.config.max_seq_len - max_new_tokens
+        prompts = [tok.render_prompt(c, max_len=room) for c in convs[s:s + batch_size]]
         with ctx:
             answers = policy.generate(prompts, max_new_tokens, temperature=1.0, eos_id=tok.stop_ids, generator=gen)
         idx, attn, mask, P = (t.to(device) if torch.is_tensor(t) else t
@@ -584,12 +593,14 @@ def train(args, info):
     logger = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
     print0(f"actor {meta['path']} ({raw_actor.num_params() / 1e6:.2f}M), reward model {rm_meta['path']}, critic from "
            f"{args.critic_from or args.reward_model}; {args.parallel} x {world} on {device}, {dtype}; "
-           f"{len(records)} prompts, {args.rollout_batch} answers per process per iteration, {args.max_steps} iterations")
+           f"{len(records)} prompts, {args.rollout_batch} answers per process per iteration, "
+           f"{args.max_steps} iterations")
     reward_fn = reward_texts(rm, tok, device, ctx)
 
     def checkpoint(name, with_optimizer):
         state = {"kl_coef": kl_ctl.value, "history": history, "alarms": alarms, "invariants": inv}
-        extra = {"critic": raw_critic.state_dict(), "critic_optimizer": opt_critic.state_dict()} if with_optimizer else {}
+        extra = {"critic": raw_critic.state_dict(), "critic_optimizer": opt_critic.state_dict()} \
+            if with_optimizer else {}
         return common.save_checkpoint(
             args.out_dir, name, actor, opt_actor if with_optimizer else None, step=it, config=vars(args), tokenizer=tok,
             metrics={"kl_coef": kl_ctl.value, **(history[-1] if history else {})}, ppo_state=state,
@@ -609,6 +620,16 @@ def train(args, info):
         print0(f"eval iteration {it}: greedy accuracy {out[0]['accuracy']:.3f}, mean reward {out[0]['reward']:+.3f} "
                f"on {out[0]['n']} held-out prompts")
         logger.log(event="eval", step=it, **out[0])
+
+    def check_ratio(st):
+        """The run-time invariant: on the first minibatch pi == pi_old, so |ratio - 1| < tol and approx KL ~ 0."""
+        dev, akl = st["ratio_dev"].item(), st["approx_kl"].item()
+        inv["ratio_max_dev"], inv["approx_kl_max"] = max(inv["ratio_max_dev"], dev), max(inv["approx_kl_max"], akl)
+        if not dev < ratio_tol:
+            inv["ratio_failures"] += 1
+            print0(f"warning: iteration {it}: ratio check FAILED: max |ratio - 1| = {dev:.2e} >= {ratio_tol:g} on the "
+                   f"first minibatch (rollout and training compute log-probs differently: padding, positions?)")
+        return dev
 
     def clock():   # the time split generation / scoring / training needs finished GPU work
         if device.type == "cuda":
@@ -648,87 +669,81 @@ def train(args, info):
             verdict = "not expected to be 0: --ref_model differs" if not same else (
                 "ok" if inv["kl_at_start"] == 0 else "not exactly 0: bf16 reference" if dtype != torch.float32 else
                 "MISMATCH: actor and reference compute log-probs differently")
-            print0(f"check at iteration 0 (actor == reference): max |log pi - log pi_ref| {inv['kl_at_start']:.2e} ({verdict})")
+            print0(f"check at iteration 0 (actor == reference): max |log pi - log pi_ref| {inv['kl_at_start']:.2e} "
+                   f"({verdict})")
         inv["k3_min"] = min(inv["k3_min"], exp["k3_min"].item())
         t2 = clock()
 
-        # 3. PPO epochs over minibatches: actor (clipped surrogate, entropy, ptx), critic (clipped value loss)
-        mask, B = exp["mask"], args.rollout_batch
-        micro_bs, step_rows = args.batch_size, args.batch_size * args.grad_accum
-        sums, n_steps = {}, 0
-        for epoch in range(args.ppo_epochs):
-            order = torch.randperm(B, generator=torch.Generator().manual_seed(args.seed + 7 * it + 31 * rank + epoch))
-            for start in range(0, B, step_rows):
-                for micro in range(args.grad_accum):
-                    rows = order[start + micro * micro_bs:start + (micro + 1) * micro_bs].to(device)
-                    mb = {k: v[rows] for k, v in exp.items() if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == B}
-                    last = micro == args.grad_accum - 1
-                    with common.grad_sync(actor, last and ptx is None):
-                        with ctx:   # the DDP-wrapped actor: gradients are averaged across processes
-                            logp, ent = response_logprobs(actor, mb["idx"], mb["attn"], exp["P"], args.temperature, True)
-                        pl, st = policy_loss(logp, mb["logp_old"], mb["advantages"], mb["mask"], args.clip_range)
-                        entropy = masked_mean(ent if args.entropy_coef > 0 else ent.detach(), mb["mask"])
-                        ((pl - args.entropy_coef * entropy) / args.grad_accum).backward()
-                    if epoch == 0 and start == 0 and micro == 0:   # the actor has not moved yet: ratio == 1
-                        dev, akl = st["ratio_dev"].item(), st["approx_kl"].item()
-                        inv["ratio_max_dev"], inv["approx_kl_max"] = max(inv["ratio_max_dev"], dev), max(inv["approx_kl_max"], akl)
-                        sums["ratio_dev"] = dev
-                        if not dev < ratio_tol:
-                            inv["ratio_failures"] += 1
-                            print0(f"warning: iteration {it}: ratio check FAILED: max |ratio - 1| = {dev:.2e} >= {ratio_tol:g} "
-                                   f"on the first minibatch (rollout and training compute log-probs differently)")
-                    if ptx is not None:
-                        x, y = ptx.batch(micro_bs, it, rank, epoch, start, micro)
-                        with common.grad_sync(actor, last):
-                            with ctx:
-                                _, lm_loss = actor(x.to(device), y.to(device))
-                            (args.ptx_coef * lm_loss / args.grad_accum).backward()
-                        sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + lm_loss.item()
-                    with common.grad_sync(critic, last):
+        # 3. PPO epochs over minibatches: actor (clipped surrogate, entropy, ptx), critic (clipped value loss).
+        # One optimizer step per batch_size * grad_accum answers; every epoch is a fresh shuffle of the rollout.
+        mask, B, mbs = exp["mask"], args.rollout_batch, args.batch_size
+        per_row = {key: v for key, v in exp.items() if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == B}
+        plan = [order[s:s + mbs * args.grad_accum]
+                for epoch in range(args.ppo_epochs)
+                for order in [torch.from_numpy(np.random.default_rng([args.seed, it, rank, epoch]).permutation(B))]
+                for s in range(0, B, mbs * args.grad_accum)]
+        sums, n_micro = {}, 0
+        for k, step_rows in enumerate(plan):
+            for micro, rows in enumerate(step_rows.split(mbs)):
+                mb = {key: v[rows.to(device)] for key, v in per_row.items()}
+                last = micro == args.grad_accum - 1
+                with common.grad_sync(actor, last and ptx is None):
+                    with ctx:   # the DDP-wrapped actor: gradients are averaged across processes
+                        logp, ent = response_logprobs(actor, mb["idx"], mb["attn"], exp["P"], args.temperature, True)
+                    pl, st = policy_loss(logp, mb["logp_old"], mb["advantages"], mb["mask"], args.clip_range)
+                    entropy = masked_mean(ent if args.entropy_coef > 0 else ent.detach(), mb["mask"])
+                    ((pl - args.entropy_coef * entropy) / args.grad_accum).backward()
+                if k == 0 and micro == 0:   # nothing has been updated since the rollout: the ratio must be 1
+                    sums["ratio_dev"] = check_ratio(st)
+                if ptx is not None:   # PPO-ptx: a language-modelling batch through the same (wrapped) actor
+                    x, y = ptx.batch(mbs, it, rank, k, micro)
+                    with common.grad_sync(actor, last):
                         with ctx:
-                            values = critic_values(critic, mb["idx"], mb["attn"], exp["P"])
-                        vl, vst = value_loss(values, mb["values"], mb["returns"], mb["mask"], args.clip_range_value)
-                        (vl / args.grad_accum).backward()
-                    for k, v in {"policy_loss": pl.item(), "value_loss": vl.item(), "entropy": entropy.item(),
-                                 "clipfrac": st["clipfrac"].item(), "approx_kl": st["approx_kl"].item(),
-                                 "vf_clipfrac": vst["vf_clipfrac"].item()}.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n_steps += 1
-                gn_a, gn_c = common.clip_grad_norm(actor, args.grad_clip), common.clip_grad_norm(critic, args.grad_clip)
-                if math.isfinite(gn_a) and math.isfinite(gn_c):
-                    opt_actor.step()
-                    opt_critic.step()
-                else:
-                    print0(f"warning: iteration {it}: non-finite gradient norm (actor {gn_a}, critic {gn_c}); update skipped")
-                opt_actor.zero_grad(set_to_none=True)
-                opt_critic.zero_grad(set_to_none=True)
+                            _, lm_loss = actor(x.to(device), y.to(device))
+                        (args.ptx_coef * lm_loss / args.grad_accum).backward()
+                    sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + lm_loss.item()
+                with common.grad_sync(critic, last):
+                    with ctx:
+                        values = critic_values(critic, mb["idx"], mb["attn"], exp["P"])
+                    vl, vst = value_loss(values, mb["values"], mb["returns"], mb["mask"], args.clip_range_value)
+                    (vl / args.grad_accum).backward()
+                for key, v in (("policy_loss", pl), ("value_loss", vl), ("entropy", entropy),
+                               ("clipfrac", st["clipfrac"]), ("approx_kl", st["approx_kl"]),
+                               ("vf_clipfrac", vst["vf_clipfrac"])):
+                    sums[key] = sums.get(key, 0.0) + v.item()
+                n_micro += 1
+            gn_a, gn_c = common.clip_grad_norm(actor, args.grad_clip), common.clip_grad_norm(critic, args.grad_clip)
+            if math.isfinite(gn_a) and math.isfinite(gn_c):
+                opt_actor.step()
+                opt_critic.step()
+            else:
+                print0(f"warning: iteration {it}: non-finite gradient norm (actor {gn_a}, critic {gn_c}); "
+                       f"update skipped")
+            opt_actor.zero_grad(set_to_none=True)
+            opt_critic.zero_grad(set_to_none=True)
         t3 = clock()
 
-        # 4. statistics of this iteration (all processes), the KL controller, alarms, logs
+        # 4. statistics of this iteration, summed over all processes; the KL controller; alarms; logs
         answers = [tok.decode(chat.strip_stop(r, tok.stop_ids)) for r in responses]
         checks = [float(lab.check(a, records[i]["truth"])) for a, i in zip(answers, pick) if "truth" in records[i]]
-        lengths = mask.sum(1)
-        sq = lambda t: [t.sum().item(), (t.double() ** 2).sum().item()]  # noqa: E731
-        local = torch.tensor([*sq(exp["raw"]), *sq(exp["norm"]), exp["kl_seq"].sum().item(), exp["k3_seq"].sum().item(),
-                              lengths.sum().item(), exp["ended"].float().sum().item(),
-                              sum(repeats(chat.strip_stop(r, tok.stop_ids)) for r in responses), sum(checks), len(checks),
-                              explained_variance(exp["values"], exp["returns"], mask),
-                              *[sums.get(k, 0.0) / (n_steps if k != "ratio_dev" else 1) for k in
-                                ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac",
-                                 "ptx_loss", "ratio_dev")]], dtype=torch.float64)
-        n_local = local.numel()
+        losses = ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac", "ptx_loss")
+        local = {"raw": exp["raw"].sum(), "raw_sq": exp["raw"].double().pow(2).sum(), "norm": exp["norm"].sum(),
+                 "norm_sq": exp["norm"].double().pow(2).sum(), "kl": exp["kl_seq"].sum(), "kl_k3": exp["k3_seq"].sum(),
+                 "length": mask.sum(), "eos": exp["ended"].sum(), "checked": len(checks), "correct": sum(checks),
+                 "repeats": sum(repeats(chat.strip_stop(r, tok.stop_ids)) for r in responses),
+                 "explained_var": explained_variance(exp["values"], exp["returns"], mask),
+                 "ratio_dev": sums["ratio_dev"], **{k: sums.get(k, 0.0) / n_micro for k in losses}}
+        totals = torch.tensor([float(v) for v in local.values()], dtype=torch.float64)
         if info.distributed:
-            local = local.to(device)
-            dist.all_reduce(local)
-            local = local.cpu()
-        s, n = local.tolist(), B * world
-        mean_std = lambda a, b: (a / n, math.sqrt(max(b / n - (a / n) ** 2, 0.0)))  # noqa: E731
-        row = {"reward_raw": mean_std(s[0], s[1])[0], "reward_raw_std": mean_std(s[0], s[1])[1],
-               "reward_norm": mean_std(s[2], s[3])[0], "reward_norm_std": mean_std(s[2], s[3])[1],
-               "kl": s[4] / n, "kl_k3": s[5] / n, "kl_coef": kl_ctl.value, "length": s[6] / n, "eos_frac": s[7] / n,
-               "repeat_frac": s[8] / n, "accuracy": s[9] / s[10] if s[10] else None, "explained_var": s[11] / world,
-               **{k: v / world for k, v in zip(("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl",
-                                                "vf_clipfrac", "ptx_loss", "ratio_dev"), s[12:n_local])},
+            totals = totals.to(device)
+            dist.all_reduce(totals)
+        tot, n = dict(zip(local, totals.tolist())), B * world
+        std = lambda key: math.sqrt(max(tot[key + "_sq"] / n - (tot[key] / n) ** 2, 0.0))  # noqa: E731
+        row = {"reward_raw": tot["raw"] / n, "reward_raw_std": std("raw"), "reward_norm": tot["norm"] / n,
+               "reward_norm_std": std("norm"), "accuracy": tot["correct"] / tot["checked"] if tot["checked"] else None,
+               "kl": tot["kl"] / n, "kl_k3": tot["kl_k3"] / n, "kl_coef": kl_ctl.value, "length": tot["length"] / n,
+               "eos_frac": tot["eos"] / n, "repeat_frac": tot["repeats"] / n,
+               **{k: tot[k] / world for k in ("explained_var", "ratio_dev") + losses},   # means over processes
                "time_gen": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2}
         if ptx is None:
             row.pop("ptx_loss")
@@ -738,11 +753,11 @@ def train(args, info):
         it += 1
         if it % args.log_interval == 0 or it == args.max_steps:
             acc = f" acc {row['accuracy']:.3f} |" if row["accuracy"] is not None else ""
-            print0(f"iter {it:>4}/{args.max_steps} | reward {row['reward_raw']:+.3f} (norm {row['reward_norm']:+.3f}) |{acc} "
-                   f"KL {row['kl']:.3f} beta {row['kl_coef']:.3f} | len {row['length']:.1f} | ent {row['entropy']:.3f} | "
-                   f"clip {row['clipfrac']:.3f} | akl {row['approx_kl']:.1e} | vloss {row['value_loss']:.4f} | "
-                   f"ev {row['explained_var']:.2f} | ratio0 {row['ratio_dev']:.1e} | gen {row['time_gen']:.1f}s "
-                   f"score {row['time_score']:.1f}s train {row['time_train']:.1f}s")
+            print0(f"iter {it:>4}/{args.max_steps} | reward {row['reward_raw']:+.3f} (norm {row['reward_norm']:+.3f}) |"
+                   f"{acc} KL {row['kl']:.3f} beta {row['kl_coef']:.3f} | len {row['length']:.1f} | "
+                   f"ent {row['entropy']:.3f} | clip {row['clipfrac']:.3f} | akl {row['approx_kl']:.1e} | "
+                   f"vloss {row['value_loss']:.4f} | ev {row['explained_var']:.2f} | ratio0 {row['ratio_dev']:.1e} | "
+                   f"gen {row['time_gen']:.1f}s score {row['time_score']:.1f}s train {row['time_train']:.1f}s")
         logger.log(step=it, **row)
 
         # rank 0's rollout: examples for the alarms and the sample printout
@@ -785,8 +800,9 @@ def train(args, info):
     # --- save, then the end-of-run evaluation on rank 0 --------------------------------------------------
     final = checkpoint("final", False)
     fails = inv["ratio_failures"]
-    print0(f"invariants over {inv['iterations']} iterations: max |ratio - 1| on first minibatches {inv['ratio_max_dev']:.2e} "
-           f"(tolerance {ratio_tol:g}, {fails} failure(s)), max approx KL {inv['approx_kl_max']:.2e}, min k3 {inv['k3_min']:.2e}")
+    print0(f"invariants over {inv['iterations']} iterations: max |ratio - 1| on first minibatches "
+           f"{inv['ratio_max_dev']:.2e} (tolerance {ratio_tol:g}, {fails} failure(s)), max approx KL "
+           f"{inv['approx_kl_max']:.2e}, min k3 {inv['k3_min']:.2e}")
     out = {"stage": "ppo", "policy": final, "steps": it, "kl_coef": kl_ctl.value, "kl_coef_init": args.kl_coef,
            "kl_estimator": args.kl_estimator, "invariants": inv, "alarms": alarms, "weights_in_sync": in_sync,
            "train": train_summary(history, args.alarm_window)}
@@ -794,9 +810,10 @@ def train(args, info):
         if eval_records:
             t0 = time.time()
             out.update(final_evaluation(args, raw_actor, rm, reward_fn, tok, eval_records, device, ctx))
-            print0(f"end evaluation on {out['n_eval']} prompts ({time.time() - t0:.0f}s): lab accuracy {out['accuracy']:.1%} "
-                   f"(SFT {out['accuracy_sft']:.1%}); mean reward {out['mean_reward']:+.3f} (SFT {out['mean_reward_sft']:+.3f}); "
-                   f"win rate vs SFT: checker {out['win_rate_checker']:.3f}, reward model {out['win_rate_reward']:.3f}; "
+            print0(f"end evaluation on {out['n_eval']} prompts ({time.time() - t0:.0f}s): lab accuracy "
+                   f"{out['accuracy']:.1%} (SFT {out['accuracy_sft']:.1%}); mean reward {out['mean_reward']:+.3f} "
+                   f"(SFT {out['mean_reward_sft']:+.3f}); win rate vs SFT: checker {out['win_rate_checker']:.3f}, "
+                   f"reward model {out['win_rate_reward']:.3f}; "
                    f"KL to SFT {out['kl_to_sft']:.3f} nats")
             if out["mean_reward"] > out["mean_reward_sft"] and out["accuracy"] < out["accuracy_sft"]:
                 msg = "the reward model prefers PPO's answers but the checker grades them worse than SFT's"
@@ -816,11 +833,13 @@ def final_evaluation(args, actor, rm, reward_fn, tok, records, device, ctx):
     convs = [r["messages"] for r in records]
     sft_path = args.sft_model or args.init_from
     models = {"ppo": actor, "sft": common.load_model(sft_path, device)[0].eval()}
-    answers = {k: chat.generate_answers(m, tok, convs, max_new_tokens=args.eval_max_new_tokens) for k, m in models.items()}
+    answers = {k: chat.generate_answers(m, tok, convs, max_new_tokens=args.eval_max_new_tokens)
+               for k, m in models.items()}
     graded = {k: chat.evaluate_lab(None, tok, records, answers=a) for k, a in answers.items()}
     h2h = chat.head_to_head(answers["ppo"], answers["sft"], records, reward_fn=reward_fn)
     score = {k: sum(lab.score(a, r["truth"]) for a, r in zip(answers[k], records)) / len(records) for k in answers}
     norm = lambda x: ((x - rm.reward_mean) / rm.reward_std).item()  # noqa: E731
+    kl_convs = [c for c in convs for _ in range(max(1, args.eval_samples))]
     out = {"sft_model": sft_path, "reward_model": args.reward_model,
            "eval_data": args.eval_data, "n_eval": len(records),
            "accuracy": graded["ppo"]["accuracy"], "accuracy_sft": graded["sft"]["accuracy"],
@@ -828,13 +847,13 @@ def final_evaluation(args, actor, rm, reward_fn, tok, records, device, ctx):
            "mean_score": score["ppo"], "mean_score_sft": score["sft"],
            "win_rate_checker": h2h["checker"]["win_rate"], "win_rate_reward": h2h["reward"]["win_rate"],
            "mean_reward": h2h["reward"]["mean_a"], "mean_reward_sft": h2h["reward"]["mean_b"],
-           "mean_reward_normalized": norm(h2h["reward"]["mean_a"]), "mean_reward_normalized_sft": norm(h2h["reward"]["mean_b"]),
+           "mean_reward_normalized": norm(h2h["reward"]["mean_a"]),
+           "mean_reward_normalized_sft": norm(h2h["reward"]["mean_b"]),
            "checker": h2h["checker"], "reward": h2h["reward"],
-           # k1 is unbiased but noisy (single answers can give a negative sum): K samples per prompt with --eval_samples K
-           "kl_to_sft": kl_to_model(actor, models["sft"], tok, [c for c in convs for _ in range(max(1, args.eval_samples))],
-                                    args.eval_max_new_tokens, args.seed, ctx),
-           "examples": [{"question": r["messages"][-1]["content"], "sft": s, "ppo": p, "ok_sft": lab.check(s, r["truth"]),
-                         "ok_ppo": lab.check(p, r["truth"])}
+           # k1 is unbiased but noisy (one answer's sum can be negative): --eval_samples K answers per prompt
+           "kl_to_sft": kl_to_model(actor, models["sft"], tok, kl_convs, args.eval_max_new_tokens, args.seed, ctx),
+           "examples": [{"question": r["messages"][-1]["content"], "sft": s, "ppo": p,
+                         "ok_sft": lab.check(s, r["truth"]), "ok_ppo": lab.check(p, r["truth"])}
                         for r, s, p in list(zip(records, answers["sft"], answers["ppo"]))[:6]]}
     if args.eval_samples > 0:   # the sampling policy PPO optimised, not only its greedy mode
         many = [c for c in convs for _ in range(args.eval_samples)]

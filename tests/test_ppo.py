@@ -197,7 +197,8 @@ def rollout(tok, actor, ref, rm, critic, kl_coef=0.1, seed=0):
     # left cut at the length limit, without a stop token)
     responses = [r[:n] + [tok.end_id] if n < len(r) else r for r, n in zip(responses, (3, 12, 7, 0))]
     ctx = common.autocast(torch.device("cpu"), torch.float32)
-    return prompts, responses, ppo.make_experience(actor, ref, rm, critic, prompts, responses, tok, Args, kl_coef, ctx, "cpu")
+    exp = ppo.make_experience(actor, ref, rm, critic, prompts, responses, tok, Args, kl_coef, ctx, "cpu")
+    return prompts, responses, exp
 
 
 def reward_model(tok, seed):
@@ -253,10 +254,14 @@ def test_ratio_is_one_on_the_first_minibatch_of_a_real_rollout(tok):
     pl, _, st = ppo_losses(actor, critic, exp, rows, Args.temperature)
     assert st["ratio_dev"].item() < 1e-4 and st["approx_kl"].item() < 1e-8
     # teeth: the classic bugs move the ratio away from 1
-    logp, _ = ppo.response_logprobs(actor, exp["idx"][rows], None, exp["P"], Args.temperature)   # no mask: pads shift positions
-    assert ppo.policy_loss(logp, exp["logp_old"][rows], exp["advantages"][rows], exp["mask"][rows], 0.2)[1]["ratio_dev"] > 1e-2
-    logp, _ = ppo.response_logprobs(actor, exp["idx"][rows], exp["attn"][rows], exp["P"], 1.0)    # forgot the temperature
-    assert ppo.policy_loss(logp, exp["logp_old"][rows], exp["advantages"][rows], exp["mask"][rows], 0.2)[1]["ratio_dev"] > 1e-2
+    def ratio_dev(logp):
+        _, st = ppo.policy_loss(logp, exp["logp_old"][rows], exp["advantages"][rows], exp["mask"][rows], 0.2)
+        return st["ratio_dev"]
+    # without the attention mask the left padding shifts every position
+    no_mask, _ = ppo.response_logprobs(actor, exp["idx"][rows], None, exp["P"], Args.temperature)
+    assert ratio_dev(no_mask) > 1e-2
+    no_temperature, _ = ppo.response_logprobs(actor, exp["idx"][rows], exp["attn"][rows], exp["P"], 1.0)
+    assert ratio_dev(no_temperature) > 1e-2
 
 
 def test_tokens_after_eos_carry_no_loss(tok):
@@ -273,7 +278,8 @@ def test_tokens_after_eos_carry_no_loss(tok):
         actor.zero_grad(), critic.zero_grad()
         pl, vl, _ = ppo_losses(actor, critic, e, rows, Args.temperature)
         (pl + vl).backward()
-        return pl.item(), vl.item(), [p.grad.clone() for p in actor.parameters()] + [p.grad.clone() for p in critic.parameters()]
+        grads = [p.grad.clone() for p in actor.parameters()] + [p.grad.clone() for p in critic.parameters()]
+        return pl.item(), vl.item(), grads
 
     base = losses_and_grads(exp)
     changed = dict(exp)
@@ -310,7 +316,8 @@ def build_lab_models(d, tok):
     sets = lab.generate(seed=0, pretrain_docs=10, sft_train=10, sft_val=10)
     prefs = [r for r in sets["prefs_train"] if r["task"] in TASKS]
     rng = random.Random(0)
-    noisy = [{"messages": r["messages"] + [{"role": "assistant", "content": r["chosen"] if rng.random() < 0.5 else r["rejected"]}]}
+    noisy = [{"messages": r["messages"] + [{"role": "assistant",
+                                            "content": r["chosen"] if rng.random() < 0.5 else r["rejected"]}]}
              for r in prefs]
     write_jsonl(d / "sft.jsonl", noisy)
     keep = ("prompt", "chosen", "rejected", "kind")
@@ -327,10 +334,10 @@ def build_lab_models(d, tok):
         sft.main(["--init_from", str(d / "init"), "--data", str(d / "sft.jsonl"), "--val_frac", "0", "--out_dir",
                   str(d / "sft"), "--batch_size", "16", "--max_steps", "300", "--lr", "3e-3", "--min_lr", "3e-4",
                   "--warmup_steps", "10", "--log_interval", "1000", "--save_interval", "0", "--eval_interval", "0"])
-        reward.main(["--init_from", str(d / "sft"), "--data", str(d / "prefs.jsonl"), "--val_data", str(d / "prefs_val.jsonl"),
-                     "--out_dir", str(d / "rm"), "--batch_size", "16", "--max_steps", "150", "--lr", "1e-3",
-                     "--min_lr", "1e-4", "--warmup_steps", "10", "--log_interval", "1000", "--save_interval", "0",
-                     "--eval_interval", "0"])
+        reward.main(["--init_from", str(d / "sft"), "--data", str(d / "prefs.jsonl"), "--val_data",
+                     str(d / "prefs_val.jsonl"), "--out_dir", str(d / "rm"), "--batch_size", "16", "--max_steps", "150",
+                     "--lr", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "10", "--log_interval", "1000",
+                     "--save_interval", "0", "--eval_interval", "0"])
     finally:
         torch.set_num_threads(n)
     return d
@@ -397,7 +404,8 @@ def test_without_kl_penalty_the_actor_hacks_the_reward_model_and_the_alarm_fires
     iterations for --seed 1..5 (reward_vs_accuracy 4x, length 1x); with --seed 3 at iterations 10 and 15."""
     d = lab_models
     m = ppo.main(ppo_argv(d, tmp_path / "hack", "--max_steps", "16", "--rollout_batch", "32", "--kl_coef", "0",
-                          "--lr", "1e-3", "--min_lr", "1e-3", "--ppo_epochs", "4", "--warmup_steps", "0", "--seed", "3"))
+                          "--lr", "1e-3", "--min_lr", "1e-3", "--ppo_epochs", "4", "--warmup_steps", "0",
+                          "--seed", "3"))
     assert "reward_vs_accuracy" in {a["kind"] for a in m["alarms"]}
     assert m["train"]["reward_raw"]["last"] > m["train"]["reward_raw"]["first"] + 0.5
     assert m["train"]["accuracy"]["last"] < m["train"]["accuracy"]["first"] - 0.05
@@ -444,7 +452,8 @@ def test_ddp_two_processes_stay_in_sync(lab_models, tmp_path):
     averaged and both ranks end with the same actor and critic (calling .module would let them drift)."""
     d = lab_models
     argv = ppo_argv(d, tmp_path / "ddp", "--max_steps", "2", "--rollout_batch", "4", "--batch_size", "2",
-                    "--max_new_tokens", "12", "--eval_interval", "0", "--ptx_coef", "0.1", "--ptx_data", str(d / "sft.jsonl"))
+                    "--max_new_tokens", "12", "--eval_interval", "0", "--ptx_coef", "0.1",
+                    "--ptx_data", str(d / "sft.jsonl"))
     ctx = torch.multiprocessing.get_context("fork")
     queue = ctx.SimpleQueue()
     torch.multiprocessing.start_processes(_dist_worker, args=(2, str(tmp_path / "store"), argv, queue), nprocs=2,
