@@ -16,8 +16,11 @@ Four models (DeepSpeed-Chat's names):
   actor      the policy pi, trained; starts as the SFT model (--init_from)
   reference  pi_ref, the SFT model, frozen (--ref_model; default --init_from)
   reward     r(x, y), reward.py's model, frozen; scores the whole response at its last token
-  critic     V(s_t), trained; a reward model's backbone + head read at EVERY token (--critic_from,
-             default --reward_model: it already knows what a good answer looks like)
+  critic     V(s_t), trained; a reward model's backbone + head read at EVERY token, in normalised
+             reward units (--critic_from, default --reward_model: it already knows a good answer)
+Memory: the frozen two run under no_grad in eval mode, with bf16 parameters when the run computes in
+bf16 (cuda); --offload parks them on the CPU outside the scoring phase. Actor, critic, reference and
+reward model are loaded separately, and the script checks that they share no storage.
 
 One iteration (= one "step": --max_steps, --log_interval, --eval_interval, --save_interval count them):
   1. sample --rollout_batch prompts; the actor answers them (model.generate, KV cache, stops at <|end|>)
@@ -284,6 +287,12 @@ class KLController:
         return self.value
 
 
+def mean_of(rows, key):
+    """Mean of rows[i][key] over the rows that have it (None if none do)."""
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def hacking_alarms(history, window):
     """Reward-hacking alarms from per-iteration rollout statistics (dicts with reward_norm, accuracy,
     length, repeat_frac): the mean of the last `window` iterations against the first `window`.
@@ -294,10 +303,7 @@ def hacking_alarms(history, window):
     Returns [(kind, message)]."""
     if window < 1 or len(history) < 2 * window:
         return []
-
-    def avg(rows, key):
-        vals = [r[key] for r in rows if r.get(key) is not None]
-        return sum(vals) / len(vals) if vals else None
+    avg = mean_of
     base, now = history[:window], history[-window:]
     out = []
     r0, r1, a0, a1 = avg(base, "reward_norm"), avg(now, "reward_norm"), avg(base, "accuracy"), avg(now, "accuracy")
@@ -314,11 +320,8 @@ def hacking_alarms(history, window):
 
 def train_summary(history, window):
     """Rollout statistics averaged over the first and the last `window` iterations (single iterations are noisy)."""
-    def avg(rows, key):
-        vals = [r[key] for r in rows if r.get(key) is not None]
-        return sum(vals) / len(vals) if vals else None
     w = max(1, min(window, len(history)))
-    return {k: {"first": avg(history[:w], k), "last": avg(history[-w:], k)}
+    return {k: {"first": mean_of(history[:w], k), "last": mean_of(history[-w:], k)}
             for k in ("reward_raw", "reward_norm", "accuracy", "length", "repeat_frac", "kl")} if history else {}
 
 
@@ -405,7 +408,7 @@ def make_experience(actor, ref, rm, critic, prompts, responses, tok, args, kl_co
         raw = rm(idx, attn).float()                               # read at each row's last real token
     norm = rm.normalize(raw)                                      # reward.py's statistics
     score = norm.clamp(-args.reward_clip, args.reward_clip) if args.reward_clip > 0 else norm
-    ended = torch.tensor([len(r) > 0 and r[-1] in tok.stop_ids for r in responses], device=device)
+    ended = torch.tensor([any(t in tok.stop_ids for t in r) for r in responses], device=device)
     score = score - args.missing_eos_penalty * (~ended).float()
     kl = kl_estimates(logp_old, logp_ref, args.kl_estimator)
     rewards = token_rewards(score, kl, mask, kl_coef)
@@ -427,19 +430,24 @@ def make_experience(actor, ref, rm, critic, prompts, responses, tok, args, kl_co
 def load_prompts(path, tok, max_len):
     """Records with "messages" (ending on a user turn) or a "prompt" string; "truth" optional (then
     the lab checker grades rollouts, for the reward-hacking alarm). -> (records, prompt ids)."""
-    records, ids, skipped = [], [], 0
-    for r in chat.read_records(path):
-        if "messages" not in r and isinstance(r.get("prompt"), str):
-            r = {**r, "messages": [{"role": "user", "content": r["prompt"]}]}
-        try:
-            ids.append(tok.render_prompt(r["messages"], max_len=max_len))
-            records.append(r)
-        except (KeyError, TypeError, ValueError):
-            skipped += 1
-    if skipped:
-        print0(f"{path}: {skipped} record(s) skipped (no valid messages / prompt, or longer than {max_len} tokens)")
+    from data.formats import Report, iter_json
+    records, ids, report = [], [], Report()
+    try:
+        for lineno, r in iter_json(path, report):   # malformed lines are counted with path:line and skipped
+            if "messages" not in r and isinstance(r.get("prompt"), str):
+                r = {**r, "messages": [{"role": "user", "content": r["prompt"]}]}
+            try:
+                ids.append(tok.render_prompt(r["messages"], max_len=max_len))
+                records.append(r)
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                report.skip(path, lineno, f"not a usable prompt ({type(e).__name__}: {str(e)[:80]})")
+    except (OSError, ValueError) as e:
+        common.fail(f"{path}: {e}")
+    report.records = report.emitted = len(records)
+    if report.skipped:
+        print0(f"{path}: {report.summary()}")
     if not records:
-        common.fail(f"{path}: no usable prompts")
+        common.fail(f"{path}: no usable prompts (records need 'messages' ending on a user turn, or 'prompt')")
     return records, ids
 
 
