@@ -318,6 +318,8 @@ def train(args, info):
         print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
 
     # --- model (ours or HuggingFace) and the tokenizer it was trained with ----------------------
+    # Every rank loads the whole checkpoint on the CPU, then FSDP shards it (simple; for a 7B model
+    # that is ~28 GB of host memory per rank for a moment).
     model, meta = common.load_model(args.init_from)
     tok_info = meta.get("tokenizer") or {}
     tok_path = args.tokenizer or (tok_info.get("path") if os.path.isfile(tok_info.get("path") or "") else None)
@@ -410,11 +412,13 @@ def train(args, info):
     def run_eval():
         nonlocal val_loss, best_val
         val_loss = evaluate(model, val_set, tok.pad_id, args, info, ctx)
-        improved = val_loss < best_val
-        best_val = min(best_val, val_loss)
+        improved = step > 0 and val_loss < best_val  # best.pt: the best TRAINED model, never the start
+        if improved:
+            best_val = val_loss
         logger.log(event="eval", step=step, val_loss=val_loss, best_val_loss=best_val)
-        print0(f"eval step {step}: val loss {val_loss:.4f} (assistant tokens)" + (" (best)" if improved else ""))
-        if improved and step > 0:
+        note = " (the starting model)" if step == 0 else (" (best so far: saved best)" if improved else "")
+        print0(f"eval step {step}: val loss {val_loss:.4f} on the held-out assistant tokens{note}")
+        if improved:
             checkpoint("best", False)
 
     # --- the loop ----------------------------------------------------------------------------
