@@ -355,3 +355,24 @@ def test_sft_beats_its_pretrained_start_on_lab_questions(tmp_path, one_thread):
     assert acc["sft"] >= acc["base"] + 0.03
     assert by_kind["sft"]["identity"] >= 0.25 > by_kind["base"]["identity"]
     assert evals[-1] <= evals[0] - 1.0
+
+
+def test_bad_input_clear_errors_nothing_written(tmp_path, tiny_init, capsys, one_thread):
+    # malformed and invalid records are skipped and reported with file:line; training goes on
+    lines = (tmp_path / "sft_train.jsonl").read_text(encoding="utf-8").splitlines()
+    bad = lines[:40] + ["{not json", json.dumps({"messages": [{"role": "assistant", "content": "no user turn"}]})]
+    (tmp_path / "bad.jsonl").write_text("\n".join(bad) + "\n", encoding="utf-8")
+    argv = sft_argv(tmp_path, tiny_init, tmp_path / "ok", "--max_steps", "1", "--eval_interval", "0")
+    argv[argv.index("--data") + 1] = str(tmp_path / "bad.jsonl")
+    sft.main(argv)
+    out = capsys.readouterr().out
+    assert "bad.jsonl:41" in out and "bad.jsonl:42" in out and "40 examples" in out
+    # a missing file: one clear message, and the run dir is not even created
+    argv = sft_argv(tmp_path, tiny_init, tmp_path / "run", "--max_steps", "1")
+    argv[argv.index("--data") + 1] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(SystemExit, match="missing.jsonl"):
+        sft.main(argv)
+    assert not (tmp_path / "run").exists()
+    # an earlier run is never overwritten without --resume
+    with pytest.raises(SystemExit, match="--resume"):
+        sft.main(sft_argv(tmp_path, tiny_init, tmp_path / "ok", "--max_steps", "1"))
