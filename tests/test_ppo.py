@@ -368,15 +368,18 @@ def test_lab_ppo_beats_sft(lab_models, one_thread):
     inv = m["invariants"]
     assert inv["iterations"] == 30 and inv["ratio_failures"] == 0 and inv["ratio_max_dev"] < 1e-4
     assert inv["kl_at_start"] == 0.0 and inv["k3_min"] >= 0.0
-    # Measured over 15 runs (--seed 1..5 on three builds of this fixture, as sft.py / reward.py evolved):
-    #   held-out, 8 prompts x 16 samples at temperature 1: reward +0.57..+1.72 over SFT, accuracy +0.047..+0.20
-    #   held-out greedy accuracy: never below SFT (+0 .. +0.25); win rate under the checker 0.5..0.625
-    #   training prompts, rollout mean of the last 5 iterations vs the first 5: reward +0.7..+2.4, accuracy
-    #   +0.06..+0.30; rollout KL to the reference 0.5..0.92 nats per answer, KL(ppo || sft) held-out < 2.2
+    # Measured with this code and fixture, --seed 1..5 (this test: seed 1):
+    #   held-out, 8 prompts x 16 samples at temperature 1: reward +0.84..+1.81 over SFT, accuracy +0.10..+0.20
+    #   held-out greedy: accuracy +0..+0.125 (SFT 0.75), win rate under the checker 0.5..0.56, under the
+    #   reward model 0.56..0.69; KL(ppo || sft) 0.55..1.12 nats per answer
+    #   rollouts (training prompts), last 5 iterations vs first 5: reward +1.3..+2.4, accuracy +0.21..+0.29;
+    #   rollout KL to the reference 0.6..1.1 nats per answer at the end
+    # and over 15 earlier runs (older builds of the fixture as sft.py / reward.py evolved): sampled reward
+    # +0.57..+1.72, sampled accuracy +0.047..+0.20, greedy accuracy +0..+0.25, reward-model win rate 0.31..0.625.
     # So asserted: a clear reward gain, an accuracy gain (sampled held-out, and on the rollouts) and greedy
     # accuracy not below SFT. NOT asserted, being unreliable on 8 greedy answers: the greedy mean reward and
-    # the win rate under the reward model (0.31..0.625: where PPO changed a greedy answer, the small reward
-    # model did not always prefer it on these unseen phrasings).
+    # the win rate under the reward model (where PPO changed a greedy answer, the small reward model did not
+    # always prefer it on these unseen phrasings).
     assert m["mean_reward_sampled"] > m["mean_reward_sampled_sft"] + 0.3
     assert m["accuracy_sampled"] > m["accuracy_sampled_sft"]
     assert m["accuracy"] >= m["accuracy_sft"] and m["win_rate_checker"] >= 0.5
@@ -401,7 +404,8 @@ def test_without_kl_penalty_the_actor_hacks_the_reward_model_and_the_alarm_fires
     """Issue 10's class exercise: no KL penalty and a large step size. The actor drifts to garbled answers the
     small reward model over-rates ("I't aboutMy型型型型。" scored +3.9), rollout reward rises while the checker's
     accuracy falls, and the alarm reports it with examples. Measured on this fixture: an alarm within 20
-    iterations for --seed 1..5 (reward_vs_accuracy 4x, length 1x); with --seed 3 at iterations 10 and 15."""
+    iterations for 4 of --seed 1..5 (seed 1: reward rose only 0.03 -> 0.60, no alarm); with --seed 3 at
+    iterations 11 and 16 (and 5 of 5 seeds with an earlier build)."""
     d = lab_models
     m = ppo.main(ppo_argv(d, tmp_path / "hack", "--max_steps", "16", "--rollout_batch", "32", "--kl_coef", "0",
                           "--lr", "1e-3", "--min_lr", "1e-3", "--ppo_epochs", "4", "--warmup_steps", "0",
