@@ -19,7 +19,8 @@ same process would look smaller or larger depending on order. Each child imports
 (torch and transformers, so their import cost is identical), builds its model and optimizer, runs
 one warm-up step (AdamW allocates its state lazily on the first step), then resets the kernel's
 high-water mark (`echo 5 > /proc/self/clear_refs`, Linux) and runs the measured steps; it reports
-the peak over those steps (VmHWM) and the child's lifetime peak before the reset (loading + warm-up).
+the peak over those steps (VmHWM), and how far it rose above the RSS just before them (the
+transient memory of a step: activations, gradients, temporaries).
 Pitfalls: getrusage's ru_maxrss is NOT usable here -- Linux carries it across fork+exec, so both
 children report the parent's (larger) RSS; and tracemalloc does not see torch's allocations,
 which bypass Python's allocator.
@@ -109,14 +110,12 @@ def memory_child(which, hf_dir):
     x = torch.randint(0, args.vocab, (args.batch, args.seq))
     y = torch.randint(0, args.vocab, (args.batch, args.seq))
     step(model, opt, x, y)                       # warm-up: AdamW state now exists
-    lifetime_peak = proc_status_kib("VmHWM")
     rss_before = proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                             # reset VmHWM to the current RSS
     for _ in range(2):
         step(model, opt, x, y)
-    print(json.dumps({"before_kib": rss_before, "step_peak_kib": proc_status_kib("VmHWM"),
-                      "warmup_peak_kib": lifetime_peak}))
+    print(json.dumps({"before_kib": rss_before, "step_peak_kib": proc_status_kib("VmHWM")}))
 
 
 if args.memory_child:
@@ -199,10 +198,8 @@ def main():
     rows = [("train step (fwd+bwd+AdamW), tokens/s", train[0], train[1], train[0] / train[1], "higher"),
             (f"greedy generation, batch 1, tokens/s", gen[0], gen[1], gen[0] / gen[1], "higher")]
     if mem:
-        for key, label in (("step_peak_kib", "peak RSS during train steps, MiB"),
-                           ("warmup_peak_kib", "peak RSS of load + first step, MiB")):
-            o, t = mem["ours"][key] / 1024, mem["theirs"][key] / 1024
-            rows.append((label, o, t, o / t, "lower"))
+        o, t = mem["ours"]["step_peak_kib"] / 1024, mem["theirs"]["step_peak_kib"] / 1024
+        rows.append(("peak RSS during train steps, MiB", o, t, o / t, "lower"))
         o = (mem["ours"]["step_peak_kib"] - mem["ours"]["before_kib"]) / 1024
         t = (mem["theirs"]["step_peak_kib"] - mem["theirs"]["before_kib"]) / 1024
         rows.append(("RSS growth above model+optimizer, MiB", o, t, o / t, "lower"))
