@@ -205,6 +205,9 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         # q, k and v come out of one fused matmul (one kernel instead of three); they are split
         # again when exporting to HuggingFace, which keeps three separate projections.
+        # The linear layers inside a block are applied as F.linear(x, layer.weight): at batch-1
+        # decoding a token costs ~40 small ops per block, and nn.Module.__call__'s bookkeeping
+        # was a measurable part of that (the modules stay, for init, names and FSDP).
         self.wqkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
@@ -213,7 +216,7 @@ class Attention(nn.Module):
         otherwise a bool (B, 1, T, S) tensor, True where a query may attend to a key."""
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.n_kv_heads
-        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim)
+        qkv = F.linear(x, self.wqkv.weight).view(B, T, H + 2 * Hkv, self.head_dim)
         qk, v = qkv.split_with_sizes([H + Hkv, Hkv], dim=2)
         q, k = apply_rope(qk, rope).split_with_sizes([H, Hkv], dim=2)   # rotate q and k in one go
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -225,7 +228,7 @@ class Attention(nn.Module):
         else:
             y = self._manual(q, k, v, mask, dropout)
         y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # (B, T, dim)
-        return self.wo(y)
+        return F.linear(y, self.wo.weight)
 
     def _repeat_kv(self, t):
         """GQA: each key/value head serves n_heads / n_kv_heads query heads."""
@@ -278,7 +281,7 @@ class FeedForward(nn.Module):
         # one (T, 2*hidden) product chunked into strided halves made silu and the backward slower,
         # ~4% of a whole training step.
         w1, w3 = self.w13.weight.split_with_sizes([self.hidden_dim, self.hidden_dim])
-        return self.dropout(self.w2(F.silu(F.linear(x, w1)) * F.linear(x, w3)))
+        return self.dropout(F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), self.w2.weight))
 
 
 class Block(nn.Module):
@@ -428,7 +431,7 @@ class Llama(nn.Module):
         for i, block in enumerate(self.layers):
             h = block(h, rope, mask, cache, i)
         cache.filled = S
-        return self.output(self.norm(h[:, -1])).float()
+        return F.linear(self.norm(h[:, -1]), self.output.weight).float()
 
     def _prefill(self, prompts: list[list[int]], max_len: int):
         """Left-pad the prompts into one (B, L) batch, allocate a cache of max_len slots and run the
