@@ -9,10 +9,13 @@ model.py -- the LLaMA architecture in one file, the first file a student should 
 What is in here, top to bottom:
   LlamaConfig      hyper-parameters + named presets (LLaMA-1/2 shapes, lab sizes)
   RMSNorm          LLaMA's normalisation (no mean subtraction, no bias)
-  rotary helpers   RoPE, Meta's interleaved-pair layout (see the HF section for the trap)
+  rotary helpers   RoPE in Meta's interleaved-pair layout (see the HF section for the trap)
   Attention        grouped-query attention, a fused (SDPA) and a manual teaching path
   FeedForward      SwiGLU MLP
-  Block, Llama     pre-norm residual blocks, init, loss, KV-cache generation
+  KVCache          preallocated keys/values for generation
+  Block            pre-norm residual block
+  CrossEntropy     the loss, with its gradient (softmax - onehot) written out
+  Llama            embedding, blocks, head, init, forward, KV-cache generation (greedy/top-k/top-p)
   FLOPs / MFU      the PaLM-appendix estimate used by pretrain.py's logs
   HuggingFace      save_hf / from_hf (safetensors written and read by hand: no extra dependency)
 
