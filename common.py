@@ -252,7 +252,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def parse_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse flags; values from --config FILE become defaults, so explicit flags override them.
-    The file is JSON, never executed (nanoGPT's configurator exec()s Python files)."""
+    The file is JSON, never executed (nanoGPT's configurator executes Python files)."""
     pre, _ = parser.parse_known_args(argv)
     if getattr(pre, "config", None):
         try:
