@@ -5,6 +5,7 @@ with gzip/json here, conversations rendered directly with Tokenizer.render_conve
 written out by hand), never taken from the code's own output.
 """
 import gzip
+import hashlib
 import json
 import os
 import subprocess
@@ -135,6 +136,61 @@ def test_prepare_deterministic(tmp_path, tok):
     assert list(d) == [i for t in expected for i in tok.encode(t) + [tok.eos_id]]
     with pytest.raises(ValueError, match="0 items"):
         load_tokens(tmp_path / "d", "val", tok)
+
+
+def reference_prepare(docs, tok, seed, val_fraction, n_buckets):
+    """The documented algorithm of data/prepare.py written the plain way (one document at a time,
+    all in memory): split and bucket from blake2b(seed, text), BOS doc EOS, each bucket's documents
+    in input order permuted by default_rng([seed, bucket]); if no document fell in val, the first
+    train document (in output order) of the first bucket holding one goes to val."""
+    salt = seed.to_bytes(8, "little")
+    buckets = [[] for _ in range(n_buckets)]
+    for text in docs:
+        h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16, salt=salt).digest()
+        is_val = int.from_bytes(h[:8], "little") / 2 ** 64 < val_fraction
+        buckets[int.from_bytes(h[8:], "little") % n_buckets].append(([tok.bos_id] + tok.encode(text) + [tok.eos_id], is_val))
+    force = val_fraction > 0 and not any(v for b in buckets for _, v in b) and len(docs) >= 2
+    out = {True: [], False: []}
+    for b, items in enumerate(buckets):
+        for i in np.random.default_rng([seed, b]).permutation(len(items)):
+            ids, is_val = items[i]
+            if force and not is_val:
+                is_val, force = True, False
+            out[is_val] += ids
+    dtype = token_dtype(tok.vocab_size)
+    return np.array(out[False], dtype).tobytes(), np.array(out[True], dtype).tobytes()
+
+
+def test_prepare_matches_plain_reference(tmp_path, tok):
+    """Byte-identical output to the plain algorithm above, whatever the chunking and worker count:
+    guards the speed-motivated code paths (raw line blocks sent to workers, lines longer than a
+    chunk, vectorised hashing, per-bucket blobs, pass 2). Inputs: CRLF endings, a UTF-8 BOM, blank
+    and malformed lines, a line far longer than a chunk, no final newline, gzip, plain text."""
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat with lily 小明 喜欢 猫 🎉 12345".split()
+    texts = [" ".join(rng.choice(words, rng.integers(1, 60))) for _ in range(300)]
+    texts[7] = " ".join(rng.choice(words, 3000))  # ~15 KB: spans several 1 KB chunks
+    texts[8] = texts[9]  # an exact duplicate: same split side and bucket
+    lines = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in texts]
+    lines[20:20] = [b"", b"   ", b'{"text": "broken', b"[1]", b'{"text": 5}']  # 2 blank, 3 malformed
+    raw = b"\xef\xbb\xbf" + b"\r\n".join(lines)  # BOM, CRLF, no final newline
+    (tmp_path / "a.jsonl").write_bytes(raw)
+    with gzip.open(tmp_path / "b.jsonl.gz", "wb") as f:
+        f.write(b"\n".join(lines[100:]) + b"\n")
+    (tmp_path / "c.txt").write_text("para one\nstill one\n\npara two\n", encoding="utf-8")
+    inputs = [str(tmp_path / n) for n in ("a.jsonl", "b.jsonl.gz", "c.txt")]
+    docs = texts + texts[95:] + ["para one\nstill one", "para two"]  # lines[100:] are texts[95:]
+    for i, (workers, chunk_kb, shuffle_mb, vf) in enumerate([(2, 1, 0.001, 0.2), (1, 256, 0.001, 0.2),
+                                                              (2, 3, 64, 0.2), (2, 1, 0.001, 1e-12)]):
+        out = tmp_path / f"out{i}"
+        meta = prepare(inputs, out, tok.path, workers=workers, chunk_kb=chunk_kb, shuffle_mb=shuffle_mb,
+                       val_fraction=vf, seed=5, verbose=False)
+        train, val = reference_prepare(docs, tok, 5, vf, meta["n_buckets"])
+        assert (out / "train.bin").read_bytes() == train and (out / "val.bin").read_bytes() == val, (i, meta)
+        assert meta["skipped"] == 3 and meta["train_docs"] + meta["val_docs"] == len(docs)
+        assert [s["records"] for s in meta["sources"]] == [len(texts) + 3, len(texts) - 95, 2]
+        assert [e.split(": ")[0] for e in meta["skipped_examples"][:3]] == [f"{inputs[0]}:{n}" for n in (23, 24, 25)]
+    assert meta["val_docs"] == 1  # the last run forced one document into val
 
 
 def test_token_dtype_uint32(tmp_path, tok):
