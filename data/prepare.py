@@ -61,7 +61,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import sys
 import time
 from collections import deque
@@ -217,9 +216,9 @@ def encode_chunk(chunk):
     main process never loops over lines) or a list of (lineno, document bytes).
 
     Returns, per bucket the chunk touches, the documents' ids laid out BOS doc EOS back to back
-    (bytes, ready to append to the bucket file) and their index records; plus counts and the
-    skipped lines with their reasons. Everything per document is kept to C-level calls: this
-    function's Python overhead is paid on top of sentencepiece's own encode time."""
+    (ready to append to the bucket file) and their index records; plus counts and the skipped
+    lines with their reasons. Per-document work is kept to a few C-level calls: whatever Python
+    does here is paid on top of sentencepiece's own encode time (the benchmark's baseline)."""
     file_index, kind, first_lineno, data = chunk
     items = block_lines(data, first_lineno) if isinstance(data, bytes) else data
     tok, fields = _W["tok"], _W["fields"]
@@ -237,24 +236,28 @@ def encode_chunk(chunk):
             empty += 1
             continue
         texts.append(text)
-    # sentencepiece adds BOS/EOS itself (no per-document list copies in Python). num_threads=1:
-    # the pool already keeps every core busy; more threads per worker would only contend.
-    encoded = tok.sp.encode(texts, add_bos=_W["bos"], add_eos=True, num_threads=1) if texts else []
-    # ids -> little-endian bytes. struct.pack(*ids) is the cheapest conversion of a list of Python
-    # ints we measured (~13 ns a token; np.array(list) ~35, the old "flat += ids" + np.array ~30):
-    # at ~230 ns a token for encode itself, this is the bulk of what the workers add to it.
-    code = "H" if _W["dtype"] == "uint16" else "I"
-    blobs = [struct.pack(f"<{len(ids)}{code}", *ids) for ids in encoded]
-    # split and bucket for the whole chunk at once: the digests read as uint64 pairs by numpy
-    # (uint64 -> float64 is correctly rounded and / 2**64 exact: the same split as Python's int / 2**64)
+    # sentencepiece adds BOS/EOS itself. num_threads=1: the pool already keeps every core busy (the
+    # default, -1, starts a thread per core in each worker, which would only contend).
+    sp, bos = tok.sp, _W["bos"]
+    if not texts:
+        arrays = []
+    elif hasattr(sp, "encode_as_numpy"):  # recent sentencepiece: int32 arrays straight from C++
+        arrays = sp.encode_as_numpy(texts, add_bos=bos, add_eos=True, num_threads=1)
+    else:  # older versions return lists of Python ints, converted here
+        arrays = [np.array(ids, dtype=np.int32) for ids in sp.encode(texts, add_bos=bos, add_eos=True, num_threads=1)]
+    # Why arrays: a list of Python ints costs ~10-15 ns a token to create and as much again to
+    # convert to a flat array, more than everything else here put together; numpy output skips both.
+    # Split and bucket for the whole chunk at once: the digests read as uint64 pairs by numpy
+    # (uint64 -> float64 is correctly rounded and / 2**64 exact: the same split as Python's int / 2**64).
     keys = np.frombuffer(doc_digests(texts, _W["seed"]), dtype="<u8").reshape(-1, 2)
+    bucket = keys[:, 1] % _W["n_buckets"]
     recs = np.empty(len(texts), dtype=DOC)
-    recs["len"] = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    recs["len"] = [len(a) for a in arrays]
     recs["val"] = keys[:, 0] / 2 ** 64 < _W["val_fraction"]
-    members = {}  # bucket -> its documents in input order
-    for i, b in enumerate((keys[:, 1] % _W["n_buckets"]).tolist()):
-        members.setdefault(b, []).append(i)
-    groups = [(b, b"".join([blobs[i] for i in idx]), recs[idx].tobytes()) for b, idx in sorted(members.items())]
+    groups = []  # (bucket, its documents' ids back to back, their index records), input order kept
+    for b in np.unique(bucket).tolist():
+        members = np.flatnonzero(bucket == b)
+        groups.append((b, np.concatenate([arrays[i] for i in members]).astype(_W["dtype"]), recs[members]))
     return {"file_index": file_index, "records": len(items), "groups": groups, "docs": len(texts),
             "val_docs": int(recs["val"].sum()), "tokens": int(recs["len"].sum()), "skipped": skipped, "empty": empty}
 

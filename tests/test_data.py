@@ -4,6 +4,7 @@ References: every expectation is computed independently of the code under test (
 with gzip/json here, conversations rendered directly with Tokenizer.render_conversation, HH splits
 written out by hand), never taken from the code's own output.
 """
+import copy
 import gzip
 import hashlib
 import json
@@ -13,6 +14,7 @@ import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -164,7 +166,8 @@ def reference_prepare(docs, tok, seed, val_fraction, n_buckets):
 def test_prepare_matches_plain_reference(tmp_path, tok):
     """Byte-identical output to the plain algorithm above, whatever the chunking and worker count:
     guards the speed-motivated code paths (raw line blocks sent to workers, lines longer than a
-    chunk, vectorised hashing, per-bucket blobs, pass 2). Inputs: CRLF endings, a UTF-8 BOM, blank
+    chunk, chunk-wide hashing, per-bucket grouping in the workers, numpy or list output of
+    sentencepiece, pass 2). Inputs: CRLF endings, a UTF-8 BOM, blank
     and malformed lines, a line far longer than a chunk, no final newline, gzip, plain text."""
     rng = np.random.default_rng(0)
     words = "the cat sat on a mat with lily 小明 喜欢 猫 🎉 12345".split()
@@ -180,17 +183,21 @@ def test_prepare_matches_plain_reference(tmp_path, tok):
     (tmp_path / "c.txt").write_text("para one\nstill one\n\npara two\n", encoding="utf-8")
     inputs = [str(tmp_path / n) for n in ("a.jsonl", "b.jsonl.gz", "c.txt")]
     docs = texts + texts[95:] + ["para one\nstill one", "para two"]  # lines[100:] are texts[95:]
-    for i, (workers, chunk_kb, shuffle_mb, vf) in enumerate([(2, 1, 0.001, 0.2), (1, 256, 0.001, 0.2),
-                                                              (2, 3, 64, 0.2), (2, 1, 0.001, 1e-12)]):
+    # sentencepiece before encode_as_numpy: only encode() returning lists (prepare's fallback path)
+    list_only = copy.copy(tok)
+    list_only.sp = SimpleNamespace(encode=tok.sp.encode)
+    for i, (workers, chunk_kb, shuffle_mb, vf, t) in enumerate([
+            (2, 1, 0.001, 0.2, tok.path), (1, 256, 0.001, 0.2, tok.path), (2, 3, 64, 0.2, tok.path),
+            (2, 1, 0.001, 1e-12, tok.path), (2, 2, 0.001, 0.2, list_only)]):
         out = tmp_path / f"out{i}"
-        meta = prepare(inputs, out, tok.path, workers=workers, chunk_kb=chunk_kb, shuffle_mb=shuffle_mb,
+        meta = prepare(inputs, out, t, workers=workers, chunk_kb=chunk_kb, shuffle_mb=shuffle_mb,
                        val_fraction=vf, seed=5, verbose=False)
         train, val = reference_prepare(docs, tok, 5, vf, meta["n_buckets"])
         assert (out / "train.bin").read_bytes() == train and (out / "val.bin").read_bytes() == val, (i, meta)
         assert meta["skipped"] == 3 and meta["train_docs"] + meta["val_docs"] == len(docs)
         assert [s["records"] for s in meta["sources"]] == [len(texts) + 3, len(texts) - 95, 2]
         assert [e.split(": ")[0] for e in meta["skipped_examples"][:3]] == [f"{inputs[0]}:{n}" for n in (23, 24, 25)]
-    assert meta["val_docs"] == 1  # the last run forced one document into val
+        assert (vf < 1e-9) == (meta["val_docs"] == 1)  # the 4th run forced one document into val
 
 
 def test_token_dtype_uint32(tmp_path, tok):
