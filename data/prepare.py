@@ -38,19 +38,24 @@ Split and shuffle without holding the corpus in memory (the choice, explained):
     copies). The val fraction is then binomial, not exact; if it comes out 0 with val_fraction > 0,
     one document is moved to val so that val.bin is never empty.
   * Shuffle: a two-pass external shuffle. Pass 1 scatters each tokenized document into one of
-    K bucket files on disk (bucket = another slice of the same hash); pass 2 takes one bucket at a
-    time, permutes its documents with a seeded RNG and appends them to train.bin / val.bin.
-    Random bucket assignment + a uniform shuffle inside each bucket is a uniform shuffle of the
-    whole corpus. Pass 2 reads the documents back with os.pread from the just-written bucket file
-    (served by the page cache, which is not process memory), so RAM holds only the bucket's index
-    (~25 bytes a document); K is chosen from the input size so a bucket is ~--shuffle_mb on disk
+    K buckets on disk (bucket = another slice of the same hash): each worker appends the ids to
+    its own file for that bucket, and the main process writes the bucket's index (length, val
+    flag, which file, offset) in input order, so the result does not depend on which worker did
+    what. Pass 2 takes one bucket at a time, permutes its documents with a seeded RNG and appends
+    them to train.bin / val.bin. Random bucket assignment + a uniform shuffle inside each bucket
+    is a uniform shuffle of the whole corpus. Pass 2 reads the documents back with os.pread from
+    the just-written bucket files (served by the page cache, which is not process memory), so RAM
+    holds only the bucket's index (~50 bytes a document); K is chosen from the input size so a bucket is ~--shuffle_mb on disk
     (at most 256 buckets), which keeps those reads inside the page cache. A bounded "shuffle
     buffer" would be simpler but only shuffles locally: a corpus given as zh files then en files
     would still train on all Chinese first.
 Memory: pass 1 keeps only a bounded number of chunks in flight (see _imap_bounded: a plain
 Pool.imap reads its whole input ahead and would grow with the corpus); ids are written to disk as
-they arrive. So peak RSS depends on --chunk_kb and --workers, not on corpus size (apart from the
-~25-byte-per-document index of one bucket: ~2 MB for a 64 MB bucket of 1 KB documents).
+they are made. So peak RSS depends on --chunk_kb and --workers, not on corpus size (apart from the
+~50-byte-per-document index of one bucket: ~3 MB for a 64 MB bucket of 1 KB documents).
+Speed: the work is sentencepiece's encode; everything else is kept off the per-token and
+per-line Python paths (see encode_chunk, iter_line_blocks): bench/prepare.py compares it with a
+plain one-process encode loop.
 Atomic: everything is written to *.tmp names and a scratch directory first; only at the end is
 an existing meta.json removed, the .bin files renamed into place (os.replace) and meta.json
 written (tmp + rename). A crash at any point leaves either the previous complete dataset or a
@@ -73,7 +78,9 @@ if __package__ in (None, ""):  # run as a script (python data/prepare.py): make 
 from data.formats import expand_inputs, iter_lines, open_binary  # noqa: E402
 
 FORMAT = "nanollama.pretrain.v1"
-DOC = np.dtype([("len", "<i8"), ("val", "u1")])  # per-document record in a bucket's index file
+# per-document record in a bucket's index file: length in tokens, val flag, and where its ids are:
+# the pid of the worker that wrote them (file b<bucket>.<pid>.ids) and the token offset in that file
+DOC = np.dtype([("len", "<i8"), ("val", "u1"), ("pid", "<i4"), ("off", "<i8")])
 MAX_BUCKETS = 256
 
 
@@ -165,6 +172,7 @@ def _init_worker(tokenizer, cfg):
     # a spawned one (macOS, Windows) receives it pickled (sentencepiece models pickle as their proto).
     _W["tok"] = load_tokenizer(tokenizer)
     _W.update(cfg)
+    _W["files"] = {}  # bucket -> (this process's bucket file, tokens written to it so far)
 
 
 def doc_text(obj, fields):
@@ -254,10 +262,21 @@ def encode_chunk(chunk):
     recs = np.empty(len(texts), dtype=DOC)
     recs["len"] = [len(a) for a in arrays]
     recs["val"] = keys[:, 0] / 2 ** 64 < _W["val_fraction"]
-    groups = []  # (bucket, its documents' ids back to back, their index records), input order kept
+    recs["pid"] = os.getpid()
+    # The worker appends each bucket's documents to its own file for that bucket and returns only the
+    # index records: the main process never handles token ids (sending them back through the pool's
+    # pipe and writing them from there cost it more CPU than reading the input does).
+    groups = []  # (bucket, index records of its documents in input order)
     for b in np.unique(bucket).tolist():
         members = np.flatnonzero(bucket == b)
-        groups.append((b, np.concatenate([arrays[i] for i in members]).astype(_W["dtype"]), recs[members]))
+        if b not in _W["files"]:  # unbuffered: a pool worker ends with os._exit, which flushes nothing
+            _W["files"][b] = [open(os.path.join(_W["scratch"], f"b{b:03d}.{os.getpid()}.ids"), "wb", buffering=0), 0]
+        f = _W["files"][b]
+        ids = np.concatenate([arrays[i] for i in members]).astype(_W["dtype"])
+        f[0].write(ids)
+        recs["off"][members] = f[1] + np.cumsum(recs["len"][members]) - recs["len"][members]
+        f[1] += len(ids)
+        groups.append((b, recs[members]))
     return {"file_index": file_index, "records": len(items), "groups": groups, "docs": len(texts),
             "val_docs": int(recs["val"].sum()), "tokens": int(recs["len"].sum()), "skipped": skipped, "empty": empty}
 
@@ -373,7 +392,7 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
     scratch = os.path.join(out_dir, f".prepare-tmp-{os.getpid()}")
     os.makedirs(scratch, exist_ok=True)
     cfg = {"fields": fields, "seed": seed, "val_fraction": val_fraction, "n_buckets": n_buckets,
-           "dtype": dtype, "bos": bos}
+           "dtype": dtype, "bos": bos, "scratch": scratch}
     stats = [{"path": p, "records": 0, "docs": 0, "skipped": 0, "empty": 0} for p in files]
     skipped_examples, n_val_docs = [], 0
     log = print if verbose else (lambda *a, **k: None)
@@ -384,7 +403,6 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
             pool = Pool(workers, initializer=_init_worker, initargs=(tok, cfg))  # forked: no reload
         else:
             _init_worker(tok, cfg)
-        tok_files = [open(os.path.join(scratch, f"b{b:03d}.ids"), "wb") for b in range(n_buckets)]
         idx_files = [open(os.path.join(scratch, f"b{b:03d}.idx"), "wb") for b in range(n_buckets)]
         chunks = iter_chunks(files, fmt, text_unit, chunk_kb * 1024)
         n_tok, last = 0, time.time()
@@ -398,8 +416,7 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
             st["empty"] += res["empty"]
             st["skipped"] += len(res["skipped"])
             n_val_docs += res["val_docs"]
-            for b, ids, recs in res["groups"]:  # the worker already grouped the chunk by bucket
-                tok_files[b].write(ids)
+            for b, recs in res["groups"]:  # the index is written here, in input order
                 idx_files[b].write(recs)
             n_tok += res["tokens"]
             if verbose and time.time() - last > 10:
@@ -410,7 +427,7 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
             pool.close()
             pool.join()
             pool = None
-        for f in tok_files + idx_files:
+        for f in idx_files + [f for f, _ in _W.pop("files", {}).values()]:  # the latter: --workers <= 1
             f.close()
         for st in stats:
             if st["records"] and not st["docs"] and st["skipped"]:
@@ -428,8 +445,7 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
         itemsize = np.dtype(dtype).itemsize
         for b in range(n_buckets):
             recs = np.fromfile(os.path.join(scratch, f"b{b:03d}.idx"), dtype=DOC)
-            nbytes = recs["len"] * itemsize
-            offsets = np.cumsum(nbytes) - nbytes
+            nbytes, offsets = recs["len"] * itemsize, recs["off"] * itemsize
             order = np.random.default_rng([seed, b]).permutation(len(recs)) if shuffle else np.arange(len(recs))
             is_val = recs["val"].astype(bool)
             if force_val and (~is_val).any():
@@ -440,17 +456,21 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
                 counts[f"{split}_docs"] += int(sel.sum())
             # Documents are read back one by one with pread rather than loading the bucket: the bucket
             # file was just written, so it sits in the page cache (which is not our RSS), and RAM then
-            # holds only this bucket's index (~25 bytes a document as numpy arrays), whatever its size.
+            # holds only this bucket's index (~50 bytes a document as numpy arrays), whatever its size.
             write = (outs["train"].write, outs["val"].write)  # indexed by is_val
-            fd = os.open(os.path.join(scratch, f"b{b:03d}.ids"), os.O_RDONLY)
+            paths = {pid: os.path.join(scratch, f"b{b:03d}.{pid}.ids") for pid in np.unique(recs["pid"]).tolist()}
+            fds = {pid: os.open(path, os.O_RDONLY) for pid, path in paths.items()}
             try:
                 for j in range(0, len(order), 1 << 13):  # Python ints for one small slice at a time
                     sl = order[j:j + (1 << 13)]
-                    for n, offset, v in zip(nbytes[sl].tolist(), offsets[sl].tolist(), is_val[sl].tolist()):
-                        write[v](os.pread(fd, n, offset))
+                    for pid, n, offset, v in zip(recs["pid"][sl].tolist(), nbytes[sl].tolist(), offsets[sl].tolist(),
+                                                 is_val[sl].tolist()):
+                        write[v](os.pread(fds[pid], n, offset))
             finally:
-                os.close(fd)
-            os.remove(os.path.join(scratch, f"b{b:03d}.ids"))  # free the disk as we go
+                for fd in fds.values():
+                    os.close(fd)
+            for path in paths.values():
+                os.remove(path)  # free the disk as we go
         for f in outs.values():
             f.close()
 
@@ -478,6 +498,8 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
     finally:
         if pool is not None:
             pool.terminate()
+        for f, _ in _W.pop("files", {}).values():  # an in-process run that failed
+            f.close()
         shutil.rmtree(scratch, ignore_errors=True)
         for name in ("train.bin.tmp", "val.bin.tmp", "meta.json.tmp"):  # left only by a failure
             if os.path.exists(os.path.join(out_dir, name)):
