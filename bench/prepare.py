@@ -7,7 +7,10 @@ Usage:
     python bench/prepare.py --mb 32 --tokenizer path/to.model --workers 2
 
 Each measured run is its own fresh subprocess (so peak RSS figures are not polluted by earlier runs):
-  * the baseline reads the JSONL, json-parses each line and calls sp.encode(text), one by one;
+  * the baseline reads the JSONL, json-parses each line and calls sp.encode(text), one by one; all
+    ratios are against it. A second loop row calls sp.encode_as_numpy instead (int32 arrays, no
+    Python int per token): prepare's workers use that output when sentencepiece has it, so this row
+    shows how much of prepare's lead comes from it rather than from the second process;
   * prepare runs the whole job (read, parse, tokenize in the pool, two-pass shuffle, write train/val).
 Each 1x row is the minimum over --repeat runs (per metric). Columns: wall-clock tokens/s and its ratio to the baseline; CPU seconds of the main process and of
 the workers (getrusage SELF / CHILDREN); peak RSS of the largest process (main or one worker).
@@ -24,16 +27,19 @@ import sys
 import tempfile
 import textwrap
 
+import sentencepiece as spm
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "pretrain")
 
 BASELINE = textwrap.dedent("""
     import json, resource, sys, time, sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=sys.argv[1])
+    encode = sp.encode if sys.argv[3] == "list" else sp.encode_as_numpy  # list of ints / int32 array
     cpu0, t0, n = time.process_time(), time.time(), 0
     with open(sys.argv[2], "rb") as f:
         for line in f:
-            n += len(sp.encode(json.loads(line)["text"])) + 2  # + BOS/EOS, counted like prepare
+            n += len(encode(json.loads(line)["text"])) + 2  # + BOS/EOS, counted like prepare
     print(json.dumps({"tokens": n, "seconds": time.time() - t0, "main_cpu": time.process_time() - cpu0,
                       "workers_cpu": 0.0, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """)
@@ -99,7 +105,9 @@ def main():
         s1, s4 = build_corpus(c1, args.mb), build_corpus(c4, 4 * args.mb)
         print(f"corpus: {s1 / 2**20:.1f} MB and {s4 / 2**20:.1f} MB of JSONL; tokenizer {tok}; "
               f"{os.cpu_count()} cpus, load average {load0:.1f} at start")
-        rows = [("sentencepiece encode loop, 1 process", "1x", run(BASELINE, tok, c1, repeat=args.repeat))]
+        rows = [("sentencepiece encode loop, 1 process", "1x", run(BASELINE, tok, c1, "list", repeat=args.repeat))]
+        if hasattr(spm.SentencePieceProcessor, "encode_as_numpy"):  # what prepare's workers call, if present
+            rows.append(("same loop, sp.encode_as_numpy", "1x", run(BASELINE, tok, c1, "numpy", repeat=args.repeat)))
         for workers, corpus, tag in ((1, c1, "1x"), (args.workers, c1, "1x"), (args.workers, c4, "4x")):
             res = run(PREPARE, REPO, corpus, os.path.join(d, f"out_{workers}_{tag}"), tok, workers,
                       repeat=args.repeat if tag == "1x" else 1)

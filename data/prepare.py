@@ -45,8 +45,9 @@ Split and shuffle without holding the corpus in memory (the choice, explained):
     them to train.bin / val.bin. Random bucket assignment + a uniform shuffle inside each bucket
     is a uniform shuffle of the whole corpus. Pass 2 reads the documents back with os.pread from
     the just-written bucket files (served by the page cache, which is not process memory), so RAM
-    holds only the bucket's index (~50 bytes a document); K is chosen from the input size so a bucket is ~--shuffle_mb on disk
-    (at most 256 buckets), which keeps those reads inside the page cache. A bounded "shuffle
+    holds only the bucket's index (~50 bytes a document); K is chosen from the input size so a
+    bucket is ~--shuffle_mb on disk (at most 256 buckets), which keeps those reads inside the page
+    cache. A bounded "shuffle
     buffer" would be simpler but only shuffles locally: a corpus given as zh files then en files
     would still train on all Chinese first.
 Memory: pass 1 keeps only a bounded number of chunks in flight (see _imap_bounded: a plain
@@ -223,10 +224,10 @@ def encode_chunk(chunk):
     whole lines (bytes: JSONL, or text with --text_unit line; split into lines here, so that the
     main process never loops over lines) or a list of (lineno, document bytes).
 
-    Returns, per bucket the chunk touches, the documents' ids laid out BOS doc EOS back to back
-    (ready to append to the bucket file) and their index records; plus counts and the skipped
-    lines with their reasons. Per-document work is kept to a few C-level calls: whatever Python
-    does here is paid on top of sentencepiece's own encode time (the benchmark's baseline)."""
+    Appends each document's ids, laid out BOS doc EOS, to this process's file for its bucket and
+    returns per bucket the documents' index records (see DOC), plus counts and the skipped lines
+    with their reasons. Per-document work is kept to a few C-level calls: whatever Python does
+    here is paid on top of sentencepiece's own encode time (the benchmark's baseline)."""
     file_index, kind, first_lineno, data = chunk
     items = block_lines(data, first_lineno) if isinstance(data, bytes) else data
     tok, fields = _W["tok"], _W["fields"]
@@ -263,9 +264,8 @@ def encode_chunk(chunk):
     recs["len"] = [len(a) for a in arrays]
     recs["val"] = keys[:, 0] / 2 ** 64 < _W["val_fraction"]
     recs["pid"] = os.getpid()
-    # The worker appends each bucket's documents to its own file for that bucket and returns only the
-    # index records: the main process never handles token ids (sending them back through the pool's
-    # pipe and writing them from there cost it more CPU than reading the input does).
+    # The worker writes the ids itself and returns only the index records: the main process never
+    # handles token ids (sending them back through the pool's pipe took about a third of its CPU).
     groups = []  # (bucket, index records of its documents in input order)
     for b in np.unique(bucket).tolist():
         members = np.flatnonzero(bucket == b)
@@ -322,8 +322,9 @@ def iter_line_blocks(path, chunk_bytes):
             pending = [data[cut:]]
             yield lineno, block
             lineno += block.count(b"\n")
-    if b"".join(pending):  # last line without a final newline
-        yield lineno, b"".join(pending)
+    tail = b"".join(pending)
+    if tail:  # last line without a final newline
+        yield lineno, tail
 
 
 def iter_chunks(files, fmt, text_unit, chunk_bytes):
@@ -427,7 +428,9 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
             pool.close()
             pool.join()
             pool = None
-        for f in idx_files + [f for f, _ in _W.pop("files", {}).values()]:  # the latter: --workers <= 1
+        for f in idx_files:
+            f.close()
+        for f, _ in _W.pop("files", {}).values():  # bucket files of an in-process run (--workers <= 1)
             f.close()
         for st in stats:
             if st["records"] and not st["docs"] and st["skipped"]:
