@@ -113,8 +113,9 @@ PRESETS = {
     # MiniLLM-like sizes for one GPU: ~0.22B and ~0.95B parameters with a 32k vocabulary.
     "0.2b": dict(vocab_size=32000, dim=1024, n_layers=12, n_heads=16, multiple_of=256, max_seq_len=1024),
     "1b": dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, multiple_of=256, max_seq_len=2048),
-    # The CPU lab model (~2.5M parameters) and a toy for unit tests.
-    "lab": dict(vocab_size=4096, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=256,
+    # The CPU lab model (~2.0M parameters; vocab = the shipped tokenizer/lab.model's 2048) and a
+    # toy for unit tests.
+    "lab": dict(vocab_size=2048, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=256,
                 tie_embeddings=True),
     "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
 }
@@ -127,8 +128,15 @@ PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight. Computed in float32 even under bf16 autocast: the mean of squares
-    of large activations loses too much precision in bf16."""
+    """x / rms(x) * weight, with rms(x) = sqrt(mean(x^2) + eps) over the last dimension. Computed
+    in float32 even under bf16 autocast: the mean of squares of large activations loses too much
+    precision in bf16.
+
+    Two routes to the same numbers. With no gradient to compute (generation, evaluation) it is
+    one call, F.rms_norm. For training it is RMSNormFunction below, with the backward written
+    out: autograd's backward of the plain formula is ~14 elementwise ops and keeps two full-size
+    tensors per norm; the hand-written one is 6 ops and keeps one. Measured on CPU at dim 384:
+    forward+backward of a norm ~40% faster, ~2% of a whole training step."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -136,9 +144,37 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        xf, w = x.float(), self.weight.float()
+        if torch.is_grad_enabled() and (xf.requires_grad or w.requires_grad):
+            return RMSNormFunction.apply(xf, w, self.eps).type_as(x)
+        return F.rms_norm(xf, (xf.size(-1),), w, self.eps).type_as(x)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = xhat * w, xhat = x * r, r = 1 / sqrt(mean(x^2) + eps) (one r per row). Backward, with
+    g = dL/dy:
+        dL/dw = sum over rows of g * xhat
+        dL/dx = r * (g*w - xhat * mean(g*w * xhat))
+    The subtracted term is the component of g*w along xhat: moving x in that direction only
+    rescales it, which the normalisation undoes, so it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        # mean(x^2) = ||x||^2 / dim: vector_norm is one pass, with no x^2 temporary.
+        r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps))
+        xhat = x * r
+        ctx.save_for_backward(xhat, r, w)
+        return xhat * w
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        xhat, r, w = ctx.saved_tensors
+        gw = g * w
+        dot = (gw * xhat).mean(-1, keepdim=True)             # one number per row
+        dx = gw.sub_(xhat * dot).mul_(r)                     # in place: gw is a temporary of ours
+        dw = (g * xhat).reshape(-1, xhat.size(-1)).sum(0)
+        return dx, dw, None
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float):
@@ -317,13 +353,22 @@ class CrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets):          # logits (N, vocab) float32, targets (N,)
         valid = targets != -100
         safe = targets.masked_fill(~valid, 0)   # any real index; these rows get weight 0
-        lse = torch.logsumexp(logits, dim=-1)                              # (N,)
+        if logits.device.type == "cpu":
+            # logsumexp builds an (N, vocab) temporary (logits - rowmax). On CPU one that big
+            # (64 MB at 2k tokens x 8k vocab) is fresh from the OS every step and costs more in
+            # page faults than in arithmetic; ~2 MB row chunks are recycled and stay in cache
+            # (measured: 3x faster). GPU allocators keep their blocks: one call there.
+            rows = max(1, 2**19 // logits.size(1))
+            lse = torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in logits.split(rows)])
+        else:
+            lse = torch.logsumexp(logits, dim=-1)                          # (N,)
         picked = logits.gather(1, safe[:, None]).squeeze(1)                # z_i[y_i]
         n_valid = valid.sum().clamp(min=1)
         ctx.save_for_backward(logits, lse, safe, valid, n_valid)
         return ((lse - picked) * valid).sum() / n_valid
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         logits, lse, safe, valid, n_valid = ctx.saved_tensors
         w = valid * (grad / n_valid)            # d loss / d loss_i: 0 on ignored rows

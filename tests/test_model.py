@@ -153,10 +153,11 @@ def test_ignored_targets_loss_is_masked_mean():
     assert loss.item() == 0.0 and all(torch.isfinite(p.grad).all() for p in m.parameters())
 
 
+@pytest.mark.parametrize("vocab", [50, 2**16])     # 2**16: the CPU forward takes logsumexp in 3 row chunks
 @pytest.mark.parametrize("ignored", [0, 7, 24])   # none, some, all of the 24 targets ignored
-def test_cross_entropy_matches_torch_value_and_gradient(ignored):
-    logits = (3 * torch.randn(24, 50, dtype=torch.float64)).requires_grad_()
-    targets = torch.randint(0, 50, (24,))
+def test_cross_entropy_matches_torch_value_and_gradient(ignored, vocab):
+    logits = (3 * torch.randn(24, vocab, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, vocab, (24,))
     targets[torch.randperm(24)[:ignored]] = -100
     loss = model_py.CrossEntropy.apply(logits, targets)
     (grad,) = torch.autograd.grad(2.5 * loss, logits)       # an upstream gradient != 1
@@ -167,6 +168,26 @@ def test_cross_entropy_matches_torch_value_and_gradient(ignored):
         ref, ref_grad = torch.zeros(()), torch.zeros_like(logits)
     assert abs(loss.item() - ref.item()) <= 1e-12
     assert (grad - ref_grad).abs().max() <= 1e-12
+
+
+def test_rmsnorm_backward_written_out_matches_autograd():
+    """RMSNorm's training route (RMSNormFunction, hand-written backward) against autograd of the
+    plain formula in float64, and its no-grad route (F.rms_norm) against the same values. (The
+    norm computes in float32 whatever it is given, hence float32-sized tolerances.)"""
+    norm = model_py.RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(48))
+    x = (2 * torch.randn(3, 7, 48)).requires_grad_()
+    upstream = torch.randn(3, 7, 48)
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    ref_grads = torch.autograd.grad(ref, (x64, w64), upstream.double())
+    y = norm(x)
+    grads = torch.autograd.grad(y, (x, norm.weight), upstream)
+    assert (y - ref).abs().max() <= 1e-5
+    assert all((g - r).abs().max() <= 1e-5 * r.abs().max() for g, r in zip(grads, ref_grads))
+    with torch.no_grad():
+        assert (norm(x) - ref).abs().max() <= 1e-5
 
 
 def test_logits_are_float32_under_bf16_autocast():
