@@ -61,7 +61,8 @@ def get_args(argv=None):
                         "({prompt, chosen, rejected}, Anthropic HH, {prompt, responses: [best..worst]}, LLaMA-Factory)")
     g.add_argument("--val_data", nargs="+", default=None, help="held-out preferences (same forms as --data)")
     g.add_argument("--val_frac", type=float, default=0.05,
-                   help="without --val_data: fraction of --data held out (seeded)")
+                   help="without --val_data: fraction of --data's distinct records held out (seeded; repeats of a "
+                        "held-out record are held out with it)")
     g.add_argument("--epochs", type=float, default=1,
                    help="passes over the data when --max_steps is 0 (InstructGPT: one; the RM overfits after)")
     g.add_argument("--max_seq_len", type=int, default=0, help="longest prompt + response in tokens (0 = model context)")
@@ -602,6 +603,21 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):
     return [order[i:i + batch_size].tolist() for i in range(0, n - batch_size + 1, batch_size)]
 
 
+def split_groups(groups, val_frac: float, seed: int):
+    """Hold out a seeded fraction of the prompt groups BY CONTENT: preference sets repeat records
+    (the lab world's 3000 pairs hold 2115 distinct ones), and a split by record would leave a copy
+    of about half the held-out pairs in training -- "held-out" accuracy would partly measure memory.
+    Every copy of a held-out group goes to val (the data's own weights), none to training."""
+    keys = [tuple(map(tuple, g["ids"])) for g in groups]
+    distinct = list(dict.fromkeys(keys))
+    order = np.random.default_rng([seed, 7]).permutation(len(distinct))
+    held = {distinct[i] for i in order[:int(round(len(distinct) * val_frac))]}
+    train = [g for g, k in zip(groups, keys) if k not in held]
+    val = [g for g, k in zip(groups, keys) if k in held]
+    print0(f"held out {len(held)} of {len(distinct)} distinct groups ({len(val)} records with repeats)")
+    return train, val
+
+
 def stats_record(metrics, step, name):
     """The normalisation statistics as saved in a checkpoint ("reward_stats") and reward_stats.json."""
     s = metrics["stats"]
@@ -653,10 +669,8 @@ def train(args, info, dtype, ctx):
     groups = load_groups(args.data, tok, seq_len, args.seed, "train")
     if args.val_data:
         train_groups, val_groups = groups, load_groups(args.val_data, tok, seq_len, args.seed, "val")
-    else:   # hold out whole prompt groups, seeded
-        order = np.random.default_rng([args.seed, 7]).permutation(len(groups))
-        n_val = int(round(len(groups) * args.val_frac))
-        train_groups, val_groups = [groups[i] for i in order[n_val:]], [groups[i] for i in order[:n_val]]
+    else:
+        train_groups, val_groups = split_groups(groups, args.val_frac, args.seed)
     n_pairs = sum(len(g["ids"]) * (len(g["ids"]) - 1) // 2 for g in train_groups)
     print0(f"train: {len(train_groups)} prompt groups, {n_pairs} pairs; val: {len(val_groups)} groups")
     per_step = info.world_size * args.grad_accum   # micro-batches per optimizer step, all ranks together

@@ -286,10 +286,24 @@ def test_encode_group_chat_template_and_truncation():
     assert encode_group(tok, record, max_len=len(short_prompt) + longest - 1) is None
 
 
+def test_split_groups_holds_out_every_copy():
+    """--val_frac splits DISTINCT groups: a repeated record lands wholly on one side, never both."""
+    from reward import split_groups
+    base = [{"ids": [[1, i, 2], [1, i, 3]]} for i in range(40)]
+    groups = [base[i % 40] for i in range(100)] + [{"ids": [[1, 7, 2], [1, 7, 3]]}]   # repeats, and an equal copy
+    key = lambda g: str(g["ids"])   # noqa: E731
+    train, val = split_groups(groups, 0.1, seed=3)
+    assert len(train) + len(val) == len(groups)
+    assert len({key(g) for g in val}) == 4                     # 10% of the 40 distinct groups
+    assert not {key(g) for g in val} & {key(g) for g in train}  # no copy of a held-out group is trained on
+    assert len(val) == sum(1 for g in groups if key(g) in {key(v) for v in val})   # every copy held out
+    assert split_groups(groups, 0.1, seed=3) == (train, val)   # seeded
+
+
 # -----------------------------------------------------------------------------
 # End to end on the lab world: train through reward.main, evaluate, stats, scoring, DDP
 
-LAB_STEPS = 200
+LAB_STEPS = 400
 
 
 @pytest.fixture(scope="module")
@@ -318,9 +332,11 @@ def lab_rm(lab_files):
     memorised the lab world's facts takes minutes, far over this file's CI budget. Consequence,
     measured and asserted below: every rejected kind that can be judged from the text (rude,
     rambling, wrong language, and wrong identity/refusal answers) is learned; a wrong city, pet or
-    sum can only be told from knowledge, which this model does not have, so wrong_fact stays near
-    chance. Model selection uses a 10% split of prefs_train (people seen in training); prefs_val
-    (unseen people) is the untouched test set."""
+    sum about an unseen person can only be told from knowledge, which this model does not have, so
+    wrong_fact on prefs_val stays near chance. Model selection uses a 10% split of prefs_train's DISTINCT pairs (reward.split_groups:
+    no copy of a held-out pair is trained on; the people are seen in other pairs); prefs_val
+    (unseen people) is the untouched test set. 400 steps (~2.4 epochs) rather than 200: the
+    wrong facts about the people seen in training are learnable, and need the second epoch."""
     import common
     import reward
     root, tok = lab_files
@@ -358,20 +374,25 @@ def test_lab_reward_model_accuracy(lab_rm):
     assert set(split["per_kind"]) == kinds and set(test["per_kind"]) == kinds
     n_val = len((lab_rm["root"] / "lab" / "prefs_val.jsonl").read_text().splitlines())
     assert test["pairs"] == test["groups"] == n_val and split["pairs"] == split["groups"]   # one pair per record
-    # Measured with this fixture (seed 0, 200 steps, 1 thread; lab world of commit 051f983): seen
-    # people 0.887, unseen people 0.870 -- under the 0.9 aim because of wrong facts (below). Other
-    # model/data seeds and lab versions gave 0.887-0.947 / 0.802-0.887; the thresholds sit under that.
-    assert split["accuracy"] >= 0.85
-    assert test["accuracy"] >= 0.78
+    # Measured with this fixture (400 steps, 1 thread, held-out split by distinct pair): lab world
+    # seed 0 with --seed 0 / 1 / 2: held-out 0.943 / 0.938 / 0.910, prefs_val 0.890 / 0.880 / 0.877;
+    # lab world seed 1 (--seed 0): 0.892 / 0.854. The 0.9 aim holds on the default world, not on
+    # every world, so the thresholds sit under the whole range. (At 200 steps: 0.867-0.914 held-out.)
+    assert split["accuracy"] >= 0.88
+    assert test["accuracy"] >= 0.84
     # every kind that can be judged from the text is ranked below the chosen answer
     for m in (split, test):
-        assert m["per_kind"]["rude"]["accuracy"] >= 0.95          # measured 1.00 / 1.00 (range 0.98-1.00)
-        assert m["per_kind"]["rambling"]["accuracy"] >= 0.95      # measured 1.00 / 1.00 (range 0.99-1.00)
-    assert split["per_kind"]["wrong_language"]["accuracy"] >= 0.85   # measured 0.95 (range 0.94-1.00)
-    assert test["per_kind"]["wrong_language"]["accuracy"] >= 0.75    # measured 0.94 (range 0.82-0.97)
+        assert m["per_kind"]["rude"]["accuracy"] >= 0.95          # measured 1.00 / 1.00 (range 0.99-1.00)
+        assert m["per_kind"]["rambling"]["accuracy"] >= 0.95      # measured 1.00 / 1.00 (range 0.98-1.00)
+    assert split["per_kind"]["wrong_language"]["accuracy"] >= 0.85   # measured 0.91 (range 0.91-1.00)
+    assert test["per_kind"]["wrong_language"]["accuracy"] >= 0.75    # measured 0.95 (range 0.86-0.96)
+    # wrong facts about people seen in training are learned (measured 0.85; range 0.58-0.85, the
+    # strict split leaves ~70 such pairs, so this number is noisy)
+    assert split["per_kind"]["wrong_fact"]["accuracy"] >= 0.55
     # wrong facts, per task: an identity or refusal answer is wrong in its words ("I am a human
     # being", complying with a harmful request), which the model learns; a wrong city, pet or sum
-    # can only be told from knowledge this stand-in SFT model never had (measured 0.48 / 0.54 on facts / sums: chance).
+    # can only be told from knowledge this stand-in SFT model never had (measured 0.56 / 0.62 on facts / sums;
+    # range 0.52-0.56 / 0.35-0.62: chance).
     per_task = lab_rm["wrong_fact_per_task"]
     print("wrong_fact on prefs_val by task: "
           + ", ".join(f"{t} {sum(v) / len(v):.2f} (n={len(v)})" for t, v in per_task.items()))
