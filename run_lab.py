@@ -1,9 +1,9 @@
 """
 run_lab.py -- the lab: one command from nothing to an aligned chat model, with a report card.
 
-    python run_lab.py                           # 2 CPU cores, the default lab size -> lab_run/report.md
-    python run_lab.py --size tiny --out_dir /tmp/lab_tiny      # the CI size: a few hundred steps in all
-    python run_lab.py --device cuda             # a larger model on one GPU (size "gpu"), a few minutes
+    python run_lab.py                           # CPU, the lab size (~10 min on one core) -> lab_run/report.md
+    python run_lab.py --size tiny --out_dir /tmp/lab_tiny      # the CI size: ~1.5 CPU-minutes in all
+    python run_lab.py --device cuda             # a larger model on one GPU (size "gpu")
     python run_lab.py --force_from sft          # re-run SFT (and, because its output changes, all after it)
     python run_lab.py --train_tokenizer         # train a tokenizer on the lab data instead of the shipped one
     python run_lab.py --dry_run                 # print every stage's command, run nothing
@@ -18,9 +18,9 @@ stage can be re-run alone by copying that line (run from the repository root):
     tokenizer  tokenizer/train.py (only with --train_tokenizer; otherwise the shipped tokenizer/lab.model)
     prepare    data/prepare.py    the corpus -> flat token memmaps (train.bin, val.bin, meta.json)
     pretrain   pretrain.py        a LLaMA from scratch on the memmaps
-    sft        sft.py             chat-template fine-tuning with an assistant-only loss
+    sft        sft.py             chat-template fine-tuning, assistant-only loss, pretraining batches mixed in
     reward     reward.py          the reward model (Bradley-Terry on pairs and rankings), from SFT
-    dpo        dpo.py             Direct Preference Optimization from SFT on the preference pairs
+    dpo        dpo.py             DPO from SFT on the preference pairs, then one round on its own samples
     ppo        rlhf_ppo.py        PPO against the reward model, from SFT, KL-penalised to SFT
     eval       run_lab.py --evaluate   every model on the held-out questions, side by side
     report     run_lab.py --report     report.md (GitHub-readable, SVG curves) + report.json
@@ -60,22 +60,36 @@ import time
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
-# Sizes: every stage's flags. "lab" is tuned for 2 CPU cores (whole pipeline <= 15 min), "tiny" for
-# CI (the same directions, a few hundred optimizer steps in all), "gpu" for one GPU (a few minutes).
-# Keys are the stages' own flag names (data/lab.py spells its knobs with dashes; translated below).
+# Sizes: every stage's flags. "lab" is tuned for a 2-core CPU (the whole pipeline well under 15 min),
+# "tiny" for CI (the same recipe on a 16-person world, ~1.5 CPU-minutes), "gpu" for one GPU. Keys are
+# the stages' own flag names (data/lab.py spells its knobs with dashes; translated below).
+# What the tuning found (lab size, seed 0, held-out eval_qa accuracy; details in the README):
+#   - SFT alone learns the chat format but not to reach what pretraining stored: 4% after 250 steps,
+#     and longer or hotter SFT overfits the SFT people (val loss up). Mixing plain pretraining
+#     batches into SFT (--pretrain_ratio 0.5, the seed's "mixed training") gave 21%.
+#   - DPO on the offline pairs alone moved answers away from SFT without making them better (the
+#     rejected answers are things SFT no longer says); one extra round on the policy's own samples,
+#     ranked by the reward model (dpo.py --rounds 1), fixes real mistakes: accuracy and reward up.
+#   - PPO raised the reward while held-out accuracy fell (-2 to -6 points, mostly follow-ups and sums,
+#     which its single-turn prompts never ask; and the reward model cannot tell a wrong fact from a
+#     right one: see its per-kind accuracy). PPO-ptx on the pretraining text (InstructGPT's fix) with
+#     a KL coefficient of 0.1 kept accuracy at SFT's (+-2 answers) with the reward still up; ptx on
+#     the SFT conversations held it less well.
 
 SIZES = {
     "tiny": dict(
-        data=dict(pretrain_docs=8000, sft_train=1500, sft_val=100, prefs_train=1000, prefs_val=200, rank_train=100,
-                  rl_prompts=300, rl_eval=100),
-        model=dict(model="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=128),
+        data=dict(people=16, rl_people=4, eval_people=4, pretrain_docs=8000, sft_train=1500, sft_val=100,
+                  prefs_train=1000, prefs_val=200, rank_train=100, rl_prompts=300, rl_eval=100),
+        model=dict(model="tiny", dim=128, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=128),
         pretrain=dict(max_steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_interval=50,
                       eval_steps=5, log_interval=10),
-        sft=dict(max_steps=100, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=10, eval_interval=50, log_interval=10),
+        sft=dict(max_steps=200, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=20, eval_interval=100,
+                 log_interval=10, pretrain_ratio=0.5),
         reward=dict(max_steps=60, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=6, eval_interval=30, log_interval=5),
-        dpo=dict(max_steps=40, batch_size=8, lr=2e-4, min_lr=2e-5, warmup_steps=4, beta=0.1, eval_interval=20,
-                 log_interval=5),
-        ppo=dict(max_steps=10, batch_size=16),
+        dpo=dict(max_steps=40, batch_size=8, lr=5e-5, min_lr=5e-6, warmup_steps=4, beta=0.1, rounds=1, round_prompts=64,
+                 samples=4, eval_interval=20, log_interval=5, eval_limit=32),
+        ppo=dict(max_steps=15, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.1,
+                 ptx_coef=1.0, eval_interval=5, eval_sample=16, eval_limit=32, sample_interval=0, log_interval=1),
         eval=dict(max_new_tokens=32),
     ),
     "lab": dict(
@@ -83,28 +97,29 @@ SIZES = {
         model=dict(model="lab", seq_len=256),
         pretrain=dict(max_steps=250, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_interval=50,
                       eval_steps=10, log_interval=10),
-        sft=dict(max_steps=250, batch_size=16, lr=5e-4, min_lr=5e-5, warmup_steps=25, eval_interval=50,
-                 log_interval=10),
+        sft=dict(max_steps=400, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=30, eval_interval=100,
+                 log_interval=10, pretrain_ratio=0.5),
         reward=dict(max_steps=150, batch_size=8, lr=3e-4, min_lr=3e-5, warmup_steps=15, eval_interval=50,
                     log_interval=10),
-        dpo=dict(max_steps=100, batch_size=8, lr=1e-4, min_lr=1e-5, warmup_steps=10, beta=0.1, eval_interval=50,
-                 log_interval=10, eval_limit=64),
-        ppo=dict(max_steps=30, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.02,
-                 eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10),
+        dpo=dict(max_steps=100, batch_size=8, lr=5e-5, min_lr=5e-6, warmup_steps=10, beta=0.1, rounds=1,
+                 round_prompts=256, samples=4, eval_interval=50, log_interval=10, eval_limit=64),
+        ppo=dict(max_steps=40, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.1,
+                 ptx_coef=1.0, eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
         eval=dict(max_new_tokens=48),
     ),
-    "gpu": dict(
+    "gpu": dict(   # NOT yet measured on a GPU: the lab recipe, scaled up (a bigger model, more data and steps)
         data=dict(pretrain_docs=100000, sft_train=20000, prefs_train=12000, rank_train=2000, rl_prompts=4000),
         model=dict(model="lab", dim=512, n_layers=8, n_heads=8, n_kv_heads=4, seq_len=256),
         pretrain=dict(max_steps=3000, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=200, eval_interval=500,
                       eval_steps=20, log_interval=50),
         sft=dict(max_steps=1500, batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=100, eval_interval=500,
-                 log_interval=50),
+                 log_interval=50, pretrain_ratio=0.5),
         reward=dict(max_steps=600, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=50, eval_interval=200,
                     log_interval=20),
-        dpo=dict(max_steps=400, batch_size=32, lr=5e-5, min_lr=5e-6, warmup_steps=40, beta=0.1, eval_interval=200,
-                 log_interval=20),
-        ppo=dict(max_steps=100, batch_size=64),
+        dpo=dict(max_steps=400, batch_size=32, lr=2e-5, min_lr=2e-6, warmup_steps=40, beta=0.1, rounds=1,
+                 round_prompts=1024, samples=4, eval_interval=200, log_interval=20, eval_limit=200),
+        ppo=dict(max_steps=100, rollout_batch=64, batch_size=32, lr=5e-5, min_lr=5e-6, critic_lr=5e-4, kl_coef=0.1,
+                 ptx_coef=1.0, eval_interval=20, eval_sample=64, eval_limit=200, sample_interval=20, log_interval=5),
         eval=dict(max_new_tokens=48),
     ),
 }
@@ -117,7 +132,7 @@ CODE = {
     "tokenizer": ["tokenizer/train.py"],
     "prepare": ["data/prepare.py", "tokenizer/tokenizer.py"],
     "pretrain": ["pretrain.py", "data/prepare.py"] + CORE,
-    "sft": ["sft.py", "data/formats.py"] + CORE,
+    "sft": ["sft.py", "data/formats.py", "data/prepare.py"] + CORE,
     "reward": ["reward.py", "data/formats.py"] + CORE,
     "dpo": ["dpo.py", "reward.py", "chat.py", "data/formats.py", "data/lab.py"] + CORE,
     "ppo": ["rlhf_ppo.py", "reward.py", "chat.py", "data/lab.py"] + CORE,
@@ -218,11 +233,12 @@ def build_stages(args):
                         ["pretrain.py", "--data", j("tokens"), "--out_dir", j("pretrain"), "--save_interval", "0"]
                         + flags(S["model"]) + flags(S["pretrain"]) + common_flags + tok_flags,
                         j("pretrain"), j("pretrain", "final.pt"), ["prepare", "tokenizer"], CODE["pretrain"]))
-    stages.append(Stage("sft", "supervised fine-tuning on lab conversations (assistant-only loss)",
+    stages.append(Stage("sft", "supervised fine-tuning on lab conversations (assistant-only loss), pretraining mixed in",
                         ["sft.py", "--init_from", j("pretrain", "final.pt"), "--data", os.path.join(data, "sft_train.jsonl"),
-                         "--val_data", os.path.join(data, "sft_val.jsonl"), "--out_dir", j("sft"), "--save_interval", "0"]
+                         "--val_data", os.path.join(data, "sft_val.jsonl"), "--out_dir", j("sft"), "--save_interval", "0",
+                         "--pretrain_data", j("tokens")]
                         + flags(S["sft"]) + common_flags,
-                        j("sft"), j("sft", "final.pt"), ["pretrain", "data"], CODE["sft"]))
+                        j("sft"), j("sft", "final.pt"), ["pretrain", "prepare", "data"], CODE["sft"]))
     stages.append(Stage("reward", "the reward model, from SFT, on preference pairs and ranked lists",
                         ["reward.py", "--init_from", j("sft", "final.pt"),
                          "--data", os.path.join(data, "prefs_train.jsonl"), os.path.join(data, "rank_train.jsonl"),
@@ -233,14 +249,16 @@ def build_stages(args):
                         ["dpo.py", "--init_from", j("sft", "final.pt"), "--data", os.path.join(data, "prefs_train.jsonl"),
                          "--val_data", os.path.join(data, "prefs_val.jsonl"), "--out_dir", j("dpo"),
                          "--eval_data", os.path.join(data, "rl_eval.jsonl"), "--reward_model", j("reward", "final.pt"),
-                         "--save_interval", "0"] + flags(S["dpo"]) + common_flags,
+                         "--prompts", os.path.join(data, "rl_prompts.jsonl"), "--save_interval", "0"]
+                        + flags(S["dpo"]) + common_flags,
                         j("dpo"), j("dpo", "metrics.json"), ["sft", "reward", "data"], CODE["dpo"]))
     stages.append(Stage("ppo", "PPO RLHF: actor from SFT, reward model, KL penalty to SFT",
                         ["rlhf_ppo.py", "--init_from", j("sft", "final.pt"), "--reward_model", j("reward", "final.pt"),
                          "--prompts", os.path.join(data, "rl_prompts.jsonl"), "--eval_data",
-                         os.path.join(data, "rl_eval.jsonl"), "--out_dir", j("ppo"), "--save_interval", "0"]
+                         os.path.join(data, "rl_eval.jsonl"), "--ptx_data", j("tokens"),
+                         "--out_dir", j("ppo"), "--save_interval", "0"]
                         + flags(S["ppo"]) + common_flags,
-                        j("ppo"), j("ppo", "metrics.json"), ["sft", "reward", "data"], CODE["ppo"]))
+                        j("ppo"), j("ppo", "metrics.json"), ["sft", "reward", "prepare", "data"], CODE["ppo"]))
     stages.append(Stage("eval", "every model on the held-out lab questions; the reward model on its answers",
                         ["run_lab.py", "--evaluate", R, "--device", args.device] + flags(S["eval"]),
                         j("eval"), j("eval", "eval.json"), ["pretrain", "sft", "reward", "dpo", "ppo", "data"],
@@ -376,9 +394,6 @@ def run_pipeline(args):
         elif args.dry_run:
             print(f"\n[would run] {stage.name}: {'forced' if forced else why}\n  {show(stage.cmd, stage.env)}")
             ran[stage.name] = "would run"
-        elif stage.cmd[0] != "run_lab.py" and not os.path.exists(os.path.join(REPO, stage.cmd[0])):
-            print(f"\n[missing] {stage.name}: {stage.cmd[0]} is not in this checkout; its numbers will be n/a")
-            ran[stage.name] = "missing"
         else:
             print(f"\n[run] {stage.name}: {'forced' if forced else why}\n$ {show(stage.cmd, stage.env)}", flush=True)
             wall, cpu = run_stage(stage, by_name)
@@ -432,20 +447,19 @@ def complete(model, tok, texts, max_new_tokens, batch_size):
     return out
 
 
-def by_group(flags_, keys):
-    """Mean of booleans per key -> {key: accuracy}, plus the counts."""
-    acc, n = {}, {}
-    for ok, k in zip(flags_, keys):
-        acc[k] = acc.get(k, 0) + bool(ok)
-        n[k] = n.get(k, 0) + 1
-    return {k: acc[k] / n[k] for k in sorted(n)}, dict(sorted(n.items()))
+def by_group(oks, keys):
+    """Booleans grouped by key -> {key: accuracy}."""
+    hits, n = {}, {}
+    for ok, k in zip(oks, keys):
+        hits[k], n[k] = hits.get(k, 0) + bool(ok), n.get(k, 0) + 1
+    return {k: hits[k] / n[k] for k in sorted(n)}
 
 
 def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
     """Everything the report card needs that no stage reports by itself, computed the same way for
-    every model: greedy answers to eval_qa.jsonl graded by data.lab.check, per kind and language;
-    the base model's plain-text completions of eval_pretrain.jsonl; the reward model's scores of
-    every model's answers and win rates against SFT (chat.head_to_head); the showcase side by side."""
+    every model: greedy answers to eval_qa.jsonl graded by data.lab.check (per kind and language),
+    their reward-model scores, win rates of DPO and PPO against SFT (chat.head_to_head), the base
+    model's plain-text completions of eval_pretrain.jsonl, and the showcase side by side."""
     import torch
     import chat
     import common
@@ -453,82 +467,66 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
     from reward import encode_group, load_reward_model, score_groups
 
     d = lambda *p: os.path.join(run_dir, *p)   # noqa: E731
-    device = torch.device(device)
-    t0 = time.time()
+    device, t0 = torch.device(device), time.time()
     qa, probes = read_jsonl(d("data", "eval_qa.jsonl")), read_jsonl(d("data", "eval_pretrain.jsonl"))
     convs = [r["messages"] for r in qa]
-    models = {name: d(name, "final.pt") for name in ("base", "sft", "dpo", "ppo")}
-    models["base"] = d("pretrain", "final.pt")
-    out = {"n_eval_qa": len(qa), "n_probes": len(probes), "models": {}, "max_new_tokens": max_new_tokens}
-    answers = {}
+    paths = {"base": d("pretrain", "final.pt"), "sft": d("sft", "final.pt"), "dpo": d("dpo", "final.pt"),
+             "ppo": d("ppo", "final.pt")}
+    paths = {k: p for k, p in paths.items() if os.path.exists(p)}   # a stage that did not run: its column is n/a
+    _, tok = chat.load_chat_model(paths["base"], device)   # every stage records (and checks) this same tokenizer
 
     # the reward model scores every policy's answers (raw scores, as reward.py --score writes them)
     rm, _ = load_reward_model(d("reward", "final.pt"), device)
-    rm_ctx = common.autocast(device, common.resolve_dtype("auto", device))
-    local = common.DistInfo(device=device)
+    rm_ctx, local = common.autocast(device, common.resolve_dtype("auto", device)), common.DistInfo(device=device)
 
     def reward_fn(conversations, replies):
         groups = [encode_group(tok, {"messages": c, "responses": [a]}, rm.config.max_seq_len)
                   for c, a in zip(conversations, replies)]
-        keep = [i for i, g in enumerate(groups) if g is not None]   # too long for the RM: scored as None
-        scores = score_groups(rm, [groups[i] for i in keep], batch_size, tok.pad_id, local, rm_ctx)
-        full = [None] * len(groups)
-        for i, s in zip(keep, scores):
-            full[i] = s[0]
-        return [s if s is not None else float("nan") for s in full]
+        if any(g is None for g in groups):
+            raise ValueError(f"a question + answer does not fit the reward model's context ({rm.config.max_seq_len})")
+        return [s[0] for s in score_groups(rm, groups, batch_size, tok.pad_id, local, rm_ctx)]
 
-    for name, path in models.items():
-        if not os.path.exists(path):
-            print(f"{name}: {path} not found, skipped")
-            continue
-        model, tok = chat.load_chat_model(path, device)
+    out = {"n_eval_qa": len(qa), "n_probes": len(probes), "max_new_tokens": max_new_tokens, "models": {}}
+    answers, base_show, show = {}, {}, [i for i, r in enumerate(qa) if r.get("showcase")]
+    for name, path in paths.items():
+        model, _ = chat.load_chat_model(path, device, tok)
         answers[name] = chat.generate_answers(model, tok, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
         graded = chat.evaluate_lab(None, tok, qa, answers=answers[name])
-        langs = [r["truth"]["lang"] for r in qa]
-        by_lang, _ = by_group([row["ok"] for row in graded["records"]], langs)
         rewards = reward_fn(convs, answers[name])
-        m = {"accuracy": graded["accuracy"], "by_kind": graded["by_kind"], "by_lang": by_lang,
+        m = {"accuracy": graded["accuracy"], "by_kind": graded["by_kind"],
+             "by_lang": by_group([row["ok"] for row in graded["records"]], [r["truth"]["lang"] for r in qa]),
              "mean_reward": sum(rewards) / len(rewards),
              "mean_score": sum(lab.score(a, r["truth"]) for a, r in zip(answers[name], qa)) / len(qa),
              "mean_answer_chars": sum(len(a) for a in answers[name]) / len(qa)}
         if name == "base":   # what pretraining stored: plain-text completions of eval_pretrain.jsonl
             texts = complete(model, tok, [p["prompt"] for p in probes], 24, batch_size)
             oks = [lab.check(t, p["truth"]) for t, p in zip(texts, probes)]
-            m["probe_accuracy"] = sum(oks) / len(oks)
-            m["probe_by_kind"], _ = by_group(oks, [p["kind"] for p in probes])
-            m["probe_by_group"], _ = by_group(oks, [p["group"] for p in probes])
-            m["probe_by_lang"], _ = by_group(oks, [p["truth"]["lang"] for p in probes])
-            show_ = [r for r in qa if r.get("showcase")]
-            base_texts = complete(model, tok, [base_qa_prompt(r["messages"]) for r in show_], 32, batch_size)
-            base_show = {r["id"]: t.split("\n")[0].strip() for r, t in zip(show_, base_texts)}
+            m.update(probe_accuracy=sum(oks) / len(oks), probe_by_kind=by_group(oks, [p["kind"] for p in probes]),
+                     probe_by_group=by_group(oks, [p["group"] for p in probes]),
+                     probe_by_lang=by_group(oks, [p["truth"]["lang"] for p in probes]))
             out["probe_examples"] = [{"prompt": p["prompt"], "completion": t, "ok": ok}
                                      for p, t, ok in list(zip(probes, texts, oks))[::max(1, len(probes) // 6)]]
+            # for the showcase, the base model answers in the Q/A format of its corpus, first line only
+            texts = complete(model, tok, [base_qa_prompt(qa[i]["messages"]) for i in show], 32, batch_size)
+            base_show = {i: t.split("\n")[0].strip() for i, t in zip(show, texts)}
         out["models"][name] = m
         print(f"{name:>5}: lab accuracy {m['accuracy']:.1%}, mean reward {m['mean_reward']:+.3f}"
               + (f"; plain-text probes {m['probe_accuracy']:.1%}" if "probe_accuracy" in m else ""), flush=True)
-        del model
 
-    # head to head against SFT: win rates under the checker and under the reward model
-    for name in ("dpo", "ppo"):
+    for name in ("dpo", "ppo"):   # head to head against SFT: win rates under the checker and the reward model
         if name in answers and "sft" in answers:
             h = chat.head_to_head(answers[name], answers["sft"], qa, reward_fn=reward_fn)
             out["models"][name]["vs_sft"] = {"win_rate_checker": h["checker"]["win_rate"],
-                                             "win_rate_reward": h["reward"]["win_rate"],
-                                             "checker": h["checker"], "reward": h["reward"]}
-    # the fixed showcase questions, side by side (the base model answers the plain Q/A prompt)
-    out["showcase"] = []
-    for i, r in enumerate(qa):
-        if r.get("showcase"):
-            row = {"id": r["id"], "kind": r["kind"], "question": r["messages"][-1]["content"],
-                   "context": [m["content"] for m in r["messages"][:-1]], "reference": r.get("reference"), "answers": {}}
-            for name in answers:
-                a = base_show.get(r["id"], "") if name == "base" and "base" in answers else answers[name][i]
-                row["answers"][name] = {"text": a, "ok": bool(lab.check(a, r["truth"]))}
-            out["showcase"].append(row)
+                                             "win_rate_reward": h["reward"]["win_rate"], **h}
+    out["showcase"] = [{"id": qa[i]["id"], "kind": qa[i]["kind"], "question": qa[i]["messages"][-1]["content"],
+                        "context": [m["content"] for m in qa[i]["messages"][:-1]], "reference": qa[i].get("reference"),
+                        "answers": {n: {"text": t, "ok": bool(lab.check(t, qa[i]["truth"]))} for n, t in
+                                    ((n, base_show[i] if n == "base" else a[i]) for n, a in answers.items())}}
+                       for i in show]
     out["seconds"] = round(time.time() - t0, 2)
     os.makedirs(d("eval"), exist_ok=True)
     rows = [{"id": r["id"], "kind": r["kind"], "question": r["messages"][-1]["content"], "reference": r.get("reference"),
-             **{name: answers[name][i] for name in answers}} for i, r in enumerate(qa)]
+             **{n: a[i] for n, a in answers.items()}} for i, r in enumerate(qa)]
     atomic_write(d("eval", "answers.jsonl"), "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
     atomic_write(d("eval", "eval.json"), json.dumps(out, ensure_ascii=False, indent=1) + "\n")   # last: the artefact
     print(f"evaluation done in {out['seconds']:.0f}s: {d('eval', 'eval.json')}")
@@ -723,8 +721,11 @@ def card(rep):
     for k, v in (rep["reward"].get("per_kind") or {}).items():
         put(f"reward.accuracy.{k}", v)
     for name in ("dpo", "ppo"):
+        m = rep.get(name) or {}
         for k in ("accuracy", "mean_reward", "win_rate_reward", "win_rate_checker", "kl_to_sft"):
-            put(f"{name}.{k}", (rep.get(name) or {}).get(k))
+            put(f"{name}.{k}", m.get(k))
+        if m.get("mean_reward") is not None and m.get("mean_reward_sft") is not None:
+            put(f"{name}.reward_gain", m["mean_reward"] - m["mean_reward_sft"])   # over SFT, same reward model
     return c
 
 
@@ -765,8 +766,9 @@ def plots(run_dir):
           ("val loss", curve(L["dpo"], "loss", "eval")), ("val accuracy", curve(L["dpo"], "accuracy", "eval"))]),
         ("dpo_logp", "DPO: summed log-probs of the answers (train)", "log p",
          [("chosen", curve(L["dpo"], "logp_chosen")), ("rejected", curve(L["dpo"], "logp_rejected"))]),
-        ("ppo", "PPO: reward and KL to SFT", "",
-         [("reward", curve(L["ppo"], "reward_mean")), ("KL", curve(L["ppo"], "kl"))]),
+        ("ppo", "PPO: rollout reward (raw reward-model score) and KL to SFT", "",
+         [("reward", curve(L["ppo"], "reward_raw")), ("KL (nats/answer)", curve(L["ppo"], "kl")),
+          ("held-out reward (greedy)", curve(L["ppo"], "reward", "eval"))]),
     ]
     out = []
     for name, title, ylabel, series in specs:
@@ -907,24 +909,26 @@ def card_lines(rep, plain=False):
 
 # Tolerances, absolute, per key prefix: wide enough for float differences between CPUs (a different
 # summation order changes a few greedy answers), narrow enough to catch a broken stage.
-GOLDEN_TOL = {"pretrain.train_loss": 0.15, "pretrain.val_loss": 0.15, "pretrain.val_ppl": 1.0, "sft.val_loss": 0.15,
-              "accuracy": 0.12, "win_rate": 0.15, "mean_reward": 0.5, "reward.length_corr": 0.25, "kl": 0.5}
+# Measured: the same tiny run with 2 threads instead of 1 gave identical pretraining and SFT numbers, but a
+# slightly different reward model (accuracy +0.02), and from there DPO/PPO accuracies within 0.01, win
+# rates within 0.06, KL within 0.4, reward gains within 0.15 -- while the raw reward scale of the
+# reward model moved by 0.3, so absolute mean rewards are not compared, only gains over SFT.
+GOLDEN_TOL = [("loss", 0.05), ("reward.accuracy.", 0.1), ("accuracy", 0.06), ("win_rate", 0.1),
+              ("reward_gain", 0.2), ("length_corr", 0.15), ("kl_to_sft", 0.5)]   # first match wins
 
 
 def golden_tolerance(key):
-    for prefix, tol in GOLDEN_TOL.items():
-        if key.startswith(prefix) or prefix in key:
-            return tol
-    return None
+    """Absolute tolerance for a card key (None: not compared)."""
+    return next((tol for part, tol in GOLDEN_TOL if part in key), None)
 
 
 def golden_from(rep, run_dir):
     """This run's golden values: the card with tolerances, and the pretraining loss curve."""
     values = {k: {"value": v, "tol": golden_tolerance(k)} for k, v in rep["card"].items()
-              if golden_tolerance(k) is not None and not k.startswith("pretrain.val_ppl")}
+              if golden_tolerance(k) is not None}
     xs, ys = curve(load_log(os.path.join(run_dir, "pretrain", "log.jsonl")), "loss")
-    return {"size": rep["run"].get("size"), "seed": rep["run"].get("seed"), "values": values,
-            "curves": {"pretrain.loss": {"step": xs, "loss": [round(y, 4) for y in ys], "tol": 0.15}}}
+    return {"size": rep["run"].get("size"), "seed": rep["run"].get("seed"), "threads": rep["run"].get("threads"),
+            "values": values, "curves": {"pretrain.loss": {"step": xs, "loss": [round(y, 4) for y in ys], "tol": 0.05}}}
 
 
 def golden_check(rep, run_dir, golden):
