@@ -45,7 +45,7 @@ Split and shuffle without holding the corpus in memory (the choice, explained):
     them to train.bin / val.bin. Random bucket assignment + a uniform shuffle inside each bucket
     is a uniform shuffle of the whole corpus. Pass 2 reads the documents back with os.pread from
     the just-written bucket files (served by the page cache, which is not process memory), so RAM
-    holds only the bucket's index (~50 bytes a document); K is chosen from the input size so a
+    holds only the bucket's index (~30 bytes a document); K is chosen from the input size so a
     bucket is ~--shuffle_mb on disk (at most 256 buckets), which keeps those reads inside the page
     cache. A bounded "shuffle
     buffer" would be simpler but only shuffles locally: a corpus given as zh files then en files
@@ -53,7 +53,7 @@ Split and shuffle without holding the corpus in memory (the choice, explained):
 Memory: pass 1 keeps only a bounded number of chunks in flight (see _imap_bounded: a plain
 Pool.imap reads its whole input ahead and would grow with the corpus); ids are written to disk as
 they are made. So peak RSS depends on --chunk_kb and --workers, not on corpus size (apart from the
-~50-byte-per-document index of one bucket: ~3 MB for a 64 MB bucket of 1 KB documents).
+~30-byte-per-document index of one bucket: ~2 MB for a 64 MB bucket of 1 KB documents).
 Speed: the work is sentencepiece's encode; everything else is kept off the per-token and
 per-line Python paths (see encode_chunk, iter_line_blocks): bench/prepare.py compares it with a
 plain one-process encode loop.
@@ -448,7 +448,6 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
         itemsize = np.dtype(dtype).itemsize
         for b in range(n_buckets):
             recs = np.fromfile(os.path.join(scratch, f"b{b:03d}.idx"), dtype=DOC)
-            nbytes, offsets = recs["len"] * itemsize, recs["off"] * itemsize
             order = np.random.default_rng([seed, b]).permutation(len(recs)) if shuffle else np.arange(len(recs))
             is_val = recs["val"].astype(bool)
             if force_val and (~is_val).any():
@@ -459,15 +458,16 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
                 counts[f"{split}_docs"] += int(sel.sum())
             # Documents are read back one by one with pread rather than loading the bucket: the bucket
             # file was just written, so it sits in the page cache (which is not our RSS), and RAM then
-            # holds only this bucket's index (~50 bytes a document as numpy arrays), whatever its size.
+            # holds only this bucket's index (~30 bytes a document as numpy arrays), whatever its size.
             write = (outs["train"].write, outs["val"].write)  # indexed by is_val
             paths = {pid: os.path.join(scratch, f"b{b:03d}.{pid}.ids") for pid in np.unique(recs["pid"]).tolist()}
             fds = {pid: os.open(path, os.O_RDONLY) for pid, path in paths.items()}
             try:
                 for j in range(0, len(order), 1 << 13):  # Python ints for one small slice at a time
                     sl = order[j:j + (1 << 13)]
-                    for pid, n, offset, v in zip(recs["pid"][sl].tolist(), nbytes[sl].tolist(), offsets[sl].tolist(),
-                                                 is_val[sl].tolist()):
+                    r = recs[sl]
+                    for pid, n, offset, v in zip(r["pid"].tolist(), (r["len"] * itemsize).tolist(),
+                                                 (r["off"] * itemsize).tolist(), is_val[sl].tolist()):
                         write[v](os.pread(fds[pid], n, offset))
             finally:
                 for fd in fds.values():
