@@ -136,7 +136,7 @@ class RMSNorm(nn.Module):
     one call, F.rms_norm. For training it is RMSNormFunction below, with the backward written
     out: autograd's backward of the plain formula is ~14 elementwise ops and keeps two full-size
     tensors per norm; the hand-written one is 6 ops and keeps one. Measured on CPU at dim 384:
-    forward+backward of a norm ~40% faster, ~2% of a whole training step."""
+    forward+backward of a norm ~2x faster, ~3% of a whole training step."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -170,10 +170,11 @@ class RMSNormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         xhat, r, w = ctx.saved_tensors
-        gw = g * w
-        dot = (gw * xhat).mean(-1, keepdim=True)             # one number per row
-        dx = gw.sub_(xhat * dot).mul_(r)                     # in place: gw is a temporary of ours
-        dw = (g * xhat).reshape(-1, xhat.size(-1)).sum(0)
+        gx = g * xhat
+        dw = gx.reshape(-1, xhat.size(-1)).sum(0)
+        # mean(g*w * xhat) per row = (g * xhat) @ w / dim: a matrix-vector product, no temporary
+        dot = (gx @ w).unsqueeze_(-1).div_(xhat.size(-1))
+        dx = torch.addcmul(g * w, xhat, dot, value=-1).mul_(r)   # r * (g*w - xhat * dot)
         return dx, dw, None
 
 
