@@ -103,7 +103,7 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
             + unsharded gradients before the reduce-scatter: (p + 4) * max(root, block)
     Activations per micro-batch of B*T tokens (measured by counting the tensors autograd saves,
     tests/test_pretrain.py; fused SDPA attention, so no T x T score matrix):
-      per block and token: 34*dim + 8*hidden_dim bytes in bf16 autocast (48*dim + 16*hidden in fp32),
+      per block and token: 26*dim + 8*hidden_dim bytes in bf16 autocast (40*dim + 16*hidden in fp32),
       exact for multi-head attention, a little high for GQA (smaller k and v)
       outside the blocks: 8*vocab bytes per token (fp32 log-probabilities kept for the backward + their gradient)
       with activation checkpointing a block keeps only its fp32 input (4*dim per token) and one
@@ -117,9 +117,9 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
     W, tokens = world_size, batch_size * seq_len
     p = 2 if dtype == torch.bfloat16 else 4
     if p == 2:
-        per_block_token = 34 * config.dim + 8 * config.hidden_dim
+        per_block_token = 26 * config.dim + 8 * config.hidden_dim
     else:
-        per_block_token = 48 * config.dim + 16 * config.hidden_dim
+        per_block_token = 40 * config.dim + 16 * config.hidden_dim
     act_full = tokens * (config.n_layers * per_block_token + 8 * config.vocab_size)
     act_ckpt = tokens * (config.n_layers * 4 * config.dim + per_block_token + 8 * config.vocab_size)
     ddp = {"weights": 4 * n + (2 * n if p == 2 else 0), "grads": 4 * n, "adamw": 8 * n}
