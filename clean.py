@@ -8,9 +8,8 @@ clean.py: pretraining and SFT data cleaning, Chinese-aware, with a report that s
     python clean.py --mode sft --input sft/ --out sft_clean/                    # conversations, any common layout
     python clean.py --contam-only --input cleaned/kept --eval-files eval.jsonl --out contam/
 
-No torchrun: cleaning is CPU-only and --workers N processes share the shards. Re-running the same command
-resumes: a shard whose stats file exists is finished and is not redone, and every output is written to a
-temp file and os.replace()d, so a crash never leaves half a file behind.
+No torchrun: cleaning is CPU-only and --workers N processes share the shards. Re-running the same command resumes
+(a shard with a stats file is not redone); outputs go to a temp file, then os.replace(): a crash leaves no half file.
 
 Pipeline (each step is timed and counted in OUT/report.json and OUT/report.md):
   read -> normalise (edit rules) -> route language -> mask PII -> [CCNet line dedup] -> filters -> keys + MinHash
@@ -26,20 +25,21 @@ import gzip
 import hashlib
 import html
 import json
+import multiprocessing
 import os
 import re
 import sys
 import time
 import unicodedata
 from collections import Counter, defaultdict, deque
+from contextlib import nullcontext
 from functools import cached_property
-from itertools import chain
+from itertools import chain, count, groupby, islice
 from pathlib import Path
 
 import numpy as np
 
 # ----------------------------------------------------------------------------- config
-
 def floats(s):
     return [float(x) for x in s.split(",")]
 
@@ -113,19 +113,18 @@ def get_args(argv=None):
         p.error("--*top-ngram takes 3 values (n=2,3,4), --*dup-ngram 6 values (n=5..10)")
     return a
 
-
 # flags that do not change which documents are kept: a resumed run may change these, not the others
 NOT_RESULT_FLAGS = {"input", "out", "workers", "restart", "eval_files", "eval_fields", "contam_n", "contam_only"}
 
 # ----------------------------------------------------------------------------- reading
-
+INPUT_NAME = re.compile(r"\.(jsonl?|ndjson|txt)(\.gz)?$")
 JSON_NAME = re.compile(r"\.(jsonl?|ndjson)(\.gz)?$")
 
 def list_inputs(paths):
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and re.search(r"\.(jsonl?|ndjson|txt)(\.gz)?$", f.name))
+            files += sorted(f for f in p.rglob("*") if f.is_file() and INPUT_NAME.search(f.name))
         elif p.is_file():
             files.append(p)
         else:
@@ -143,34 +142,29 @@ def read_units(path, text_unit):
     """Yield (line_number, kind, raw) for each document of a file; kind 'json' is parsed later, in a worker."""
     with open_text(path) as f:
         if JSON_NAME.search(path.name):
-            if f.read(1) == "[":   # a .json holding one array: read whole
-                f.seek(0)
-                yield from ((i + 1, "obj", rec) for i, rec in enumerate(json.load(f)))
-                return
+            whole = f.read(1) == "["   # a .json holding one array: read whole
             f.seek(0)
-            yield from ((i, "json", line) for i, line in enumerate(f, 1) if line.strip())
+            recs = enumerate(json.load(f), 1) if whole else ((i, line) for i, line in enumerate(f, 1) if line.strip())
+            yield from ((i, "obj" if whole else "json", rec) for i, rec in recs)
         elif text_unit == "file":
             yield 1, "text", f.read()
         else:   # "para": blank-line separated blocks; "line": every non-empty line
-            buf, start = [], 1
-            for i, line in enumerate(chain(f, [""]), 1):
-                if line.strip() and text_unit == "para":
-                    buf.append(line)
-                    continue
-                if buf:
-                    yield start, "text", "".join(buf)
-                buf, start = ([line], i) if line.strip() else ([], i + 1)
+            buf = []   # (line number, line) of the document being read
+            for i, line in enumerate(chain(f, [""]), 1):   # the final "" ends the last paragraph
+                if line.strip():
+                    buf.append((i, line))
+                if buf and (text_unit == "line" or not line.strip()):
+                    yield buf[0][0], "text", "".join(l for _, l in buf)
+                    buf = []
 
 def iter_shards(files, a):
     """Cut every file into shards of --chunk-docs documents; ids are stable, so a rerun finds its finished shards."""
     for fi, path in enumerate(files):
-        stem, units, k = re.sub(r"[^\w-]", "_", re.sub(r"\.(jsonl?|ndjson|txt)(\.gz)?$", "", path.name))[:60], [], 0
-        for u in read_units(path, a.text_unit):
-            units.append(u)
-            if len(units) == a.chunk_docs:
-                yield f"{fi:04d}-{stem}-{k:05d}", str(path), units
-                units, k = [], k + 1
-        if units or k == 0:
+        stem, docs = re.sub(r"[^\w-]", "_", INPUT_NAME.sub("", path.name))[:60], read_units(path, a.text_unit)
+        for k in count():   # k == 0 always yields: an empty file still makes one (empty) shard
+            units = list(islice(docs, a.chunk_docs))
+            if k and not units:
+                break
             yield f"{fi:04d}-{stem}-{k:05d}", str(path), units
 
 def get_field(rec, path):
@@ -197,7 +191,6 @@ def to_messages(rec):
     return None
 
 # ----------------------------------------------------------------------------- normalisation (edit rules)
-
 HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 CJK = HAN + "\u3040-\u30ff\uac00-\ud7af"                        # + kana and hangul: one character = one token
 HAN_RE, KANA_RE, HANGUL_RE = re.compile(f"[{HAN}]+"), re.compile("[\u3040-\u30ff]+"), re.compile("[\uac00-\ud7af]+")
@@ -211,7 +204,7 @@ HTML_ENTITY_RE = re.compile(r"&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});")
 ZH_PUNCT = "，：；！？（）…"
 WIDTH_ALL = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
 WIDTH_ZH = {k: v for k, v in WIDTH_ALL.items() if chr(k) not in ZH_PUNCT}
-FW_RE, FW_ZH_RE = re.compile("[\uff01-\uff5e\u3000]"), re.compile("[\u3000\uff02-\uff07\uff0a\uff0b\uff0d-\uff19\uff1c-\uff1e\uff20-\uff5e]")
+FW_RE, FW_ZH_RE = (re.compile("[" + "".join(map(chr, w)) + "]") for w in (WIDTH_ALL, WIDTH_ZH))   # the chars each maps
 PROTECT = [(c, chr(0xE000 + i)) for i, c in enumerate(ZH_PUNCT)]   # NFKC would turn ， into "," and … into "...": hide them
 PUNCT_RUN_RE = re.compile(r"([!?！？。，,;；、.\-=*_~…·/#])\1{3,}")   # 4+ of one mark -> 1, or 3 for . - = * … / #
 SPACES_RE, NEWLINES_RE = re.compile(r"[ \t]{2,}"), re.compile(r"\n{3,}")
@@ -276,10 +269,8 @@ def route_lang(t, a):
     return "other"
 
 # ----------------------------------------------------------------------------- PII masking
-
 def luhn_ok(digits):
-    s = sum(int(c) if i % 2 == 0 else sum(divmod(2 * int(c), 10)) for i, c in enumerate(reversed(digits)))
-    return s % 10 == 0
+    return sum(int(c) if i % 2 == 0 else sum(divmod(2 * int(c), 10)) for i, c in enumerate(reversed(digits))) % 10 == 0
 
 def cn_id_ok(d):
     """GB 11643 checksum of the 18-character resident ID: a random 18-digit number fails it 10 times in 11."""
@@ -322,22 +313,13 @@ def mask_pii(t, counts):
     return NUM_SPAN_RE.sub(span, t)
 
 # ----------------------------------------------------------------------------- blacklist
-
 def trie_regex(words):
     """One regex for many literal words with shared prefixes factored out (a trie): the scan is one left-to-right
     pass that branches on a single character per step, instead of trying every word at every position."""
-    root = {}
-    for w in words:
-        node = root
-        for c in w:
-            node = node.setdefault(c, {})
-        node[""] = {}
-
-    def emit(node):
-        alts = [re.escape(c) + emit(sub) for c, sub in sorted(node.items()) if c]
-        body = "" if not alts else alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
-        return f"(?:{body})?" if "" in node and alts else body
-    return emit(root)
+    words = sorted(set(words))   # one trie level: group by first character, recurse on the rest ("" = a word ends)
+    alts = [re.escape(c) + trie_regex([w[1:] for w in g]) for c, g in groupby(filter(None, words), lambda w: w[0])]
+    body = "" if not alts else alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+    return f"(?:{body})?" if "" in words and alts else body
 
 def load_blacklist(path):
     """'word' or 'category<TAB>word' per line -> (one compiled regex, {word: category})."""
@@ -347,12 +329,11 @@ def load_blacklist(path):
             c, _, w = line.strip().rpartition("\t")
             cat[unicodedata.normalize("NFKC", w.strip()).lower()] = c.strip() or "default"
     cjk = [w for w in cat if re.search(f"[{CJK}]", w)]
-    latin = [w for w in cat if w not in set(cjk)]   # Latin words match whole words only: "ass" is not in "class"
+    latin = set(cat) - set(cjk)   # Latin words match whole words only: "ass" is not in "class"
     parts = [trie_regex(cjk)] * bool(cjk) + [rf"(?<![a-z0-9])(?:{trie_regex(latin)})(?![a-z0-9])"] * bool(latin)
     return re.compile("|".join(parts)), cat
 
 # ----------------------------------------------------------------------------- tokens and repetition features
-
 TOKEN_RE = re.compile(f"[{CJK}]|[^\\W_{CJK}]+")   # a CJK character, or a run of other letters/digits
 TOKH = type("TokenHash", (dict,), {"__missing__": lambda self, t: self.setdefault(   # a cache; blake2b is stable, hash() is salted
     t, int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little"))})()
@@ -377,9 +358,8 @@ def ngram_hashes(ids, n):
     return h
 
 def repetition_batch(ids, lens, doc, ndocs):
-    """Gopher's repetition features for all documents of a shard in a few large numpy calls (per-document numpy
-    calls cost more in overhead than in work): out[d, n] = char share of the most frequent n-gram for n=2..4,
-    and of all repeated n-grams for n=5..10 (overlapping occurrences counted once)."""
+    """Gopher's repetition features of a whole shard in a few large numpy calls (per-document calls cost more in
+    overhead than in work): out[d, n] = char share of the top n-gram (n=2..4), of all repeated n-grams (n=5..10)."""
     out, pos = np.zeros((ndocs, 11)), np.arange(len(ids))
     total = np.maximum(np.bincount(doc, weights=lens, minlength=ndocs), 1)
     L, h = np.concatenate(([0], np.cumsum(lens))), ids.copy()
@@ -429,62 +409,55 @@ class Doc:
         items = self.lines if items is None else items
         return sum(map(bool, map(pred, items))) / max(1, len(items))
 
-    @staticmethod
-    def repeats(parts):
-        """(share of parts equal to an earlier part, share of characters in them)."""
-        seen, n, c = set(), 0, 0
-        for p in parts:
-            n, c = (n + 1, c + len(p)) if p in seen else (n, c)
-            seen.add(p)
-        return n / max(1, len(parts)), c / max(1, sum(map(len, parts)))
-
 # ----------------------------------------------------------------------------- filters
 # A rule is (doc, args) -> None to keep, or a short reason to reject; its threshold is a flag. Every rule runs
 # on every document, so the report can tell which rule rejected first and what each would reject alone.
 
+ALPHA_RE = re.compile(r"[^\W\d_]")
+GOPHER_STOP_RE = re.compile(r"\b(?:the|be|to|of|and|that|have|with)\b", re.I)
+ZH_SENT_RE = re.compile("[。！？；…]")
+CHAPTER_RE = re.compile("第[0-9一二三四五六七八九十百千万零〇两壹贰叁肆伍陆柒捌玖拾佰仟]+[章节回卷集篇]|[（(][0-9一二三四五六七八九十]+[）)]")
+TABLE_LINE_RE = re.compile(r"^(?:[^\t|]*[\t|]){2,}|^[\d\s.,:;%+\-/¥$€()（）|]+$")
+
+def above(what, r, limit):   # a measure with a maximum: the reason to reject, or None to keep
+    return f"{what} {r:.2f}" if r > limit else None
+def below(what, r, limit):   # a measure with a minimum
+    return f"{what} {r:.2f}" if r < limit else None
+
+def repeated(what, parts, limits):
+    """Reject when the parts equal to an earlier part are over limits[0] of the parts or limits[1] of the characters."""
+    counts = Counter(parts)   # a part seen k times has k - 1 repeats
+    n = (len(parts) - len(counts)) / max(1, len(parts))
+    c = sum(len(p) * (k - 1) for p, k in counts.items()) / max(1, sum(map(len, parts)))
+    return f"repeated {what} {n:.2f}, chars {c:.2f}" if n > limits[0] or c > limits[1] else None
+
 def lang_not_allowed(d, a):  # routing by script ratios (route_lang): only --langs are kept
     return None if d.lang in a.langs else f"lang={d.lang}"
-
 def blacklist(d, a):  # the seed's spam check: reject at >= 3 hits of a word list; categories are reported
     if BL is None:
         return None
     hits = Counter(BL[1].get(m.group(), "default") for m in BL[0].finditer(d.text.lower()))
     return f"{sum(hits.values())} hits {dict(hits)}" if sum(hits.values()) >= a.blacklist_threshold else None
-
 def dup_lines(d, a):  # Gopher (Rae et al. 2021) Table A1: repeated lines <= 30% of lines and <= 20% of chars
-    n, c = d.repeats(d.lines)
-    return f"repeated lines {n:.2f}, chars {c:.2f}" if n > a.max_dup_lines[0] or c > a.max_dup_lines[1] else None
-
+    return repeated("lines", d.lines, a.max_dup_lines)
 def dup_paragraphs(d, a):  # Gopher Table A1: repeated paragraphs <= 30% of paragraphs and <= 20% of chars
-    n, c = d.repeats([p.strip() for p in d.text.split("\n\n") if p.strip()])
-    return f"repeated paragraphs {n:.2f}, chars {c:.2f}" if n > a.max_dup_paras[0] or c > a.max_dup_paras[1] else None
+    return repeated("paragraphs", [p.strip() for p in d.text.split("\n\n") if p.strip()], a.max_dup_paras)
 
 def gopher_word_count(d, a):  # Gopher (Rae et al. 2021) App. A: 50 to 100,000 words
     return None if a.words[0] <= len(d.words) <= a.words[1] else f"{len(d.words)} words"
-
 def gopher_mean_word_length(d, a):  # Gopher App. A: mean word length 3 to 10 characters
     m = d.n_chars / max(1, len(d.words))
     return None if a.mean_word[0] <= m <= a.mean_word[1] else f"mean word length {m:.1f}"
-
 def gopher_symbol_ratio(d, a):  # Gopher App. A: '#' and ellipses <= 0.1 per word
     r = (d.text.count("#") + d.text.count("...") + d.text.count("…")) / max(1, len(d.words))
-    return f"symbols/word {r:.2f}" if r > a.max_symbol_ratio else None
-
+    return above("symbols/word", r, a.max_symbol_ratio)
 def gopher_bullet_lines(d, a):  # Gopher App. A: <= 90% of lines start with a bullet
     r = d.share(lambda l: l.startswith(("•", "-", "*", "·", "●", "▪", "◦", "‣")))
-    return f"bullet lines {r:.2f}" if r > a.max_bullet_lines else None
-
+    return above("bullet lines", r, a.max_bullet_lines)
 def gopher_ellipsis_lines(d, a):  # Gopher App. A: <= 30% of lines end with an ellipsis
-    r = d.share(lambda l: l.endswith(("...", "…")))
-    return f"ellipsis lines {r:.2f}" if r > a.max_ellipsis_lines else None
-
-ALPHA_RE = re.compile(r"[^\W\d_]")
-GOPHER_STOP_RE = re.compile(r"\b(?:the|be|to|of|and|that|have|with)\b", re.I)
-
+    return above("ellipsis lines", d.share(lambda l: l.endswith(("...", "…"))), a.max_ellipsis_lines)
 def gopher_alpha_words(d, a):  # Gopher App. A: >= 80% of words contain an alphabetic character
-    r = d.share(ALPHA_RE.search, d.words)
-    return f"words with a letter {r:.2f}" if r < a.min_alpha_words else None
-
+    return below("words with a letter", d.share(ALPHA_RE.search, d.words), a.min_alpha_words)
 def gopher_stop_words(d, a):  # Gopher App. A: >= 2 of: the, be, to, of, and, that, have, with
     n = sum(1 for _ in zip(range(a.min_stop_words), GOPHER_STOP_RE.finditer(d.text)))   # stops at the threshold
     return f"{n} stop words" if n < a.min_stop_words else None
@@ -492,50 +465,32 @@ def gopher_stop_words(d, a):  # Gopher App. A: >= 2 of: the, be, to, of, and, th
 def top_ngram(d, a):  # Gopher Table A1: top 2/3/4-gram <= 20/18/16% of chars; zh: the same on characters
     lim = a.zh_top_ngram if d.lang == "zh" else a.top_ngram
     return ", ".join(f"top {n}-gram {d.repetition[n]:.2f}" for n, t in zip((2, 3, 4), lim) if d.repetition[n] > t) or None
-
 def dup_ngram(d, a):  # Gopher Table A1: repeated 5..10-grams <= 15..10% of chars; zh chars: set so >= 99% of zh wiki passes
     lim = a.zh_dup_ngram if d.lang == "zh" else a.dup_ngram
     return next((f"repeated {n}-grams {d.repetition[n]:.2f}" for n, t in zip(range(5, 11), lim) if d.repetition[n] > t), None)
 
 def c4_lorem_ipsum(d, a):  # C4 (Raffel et al. 2020): pages with "lorem ipsum" are removed
     return "lorem ipsum" if "lorem ipsum" in d.text.lower() else None
-
 def fineweb_line_punct(d, a):  # FineWeb (Penedo et al. 2024): >= 12% of lines end in terminal punctuation
-    r = d.share(lambda l: l.endswith(tuple(ZH_END)))
-    return f"lines ending in punctuation {r:.2f}" if r < a.min_line_punct else None
-
+    return below("lines ending in punctuation", d.share(lambda l: l.endswith(tuple(ZH_END))), a.min_line_punct)
 def fineweb_short_lines(d, a):  # FineWeb 2024: <= 67% of lines shorter than 30 characters
-    r = d.share(lambda l: len(l) < 30)
-    return f"short lines {r:.2f}" if r > a.max_short_lines else None
+    return above("short lines", d.share(lambda l: len(l) < 30), a.max_short_lines)
 
 def zh_length(d, a):  # ~ Gopher's 50-word minimum at ~1.6 characters per Chinese word (the seed used 512)
     return None if a.zh_chars[0] <= d.n_chars <= a.zh_chars[1] else f"{d.n_chars} chars"
-
 def zh_han_share(d, a):  # ours, set on ../shared/data: zh wiki is >= 49% Han in 99% of passages; code/number pages far less
-    r = sum(map(len, HAN_RE.findall(d.text))) / max(1, d.n_chars)
-    return f"han {r:.2f}" if r < a.zh_min_han_share else None
-
+    return below("han", sum(map(len, HAN_RE.findall(d.text))) / max(1, d.n_chars), a.zh_min_han_share)
 def zh_short_lines(d, a):  # FineWeb's short-line rule in characters (10 Chinese chars ~ 30 Latin chars)
-    r = d.share(lambda l: len(l) < a.zh_short_lines[0])
-    return f"short lines {r:.2f}" if r > a.zh_short_lines[1] else None
-
-ZH_SENT_RE = re.compile("[。！？；…]")
-
+    return above("short lines", d.share(lambda l: len(l) < a.zh_short_lines[0]), a.zh_short_lines[1])
 def zh_sentence_lines(d, a):  # FineWeb's punctuation rule where 。！？ end sentences, anywhere in a line (menus have none)
     r = d.share(lambda l: l.endswith(tuple(ZH_END)) or ZH_SENT_RE.search(l) is not None)
-    return f"lines with a sentence end {r:.2f}" if r < a.zh_min_sentence_lines else None
-
-CHAPTER_RE = re.compile("第[0-9一二三四五六七八九十百千万零〇两壹贰叁肆伍陆柒捌玖拾佰仟]+[章节回卷集篇]|[（(][0-9一二三四五六七八九十]+[）)]")
-TABLE_LINE_RE = re.compile(r"^(?:[^\t|]*[\t|]){2,}|^[\d\s.,:;%+\-/¥$€()（）|]+$")
-
+    return below("lines with a sentence end", r, a.zh_min_sentence_lines)
 def zh_chapter_list(d, a):  # the seed's IsChatperText: > 10 chapter headings, or > 25% of the characters in them
     m = CHAPTER_RE.findall(d.text)
     share = sum(map(len, m)) / max(1, len(d.text))
     return f"{len(m)} chapter headings, {share:.2f} of chars" if len(m) > a.zh_max_chapters[0] or share > a.zh_max_chapters[1] else None
-
 def zh_table_page(d, a):  # after the seed's table-page check: most lines (of >= 5) are cells or bare numbers
-    r = d.share(lambda l: TABLE_LINE_RE.search(l) is not None)
-    return f"table lines {r:.2f}" if len(d.lines) >= 5 and r > a.zh_max_table_lines else None
+    return above("table lines", d.share(TABLE_LINE_RE.search), a.zh_max_table_lines) if len(d.lines) >= 5 else None
 
 def sft_format(d, a):  # [system] user assistant user ... assistant, every content a string
     roles = [m.get("role") for m in d.msgs or []]
@@ -544,14 +499,11 @@ def sft_format(d, a):  # [system] user assistant user ... assistant, every conte
     body = roles[1:] if roles[0] == "system" else roles
     ok = body and body[-1] == "assistant" and all(r == ("user", "assistant")[i % 2] for i, r in enumerate(body))
     return None if ok else "roles " + ",".join(map(str, roles))
-
 def sft_empty_answer(d, a):  # an empty reply teaches the model to stop at once
     return "empty answer" if any(m.get("role") == "assistant" and not str(m.get("content") or "").strip() for m in d.msgs or []) else None
-
 def sft_truncated(d, a):  # the last reply ends inside a code block or mid-sentence (comma, colon, open bracket)
     last = str(d.msgs[-1].get("content") or "").rstrip() if d.msgs else ""
     return "truncated answer" if last and (last.count("```") % 2 or last.endswith(tuple(",，、:：;；(（[{“-"))) else None
-
 def sft_length(d, a):  # the conversation must fit a training context
     return f"{len(d.text)} chars" if len(d.text) > a.sft_max_chars else None
 
@@ -562,7 +514,6 @@ ZH_RULES = [zh_length, zh_han_share, zh_short_lines, zh_sentence_lines, zh_chapt
 SFT_RULES = [sft_format, sft_empty_answer, sft_truncated, sft_length, blacklist]
 
 # ----------------------------------------------------------------------------- MinHash
-
 def minhash_params(a):
     rng = np.random.default_rng(1234)   # fixed seed: signatures stay comparable across runs and resumes
     n = a.bands * a.rows
@@ -573,12 +524,11 @@ def shingles(ids, k):
     return np.unique(ngram_hashes(ids, min(k, len(ids)))) if len(ids) else np.zeros(1, np.uint64)
 
 def minhash_batch(ids, offs, which, k, A, B):
-    """MinHash signatures of documents `which`: for each permutation, the minimum over a document's shingles of
-    ((a*x + b) mod 2^64) >> 32 with x the shingle hash folded to 32 bits (multiply-add-shift hashing: a
-    universal family, exactly reproducible in numpy uint64). The shingles of many documents go through one
-    matrix, and np.minimum.reduceat takes each document's minimum."""
+    """MinHash signatures of documents `which`: per permutation, the minimum over a document's shingles x (folded to
+    32 bits) of ((a*x + b) mod 2^64) >> 32: multiply-add-shift, a universal family exact in numpy uint64. Many
+    documents share one matrix; np.minimum.reduceat takes each document's minimum."""
     sh = [ngram_hashes(ids[offs[d]: offs[d + 1]], max(1, min(k, int(offs[d + 1] - offs[d])))) for d in which]
-    sh = [s if len(s) else np.zeros(1, np.uint64) for s in sh]
+    sh = [s if len(s) else np.zeros(1, np.uint64) for s in sh]   # no np.unique here: repeats cannot change a minimum
     starts = np.concatenate(([0], np.cumsum([len(s) for s in sh]))).astype(np.int64)
     x = np.concatenate(sh) if sh else np.zeros(0, np.uint64)
     x = (x >> np.uint64(32)) ^ (x & np.uint64(0xFFFFFFFF))
@@ -596,7 +546,6 @@ def exact_key(text):
     return hashlib.blake2b(re.sub(r"\s+", "", text.lower()).encode(), digest_size=16).digest()
 
 # ----------------------------------------------------------------------------- one shard (in a worker process)
-
 BL = SPM = MINHASH = None   # blacklist (regex, {word: category}), sentencepiece, MinHash (A, B); set by setup()
 
 def setup(a):
@@ -644,30 +593,28 @@ def prepare(kind, raw, where, path, a, st):
     raw_text = ("\n\n".join(str(m.get("content") or "") for m in msgs) if msgs is not None else raw if kind == "text" else
                 "\n".join(str(v) for v in (get_field(rec, f) for f in fields) if isinstance(v, (str, int, float)) and str(v).strip()))
     t = lap(st, "parse", t)
-    parts = [m for m in msgs if isinstance(m.get("content"), str)] if msgs is not None else None
-    if parts is None:
+    if msgs is None:
         text, lang = normalise(raw_text, a, st["edits"])
+        t = lap(st, "normalise", t)
+        text = mask_pii(text, st["pii"]) if a.pii else text
     else:   # sft: every message on its own, with the code-unsafe edits off
+        parts = [m for m in msgs if isinstance(m.get("content"), str)]
         for m in parts:
             m["content"] = normalise(m["content"], a, st["edits"], sft=True)[0]
         lang = route_lang(raw_text, a)
-    t = lap(st, "normalise", t)
-    if a.pii:
-        for m in parts or []:
+        t = lap(st, "normalise", t)
+        for m in parts if a.pii else []:
             m["content"] = mask_pii(m["content"], st["pii"])
-        text = mask_pii(text, st["pii"]) if parts is None else ""
-    text = "\n\n".join(m["content"] for m in parts) if parts is not None else text
+        text = "\n\n".join(m["content"] for m in parts)
     lap(st, "pii", t)
     st["docs"] += 1
     f = st["funnel"][f"{src}\t{lang}"]
     f[0], f[1], f[2] = f[0] + 1, f[1] + len(raw_text), f[2] + ntok(raw_text)
     return [rid, src, lang, text, msgs, {k: v for k, v in rec.items() if k not in fields} if a.keep_meta else None]
 
-def process_shard(job, a, out):
-    """Clean one shard. Writes work/ID.jsonl (documents that passed the filters), work/ID.npz (exact keys and
-    MinHash signatures) and rejected/ID.jsonl, then the marker work/ID.stats.json: a shard is finished exactly
-    when its stats file exists."""
-    sid, path, units = job
+def process_shard(sid, path, units, a, out):
+    """Clean one shard -> work/ID.jsonl (documents that passed), work/ID.npz (exact keys, MinHash signatures),
+    rejected/ID.jsonl, and last work/ID.stats.json: a shard is finished exactly when its stats file exists."""
     st = new_stats()
     docs = [d for d in (prepare(kind, raw, f"{path}:{i}", path, a, st) for i, kind, raw in units) if d]
     t = time.process_time()
@@ -710,12 +657,8 @@ def process_shard(job, a, out):
         write_atomic(out / "rejected" / f"{sid}.jsonl", jsonl_bytes(rejected))
     lap(st, "write", t)
     write_atomic(out / "work" / f"{sid}.stats.json", json.dumps(st).encode())   # last: marks the shard finished
-    return sid
-
-
 
 # ----------------------------------------------------------------------------- dedup (main process)
-
 def first_of(keys):
     """For each row of a (n, bytes) uint8 array: the index of the first row with the same bytes."""
     v = np.ascontiguousarray(keys).view(f"V{keys.shape[1]}").ravel()
@@ -730,9 +673,8 @@ def doc_text(r):
     return r["text"] if "text" in r else "\n\n".join(m["content"] for m in r["messages"])
 
 def dedup(a, out, sids):
-    """Exact dedup on hashes of the normalised text (and, in sft mode, of the prompt), then MinHash-LSH: documents
-    agreeing on all rows of a band become a candidate pair, every candidate is verified by its true Jaccard, and
-    union-find merges the verified pairs. A cluster keeps its earliest document. Returns (dup_of, reason, report)."""
+    """Exact dedup on hashes of the normalised text (sft: also of the prompt), then MinHash-LSH: documents equal on
+    a whole band are candidates, verified by their true Jaccard, merged by union-find. -> (dup_of, reason, report)"""
     zs = [np.load(out / "work" / f"{sid}.npz") for sid in sids]
     keys = np.concatenate([z["key"] for z in zs] + [np.zeros((0, 32), np.uint8)])
     sigs = np.concatenate([z["sig"] for z in zs] + [np.zeros((0, a.bands * a.rows), np.uint32)])
@@ -740,14 +682,12 @@ def dedup(a, out, sids):
     dup, reason = np.full(N, -1, np.int64), np.zeros(N, np.int8)   # reason: 1 exact, 2 same prompt, 3 near
     if not a.dedup or N == 0:
         return dup, reason, {"docs": N}
-    for r, cols in ((1, slice(0, 16)), (2, slice(16, 32))):
-        if r == 2 and not (a.mode == "sft" and a.sft_prompt_dedup):
-            continue
-        f = first_of(keys[:, cols])
+    firsts = [first_of(keys[:, :16])]   # key bytes 0..15: the text, 16..31: the prompt
+    if a.mode == "sft" and a.sft_prompt_dedup:
+        firsts.append(first_of(keys[:, 16:]))
+    for r, f in enumerate(firsts, 1):
         m = (f != np.arange(N)) & (dup < 0)
         dup[m], reason[m] = f[m], r
-        if r == 1:
-            exact_sizes = Counter(Counter(f.tolist()).values())
     alive, pairs = np.flatnonzero(dup < 0), set()
     for b in range(a.bands):   # LSH: equal band -> candidate; each bucket member is paired with the bucket's first
         f = first_of(sigs[alive, b * a.rows: (b + 1) * a.rows].view(np.uint8).reshape(len(alive), -1))
@@ -779,20 +719,20 @@ def dedup(a, out, sids):
             dup[i], reason[i] = find(i), 3
     ex = lambda ps: [{"a": snip[i][0], "b": snip[j][0], "jaccard": round(jc, 3), "a_text": snip[i][1], "b_text": snip[j][1]} for i, j, jc in ps[:5]]
     p = lambda s: round(1 - (1 - s ** a.rows) ** a.bands, 3)
+    sizes = lambda roots: dict(sorted(Counter(c for c in Counter(roots).values() if c > 1).items()))   # size: clusters
     return dup, reason, {
         "docs": N, "exact_removed": int((reason == 1).sum()), "prompt_removed": int((reason == 2).sum()), "near_removed": int((reason == 3).sum()),
-        "exact_cluster_sizes": {k: v for k, v in sorted(exact_sizes.items()) if k > 1},
-        "near_cluster_sizes": dict(sorted(Counter(c for c in Counter(map(find, need)).values() if c > 1).items())),
+        "exact_cluster_sizes": sizes(firsts[0].tolist()), "near_cluster_sizes": sizes(map(find, need)),
         "lsh_candidate_pairs": len(pairs), "merged_pairs": len(merged), "refused_by_true_jaccard": len(refused),
         "candidate_probability_at_jaccard": {s: p(s) for s in (0.5, 0.7, 0.8, 0.85, 0.9)},
         "merged_examples": ex(merged), "refused_examples": ex(sorted(refused, key=lambda x: -x[2]))}
 
 def write_kept(a, out, sids, dup, reason, funnel):
     """Final outputs: kept/ID.jsonl without duplicates; the duplicates go to rejected/ID.dedup.jsonl."""
-    names, g, ids = {1: "exact_dup", 2: "prompt_dup", 3: "near_dup"}, 0, []
+    names, ids = {1: "exact_dup", 2: "prompt_dup", 3: "near_dup"}, []
     for sid in sids:
         kept, rej = [], []
-        for r in read_rows(out / "work" / f"{sid}.jsonl"):
+        for g, r in enumerate(read_rows(out / "work" / f"{sid}.jsonl"), len(ids)):   # g: index in the whole corpus
             c, t = r.pop("_chars"), r.pop("_tok")
             ids.append(r["id"])
             if dup[g] >= 0:
@@ -801,7 +741,6 @@ def write_kept(a, out, sids, dup, reason, funnel):
                 kept.append(r)
                 f = funnel[f"{r['source']}\t{r['lang']}"]
                 f[6], f[7], f[8] = f[6] + 1, f[7] + c, f[8] + t
-            g += 1
         write_atomic(out / "kept" / f"{sid}.jsonl", jsonl_bytes(kept))
         if a.rejected:
             write_atomic(out / "rejected" / f"{sid}.dedup.jsonl", jsonl_bytes(rej))
@@ -810,7 +749,6 @@ def write_kept(a, out, sids, dup, reason, funnel):
             f.unlink()
 
 # ----------------------------------------------------------------------------- contamination
-
 def contamination(a, eval_files, corpus_files):
     """Train <-> eval overlap: an eval item is contaminated when one of its --contam-n token n-grams occurs in a
     kept document (the GPT-3 paper's test). Reports, per such item, the share of its n-grams found and where."""
@@ -843,15 +781,13 @@ def contamination(a, eval_files, corpus_files):
             "contaminated": len(bad), "items": sorted(bad, key=lambda x: -x["overlap"])}
 
 # ----------------------------------------------------------------------------- report
-
 def merge_stats(out, sids):
     tot = new_stats()
     for sid in sids:
         st = json.loads((out / "work" / f"{sid}.stats.json").read_text(encoding="utf-8"))
-        for k, v in st["funnel"].items():
-            tot["funnel"][k] = [x + y for x, y in zip(tot["funnel"][k], v)]
-        for k, v in st["rules"].items():
-            tot["rules"][k] = [x + y for x, y in zip(tot["rules"][k], v)]
+        for part in ("funnel", "rules"):   # lists of counts, added element-wise
+            for k, v in st[part].items():
+                tot[part][k] = [x + y for x, y in zip(tot[part][k], v)]
         for k, v in st["examples"].items():
             tot["examples"][k] = (tot["examples"][k] + v)[:5]
         for k in ("edits", "pii", "time"):
@@ -900,7 +836,6 @@ def write_report(a, out, st, dd, wall, contam, extra):
     return rep
 
 # ----------------------------------------------------------------------------- main
-
 def main(argv=None):
     a = get_args(argv)
     out = Path(a.out)
@@ -925,27 +860,21 @@ def main(argv=None):
         if diff:
             sys.exit(f"clean.py: {out}/work holds shards made with other settings ({', '.join(diff)}); pass --restart or use a new --out")
     write_atomic(out / "config.json", json.dumps(cfg, ensure_ascii=False, indent=1).encode())
-
-    t0, sids, resumed, pending, wall, pool = time.perf_counter(), [], 0, deque(), {}, None
-    if a.workers > 1:
-        import multiprocessing as mp
-        pool = mp.get_context("fork").Pool(a.workers, setup, (a,))
-    try:
+    t0, sids, resumed, pending, wall = time.perf_counter(), [], 0, deque(), {}
+    pool = multiprocessing.get_context("fork").Pool(a.workers, setup, (a,)) if a.workers > 1 else None
+    with pool or nullcontext():   # leaving a Pool's block terminates its workers, also on an error
         for sid, path, units in iter_shards(files, a):
             sids.append(sid)
             if (out / "work" / f"{sid}.stats.json").exists():
                 resumed += 1
             elif pool is None:
-                process_shard((sid, path, units), a, out)
+                process_shard(sid, path, units, a, out)
             else:   # at most 2 shards per worker in flight: memory stays bounded by the shard size
-                pending.append(pool.apply_async(process_shard, ((sid, path, units), a, out)))
+                pending.append(pool.apply_async(process_shard, (sid, path, units, a, out)))
                 while len(pending) >= 2 * a.workers:
                     pending.popleft().get()
         while pending:
             pending.popleft().get()
-    finally:
-        if pool is not None:
-            pool.terminate()
     wall["filter_shards"] = time.perf_counter() - t0
     print(f"clean.py: {len(sids)} shards ({resumed} finished before) in {wall['filter_shards']:.1f}s", file=sys.stderr)
     st = merge_stats(out, sids)
