@@ -377,6 +377,20 @@ def _n_buckets(files, itemsize, shuffle_mb):
     return int(min(MAX_BUCKETS, max(1, -(-est // (shuffle_mb * 2 ** 20)))))
 
 
+def commit_outputs(out_dir, names, meta):
+    """The end of a prepare script: move each finished out_dir/NAME.tmp to NAME, then write meta.json
+    (tmp + rename). The old meta.json goes first and the new one last, so a directory with meta.json
+    is always complete: a crash in between leaves one without it, which the readers refuse."""
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    for name in names:
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+    os.replace(meta_path + ".tmp", meta_path)
+
+
 def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_unit="paragraph", workers=2,
             val_fraction=0.01, seed=1337, shuffle=True, bos=True, shuffle_mb=64.0, chunk_kb=256, verbose=True):
     """Tokenize `inputs` into out_dir/{train.bin,val.bin,meta.json}. Returns the meta dict."""
@@ -489,15 +503,7 @@ def prepare(inputs, out_dir, tokenizer=None, *, fields="auto", fmt="auto", text_
             "shuffle": shuffle, "n_buckets": n_buckets,
             "seconds": round(time.time() - t0, 2),
         }
-        # ---- commit: meta.json goes last, so a directory with meta.json is always complete
-        meta_path = os.path.join(out_dir, "meta.json")
-        if os.path.exists(meta_path):
-            os.remove(meta_path)
-        for s in ("train", "val"):
-            os.replace(os.path.join(out_dir, f"{s}.bin.tmp"), os.path.join(out_dir, f"{s}.bin"))
-        with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1, ensure_ascii=False)
-        os.replace(meta_path + ".tmp", meta_path)
+        commit_outputs(out_dir, ("train.bin", "val.bin"), meta)
     finally:
         if pool is not None:
             pool.terminate()

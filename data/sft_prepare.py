@@ -40,7 +40,6 @@ lengths file at the end in fixed-size blocks. Atomic like data/prepare.py: *.tmp
 meta.json last, so a directory with meta.json is complete.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -51,8 +50,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script (python data/sft_prepare.py): make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.formats import Report, iter_conversations  # noqa: E402
-from data.prepare import (_imap_bounded, check_tokenizer, load_tokenizer, open_array, read_meta,  # noqa: E402
-                          token_dtype)
+from data.prepare import (_imap_bounded, check_tokenizer, commit_outputs, load_tokenizer, open_array,  # noqa: E402
+                          read_meta, token_dtype)
 
 FORMAT = "nanollama.sft.v1"
 
@@ -221,14 +220,7 @@ def sft_prepare(inputs, out_dir, tokenizer=None, *, max_len=None, overflow="trun
             "sources": [{"path": p, **s} for p, s in report.files.items()],
             "seed": seed, "seconds": round(time.time() - t0, 2),
         }
-        meta_path = os.path.join(out_dir, "meta.json")
-        if os.path.exists(meta_path):
-            os.remove(meta_path)
-        for name in ("ids.bin", "mask.bin", "offsets.npy"):
-            os.replace(tmp[name], os.path.join(out_dir, name))
-        with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1, ensure_ascii=False)
-        os.replace(meta_path + ".tmp", meta_path)
+        commit_outputs(out_dir, ("ids.bin", "mask.bin", "offsets.npy"), meta)   # tmp[name] == out_dir/name.tmp
     finally:
         if pool is not None:
             pool.terminate()
