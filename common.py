@@ -298,6 +298,17 @@ def atomic_write_json(path: str, obj):
 # Model wrapping: DDP / FSDP2, activation checkpointing, compile
 
 
+def resolve_parallel(parallel, info: DistInfo, use: str = "ddp or fsdp") -> str:
+    """--parallel's default (ddp under torchrun, none in one process), and a refusal of none under
+    torchrun: every rank would train its own unrelated copy of the model and save over the others.
+    `use` names the modes the stage accepts, for the message."""
+    parallel = parallel or ("ddp" if info.distributed else "none")
+    if info.distributed and parallel == "none":
+        fail(f"{info.world_size} processes with --parallel none would train {info.world_size} unrelated models; "
+             f"use {use}")
+    return parallel
+
+
 def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: torch.dtype = torch.float32,
                compile: bool = False, activation_checkpointing: bool = False) -> nn.Module:
     """Prepare a Llama (or anything with .layers) for training; returns the module to call.
@@ -307,7 +318,10 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
       - activation checkpointing and compile replace each block's / the model's forward in place;
       - DDP keeps the model as .module;
       - FSDP2's fully_shard changes the model's class in place (parameters become DTensors).
-    The model must already be on info.device (or on the meta device for FSDP, see pretrain.py)."""
+    The model must already be on info.device (or on the meta device for FSDP, see pretrain.py).
+    FSDP2: create the optimizer before any forward (a forward leaves the root's parameters unsharded,
+    and AdamW must hold the sharded ones; dpo.py found this), and gather the root's parameters
+    (model.unshard()) or use a whole copy before calling generate() on the wrapped model."""
     if parallel in ("ddp", "fsdp") and not info.distributed:
         fail(f"--parallel {parallel} needs several processes: launch with torchrun --nproc_per_node=N")
     blocks = list(getattr(model, "layers", []))
@@ -692,6 +706,7 @@ def load_model(path: str, device="cpu"):
     elif os.path.isdir(path):  # sharded DCP checkpoint: read the shards straight into a whole model
         import torch.distributed.checkpoint as dcp
         meta = read_checkpoint_meta(path)
+        _refuse_other_kind(meta, path)
         model = Llama(LlamaConfig.from_dict(meta["model_config"]))
         state = model.state_dict()
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -702,12 +717,24 @@ def load_model(path: str, device="cpu"):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if "model" not in ckpt or "model_config" not in ckpt:
             fail(f"{path} is not a nanollama checkpoint (no 'model' / 'model_config' keys)")
+        _refuse_other_kind(ckpt, path)
         model = Llama(LlamaConfig.from_dict(ckpt["model_config"]))
         load_state_dict_checked(model, ckpt.pop("model"))
         ckpt.pop("optimizer", None)
         meta = ckpt
     meta["path"] = path
     return model.to(device), meta
+
+
+def _refuse_other_kind(meta: dict, path: str):
+    """Language-model checkpoints carry no "kind"; a stage that saves another model (reward.py's
+    RewardModel: a backbone plus a scalar head) marks its checkpoints with one. Say so, instead of
+    the shape / key mismatch that loading its weights into a Llama would end in."""
+    kind = meta.get("kind")
+    if kind is None:
+        return
+    where = "reward.load_reward_model" if kind == "reward_model" else "the loader of the stage that wrote it"
+    fail(f"{path} is a {kind!r} checkpoint, not a language model: load it with {where}")
 
 
 def consolidate(src: str, out_path: str, hf_dir: str = None) -> str:

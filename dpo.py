@@ -566,10 +566,7 @@ def main(argv=None):
 
 def train(args, info):
     device, world, rank = info.device, info.world_size, info.rank
-    if args.parallel is None:
-        args.parallel = "ddp" if world > 1 else "none"
-    if world > 1 and args.parallel == "none":
-        common.fail(f"{world} processes with --parallel none would train {world} unrelated models; use ddp or fsdp")
+    args.parallel = common.resolve_parallel(args.parallel, info)
     if args.rounds > 0 and args.parallel == "fsdp":
         common.fail("--rounds samples with model.generate, which does not run on an FSDP-sharded model; "
                     "use --parallel ddp (or one process) for sampling rounds")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from common import (JsonlLogger, add_common_args, all_reduce_mean, autocast, barrier, checkpoint_path,
                     clip_grad_norm, configure_optimizer, eval_mode, fail, grad_sync, latest_checkpoint,
-                    load_model, lr_at, parse_config, print0, read_checkpoint_meta, resolve_dtype,
+                    load_model, lr_at, parse_config, print0, read_checkpoint_meta, resolve_dtype, resolve_parallel,
                     restore_checkpoint, rotate_checkpoints, save_checkpoint, save_config, seed_everything,
                     set_lr, setup_distributed, teardown_distributed, warn_if_low_disk, wrap_model)
 from model import PEAK_FLOPS, PRESETS, Llama, LlamaConfig
@@ -224,10 +224,7 @@ def main(argv=None):
 
 def train(args, info):
     device, world, rank = info.device, info.world_size, info.rank
-    if args.parallel is None:
-        args.parallel = "ddp" if world > 1 else "none"
-    if world > 1 and args.parallel == "none":
-        fail(f"{world} processes with --parallel none would train {world} unrelated models; use ddp or fsdp")
+    args.parallel = resolve_parallel(args.parallel, info)
     dtype = resolve_dtype(args.dtype, device)
     seed_everything(args.seed)  # the same on every rank: every rank must build identical initial weights
 

@@ -644,9 +644,7 @@ def main(argv=None):
 
 
 def train(args, info, dtype, ctx):
-    parallel = args.parallel or ("ddp" if info.distributed else "none")
-    if info.distributed and parallel == "none":
-        common.fail(f"{info.world_size} processes with --parallel none would train unrelated models; use ddp or fsdp")
+    parallel = common.resolve_parallel(args.parallel, info)
     common.seed_everything(args.seed + info.rank)   # dropout differs per rank; the data order does not
 
     # --- the run directory: resume, or refuse to overwrite an earlier run

@@ -525,10 +525,7 @@ def main(argv=None):
 
 def train(args, info):
     device, world, rank = info.device, info.world_size, info.rank
-    if args.parallel is None:
-        args.parallel = "ddp" if world > 1 else "none"
-    if world > 1 and args.parallel == "none":
-        common.fail(f"{world} processes with --parallel none would train {world} unrelated models; use ddp")
+    args.parallel = common.resolve_parallel(args.parallel, info, use="ddp")   # fsdp: refused in get_args
     common.seed_everything(args.seed + rank)   # (every random draw below also has its own explicit seed)
     dtype = common.resolve_dtype(args.dtype, device)
     ctx = common.autocast(device, dtype)

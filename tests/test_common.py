@@ -136,6 +136,14 @@ def test_ddp_or_fsdp_without_torchrun_is_a_clear_error():
         common.wrap_model(tiny(), common.DistInfo(), "ddp")
 
 
+def test_parallel_default_and_refusal_of_none_under_torchrun():
+    one, two = common.DistInfo(world_size=1), common.DistInfo(rank=1, world_size=2)
+    assert common.resolve_parallel(None, one) == "none" and common.resolve_parallel(None, two) == "ddp"
+    assert common.resolve_parallel("fsdp", two) == "fsdp" and common.resolve_parallel("none", one) == "none"
+    with pytest.raises(SystemExit, match="2 processes with --parallel none would train 2 unrelated models; use ddp$"):
+        common.resolve_parallel("none", two, use="ddp")
+
+
 def test_single_process_setup():
     info = common.setup_distributed("cpu")
     assert (info.rank, info.world_size, info.device.type, info.is_main, info.owns_group) == (0, 1, "cpu", True, False)
@@ -233,6 +241,21 @@ def test_load_model_file_run_dir_and_hf_dir(tmp_path):
         pickle.dump({"model": os.system}, f, protocol=2)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         common.load_model(str(tmp_path / "evil.pt"))
+
+
+def test_load_model_refuses_a_reward_checkpoint_by_name(tmp_path):
+    # reward.py's checkpoints hold a backbone + scalar head (kind="reward_model"): loading them as a
+    # Llama used to end in a key/shape mismatch; now the message names the kind and the right loader
+    import reward
+    rm = reward.RewardModel.from_llama(tiny())
+    path = common.save_checkpoint(str(tmp_path), "final", rm, step=1, config={}, kind=reward.REWARD_KIND)
+    for where in (path, str(tmp_path)):   # the file, and its run directory
+        with pytest.raises(SystemExit, match=r"'reward_model' checkpoint, not a language model: "
+                                             r"load it with reward\.load_reward_model"):
+            common.load_model(where)
+    loaded, meta = reward.load_reward_model(path)   # ... which does load it
+    assert meta["kind"] == reward.REWARD_KIND
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), rm.state_dict().values()))
 
 
 def test_jsonl_logger(tmp_path):
