@@ -119,7 +119,7 @@ SIZES = {
                  log_interval=50, pretrain_ratio=0.5),
         reward=dict(max_steps=600, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=50, eval_interval=200,
                     log_interval=20),
-        dpo=dict(max_steps=400, batch_size=32, lr=2e-5, min_lr=2e-6, warmup_steps=40, beta=0.1, rounds=1,
+        dpo=dict(max_steps=400, batch_size=32, lr=2e-5, min_lr=2e-6, warmup_steps=40, beta=0.3, rounds=1,
                  round_prompts=1024, samples=4, eval_interval=200, log_interval=20, eval_limit=200),
         ppo=dict(max_steps=100, rollout_batch=64, batch_size=32, lr=5e-5, min_lr=5e-6, critic_lr=5e-4, kl_coef=0.1,
                  ptx_coef=1.0, eval_interval=20, eval_sample=64, eval_limit=200, sample_interval=20, log_interval=5),
