@@ -194,6 +194,8 @@ def apply_rope(x, rope):
     HuggingFace's layout instead pairs element i with element i + head_dim/2 ("rotate_half").
     Both are the same maths on a permuted q/k projection -- see _permute_for_hf below."""
     pairs = x.float().unflatten(-1, (-1, 2))      # (B, T, H, hd/2, 2): the (x0, x1) planes
+    if rope.is_complex():   # decoding: cos + i*sin prepared once per step for every layer (_decode_step)
+        return torch.view_as_real(torch.view_as_complex(pairs) * rope).flatten(-2).type_as(x)
     cos_sin = rope.float().unsqueeze(-3)          # (.., T, 1, hd/2, 2): the same for every head
     if torch.compiler.is_compiling():
         # torch.compile's inductor cannot generate code for complex numbers (it would fall back
@@ -231,10 +233,10 @@ class KVCache:
     def update(self, layer: int, k, v):
         """Write a chunk's keys/values (B, n_kv_heads, T, head_dim) into the next free slots of
         `layer`; return the keys/values of all slots so far (views, no copies)."""
-        start, end = self.filled, self.filled + k.size(2)
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        start, T = self.filled, k.size(2)
+        self.k[layer].narrow(2, start, T).copy_(k)   # narrow: one op, where [:, :, a:b] takes three
+        self.v[layer].narrow(2, start, T).copy_(v)
+        return self.k[layer].narrow(2, 0, start + T), self.v[layer].narrow(2, 0, start + T)
 
 
 class Attention(nn.Module):
@@ -471,8 +473,10 @@ class Llama(nn.Module):
         B, T = idx.shape
         start = cache.filled
         S = start + T
-        # index_select, not self.rope[positions]: advanced indexing is ~5x slower to dispatch
-        rope = self.rope.index_select(0, positions.flatten()).view(B, T, -1, 2)  # (B, T, hd/2, 2)
+        # index_select, not self.rope[positions]: advanced indexing is ~5x slower to dispatch. The rows
+        # are turned into complex cos + i*sin here, once, instead of in every layer's apply_rope.
+        rope = self.rope.index_select(0, positions.flatten()).view(B, T, 1, -1, 2).float()
+        rope = torch.view_as_complex(rope)                                      # (B, T, 1, hd/2)
         mask = None   # no padding anywhere: the attention layer handles causality by itself
         if cache.has_padding:
             # Query t (absolute slot start+t) sees valid keys up to itself; pads see themselves.
