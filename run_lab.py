@@ -786,7 +786,7 @@ def write_report(run_dir, statuses=None, this_run=None, announce=False):
     rep = collect(run_dir, statuses)
     rep["this_invocation"] = this_run
     figures = plots(run_dir)
-    R, c, run = rep, rep["card"], rep["run"]
+    R, run = rep, rep["run"]
     md = ["# nanollama lab report", ""]
     md.append(f"Run directory `{run_dir}` · size **{run.get('size', '?')}** · device {run.get('device', '?')} · seed "
               f"{run.get('seed', '?')} · {run.get('machine', '')} · {run.get('started', '')}")

@@ -3,7 +3,6 @@
 ../shared/data (clean Chinese/English text, the noisy web sets with planted gambling spam)."""
 import gzip
 import json
-import os
 import random
 import re
 import signal

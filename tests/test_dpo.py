@@ -11,11 +11,6 @@ from reward import encode_group
 from tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer()
-
-
 def sig(x):
     return 1 / (1 + math.exp(-x))
 
@@ -238,7 +233,8 @@ def _write(path, rows):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
+def module_one_thread():
+    """conftest's one_thread, held for the whole module (the flawed SFT model below is module-scoped)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)   # a tiny model: one thread is as fast, and robust to a busy machine
     yield
@@ -246,7 +242,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def flawed_sft(tmp_path_factory, one_thread):
+def flawed_sft(tmp_path_factory, module_one_thread):
     import random
     import numpy as np
     import common

@@ -59,7 +59,7 @@ def lab(tmp_path_factory):
 
 
 def test_every_stage_ran_and_printed_its_command(lab):
-    out, stdout = lab["out"], lab["stdout"]
+    stdout = lab["stdout"]
     assert statuses(stdout) == {s: "run" for s in ARTEFACTS} | {"tokenizer": "skip"}
     for script in ("data/lab.py", "data/prepare.py", "pretrain.py", "sft.py", "reward.py", "dpo.py", "rlhf_ppo.py",
                    "run_lab.py --evaluate"):

@@ -18,20 +18,6 @@ import rlhf_ppo as ppo
 import sft
 from data import lab
 from model import Llama, LlamaConfig
-from tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer()
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -----------------------------------------------------------------------------

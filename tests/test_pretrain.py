@@ -77,16 +77,6 @@ def repeated_data(tmp_path_factory, tok_path):
     return make_dataset(tmp_path_factory.mktemp("repeated"), tok_path, np.tile(pattern, 200), np.tile(pattern, 20))
 
 
-@pytest.fixture
-def one_thread():
-    """Single-threaded torch for in-process runs: exact comparisons with subprocess runs (which get
-    OMP_NUM_THREADS=1) and no thread oversubscription on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_args(data, tok_path, out_dir, *extra):
     return ["--data", data, "--tokenizer", tok_path, "--out_dir", str(out_dir), "--model", "tiny", "--seq_len", "32",
             "--lr", "3e-3", "--min_lr", "3e-4", "--warmup_steps", "2", "--log_interval", "1", "--eval_steps", "2",

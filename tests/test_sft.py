@@ -28,19 +28,6 @@ CONV = [  # system + two exchanges, English then Chinese (byte-fallback characte
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer()
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(tok, seed=0, **kw):
     torch.manual_seed(seed)
     return Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, **kw))

@@ -31,11 +31,6 @@ LLAMA = "tokenizers/llama2_tokenizer.model"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Tokenizer()
-
-
-@pytest.fixture(scope="module")
 def llama(shared_data):
     return Tokenizer(shared_data / LLAMA)
 
