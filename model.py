@@ -132,11 +132,14 @@ class RMSNorm(nn.Module):
     in float32 even under bf16 autocast: the mean of squares of large activations loses too much
     precision in bf16.
 
-    Two routes to the same numbers. With no gradient to compute (generation, evaluation) it is
-    one call, F.rms_norm. For training it is RMSNormFunction below, with the backward written
-    out: autograd's backward of the plain formula is ~14 elementwise ops and keeps two full-size
-    tensors per norm; the hand-written one is 6 ops and keeps one. Measured on CPU at dim 384:
-    forward+backward of a norm ~2x faster, ~3% of a whole training step."""
+    Training goes through RMSNormFunction below, with the backward written out: autograd's
+    backward of the plain formula is ~14 elementwise ops and keeps two full-size tensors per
+    norm; the hand-written one is 6 ops and keeps one. Measured on CPU at dim 384:
+    forward+backward of a norm ~2x faster, ~3% of a whole training step. With no gradient to
+    compute (generation, evaluation) the same forward formula runs on its own (rms_scale), in
+    place where it can, so training and inference normalise with the same arithmetic. (F.rms_norm
+    is the same maths in one call, but on CPU it is ~10 internal ops with two copies: batch-1
+    decoding measured 4-6% faster this way, see Llama.generate for why such calls count.)"""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -144,10 +147,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf, w = x.float(), self.weight.float()
+        xf, w = cast(x, torch.float32), cast(self.weight, torch.float32)
         if torch.is_grad_enabled() and (xf.requires_grad or w.requires_grad):
             return RMSNormFunction.apply(xf, w, self.eps).type_as(x)
-        return F.rms_norm(xf, (xf.size(-1),), w, self.eps).type_as(x)
+        return cast((xf * rms_scale(xf, self.eps)).mul_(w), x.dtype)
+
+
+def cast(t, dtype):
+    """t.to(dtype), skipping the call when t already has that dtype (float32 everywhere outside
+    bf16): a Python check is cheaper than a dispatcher call, and at batch-1 decoding the per-token
+    cost is mostly such calls (see Llama.generate)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def rms_scale(x, eps):
+    """1 / sqrt(mean(x^2) + eps) per row (last dimension kept, size 1). mean(x^2) = ||x||^2 / dim:
+    vector_norm is one pass, with no x^2 temporary."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -160,8 +176,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, eps):
-        # mean(x^2) = ||x||^2 / dim: vector_norm is one pass, with no x^2 temporary.
-        r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps))
+        r = rms_scale(x, eps)
         xhat = x * r
         ctx.save_for_backward(xhat, r, w)
         return xhat * w
@@ -193,9 +208,9 @@ def apply_rope(x, rope):
     Meta's layout: adjacent pairs (x0, x1), (x2, x3), ... are the 2-D planes that rotate.
     HuggingFace's layout instead pairs element i with element i + head_dim/2 ("rotate_half").
     Both are the same maths on a permuted q/k projection -- see _permute_for_hf below."""
-    pairs = x.float().unflatten(-1, (-1, 2))      # (B, T, H, hd/2, 2): the (x0, x1) planes
+    pairs = cast(x, torch.float32).unflatten(-1, (-1, 2))   # (B, T, H, hd/2, 2): the (x0, x1) planes
     if rope.is_complex():   # decoding: cos + i*sin prepared once per step for every layer (_decode_step)
-        return torch.view_as_real(torch.view_as_complex(pairs) * rope).flatten(-2).type_as(x)
+        return cast(torch.view_as_real(torch.view_as_complex(pairs) * rope).flatten(-2), x.dtype)
     cos_sin = rope.float().unsqueeze(-3)          # (.., T, 1, hd/2, 2): the same for every head
     if torch.compiler.is_compiling():
         # torch.compile's inductor cannot generate code for complex numbers (it would fall back
