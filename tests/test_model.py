@@ -170,17 +170,19 @@ def test_cross_entropy_matches_torch_value_and_gradient(ignored, vocab):
     assert (grad - ref_grad).abs().max() <= 1e-12
 
 
-def test_rmsnorm_backward_written_out_matches_autograd():
+@pytest.mark.parametrize("eps", [1e-5, 0.5])
+def test_rmsnorm_backward_written_out_matches_autograd(eps):
     """RMSNorm's training route (RMSNormFunction, hand-written backward) against autograd of the
-    plain formula in float64, and its no-grad route (F.rms_norm) against the same values. (The
-    norm computes in float32 whatever it is given, hence float32-sized tolerances.)"""
-    norm = model_py.RMSNorm(48, eps=1e-5)
+    plain formula in float64, and its no-grad route (the same forward without autograd) against
+    the same values. (The norm computes in float32 whatever it is given, hence float32-sized
+    tolerances; eps 0.5 makes a wrong eps visible, 1e-5 is LLaMA's.)"""
+    norm = model_py.RMSNorm(48, eps=eps)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.5 * torch.randn(48))
     x = (2 * torch.randn(3, 7, 48)).requires_grad_()
     upstream = torch.randn(3, 7, 48)
     x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
-    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w64
     ref_grads = torch.autograd.grad(ref, (x64, w64), upstream.double())
     y = norm(x)
     grads = torch.autograd.grad(y, (x, norm.weight), upstream)
@@ -188,6 +190,29 @@ def test_rmsnorm_backward_written_out_matches_autograd():
     assert all((g - r).abs().max() <= 1e-5 * r.abs().max() for g, r in zip(grads, ref_grads))
     with torch.no_grad():
         assert (norm(x) - ref).abs().max() <= 1e-5
+
+
+def test_meta_device_build_then_init_weights_equals_a_normal_build():
+    """pretrain.py's FSDP-on-GPU path builds on the meta device, materialises with to_empty (memory
+    left uninitialised) and calls init_weights: every buffer (rotary table, RMSNorm's eps) must
+    come back, or the model silently computes with garbage. Same seed before init_weights, same
+    draws: the parameters are identical too, and so are the logits."""
+    ref = tiny()
+    torch.manual_seed(3)
+    ref.init_weights()
+    with torch.device("meta"):
+        m = Llama(ref.config)
+    m.to_empty(device="cpu")
+    for b in m.buffers():
+        b.fill_(float("nan"))   # what to_empty may leave (it does not promise zeros)
+    torch.manual_seed(3)
+    m.init_weights()
+    for (name, b), (_, b_ref) in zip(m.named_buffers(), ref.named_buffers()):
+        assert torch.equal(b, b_ref), name
+    for (name, p), (_, p_ref) in zip(m.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, p_ref), name
+    idx = torch.randint(0, 256, (2, 12))
+    assert torch.equal(m(idx)[0], ref(idx)[0])
 
 
 def test_logits_are_float32_under_bf16_autocast():
