@@ -389,27 +389,34 @@ def test_lab_ppo_beats_sft(lab_models, one_thread):
 def test_without_kl_penalty_the_actor_hacks_the_reward_model_and_the_alarm_fires(lab_models, tmp_path, one_thread):
     """Issue 10's class exercise: no KL penalty and a large step size. The actor drifts to garbled answers the
     small reward model over-rates ("I't aboutMy型型型型。" scored +3.9), rollout reward rises while the checker's
-    accuracy falls, and the alarm reports it with examples. Measured on this fixture: an alarm within 20
-    iterations for 4 of --seed 1..5 (seed 1: reward rose only 0.03 -> 0.60, no alarm); with --seed 3 at
-    iterations 11 and 16 (and 5 of 5 seeds with an earlier build).
+    accuracy falls, and the alarm reports it with examples.
 
-    Whether the actor finds an exploit the reward model over-rates within 16 iterations depends on the
-    trajectory (a later numerics change of the model's loss made seed 3 drift to text the reward model
-    did NOT like: reward flat, KL 60). What never fails to happen without the penalty is the drift
-    itself: the KL to the reference explodes (the penalised run stays below 2 nats) and the checker's
-    accuracy collapses. The alarm rule itself is tested deterministically in test_hacking_alarms; here,
-    every alarm that fires must carry its examples."""
+    Which run finds an exploit within 16 iterations depends on the trajectory, and any numerics change of the
+    model moves trajectories (float order). Measured with the current model.py, --seed 1..5: the KL to the
+    reference exploded in every run (last iterations 31-44 nats per answer; the penalised run stays below 2);
+    rollout accuracy fell by 0.09-0.22 in 4 of 5 (seed 3: 0.46 -> 0.48 at KL 33); the reward-vs-accuracy
+    alarm fired for seeds 2 and 5 (reward -0.24 -> +1.54 and +0.22 -> +1.33 while accuracy fell). An earlier
+    build had seed 3 hacking and 2 and 5 not. So two seeds run, and what must hold is: each drifts (KL > 5),
+    at least one loses accuracy, at least one fires the alarm, and every alarm carries its examples. (The
+    alarm rule itself is tested deterministically in test_hacking_alarms.)"""
     d = lab_models
-    m = ppo.main(ppo_argv(d, tmp_path / "hack", "--max_steps", "16", "--rollout_batch", "32", "--kl_coef", "0",
-                          "--lr", "1e-3", "--min_lr", "1e-3", "--ppo_epochs", "4", "--warmup_steps", "0",
-                          "--seed", "3"))
-    assert m["train"]["kl"]["last"] > 5.0                              # nothing holds the actor near SFT
-    assert m["train"]["accuracy"]["last"] < m["train"]["accuracy"]["first"] - 0.05
-    events = [r for r in common.read_jsonl(str(tmp_path / "hack" / "log.jsonl")) if r.get("event") == "alarm"]
-    assert all(len(e["examples"]) == 2 for e in events)
-    if "reward_vs_accuracy" in {a["kind"] for a in m["alarms"]}:
+    runs = []
+    for seed in ("2", "5"):
+        out = tmp_path / f"hack_seed{seed}"
+        m = ppo.main(ppo_argv(d, out, "--max_steps", "16", "--rollout_batch", "32", "--kl_coef", "0",
+                              "--lr", "1e-3", "--min_lr", "1e-3", "--ppo_epochs", "4", "--warmup_steps", "0",
+                              "--seed", seed))
+        assert m["train"]["kl"]["last"] > 5.0                          # nothing holds the actor near SFT
+        events = [r for r in common.read_jsonl(str(out / "log.jsonl")) if r.get("event") == "alarm"]
+        assert all(len(e["examples"]) == 2 for e in events)
+        runs.append((m, events))
+    assert any(m["train"]["accuracy"]["last"] < m["train"]["accuracy"]["first"] - 0.05 for m, _ in runs)
+    hacked = [(m, events) for m, events in runs if "reward_vs_accuracy" in {a["kind"] for a in m["alarms"]}]
+    assert hacked, "no run fired the reward-vs-accuracy alarm"
+    for m, events in hacked:
         assert m["train"]["reward_norm"]["last"] > m["train"]["reward_norm"]["first"]
-        assert events[0]["examples"][0]["ok"] is False                 # a high-reward answer the checker rejects
+        first = next(e for e in events if e["kind"] == "reward_vs_accuracy")
+        assert first["examples"][0]["ok"] is False                     # a high-reward answer the checker rejects
 
 
 def test_exact_resume(lab_models, tmp_path, one_thread):
