@@ -53,7 +53,10 @@ parser.add_argument("--batch", type=int, default=8)
 parser.add_argument("--seq", type=int, default=256)
 parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated in the generation test")
 parser.add_argument("--prompt-len", type=int, default=16)
-parser.add_argument("--repeats", type=int, default=7, help="timed repeats per model (median reported)")
+parser.add_argument("--repeats", type=int, default=7, help="timed training steps per model (median reported)")
+parser.add_argument("--gen-repeats", type=int, default=21,
+                    help="timed generations per model (median reported): a generation is ~0.4 s and swings more "
+                         "with other jobs' memory traffic than a training step, so it gets more repeats")
 parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 parser.add_argument("--adamw", choices=["fused", "foreach", "loop"], default="fused",
                     help="AdamW implementation, the same for both models")
@@ -190,7 +193,7 @@ def main():
     a, b = gen_ours(), gen_theirs()   # warm-up, and a sanity check: same weights, same greedy tokens
     agree = sum(p == q for p, q in zip(a, b))
     g_ours, g_theirs, cg_ours, cg_theirs = [], [], [], []
-    for _ in range(args.repeats):
+    for _ in range(args.gen_repeats):
         g_ours.append(timed(gen_ours, cg_ours))
         g_theirs.append(timed(gen_theirs, cg_theirs))
     gen = (n_new / statistics.median(g_ours), n_new / statistics.median(g_theirs))
@@ -220,7 +223,8 @@ def main():
     print(f"|{'-' * 44}|{'-' * 12}:|{'-' * 14}:|{'-' * 7}:|")
     for label, o, t, r, better in rows:
         print(f"| {label:<42} | {o:>10.1f} | {t:>12.1f} | {r:>5.2f}x |  ({better} is better)")
-    print(f"\nmedian of {args.repeats} interleaved repeats; train step times ours/theirs: "
+    print(f"\nmedian of {args.repeats} (train) and {args.gen_repeats} (generation) interleaved repeats; "
+          f"train step times ours/theirs: "
           f"{statistics.median(t_ours) * 1e3:.0f} / {statistics.median(t_theirs) * 1e3:.0f} ms; "
           f"greedy tokens identical to transformers': {agree}/{n_new}")
     med = statistics.median
