@@ -152,7 +152,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         xf, w = cast(x, torch.float32), cast(self.weight, torch.float32)
         if torch.is_grad_enabled() and (xf.requires_grad or w.requires_grad):
-            return RMSNormFunction.apply(xf, w, self.eps_tensor).type_as(x)
+            return cast(RMSNormFunction.apply(xf, w, self.eps_tensor), x.dtype)
         return cast((xf * rms_scale(xf, self.eps_tensor)).mul_(w), x.dtype)
 
 
@@ -230,7 +230,7 @@ def apply_rope(x, rope):
         # complex multiply is exactly the 2x2 rotation, in a single kernel forward and backward:
         # measured ~2.5x faster on CPU than the four multiplies, stack and copies above.
         out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(cos_sin))
-    return out.flatten(-2).type_as(x)                                 # (B, T, H, hd)
+    return cast(out.flatten(-2), x.dtype)                             # (B, T, H, hd)
 
 
 # SDPA learnt grouped-query attention (enable_gqa) in torch 2.5; on older torch we repeat the
