@@ -34,3 +34,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Tests whose assertions rest on a training trajectory (accuracy, KL or reward after training, golden
+# values): another CPU's float summation order moves them, so each asserts a direction or a threshold
+# measured over the perturbation matrix (tests/perturb.py). `python tests/perturb.py suite -m trajectory`
+# runs just these in every cell; every other test compares numbers with a reference to float precision.
+TRAJECTORY_FILES = {"test_lab_pipeline.py"}
+TRAJECTORY_TESTS = {
+    "test_lab_ppo_beats_sft", "test_without_kl_penalty_the_actor_hacks_the_reward_model_and_the_alarm_fires",
+    "test_lab_dpo_beats_sft", "test_rounds_sample_rank_and_train", "test_sft_beats_its_pretrained_start_on_lab_questions",
+    "test_tiny_model_learns_repeated_data", "test_lab_reward_model_accuracy", "test_lab_stats_checkpoints_and_scoring",
+    "test_fine_tuned_model_learned_the_conversations",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "trajectory: asserts on a training trajectory (see tests/perturb.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in TRAJECTORY_FILES or item.originalname in TRAJECTORY_TESTS:
+            item.add_marker(pytest.mark.trajectory)

@@ -123,6 +123,41 @@ def test_golden_values(lab):
         f"{k}: golden {g} got {got} (tolerance {tol})" for k, g, got, tol, _ in misses)
 
 
+# The golden check has teeth: DPO trained toward the rejected answers (the preference loss with chosen and
+# rejected swapped, i.e. beta's sign flipped) must land outside the golden tolerances, while the unmodified
+# run above lands inside them. Run in a copy of the run directory (the tests below re-use the original).
+BROKEN_DPO = """
+import sys
+sys.path.insert(0, {repo!r})
+import dpo
+right = dpo.preference_loss
+dpo.preference_loss = lambda pc, pr, rc, rr, *a, **k: right(pr, pc, rr, rc, *a, **k)   # chosen <-> rejected
+sys.exit(dpo.main(sys.argv[1:]))
+"""
+
+
+def test_golden_check_fails_a_broken_stage(lab, tmp_path):
+    import shutil
+    broken = tmp_path / "run"
+    shutil.copytree(lab["out"], broken)
+    args = run_lab.get_args(["--size", "tiny", "--out_dir", str(broken)])
+    stages = {st.name: st for st in run_lab.build_stages(args)}
+    shutil.rmtree(broken / "dpo")
+    env = {**os.environ, **stages["dpo"].env}
+    for name, code in (("dpo", BROKEN_DPO.format(repo=str(REPO))), ("eval", None)):
+        cmd = stages[name].cmd
+        argv = [sys.executable, "-c", code, *cmd[1:]] if code else [sys.executable, *cmd]
+        r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    run_lab.write_report(str(broken))
+    rep = json.loads((broken / "report.json").read_text())
+    rows = run_lab.golden_check(rep, str(broken), json.loads(GOLDEN.read_text()))
+    misses = {k for k, g, got, tol, ok in rows if not ok}
+    assert misses and all(k.startswith("dpo.") for k in misses), misses
+    # the stages upstream of DPO are the unmodified ones, and still pass
+    assert not any(k.startswith(("pretrain", "sft", "reward")) for k in misses)
+
+
 # -----------------------------------------------------------------------------
 # Idempotence (these two run after the tests above: they re-run stages in the same directory)
 

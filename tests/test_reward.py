@@ -429,7 +429,9 @@ def test_lab_stats_checkpoints_and_scoring(lab_rm):
             f.write(json.dumps({"messages": r["messages"], "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n")
         f.write(json.dumps({"prompt": recs[0]["messages"][-1]["content"], "response": recs[0]["chosen"]}) + "\n")
         f.write("{broken\n")
-    reward.main(["--score", str(inp), "--out", str(root / "scored.jsonl"), "--init_from", str(root / "rm")])
+    # the explicit final.pt: a run directory resolves to best.pt, which is final.pt only when the best
+    # evaluation happened to be the last one (a coin toss across CPUs); the directory route is checked below
+    reward.main(["--score", str(inp), "--out", str(root / "scored.jsonl"), "--init_from", str(root / "rm" / "final.pt")])
     out = [json.loads(line) for line in (root / "scored.jsonl").read_text().splitlines()]
     assert len(out) == 7   # the broken line is skipped and reported, not fatal
     with torch.no_grad():
@@ -440,6 +442,15 @@ def test_lab_stats_checkpoints_and_scoring(lab_rm):
             z = (o["rewards"][0] - final["mean"]) / final["std"]
             assert o["rewards_normalized"][0] == pytest.approx(z, abs=1e-5)
     assert out[6]["reward"] == pytest.approx(out[0]["rewards"][0], abs=1e-5)   # same prompt + answer, same reward
+    # the run directory is the best checkpoint: scoring through it gives that checkpoint's rewards
+    import common
+    assert os.path.basename(common.resolve_checkpoint(str(root / "rm"))) == "best.pt"
+    best, _ = reward.load_reward_model(str(root / "rm" / "best.pt"))
+    reward.main(["--score", str(inp), "--out", str(root / "scored_dir.jsonl"), "--init_from", str(root / "rm")])
+    out_dir = [json.loads(line) for line in (root / "scored_dir.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        ids, _ = tok.render_conversation(recs[0]["messages"] + [{"role": "assistant", "content": recs[0]["chosen"]}])
+        assert out_dir[0]["rewards"][0] == pytest.approx(best(torch.tensor([ids]))[0].item(), abs=1e-5)
 
 
 def _dist_worker(rank, world, store, runs, queue):

@@ -1,0 +1,159 @@
+"""The float-order perturbation matrix: what another CPU would do to our numbers, on this one.
+
+Another processor (Intel or AMD, AVX2 or AVX-512, another MKL code path, another thread count) sums
+floats in another order. Exact checks (logits against a reference, gradients against a closed form)
+do not notice; training trajectories do: a last-bit difference flips a greedy answer, and from there
+an RL run goes elsewhere. These switches reproduce that on one machine:
+
+    ATEN_CPU_CAPABILITY=default|avx2|avx512   ATen's vectorised kernels (torch.backends.cpu.get_cpu_capability())
+    MKL_ENABLE_INSTRUCTIONS=AVX2              MKL's matrix-multiply code path
+    OMP_NUM_THREADS=1|2                       how reductions are split between threads
+
+Two uses:
+
+    python tests/perturb.py suite [PYTEST ARGS]   # the test suite in every cell (~6 x 7 min on 2 cores)
+    python tests/perturb.py suite -m trajectory   # only the float-sensitive tests (~6 x 4 min)
+    python tests/perturb.py golden                # regenerate tests/golden_lab_tiny.json (~6 tiny labs, 2 at a time)
+
+`suite` prints one row per cell (passed / failed / minutes) and exits 1 if any cell failed. Run it
+before regenerating golden values or changing a threshold, and put its table in the commit message.
+
+`golden` runs the tiny lab (seed 0) once per cell and writes, for every number of the report card
+and every point of the pretraining loss curve: the median over the runs, the spread (max - min) and a
+tolerance of max(floor, 2 x spread), the floor being run_lab.GOLDEN_TOL's per-kind minimum. So an
+unmodified checkout on another machine lands inside, while a broken stage (tests/test_lab_pipeline.py
+checks one) still falls outside.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import run_lab  # noqa: E402
+
+
+def has_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512f" in f.read()
+    except OSError:
+        return False
+
+
+def suite_cells():
+    """(name, environment overrides) for the test suite."""
+    cells = [("aten=default", {"ATEN_CPU_CAPABILITY": "default"}), ("aten=avx2", {"ATEN_CPU_CAPABILITY": "avx2"})]
+    if has_avx512():
+        cells.append(("aten=avx512", {"ATEN_CPU_CAPABILITY": "avx512"}))
+    cells += [("mkl=AVX2", {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}), ("omp=1", {"OMP_NUM_THREADS": "1"}),
+              ("omp=2", {"OMP_NUM_THREADS": "2"})]
+    return cells
+
+
+def golden_cells():
+    """(name, environment overrides, run_lab threads) for the golden runs. The lab pins each stage's
+    OMP_NUM_THREADS itself (--threads), so the thread cells go through that flag."""
+    cells = [("aten=default", {"ATEN_CPU_CAPABILITY": "default"}, 1), ("aten=avx2", {"ATEN_CPU_CAPABILITY": "avx2"}, 1)]
+    if has_avx512():
+        cells.append(("aten=avx512", {"ATEN_CPU_CAPABILITY": "avx512"}, 1))
+    cells += [("mkl=AVX2", {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, 1), ("threads=2", {}, 2),
+              ("aten=avx2,threads=2", {"ATEN_CPU_CAPABILITY": "avx2"}, 2)]
+    return cells
+
+
+def run_suite(pytest_args, jobs):
+    def one(cell):
+        name, env = cell
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
+                           cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
+        tail = [line for line in r.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
+        failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED")]
+        return name, r.returncode, tail[0], failed, (time.time() - t0) / 60
+
+    with ThreadPoolExecutor(jobs) as pool:
+        rows = list(pool.map(one, suite_cells()))
+    print(f"\n{'cell':<16} {'rc':>3} {'min':>5}  result")
+    for name, rc, tail, failed, minutes in rows:
+        print(f"{name:<16} {rc:>3} {minutes:5.1f}  {tail}")
+        for line in failed:
+            print(f"{'':<27}{line}")
+    return 0 if all(rc == 0 for _, rc, *_ in rows) else 1
+
+
+def run_golden(out, keep, jobs, size):
+    work = keep or tempfile.mkdtemp(prefix="golden_")
+
+    def one(cell):
+        name, env, threads = cell
+        run_dir = os.path.join(work, name.replace("=", "_").replace(",", "+"))
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "run_lab.py", "--size", size, "--seed", "0", "--threads", str(threads),
+                            "--out_dir", run_dir], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"{name}: run_lab.py failed\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        print(f"  {name}: {(time.time() - t0) / 60:.1f} min", flush=True)
+        with open(os.path.join(run_dir, "report.json")) as f:
+            return name, run_lab.golden_from(json.load(f), run_dir)
+
+    print(f"{len(golden_cells())} tiny lab runs in {work}, {jobs} at a time")
+    with ThreadPoolExecutor(jobs) as pool:
+        runs = list(pool.map(one, golden_cells()))
+    names = [n for n, _ in runs]
+
+    def summarize(values, floor):
+        med, spread = statistics.median(values), max(values) - min(values)
+        return {"value": round(med, 4), "tol": round(max(floor, 2 * spread), 4), "spread": round(spread, 4),
+                "runs": [round(v, 4) for v in values]}
+
+    values = {}
+    for key in runs[0][1]["values"]:
+        got = [g["values"][key]["value"] for _, g in runs if key in g["values"]]
+        if len(got) == len(runs):
+            values[key] = summarize(got, run_lab.golden_tolerance(key))
+    steps = runs[0][1]["curves"]["pretrain.loss"]["step"]
+    curve = {"step": steps, "loss": [], "tol": [], "spread": []}
+    for i in range(len(steps)):
+        s = summarize([g["curves"]["pretrain.loss"]["loss"][i] for _, g in runs], run_lab.golden_tolerance("loss"))
+        curve["loss"].append(s["value"])
+        curve["tol"].append(s["tol"])
+        curve["spread"].append(s["spread"])
+    golden = {"size": size, "seed": 0, "cells": names,
+              "method": "median over the cells; spread = max - min; tol = max(floor per kind, 2 x spread)",
+              "values": values, "curves": {"pretrain.loss": curve}}
+    run_lab.atomic_write(out, json.dumps(golden, indent=1) + "\n")
+    print(f"\n{'key':<32} {'median':>9} {'spread':>8} {'tol':>8}  runs ({', '.join(names)})")
+    for k, v in values.items():
+        print(f"{k:<32} {v['value']:9.4f} {v['spread']:8.4f} {v['tol']:8.4f}  {v['runs']}")
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("suite", help="run pytest in every cell")
+    s.add_argument("--jobs", type=int, default=1, help="cells at a time (the suite itself uses 2 processes at places)")
+    g = sub.add_parser("golden", help="regenerate the golden values of the tiny lab")
+    g.add_argument("--out", default=os.path.join(REPO, "tests", "golden_lab_tiny.json"))
+    g.add_argument("--keep", default=None, metavar="DIR", help="run directories here (default: a temporary one)")
+    g.add_argument("--jobs", type=int, default=2, help="lab runs at a time")
+    g.add_argument("--size", default="tiny")
+    args, rest = p.parse_known_args(argv)
+    if args.cmd == "suite":
+        return run_suite(rest or ["tests"], args.jobs)
+    if rest:
+        p.error(f"unknown arguments: {rest}")
+    return run_golden(args.out, args.keep, args.jobs, args.size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
