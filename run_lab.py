@@ -81,7 +81,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 SIZES = {
     "tiny": dict(
-        data=dict(people=16, rl_people=4, eval_people=4, pretrain_docs=8000, sft_train=1500, sft_val=100,
+        data=dict(people=16, rl_people=4, eval_people=4, eval_followups=40, pretrain_docs=8000, sft_train=1500, sft_val=100,
                   prefs_train=1000, prefs_val=200, rank_train=100, rl_prompts=300, rl_eval=100),
         model=dict(model="tiny", dim=128, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=128),
         pretrain=dict(max_steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_interval=50,
@@ -458,6 +458,29 @@ def by_group(oks, keys):
     return {k: hits[k] / n[k] for k in sorted(n)}
 
 
+def wilson(k, n, z=1.96):
+    """95% confidence interval of a proportion k/n (Wilson score interval: unlike p +- 1.96 sqrt(p(1-p)/n)
+    it stays inside [0, 1] and is honest at p near 0 or 1, where small lab models live)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p, z2 = k / n, z * z
+    mid, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def paired_bootstrap(oks_a, oks_b, n_boot=2000, seed=0):
+    """Accuracy gain of a over b on the same questions, with a 95% interval from the paired bootstrap
+    (resample questions, keep each question's pair of grades together: the two models' errors are
+    correlated, so this interval is much tighter than one from two independent accuracies).
+    Returns (gain, lo, hi)."""
+    import random
+    n = len(oks_a)
+    diff = [int(a) - int(b) for a, b in zip(oks_a, oks_b)]
+    rng = random.Random(seed)
+    boots = sorted(sum(diff[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    return sum(diff) / n, boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
+
+
 def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
     """Everything the report card needs that no stage reports by itself, computed the same way for
     every model: greedy answers to eval_qa.jsonl graded by data.lab.check (per kind and language),
@@ -497,6 +520,7 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
         graded = chat.evaluate_lab(None, tok, qa, answers=answers[name])
         rewards = reward_fn(convs, answers[name])
         m = {"accuracy": graded["accuracy"], "by_kind": graded["by_kind"],
+             "oks": [int(row["ok"]) for row in graded["records"]],   # per question: CIs and paired gains
              "by_lang": by_group([row["ok"] for row in graded["records"]], [r["truth"]["lang"] for r in qa]),
              "mean_reward": sum(rewards) / len(rewards),
              "mean_score": sum(lab.score(a, r["truth"]) for a, r in zip(answers[name], qa)) / len(qa),
@@ -504,7 +528,7 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
         if name == "base":   # what pretraining stored: plain-text completions of eval_pretrain.jsonl
             texts = complete(model, tok, [p["prompt"] for p in probes], 24, batch_size)
             oks = [lab.check(t, p["truth"]) for t, p in zip(texts, probes)]
-            m.update(probe_accuracy=sum(oks) / len(oks), probe_by_kind=by_group(oks, [p["kind"] for p in probes]),
+            m.update(probe_accuracy=sum(oks) / len(oks), probe_oks=[int(ok) for ok in oks], probe_by_kind=by_group(oks, [p["kind"] for p in probes]),
                      probe_by_group=by_group(oks, [p["group"] for p in probes]),
                      probe_by_lang=by_group(oks, [p["truth"]["lang"] for p in probes]))
             out["probe_examples"] = [{"prompt": p["prompt"], "completion": t, "ok": ok}
@@ -557,17 +581,33 @@ def nice_ticks(lo, hi, n=5):
     return ticks
 
 
-def svg_plot(path, title, series, xlabel="step", ylabel=""):
+def log_ticks(lo, hi):
+    """Ticks for a log axis: 1, 2, 5 x 10^k from the one at or below lo to the one at or above hi."""
+    cands = [m * 10 ** k for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 2)
+             for m in (1, 2, 5)]
+    below = max(c for c in cands if c <= lo * (1 + 1e-9))
+    above = min(c for c in cands if c >= hi * (1 - 1e-9))
+    return [round(c, 12) for c in cands if below <= c <= above]
+
+
+def svg_plot(path, title, series, xlabel="step", ylabel="", logy=False):
     """series: [(label, xs, ys), ...] -> a standalone SVG line plot with axes, grid and a legend.
-    A series with a single point is drawn as a dot. Returns the path, or None if nothing to draw."""
+    A series with a single point is drawn as a dot. logy: a log y-axis (loss curves: the first steps
+    fall from ln(vocab) and would flatten everything after them on a linear axis). The picture
+    widens with the longest legend label, so no label is cut at the right edge. Returns the path,
+    or None if nothing to draw."""
     series = [(lab_, xs, ys) for lab_, xs, ys in series if xs and all(y is not None for y in ys)]
+    logy = logy and all(y > 0 for _, _, ys in series for y in ys)
     if not series:
         return None
-    W, H, left, right, top, bottom = 640, 320, 60, 150, 30, 45
+    right = max(150, 45 + round(6.5 * max(len(s[0]) for s in series)))   # ~6.5 px per character at font-size 11
+    W, H, left, top, bottom = 490 + right, 320, 60, 30, 45
     xt = nice_ticks(min(min(s[1]) for s in series), max(max(s[1]) for s in series))
-    yt = nice_ticks(min(min(s[2]) for s in series), max(max(s[2]) for s in series))
+    lo, hi = min(min(s[2]) for s in series), max(max(s[2]) for s in series)
+    yt = log_ticks(lo, hi) if logy else nice_ticks(lo, hi)
+    f = math.log10 if logy else (lambda y: y)
     px = lambda x: left + (x - xt[0]) / (xt[-1] - xt[0]) * (W - left - right)   # noqa: E731
-    py = lambda y: H - bottom - (y - yt[0]) / (yt[-1] - yt[0]) * (H - top - bottom)   # noqa: E731
+    py = lambda y: H - bottom - (f(y) - f(yt[0])) / (f(yt[-1]) - f(yt[0])) * (H - top - bottom)   # noqa: E731
     e = html.escape
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
            f'font-family="sans-serif" font-size="11">',
@@ -638,6 +678,11 @@ def last(log, event=None, key=None):
     return rows[-1] if rows else {}
 
 
+def accuracy_stats(oks):
+    """{"n", "ci": [lo, hi]} of per-question grades (empty when the evaluation predates them)."""
+    return {"n": len(oks), "ci": list(wilson(sum(oks), len(oks)))} if oks else {}
+
+
 def collect(run_dir, statuses=None):
     """Everything the report shows, as one dict (it becomes report.json)."""
     d = lambda *p: os.path.join(run_dir, *p)   # noqa: E731
@@ -673,11 +718,13 @@ def collect(run_dir, statuses=None):
                        "elapsed_s": end.get("elapsed_s")}
     base = M.get("base", {})
     rep["base"] = {k: base.get(k) for k in ("probe_accuracy", "probe_by_kind", "probe_by_group", "probe_by_lang",
-                                            "accuracy", "by_kind", "mean_reward")}
+                                            "accuracy", "by_kind", "by_lang", "mean_reward")}
+    rep["base"].update(accuracy_stats(base.get("oks")))
+    rep["base"].update({f"probe_{k}": v for k, v in accuracy_stats(base.get("probe_oks")).items()})
     sl = logs["sft"]
     rep["sft"] = {"val_loss": last(sl, "eval").get("val_loss"), "steps": last(sl, "end").get("step"),
                   **{k: M.get("sft", {}).get(k) for k in ("accuracy", "by_kind", "by_lang", "mean_reward", "mean_score")},
-                  "accuracy_before": base.get("accuracy")}
+                  "accuracy_before": base.get("accuracy"), **accuracy_stats(M.get("sft", {}).get("oks"))}
     rv = last(logs["reward"], "eval")
     rep["reward"] = {"accuracy": rv.get("accuracy"), "pairs": rv.get("pairs"), "loss": rv.get("loss"),
                      "per_kind": {k: v["accuracy"] for k, v in (rv.get("per_kind") or {}).items()},
@@ -692,8 +739,11 @@ def collect(run_dir, statuses=None):
             rep[name] = None
             continue
         vs = mm.get("vs_sft", {})
+        sft_oks = M.get("sft", {}).get("oks")
+        gain = paired_bootstrap(mm["oks"], sft_oks) if mm.get("oks") and sft_oks else None
         rep[name] = {"accuracy": mm["accuracy"], "accuracy_sft": M.get("sft", {}).get("accuracy"),
-                     "by_kind": mm["by_kind"], "mean_reward": mm["mean_reward"],
+                     **accuracy_stats(mm.get("oks")), "gain_vs_sft": gain,
+                     "by_kind": mm["by_kind"], "by_lang": mm.get("by_lang"), "mean_reward": mm["mean_reward"],
                      "mean_reward_sft": M.get("sft", {}).get("mean_reward"),
                      "win_rate_reward": vs.get("win_rate_reward"), "win_rate_checker": vs.get("win_rate_checker"),
                      "kl_to_sft": sm.get("kl_to_sft"), "stage_metrics": {k: v for k, v in sm.items()
@@ -757,9 +807,9 @@ def plots(run_dir):
     d = lambda *p: os.path.join(run_dir, *p)   # noqa: E731
     L = {n: load_log(d(n, "log.jsonl")) for n in ("pretrain", "sft", "reward", "dpo", "ppo")}
     specs = [
-        ("pretrain", "Pretraining: loss", "loss (nats/token)",
+        ("pretrain", "Pretraining: loss (log scale)", "loss (nats/token)",
          [("train", curve(L["pretrain"], "loss")), ("val", curve(L["pretrain"], "val_loss", "eval"))]),
-        ("sft", "SFT: loss on assistant tokens", "loss",
+        ("sft", "SFT: loss on assistant tokens (log scale)", "loss",
          [("train", curve(L["sft"], "loss")), ("val", curve(L["sft"], "val_loss", "eval"))]),
         ("reward", "Reward model: Bradley-Terry loss and pairwise accuracy", "",
          [("train loss", curve(L["reward"], "loss")), ("train accuracy", curve(L["reward"], "accuracy")),
@@ -775,7 +825,8 @@ def plots(run_dir):
     ]
     out = []
     for name, title, ylabel, series in specs:
-        path = svg_plot(d("plots", f"{name}.svg"), title, [(lab_, xs, ys) for lab_, (xs, ys) in series], "step", ylabel)
+        path = svg_plot(d("plots", f"{name}.svg"), title, [(lab_, xs, ys) for lab_, (xs, ys) in series], "step", ylabel,
+                        logy=name in ("pretrain", "sft"))
         if path:
             out.append((title, os.path.join("plots", f"{name}.svg")))
     return out
@@ -808,6 +859,20 @@ def write_report(run_dir, statuses=None, this_run=None, announce=False):
         for k in kinds + ["all"]:
             row = [fmt((rep[m]["by_kind"] or {}).get(k) if k != "all" else rep[m]["accuracy"], "%") for m in names]
             md.append(f"| {'**all**' if k == 'all' else k} | " + " | ".join(row) + " |")
+        langs = sorted({k for m in names for k in (rep[m].get("by_lang") or {})})
+        for lang in langs:
+            md.append(f"| language {lang} | " + " | ".join(fmt((rep[m].get("by_lang") or {}).get(lang), "%")
+                                                        for m in names) + " |")
+        if all(rep[m].get("ci") for m in names):
+            md.append("| 95% CI (Wilson) | " + " | ".join(f"{100 * rep[m]['ci'][0]:.1f}–{100 * rep[m]['ci'][1]:.1f}%"
+                                                         for m in names) + " |")
+            md.append("| n questions | " + " | ".join(str(rep[m]["n"]) for m in names) + " |")
+        gains = [(m, rep[m]["gain_vs_sft"]) for m in names if rep[m].get("gain_vs_sft")]
+        if gains:
+            md += ["", "Gain over SFT on the same questions, with a 95% interval from the paired bootstrap "
+                       "(2000 resamples of the questions): " + "; ".join(
+                           f"{m} {100 * g[0]:+.1f} points ({100 * g[1]:+.1f} to {100 * g[2]:+.1f})" for m, g in gains)
+                   + ". A stage helps only where the whole interval is above 0."]
     b = rep["base"]
     if b.get("probe_by_group"):
         md += ["", "## What pretraining stored (base model, plain-text probes)", "",
@@ -873,6 +938,20 @@ def fmt_s(s):
     return "–" if s is None else (f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min")
 
 
+def acc_ci(m, key="accuracy", prefix=""):
+    """ "22.0% (95% CI 16.4–28.8%, n=168)" for a model's accuracy, or plain "22.0%" without grades."""
+    ci, n = m.get(f"{prefix}ci"), m.get(f"{prefix}n")
+    text = fmt(m.get(key), "%")
+    return f"{text} (95% CI {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%, n={n})" if ci and n else text
+
+
+def gain_ci(m):
+    """ "+4.2 points (95% CI +1.2 to +7.1, paired bootstrap)" over SFT."""
+    g = m.get("gain_vs_sft")
+    return (f"{100 * g[0]:+.1f} points over SFT (95% CI {100 * g[1]:+.1f} to {100 * g[2]:+.1f}, paired bootstrap)"
+            if g else "n/a")
+
+
 def card_lines(rep, plain=False):
     """[(stage, key numbers)] for the card (markdown, or plain text for the terminal)."""
     B = (lambda s: s) if plain else (lambda s: f"**{s}**")
@@ -887,9 +966,11 @@ def card_lines(rep, plain=False):
         lines.append(("pretrain", f"{p['params'] / 1e6:.2f}M params, {p['steps']} steps, {p['tokens'] or 0:,} tokens, "
                                   f"{p['tokens_per_s'] or 0:,.0f} tok/s; train loss {fmt(p['train_loss'])}, "
                                   f"val loss {B(fmt(p['val_loss']))} (perplexity {fmt(p['val_ppl'])}); "
-                                  f"plain-text probes {B(fmt(b.get('probe_accuracy'), '%'))}"))
+                                  f"plain-text probes {B(acc_ci(b, 'probe_accuracy', 'probe_'))}"
+                                  + (" (" + ", ".join(f"{k} {fmt(v, '%')}" for k, v in b["probe_by_lang"].items()) + ")"
+                                     if b.get("probe_by_lang") else "")))
     if s.get("accuracy") is not None:
-        lines.append(("SFT", f"lab accuracy {fmt(s['accuracy_before'], '%')} (base) → {B(fmt(s['accuracy'], '%'))}; "
+        lines.append(("SFT", f"lab accuracy {fmt(s['accuracy_before'], '%')} (base) → {B(acc_ci(s))}; "
                              f"val loss {fmt(s['val_loss'])}; mean RM reward {fmt(s['mean_reward'], '+')}"))
     if r.get("accuracy") is not None:
         lines.append(("reward model", f"pairwise accuracy {B(fmt(r['accuracy'], '%'))} (chance 50%); by rejected kind: "
@@ -898,7 +979,7 @@ def card_lines(rep, plain=False):
     for name, label in (("dpo", "DPO"), ("ppo", "PPO")):
         m = rep.get(name)
         if m:
-            lines.append((label, f"lab accuracy {B(fmt(m['accuracy'], '%'))} (SFT {fmt(m['accuracy_sft'], '%')}); "
+            lines.append((label, f"lab accuracy {B(acc_ci(m))}, {gain_ci(m)}; "
                                  f"mean reward {B(fmt(m['mean_reward'], '+'))} (SFT {fmt(m['mean_reward_sft'], '+')}); "
                                  f"win rate vs SFT: reward model {fmt(m['win_rate_reward'])}, checker "
                                  f"{fmt(m['win_rate_checker'])}; KL to SFT {fmt(m['kl_to_sft'])} nats"))

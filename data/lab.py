@@ -248,7 +248,7 @@ FILES = {k: k + ".jsonl" for k in ("pretrain", "sft_train", "sft_val", "eval_qa"
 REJECTED_KINDS = ("wrong_fact", "wrong_language", "rude", "rambling")
 DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pretrain_docs=24000, qa_frac=0.15,
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
-                eval_extra=40, showcase=8)
+                eval_extra=40, eval_followups=220, showcase=8)
 
 KNOB_HELP = {
     "people": "people in the world (<= 40, the name pool)", "rl_people": "people of the rl group",
@@ -259,7 +259,8 @@ KNOB_HELP = {
     "sft_val": "SFT validation conversations (rl group)", "prefs_train": "preference pairs (rl group)",
     "prefs_val": "held-out preference pairs (eval group; a multiple of 4: each prompt with each rejected kind)",
     "rank_train": "ranked lists of 5 answers", "rl_prompts": "RL training prompts (rl group)",
-    "rl_eval": "held-out RL prompts (eval group)", "eval_extra": "eval_qa follow-ups and arithmetic (each)",
+    "rl_eval": "held-out RL prompts (eval group)", "eval_extra": "arithmetic probes of eval_pretrain (base model)",
+    "eval_followups": "eval_qa follow-up conversations (distinct)",
     "showcase": "eval_qa records marked for side-by-side reports",
 }
 
@@ -656,23 +657,33 @@ def _eval_record(item, kind):
             "kind": kind}
 
 
-def _eval_sets(world, rng, extra, n_show):
-    """eval_qa: every (eval person, attribute, language) once, plus follow-ups, arithmetic,
-    identity and refusals on held-out phrasings."""
+def _eval_sets(world, rng, n_followups, n_show):
+    """eval_qa: every (eval person, attribute, language) in every question phrasing, every held-out
+    arithmetic problem in both languages, n_followups distinct follow-up conversations, and the
+    held-out identity and refusal phrasings. Every record is a distinct question: a repeated one
+    would only add a copy of the same greedy answer and make the interval look narrower than it is.
+    About 500 at the default size, so one answer moves accuracy by 0.2 points."""
     people = [q for q in world["people"] if q["group"] == "eval"]
     recs = []
     for p in people:
         for attr in ATTRS:
             for lang in LANGS:
-                it = _fact_item(world, p, attr, lang, rng)
-                recs.append(_eval_record(it, "fact"))
-    for _ in range(extra):
+                for question in QUESTIONS[lang][attr]:
+                    it = _fact_item(world, p, attr, lang, rng, question.format(**_fields(world, p, lang)))
+                    recs.append(_eval_record(it, "fact"))
+    seen = set()
+    for _ in range(50 * n_followups):
+        if len(seen) >= n_followups:
+            break
         turns = _followup_turns(world, rng.choice(people), rng.choice(LANGS), rng, 2)
         msgs = _messages(turns)[:-1]  # ends on the follow-up question
-        recs.append({"messages": msgs, "reference": turns[-1]["a"], "truth": turns[-1]["truth"], "kind": "followup"})
-    for k in range(extra):
-        it = _arith_item(rng.choice(world["arith"]["eval"]), LANGS[k % 2], rng)
-        recs.append(_eval_record(it, "arith"))
+        key = json.dumps(msgs, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            recs.append({"messages": msgs, "reference": turns[-1]["a"], "truth": turns[-1]["truth"], "kind": "followup"})
+    for problem in world["arith"]["eval"]:
+        for lang in LANGS:
+            recs.append(_eval_record(_arith_item(problem, lang, rng), "arith"))
     for lang in LANGS:
         for idx in _split_idx(len(IDENTITY[lang]), "eval"):
             it = _identity_item(idx, lang, rng)
@@ -765,7 +776,7 @@ def generate(seed=0, **knobs):
     rng = _rng(seed, "sft")
     out["sft_train"] = [_sft_conversation(world, "sft", rng) for _ in range(k["sft_train"])]
     out["sft_val"] = [_sft_conversation(world, "rl", rng) for _ in range(k["sft_val"])]
-    out["eval_qa"] = _eval_sets(world, _rng(seed, "eval"), k["eval_extra"], k["showcase"])
+    out["eval_qa"] = _eval_sets(world, _rng(seed, "eval"), k["eval_followups"], k["showcase"])
     out["showcase"] = [r for r in out["eval_qa"] if r["showcase"]]
     out["eval_pretrain"] = _probe_sets(world, _rng(seed, "probe"), k["eval_extra"])
     rng = _rng(seed, "prefs")

@@ -6,6 +6,7 @@ without a pipeline: the up-to-date rule on hand-made stages, and the SVG plot.
 
 The pipeline runs once for the module (~2-3 minutes of one CPU core at the tiny size)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -233,3 +234,30 @@ def test_svg_plot_and_ticks(tmp_path):
     assert len(list(root.iter(ns + "circle"))) == 4   # few points: each marked
     assert "loss <train>" in [t.text for t in root.iter(ns + "text")]
     assert run_lab.svg_plot(str(tmp_path / "q.svg"), "t", [("empty", [], [])]) is None
+    # a long legend label widens the picture instead of running off its right edge
+    root = ET.parse(run_lab.svg_plot(str(tmp_path / "w.svg"), "t", [("held-out reward (greedy) " * 2, [0, 1], [1, 2])]))
+    width = float(root.getroot().get("width"))
+    label = [t for t in root.getroot().iter(ns + "text") if t.text.startswith("held-out")][0]
+    assert float(label.get("x")) + 6.5 * len(label.text) <= width
+    # log y-axis: 1-2-5 ticks, and equal ratios at equal heights
+    assert run_lab.log_ticks(0.7, 7.6) == [0.5, 1, 2, 5, 10]
+    root = ET.parse(run_lab.svg_plot(str(tmp_path / "l.svg"), "t", [("a", [0, 1, 2], [10.0, 1.0, 0.1])], logy=True))
+    pts = [tuple(map(float, p.split(","))) for p in next(root.getroot().iter(ns + "polyline")).get("points").split()]
+    assert pts[0][1] - pts[1][1] == pytest.approx(pts[1][1] - pts[2][1])
+
+
+def test_confidence_intervals():
+    # Wilson score intervals, known values (e.g. Newcombe 1998, table I: 0/10 -> 0 to 0.2775; 5/10 -> 0.2366 to 0.7634)
+    assert run_lab.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert run_lab.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    lo, hi = run_lab.wilson(400, 500)   # large n: close to the normal interval 0.8 +- 1.96 sqrt(0.16 / 500)
+    assert (lo, hi) == pytest.approx((0.8 - 0.0351, 0.8 + 0.0351), abs=0.003)
+    # paired bootstrap: the same grades -> no gain and no spread; 30 of 100 questions gained, none lost ->
+    # gain 0.3 with the binomial interval 0.3 +- 1.96 sqrt(0.21 / 100) = +-0.090 (to bootstrap accuracy)
+    a = [1] * 40 + [0] * 60
+    assert run_lab.paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
+    b = [1] * 10 + [0] * 30 + [0] * 60
+    g, lo, hi = run_lab.paired_bootstrap(a, b)
+    assert g == pytest.approx(0.3) and lo == pytest.approx(0.3 - 0.090, abs=0.02) and hi == pytest.approx(0.39, abs=0.02)
+    # correlated errors: a paired interval is tighter than one from two independent accuracies
+    assert hi - lo < 2 * 1.96 * math.sqrt(0.4 * 0.6 / 100 + 0.1 * 0.9 / 100)

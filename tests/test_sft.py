@@ -316,8 +316,8 @@ def test_sft_beats_its_pretrained_start_on_lab_questions(tmp_path, one_thread):
     import pretrain
     from data import lab
     from data.prepare import prepare
-    lab.write(str(tmp_path / "lab"), seed=0, people=20, rl_people=3, eval_people=3, pretrain_docs=4000, qa_frac=0.25,
-              sft_train=1500, sft_val=100)
+    lab.write(str(tmp_path / "lab"), seed=0, people=20, rl_people=3, eval_people=3, eval_followups=40, pretrain_docs=4000,
+              qa_frac=0.25, sft_train=1500, sft_val=100)
     prepare([str(tmp_path / "lab" / "pretrain.jsonl")], str(tmp_path / "pt"), workers=1, verbose=False)
     pretrain.main(["--data", str(tmp_path / "pt"), "--model", "lab", "--dim", "128", "--n_heads", "4",
                    "--n_kv_heads", "2", "--seq_len", "64", "--batch_size", "32", "--max_steps", "300", "--lr", "3e-3",
