@@ -790,6 +790,32 @@ def read_jsonl(path: str) -> list:
 
 
 # -----------------------------------------------------------------------------
+# Answers cut at the length limit: ONE rule for DPO rounds, PPO, GRPO and evaluation.
+# A sampled answer that produced no stop token within max_new_tokens is unfinished. It is never
+# rendered with an end marker it did not produce (the reward model reads it at its last real token,
+# and would otherwise score it as a finished answer), it is never the chosen answer of a DPO round
+# (that would teach the model to stop mid-sentence), and its reward-model score pays a fixed penalty
+# (TRL's missing_eos_penalty; "The N+ implementation details of RLHF with PPO", Huang et al. 2024),
+# in training and in evaluation alike, so both give the same reward to the same answer.
+
+MISSING_EOS_HELP = ("subtracted from the raw reward-model score (or the checker's score) of an answer cut at "
+                    "--max_new_tokens without a stop token, in training and evaluation alike (0 = off)")
+
+
+def ended(ids, stop_ids) -> bool:
+    """Did a sampled answer (model.generate's ids) stop by itself, i.e. contain a stop token?"""
+    return any(t in stop_ids for t in ids)
+
+
+def penalize_missing_eos(scores, ended_flags, penalty: float):
+    """scores minus `penalty` where the answer did not end (see the section comment). scores: a
+    tensor (B,) with ended_flags a bool tensor, or lists of floats / bools (-> list)."""
+    if torch.is_tensor(scores):
+        return scores - penalty * (~ended_flags.bool()).to(scores.dtype)
+    return [s - (0.0 if e else penalty) for s, e in zip(scores, ended_flags)]
+
+
+# -----------------------------------------------------------------------------
 # CLI: offline checkpoint tools
 
 

@@ -89,8 +89,7 @@ import chat
 import common
 from common import print0
 from data import lab
-from reward import encode_group, epoch_batches, load_groups, load_reward_model, ranked_pairs, score_groups, \
-    tokenizer_for
+from reward import epoch_batches, load_groups, load_reward_model, ranked_pairs, reward_scorer, tokenizer_for
 
 # -----------------------------------------------------------------------------
 # Config
@@ -125,6 +124,8 @@ def get_args(argv=None):
     r.add_argument("--top_k", type=int, default=None)
     r.add_argument("--top_p", type=float, default=None)
     r.add_argument("--max_new_tokens", type=int, default=64, help="answer length limit when sampling")
+    r.add_argument("--missing_eos_penalty", type=float, default=1.0,
+                   help=common.MISSING_EOS_HELP + "; such an answer is never the chosen one")
     r.add_argument("--rank_by", default="auto", choices=["auto", "reward", "checker"],
                    help="rank samples by the reward model or the lab checker (auto: reward model if given)")
     r.add_argument("--round_ref", default="previous", choices=["previous", "init"],
@@ -394,23 +395,6 @@ def reward_model(path, tok, device):
     return rm
 
 
-def reward_scorer(rm, tok, device, ctx, batch_size=32):
-    """reward_fn(conversations, answers) -> raw reward-model scores, the form chat.head_to_head takes.
-    Scored locally (no collectives), whatever the rank."""
-    local = common.DistInfo(device=torch.device(device))
-    max_len = rm.config.max_seq_len
-
-    def reward_fn(conversations, answers):
-        groups = []
-        for conv, answer in zip(conversations, answers):
-            g = encode_group(tok, {"messages": conv, "responses": [answer]}, max_len)
-            if g is None:
-                raise ValueError(f"prompt + answer do not fit the reward model's context ({max_len})")
-            groups.append(g)
-        return [r[0] for r in score_groups(rm, groups, batch_size, tok.pad_id, local, ctx)]
-    return reward_fn
-
-
 def read_prompts(path):
     """Round prompts: records with "messages" (ending on a user turn) or a "prompt" string; "truth"
     (lab checker) optional."""
@@ -427,40 +411,48 @@ def read_prompts(path):
 
 def sample_pairs(policy, tok, prompts, args, rnd, info, reward_fn):
     """One round's data: --samples answers for each of --round_prompts prompts (this rank's share),
-    scored by the reward model or the lab checker's graded score; the best and the worst answer of a
-    prompt become a (chosen, rejected) pair when their scores differ. Returns (records, stats) with
-    the records of all ranks, in prompt order, and the round's sampling statistics."""
+    scored by the reward model or the lab checker's graded score, minus --missing_eos_penalty for an
+    answer cut at --max_new_tokens (common.penalize_missing_eos). The best FINISHED answer and the worst
+    answer of a prompt become a (chosen, rejected) pair when their scores differ: a cut answer is never
+    chosen (it would teach stopping mid-sentence), and as the rejected one it is rendered without the
+    end marker it never produced ("ended" in the record). Returns (records, stats) with the records of
+    all ranks, in prompt order, and the round's sampling statistics."""
     pick = np.random.default_rng([args.seed, 1000 + rnd]).permutation(len(prompts))[:args.round_prompts]
     mine = sorted(pick.tolist())[info.rank::info.world_size]
     convs = [prompts[i]["messages"] for i in mine for _ in range(args.samples)]
-    answers = chat.generate_answers(policy, tok, convs, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    seed=args.seed * 7919 + rnd * 101 + info.rank)
+    answers, ids = chat.generate_answers(policy, tok, convs, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         seed=args.seed * 7919 + rnd * 101 + info.rank, return_ids=True)
+    done = [common.ended(a, tok.stop_ids) for a in ids]
     truths = [prompts[i].get("truth") for i in mine for _ in range(args.samples)]
     if args.rank_by == "checker" and any(t is None for t in truths):
         common.fail(f"{args.prompts}: --rank_by checker needs a 'truth' in every prompt record")
-    rewards = reward_fn(convs, answers) if reward_fn is not None else None
+    rewards = reward_fn(convs, answers, done) if reward_fn is not None else None   # (penalised already)
     checks = [float(lab.check(a, t)) for a, t in zip(answers, truths) if t is not None]
-    scores = rewards if args.rank_by == "reward" else [lab.score(a, t) for a, t in zip(answers, truths)]
+    scores = rewards if args.rank_by == "reward" else common.penalize_missing_eos(
+        [lab.score(a, t) for a, t in zip(answers, truths)], done, args.missing_eos_penalty)
     records, no_signal = [], 0
     for j, i in enumerate(mine):
         span = slice(j * args.samples, (j + 1) * args.samples)
-        cand = list(zip(scores[span], answers[span]))
-        best, worst = max(cand, key=lambda c: c[0]), min(cand, key=lambda c: c[0])
-        if best[0] > worst[0] and best[1] != worst[1]:
+        cand = list(zip(scores[span], answers[span], done[span]))
+        worst = min(cand, key=lambda c: c[0])
+        best = max((c for c in cand if c[2]), key=lambda c: c[0], default=None)   # finished answers only
+        if best is not None and best[0] > worst[0] and best[1] != worst[1]:
             records.append({"index": i, "messages": prompts[i]["messages"], "chosen": best[1], "rejected": worst[1],
-                            "chosen_score": best[0], "rejected_score": worst[0], "kind": f"round{rnd}"})
+                            "ended": [True, worst[2]], "chosen_score": best[0], "rejected_score": worst[0],
+                            "kind": f"round{rnd}"})
         else:
             no_signal += 1
     sums = [len(answers), sum(checks), len(checks), sum(rewards or []), len(rewards or []),
-            sum(len(a) for a in answers), no_signal]
+            sum(len(a) for a in answers), no_signal, len(done) - sum(done)]
     if info.distributed:
         parts = [None] * info.world_size
         dist.all_gather_object(parts, (records, sums))
         records = sorted((r for p in parts for r in p[0]), key=lambda r: r["index"])
         sums = [sum(p[1][k] for p in parts) for k in range(len(sums))]
-    n, hit, n_check, rsum, n_r, chars, no_signal = sums
+    n, hit, n_check, rsum, n_r, chars, no_signal, cut = sums
     stats = {"round": rnd, "prompts": len(pick), "samples": n, "pairs": len(records), "no_signal_prompts": no_signal,
+             "cut_at_max_new_tokens": cut,
              "sample_accuracy": hit / n_check if n_check else None, "sample_reward": rsum / n_r if n_r else None,
              "sample_chars": chars / max(n, 1)}
     return records, stats
@@ -494,8 +486,9 @@ def write_jsonl(path, records):
 def kl_estimate(policy, base, tok, convs, max_new_tokens, seed, ctx, batch_size=32):
     """Monte-Carlo KL(pi || pi_base) per answer: sample y ~ pi (temperature 1, no top-k/p, so the
     samples follow pi exactly), average log pi(y|x) - log pi_base(y|x) over the samples (k1).
-    The stop token counts as part of y (the policy chose to stop); an answer cut at max_new_tokens
-    has none."""
+    y is exactly the sampled ids: the stop token counts as part of y (the policy chose to stop) --
+    whichever it sampled, <|end|> or </s> -- and an answer cut at max_new_tokens has none. The same
+    tokens rlhf_ppo.kl_to_model scores, so DPO's and PPO's kl_to_sft are one quantity."""
     answers, ids = chat.generate_answers(policy, tok, convs, max_new_tokens=max_new_tokens, temperature=1.0,
                                          seed=seed, return_ids=True)
     device = next(policy.parameters()).device
@@ -504,8 +497,7 @@ def kl_estimate(policy, base, tok, convs, max_new_tokens, seed, ctx, batch_size=
         groups = []
         for conv, a in zip(convs[s:s + batch_size], ids[s:s + batch_size]):
             prompt = tok.render_prompt(conv, max_len=policy.config.max_seq_len - max_new_tokens)
-            resp = a if len(a) >= max_new_tokens else a + [tok.end_id]   # (generate stops on <|end|>)
-            groups.append({"ids": [prompt + resp], "resp_len": [len(resp)]})
+            groups.append({"ids": [prompt + a], "resp_len": [len(a)]})
         total += (batch_logps(policy, groups, tok.pad_id, device, ctx)[0]
                   - batch_logps(base, groups, tok.pad_id, device, ctx)[0]).sum().item()
     return total / len(convs)
@@ -523,15 +515,18 @@ def final_evaluation(args, policy_path, tok, device, extra):
     ctx = common.autocast(torch.device(device), common.resolve_dtype(args.dtype, torch.device(device)))
     models = {"dpo": common.load_model(policy_path, device)[0].eval(),
               "sft": common.load_model(sft_path, device)[0].eval()}
-    answers = {k: chat.generate_answers(m, tok, convs, max_new_tokens=args.eval_max_new_tokens)
-               for k, m in models.items()}
+    answers, done = {}, {}
+    for k, m in models.items():
+        answers[k], ids = chat.generate_answers(m, tok, convs, max_new_tokens=args.eval_max_new_tokens, return_ids=True)
+        done[k] = [common.ended(a, tok.stop_ids) for a in ids]
     reward_fn, stats = None, None
     if args.reward_model:
         rm = reward_model(args.reward_model, tok, device)
-        reward_fn = reward_scorer(rm, tok, device, ctx)
+        reward_fn = reward_scorer(rm, tok, device, ctx, args.missing_eos_penalty)
         stats = (rm.reward_mean.item(), rm.reward_std.item())   # reward.py's normalisation statistics
     graded = {k: chat.evaluate_lab(None, tok, records, answers=a) for k, a in answers.items()}
-    h2h = chat.head_to_head(answers["dpo"], answers["sft"], records, reward_fn=reward_fn)
+    h2h = chat.head_to_head(answers["dpo"], answers["sft"], records, reward_fn=reward_fn,
+                            ended_a=done["dpo"], ended_b=done["sft"])
     kl = kl_estimate(models["dpo"], models["sft"], tok, convs, args.eval_max_new_tokens, args.seed, ctx)
     score = {k: sum(lab.score(a, r["truth"]) for a, r in zip(answers[k], records)) / len(records) for k in answers}
     examples = [{"question": r["messages"][-1]["content"], "sft": s, "dpo": d,
@@ -615,7 +610,7 @@ def train(args, info):
     model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
     rm_fn = None
     if args.rounds > 0 and args.reward_model:
-        rm_fn = reward_scorer(reward_model(args.reward_model, tok, device), tok, device, ctx)
+        rm_fn = reward_scorer(reward_model(args.reward_model, tok, device), tok, device, ctx, args.missing_eos_penalty)
     os.makedirs(args.out_dir, exist_ok=True)
     common.save_config(args, args.out_dir)
     logger = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))

@@ -54,3 +54,107 @@ def test_k3_min_is_taken_over_real_tokens_only(tok):
     assert not mask.all()                                        # some rows are padded after their stop token
     k3 = ppo.kl_estimates(exp["logp_old"], exp["logp_ref"], "k3")
     assert exp["k3_min"].item() == k3[mask].min().item() > 0      # padding's zeros are not a minimum
+
+
+# -----------------------------------------------------------------------------
+# Truncated answers: one rule (common.penalize_missing_eos), no end marker they never produced
+
+
+class PenaltyArgs(Args):
+    missing_eos_penalty = 1.0
+
+
+def answer_ids(tok, messages, text):
+    """The prompt ids and the answer's content ids exactly as the chat template renders them."""
+    prompt = tok.render_prompt(messages)
+    ids, _ = tok.render_conversation(messages + [{"role": "assistant", "content": text}])
+    assert ids[-1] == tok.end_id
+    return prompt, ids[len(prompt):-1]
+
+
+def test_training_and_evaluation_give_a_truncated_answer_the_same_reward(tok):
+    import reward
+    rm = reward_model(tok, 1)
+    conv = [{"role": "user", "content": "Who are you?"}]
+    prompt, content = answer_ids(tok, conv, "I am a small model and I was about to say")
+    text = tok.decode(content)
+    ctx = common.autocast(CPU, torch.float32)
+    # training: the sampled ids, one answer cut (no stop token), the same answer finished on <|end|>
+    exp = ppo.make_experience(tiny(tok), tiny(tok), rm, reward_model(tok, 2), [prompt, prompt],
+                              [content, content + [tok.end_id]], tok, PenaltyArgs, 0.1, ctx, "cpu")
+    assert exp["ended"].tolist() == [False, True]
+    # evaluation: the answer strings, through the scorer PPO's and DPO's evaluations use
+    fn = reward.reward_scorer(rm, tok, "cpu", ctx, missing_eos_penalty=PenaltyArgs.missing_eos_penalty)
+    cut, done = fn([conv, conv], [text, text], [False, True])
+    assert abs(exp["raw"][0].item() - cut) < 1e-5 and abs(exp["raw"][1].item() - done) < 1e-5
+    # the rule has teeth: the cut answer is scored at its last content token (no <|end|> it never sampled),
+    # minus the penalty; the unpenalised raw scores of the two differ (another token is read)
+    plain = reward.reward_scorer(rm, tok, "cpu", ctx)
+    assert plain([conv], [text], [False])[0] - 1.0 == cut
+    assert abs(plain([conv], [text], [False])[0] - plain([conv], [text])[0]) > 1e-4
+
+
+def test_a_truncated_sample_is_never_chosen_and_never_gets_an_end_marker(tok, tmp_path):
+    import dpo
+    from reward import load_groups
+    conv = [{"role": "user", "content": "Who are you?"}]
+    texts = ["I am nanollama.", "I am a small language model, trained on the lab world.",
+             "I am a model that keeps talking and talking and talking and talking and"]
+    content = [answer_ids(tok, conv, t)[1] for t in texts]
+    limit = len(content[2])
+    samples = [content[0] + [tok.end_id], content[1] + [tok.eos_id], content[2]]   # stopped on </s>; cut
+    policy = tiny(tok)
+    policy.generate = lambda prompts, *a, **k: [list(s) for s in samples[:len(prompts)]]
+
+    class A:
+        seed, round_prompts, samples, temperature, top_k, top_p, rank_by, prompts = 0, 1, 3, 1.0, None, None, \
+            "reward", "p"
+        max_new_tokens, missing_eos_penalty = limit, 0.0   # even without a penalty: never chosen
+
+    info = common.DistInfo(device=CPU)
+    longest = lambda convs, answers, ended=None: [float(len(a)) for a in answers]   # noqa: E731 (prefers the cut one)
+    records, stats = dpo.sample_pairs(policy, tok, [{"messages": conv}], A, 1, info, longest)
+    assert stats["cut_at_max_new_tokens"] == 1
+    assert records[0]["chosen"] == tok.decode(content[1]) and records[0]["ended"] == [True, True]
+    # the cut answer as the REJECTED one: rendered without an end marker, all the way into DPO's batches
+    shortest = lambda convs, answers, ended=None: [-float(len(a)) for a in answers]   # noqa: E731
+    records, _ = dpo.sample_pairs(policy, tok, [{"messages": conv}], A, 1, info, shortest)
+    assert records[0]["chosen"] == tok.decode(content[0]) and records[0]["ended"] == [True, False]
+    path = str(tmp_path / "pairs.jsonl")
+    dpo.write_jsonl(path, records)
+    g = load_groups([path], tok, 256)[0]
+    assert g["ids"][0][-1] == tok.end_id and g["ids"][1][-len(content[2]):] == content[2]
+    assert g["resp_len"] == [len(content[0]) + 1, len(content[2])]
+
+
+# -----------------------------------------------------------------------------
+# dpo.kl_estimate scores the sampled ids
+
+
+def test_kl_estimate_scores_the_sampled_stop_token(tok):
+    import dpo
+    policy, base = tiny(tok), tiny(tok, seed=3)
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
+    samples = [[31, 32, tok.eos_id], [41, tok.end_id], [51, 52, 53, 54]]   # stopped on </s>; on <|end|>; cut at 4
+    by_prompt = {}
+
+    def fake_generate(prompts, *a, **k):   # the same answer for the same prompt, whoever asks
+        for p in prompts:
+            if tuple(p) not in by_prompt:
+                by_prompt[tuple(p)] = samples[len(by_prompt)]
+        return [list(by_prompt[tuple(p)]) for p in prompts]
+    policy.generate = fake_generate
+    ctx = common.autocast(CPU, torch.float32)
+    got = dpo.kl_estimate(policy, base, tok, convs, 4, 0, ctx)
+    # by hand: sum over the sampled answer tokens (stop token included) of log pi - log pi_base
+    want = 0.0
+    for conv in convs:
+        prompt = tok.render_prompt(conv)
+        resp = by_prompt[tuple(prompt)]
+        x = torch.tensor([prompt + resp])
+        for m, sign in ((policy, 1), (base, -1)):
+            logp = torch.log_softmax(m(x)[0][0, len(prompt) - 1:-1].float(), -1)
+            want += sign * logp.gather(-1, torch.tensor(resp)[:, None]).sum().item()
+    assert abs(got - want / len(convs)) < 1e-4
+    # and it is PPO's estimate of the same samples
+    assert abs(got - ppo.kl_to_model(policy, base, tok, convs, 4, 0, ctx)) < 1e-4
