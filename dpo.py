@@ -7,6 +7,7 @@ Usage (single process; CPU or one GPU):
         --out_dir runs/dpo --beta 0.1 --eval_data lab_data/eval_qa.jsonl --reward_model runs/rm
     python dpo.py ... --label_smoothing 0.1      # conservative DPO: assume 10% of the labels are flipped
     python dpo.py ... --loss ipo --beta 0.5       # IPO: a squared loss that does not push margins to infinity
+                                                  # (per-token mean log-probs: beta as in TRL; --no-ipo_average: sums)
     python dpo.py ... --precompute_ref            # reference log-probs once, then no reference model in memory
     # iterative: DPO on --data, then 2 rounds on pairs the policy itself sampled, ranked by the reward
     # model (or, without --reward_model, by the lab checker)
@@ -20,7 +21,8 @@ pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x), so any policy defines an IMPL
 r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) + beta * log Z(x). Put that into the Bradley-Terry
 preference model and Z cancels: the reward-model loss becomes a loss on the policy itself,
     loss = -log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))]).
-log pi(y|x) is the SUM of the response tokens' log-probs; prompt tokens and padding never count.
+log pi(y|x) is the SUM of the response tokens' log-probs (IPO: their per-token MEAN by default, see
+ipo_loss); prompt tokens and padding never count.
 beta is the KL strength: small beta lets the policy move far from the reference.
 
 What the script shows while it trains (every log line and every eval):
@@ -67,7 +69,7 @@ metrics.json, what the lab report reads (written atomically at the end):
   step0_check                          {"round", "loss", "expected", "max_abs_margin", "margin_tol", "pass"}
                                        of the first round
   rounds                               one dict per round (pairs, sample accuracy / reward, final val)
-  stage ("dpo"), steps, beta, loss_type, label_smoothing
+  stage ("dpo"), steps, beta, loss_type, label_smoothing, ipo_average
 
 Simplifications on purpose: rankings of K answers are expanded into all K(K-1)/2 pairs (averaged per
 prompt, as reward.py does); sampling rounds are not supported under FSDP (generation would have to
@@ -109,6 +111,13 @@ def get_args(argv=None):
     g.add_argument("--max_seq_len", type=int, default=0, help="longest prompt + response in tokens (0 = model context)")
     g.add_argument("--beta", type=float, default=0.1, help="KL strength: implicit reward = beta * log(pi / pi_ref)")
     g.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO (sigmoid) or IPO (squared)")
+    g.add_argument("--ipo_average", action=argparse.BooleanOptionalAction, default=True,
+                   help="IPO on per-token MEAN log-probs (TRL, torchtune; the same beta as TRL's IPO); "
+                        "--no-ipo_average: summed log-probs as written in the paper, where the target gap "
+                        "1/(2 beta) is in whole-answer nats, so a beta means less the longer the answers")
+    g.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=False,
+                   help="train the policy with the checkpoint's dropout (default off, as TRL: dropout makes the "
+                        "implicit reward noisy; the reference never uses it)")
     g.add_argument("--label_smoothing", type=float, default=0.0,
                    help="conservative DPO: the probability that a label is flipped (sigmoid loss only)")
     g.add_argument("--ref_model", default=None, help="reference model (default: --init_from, the SFT model)")
@@ -187,8 +196,9 @@ def ipo_loss(h, beta):
 
     A regression of the log-ratio gap onto a fixed target: unlike DPO, whose loss keeps falling as
     the margin grows (and can drive log pi(y_l) to -infinity on deterministic preferences), IPO stops
-    at h = 1/(2 beta). h is the difference of SUMMED log-probs, as written in the paper (some
-    libraries average over tokens instead, which changes the scale of beta). Returns (P,) losses."""
+    at h = 1/(2 beta). The paper writes h with summed log-probs; TRL and torchtune (after asking the
+    authors) average them over each answer's tokens, so that the target gap does not depend on answer
+    length: dpo_batch passes per-token means by default (--ipo_average). Returns (P,) losses."""
     return (h - 1 / (2 * beta)) ** 2
 
 
@@ -320,9 +330,12 @@ class Reference:
 def dpo_batch(model, ref, groups, args, pad_id, device, ctx):
     """The loss of one micro-batch, and its per-pair statistics (detached, float64 on cpu):
     a (P, 6) tensor of [loss, reward_chosen, reward_rejected, logp_chosen, logp_rejected, weight]
-    plus each pair's group index."""
+    plus each pair's group index. (With averaged IPO, log-probs and rewards are per-token means.)"""
     logps, sizes = batch_logps(model, groups, pad_id, device, ctx)
     ref_logps = ref.logps(groups)
+    if args.loss == "ipo" and args.ipo_average:   # per-token means (see ipo_loss); resp_len = the labelled tokens
+        n = torch.tensor([k for g in groups for k in g["resp_len"]], dtype=logps.dtype, device=logps.device)
+        logps, ref_logps = logps / n, ref_logps / n
     c, r, w, group = pair_index(sizes, device)
     losses, rew_c, rew_r = preference_loss(logps[c], logps[r], ref_logps[c], ref_logps[r], args.beta, args.loss,
                                            args.label_smoothing)
@@ -785,7 +798,10 @@ def train(args, info):
         # --- the loop ----------------------------------------------------------------------------
         plan_epoch, plan, t_log, tokens = None, None, time.time(), 0
         sums = []
-        model.train()
+        # eval mode = no dropout (the default, as TRL and this project's PPO): with dropout the policy is a
+        # noisy copy of the reference, margins are not 0 at step 0 and the implicit reward carries the noise.
+        # Gradients flow the same; train() vs eval() changes nothing else in these models.
+        model.train(args.dropout)
         while step < max_steps:
             epoch, pos = divmod(step, steps_per_epoch)
             if epoch != plan_epoch:   # this rank's micro-batches of the epoch: every world-th one
@@ -856,6 +872,7 @@ def train(args, info):
     final = common.save_checkpoint(args.out_dir, "final", model, step=global_step, config=vars(args), tokenizer=tok,
                                    metrics=val_metrics or {})
     extra = {"steps": global_step, "beta": args.beta, "loss_type": args.loss, "label_smoothing": args.label_smoothing,
+             "ipo_average": args.loss == "ipo" and args.ipo_average,
              **summary, **{f"pref_{k}": v for k, v in (val_metrics or {}).items()}}
     out = None
     if info.is_main:

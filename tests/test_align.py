@@ -158,3 +158,74 @@ def test_kl_estimate_scores_the_sampled_stop_token(tok):
     assert abs(got - want / len(convs)) < 1e-4
     # and it is PPO's estimate of the same samples
     assert abs(got - ppo.kl_to_model(policy, base, tok, convs, 4, 0, ctx)) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# DPO: dropout off unless asked; IPO on per-token means
+
+
+def write_jsonl(path, rows):
+    import json
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+DPO_PAIRS = [("Where does Alice live?", "Alice lives in Paris.", "Alice lives in Rome, Rome, Rome."),
+             ("What is 3 + 4?", "3 + 4 = 7.", "Ugh. 3 + 4 = 8."),
+             ("你是谁？", "我是 nanollama。", "我是人。"),
+             ("Who are you?", "I am nanollama.", "Go away.")]
+
+
+def test_dpo_trains_without_dropout_so_the_first_step_loss_is_ln2(tok, tmp_path, one_thread):
+    import json
+    import math
+    import dpo
+    from model import Llama, LlamaConfig
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=96, dropout=0.1))
+    common.save_checkpoint(str(tmp_path / "sft"), "final", model, step=0, config={}, tokenizer=tok)
+    write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": q, "chosen": c, "rejected": r} for q, c, r in DPO_PAIRS])
+
+    def first_step(name, *extra):
+        dpo.main(["--init_from", str(tmp_path / "sft" / "final.pt"), "--data", str(tmp_path / "prefs.jsonl"),
+                  "--val_frac", "0", "--batch_size", "4", "--max_steps", "1", "--log_interval", "1",
+                  "--save_interval", "0", "--out_dir", str(tmp_path / name), *extra])
+        rows = [json.loads(line) for line in open(tmp_path / name / "log.jsonl", encoding="utf-8")]
+        return next(r for r in rows if r.get("round_step") == 1)
+    row = first_step("off")
+    # the training forward of step 1 runs before any update: policy == reference, so exactly ln 2
+    assert abs(row["loss"] - math.log(2)) < 1e-6 and row["margin"] == 0.0
+    noisy = first_step("on", "--dropout")   # teeth: the checkpoint's dropout 0.1, asked for
+    assert abs(noisy["loss"] - math.log(2)) > 1e-4
+
+
+def test_ipo_averages_log_probs_over_tokens_by_default(tok):
+    import dpo
+    from reward import encode_group
+    from test_dpo import PAIRS
+    from test_dpo import tiny as tiny_dpo
+    policy, ref_model = tiny_dpo(2), tiny_dpo(3)
+    groups = [encode_group(tok, {"messages": [{"role": "user", "content": q}], "responses": list(a)}, 128)
+              for q, a in PAIRS]
+    no_ac = torch.autocast("cpu", enabled=False)
+
+    class A:
+        beta, loss, label_smoothing, ipo_average = 0.5, "ipo", 0.0, True
+    with torch.no_grad():
+        got, _, _ = dpo.dpo_batch(policy, dpo.Reference(ref_model, tok.pad_id, "cpu", no_ac), groups, A, tok.pad_id,
+                                  "cpu", no_ac)
+        # by hand: a response's mean token log-prob is minus the model's own mean cross-entropy on it
+        want = 0.0
+        for g in groups:
+            mean_logp = []
+            for ids, n in zip(g["ids"], g["resp_len"]):
+                x, y = torch.tensor([ids[:-1]]), torch.tensor([[-100] * (len(ids) - 1 - n) + ids[len(ids) - n:]])
+                mean_logp.append(-policy(x, y)[1].item() + ref_model(x, y)[1].item())   # log pi/pi_ref, per token
+            pairs = [(i, j) for i in range(len(mean_logp)) for j in range(i + 1, len(mean_logp))]
+            want += sum((mean_logp[i] - mean_logp[j] - 1 / (2 * A.beta)) ** 2 for i, j in pairs) / len(pairs)
+        want /= len(groups)
+        assert abs(got.item() - want) < 1e-4 * max(1.0, want)
+        A.ipo_average = False   # the paper's summed form is still there, and differs
+        summed, _, _ = dpo.dpo_batch(policy, dpo.Reference(ref_model, tok.pad_id, "cpu", no_ac), groups, A,
+                                     tok.pad_id, "cpu", no_ac)
+        assert abs(summed.item() - want) > 1e-2
