@@ -617,11 +617,22 @@ def warn_if_low_disk(out_dir: str, bytes_needed: float):
                    f"{bytes_needed / 1e9:.1f} GB (lower --keep_last, or choose another --out_dir)")
 
 
+def load_file(path: str, map_location="cpu", **kwargs):
+    """torch.load(weights_only=True) of one checkpoint file; a truncated copy, a write cut short by a full
+    disk, or a file that is not a checkpoint at all ends in one line naming the file and what is wrong,
+    not a traceback from deep inside torch's zip reader or unpickler."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+    except Exception as e:   # RuntimeError (zip), UnpicklingError, EOFError, ...: all mean "unreadable"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        fail(f"{path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: {reason}")
+
+
 def read_checkpoint_meta(path: str) -> dict:
     """Everything in a checkpoint except the weights and optimizer state."""
     if os.path.isdir(path):
-        return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return load_file(os.path.join(path, "meta.pt"))
+    ckpt = load_file(path, mmap=True)
     return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
 
 
@@ -647,7 +658,7 @@ def restore_checkpoint(path: str, model: nn.Module, optimizer=None, device="cpu"
             set_optimizer_state_dict(model, optimizer, state["optimizer"])
         meta = read_checkpoint_meta(path)
     else:
-        meta = torch.load(path, map_location=device, weights_only=True)
+        meta = load_file(path, map_location=device)
         load_state_dict_checked(unwrap(model), meta.pop("model"))
         if optimizer is not None:
             if "optimizer" not in meta:
@@ -714,8 +725,8 @@ def load_model(path: str, device="cpu"):
             dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
         load_state_dict_checked(model, state)
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if "model" not in ckpt or "model_config" not in ckpt:
+        ckpt = load_file(path)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
             fail(f"{path} is not a nanollama checkpoint (no 'model' / 'model_config' keys)")
         _refuse_other_kind(ckpt, path)
         model = Llama(LlamaConfig.from_dict(ckpt["model_config"]))

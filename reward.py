@@ -269,7 +269,7 @@ def load_reward_model(path: str, device="cpu"):
         state = model.state_dict()
         dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        state = common.load_file(path)["model"]
     load_state_dict_checked(model, state)
     meta["path"] = path
     return model.to(device).eval(), meta

@@ -229,3 +229,33 @@ def test_ipo_averages_log_probs_over_tokens_by_default(tok):
         summed, _, _ = dpo.dpo_batch(policy, dpo.Reference(ref_model, tok.pad_id, "cpu", no_ac), groups, A,
                                      tok.pad_id, "cpu", no_ac)
         assert abs(summed.item() - want) > 1e-2
+
+
+# -----------------------------------------------------------------------------
+# A truncated or corrupt checkpoint: one line naming the file
+
+
+def test_a_corrupt_checkpoint_gives_one_line_naming_the_file(tok, tmp_path):
+    import subprocess
+    import sys
+    import chat
+    import pytest
+    from model import Llama, LlamaConfig
+    good = common.save_checkpoint(str(tmp_path), "final", Llama(LlamaConfig.from_preset("tiny", max_seq_len=32)),
+                                  step=0, config={}, tokenizer=tok)
+    data = open(good, "rb").read()
+    cut, junk = tmp_path / "cut.pt", tmp_path / "junk.pt"
+    cut.write_bytes(data[:len(data) // 2])                      # a copy that stopped half-way
+    junk.write_bytes(b"this is not a checkpoint\n" * 40)
+    for bad in (cut, junk):
+        with pytest.raises(SystemExit) as e:
+            chat.main(["--model", str(bad), "--prompt", "hi"])
+        msg = str(e.value)
+        assert str(bad) in msg and "\n" not in msg and "not a readable checkpoint" in msg
+    # as a user sees it: exit status 1, one line on stderr, no traceback
+    repo = str(__import__("pathlib").Path(chat.__file__).parent)
+    r = subprocess.run([sys.executable, "chat.py", "--model", str(cut), "--prompt", "hi"], cwd=repo,
+                       capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                         "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and str(cut) in r.stderr
