@@ -617,11 +617,22 @@ def warn_if_low_disk(out_dir: str, bytes_needed: float):
                    f"{bytes_needed / 1e9:.1f} GB (lower --keep_last, or choose another --out_dir)")
 
 
+def load_file(path: str, map_location="cpu", **kwargs):
+    """torch.load(weights_only=True) of one checkpoint file; a truncated copy, a write cut short by a full
+    disk, or a file that is not a checkpoint at all ends in one line naming the file and what is wrong,
+    not a traceback from deep inside torch's zip reader or unpickler."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+    except Exception as e:   # RuntimeError (zip), UnpicklingError, EOFError, ...: all mean "unreadable"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        fail(f"{path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: {reason}")
+
+
 def read_checkpoint_meta(path: str) -> dict:
     """Everything in a checkpoint except the weights and optimizer state."""
     if os.path.isdir(path):
-        return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return load_file(os.path.join(path, "meta.pt"))
+    ckpt = load_file(path, mmap=True)
     return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
 
 
@@ -647,7 +658,7 @@ def restore_checkpoint(path: str, model: nn.Module, optimizer=None, device="cpu"
             set_optimizer_state_dict(model, optimizer, state["optimizer"])
         meta = read_checkpoint_meta(path)
     else:
-        meta = torch.load(path, map_location=device, weights_only=True)
+        meta = load_file(path, map_location=device)
         load_state_dict_checked(unwrap(model), meta.pop("model"))
         if optimizer is not None:
             if "optimizer" not in meta:
@@ -714,8 +725,8 @@ def load_model(path: str, device="cpu"):
             dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
         load_state_dict_checked(model, state)
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if "model" not in ckpt or "model_config" not in ckpt:
+        ckpt = load_file(path)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
             fail(f"{path} is not a nanollama checkpoint (no 'model' / 'model_config' keys)")
         _refuse_other_kind(ckpt, path)
         model = Llama(LlamaConfig.from_dict(ckpt["model_config"]))
@@ -787,6 +798,32 @@ class JsonlLogger:
 def read_jsonl(path: str) -> list:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# -----------------------------------------------------------------------------
+# Answers cut at the length limit: ONE rule for DPO rounds, PPO, GRPO and evaluation.
+# A sampled answer that produced no stop token within max_new_tokens is unfinished. It is never
+# rendered with an end marker it did not produce (the reward model reads it at its last real token,
+# and would otherwise score it as a finished answer), it is never the chosen answer of a DPO round
+# (that would teach the model to stop mid-sentence), and its reward-model score pays a fixed penalty
+# (TRL's missing_eos_penalty; "The N+ implementation details of RLHF with PPO", Huang et al. 2024),
+# in training and in evaluation alike, so both give the same reward to the same answer.
+
+MISSING_EOS_HELP = ("subtracted from the raw reward-model score (or the checker's score) of an answer cut at "
+                    "--max_new_tokens without a stop token, in training and evaluation alike (0 = off)")
+
+
+def ended(ids, stop_ids) -> bool:
+    """Did a sampled answer (model.generate's ids) stop by itself, i.e. contain a stop token?"""
+    return any(t in stop_ids for t in ids)
+
+
+def penalize_missing_eos(scores, ended_flags, penalty: float):
+    """scores minus `penalty` where the answer did not end (see the section comment). scores: a
+    tensor (B,) with ended_flags a bool tensor, or lists of floats / bools (-> list)."""
+    if torch.is_tensor(scores):
+        return scores - penalty * (~ended_flags.bool()).to(scores.dtype)
+    return [s - (0.0 if e else penalty) for s, e in zip(scores, ended_flags)]
 
 
 # -----------------------------------------------------------------------------

@@ -269,7 +269,7 @@ def load_reward_model(path: str, device="cpu"):
         state = model.state_dict()
         dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        state = common.load_file(path)["model"]
     load_state_dict_checked(model, state)
     meta["path"] = path
     return model.to(device).eval(), meta
@@ -301,16 +301,19 @@ def encode_group(tok, record, max_len: int):
     Too long: the oldest user/assistant exchanges of the prompt are dropped (whole turns, the
     tokenizer's render_prompt rule), the same for all responses of the group so that they are
     compared on the same prompt; a response is never cut (its end is where the reward is read).
+    A record may say which responses were sampled answers cut at the length limit ("ended": [K
+    bools], False = cut): those get no end marker, which the model never produced (the rule of
+    common.penalize_missing_eos); the reward is then read on their last real token.
     Returns {"ids": [K id lists], "resp_len": [K response token counts], "kind"} or None when
     even the last user turn plus the longest response does not fit."""
     messages = record["messages"]
     prompt = tok.render_prompt(messages)
     seqs = []
-    for response in record["responses"]:
+    for response, done in zip(record["responses"], record.get("ended") or [True] * len(record["responses"])):
         ids, _ = tok.render_conversation(messages + [{"role": "assistant", "content": response}])
         if ids[:len(prompt)] != prompt:   # the contract every stage relies on; fail loudly if broken
             raise RuntimeError("render_conversation(prompt + answer) does not start with render_prompt(prompt)")
-        seqs.append(ids[len(prompt):])   # the response tokens (content + end marker)
+        seqs.append(ids[len(prompt):] if done else ids[len(prompt):-1])   # content (+ end marker if it ended)
     longest = max(len(s) for s in seqs)
     if len(prompt) + longest > max_len:
         try:
@@ -496,6 +499,26 @@ def score_groups(model, groups, batch_size: int, pad_id: int, info, ctx, side: s
         dist.all_gather_object(parts, mine)
         mine = {i: r for part in parts for i, r in part.items()}
     return [mine[i] for i in range(len(groups))]
+
+
+def reward_scorer(rm, tok, device, ctx, missing_eos_penalty=0.0, batch_size=32):
+    """reward_fn(conversations, answers, ended=None) -> raw reward-model scores of answer strings,
+    rendered like this script's data (encode_group), the form chat.head_to_head takes. ended: one
+    bool per answer (False = cut at the length limit: no end marker, and missing_eos_penalty is
+    subtracted, common.penalize_missing_eos); None = all finished. Scored locally (no collectives),
+    whatever the rank: what dpo.py's rounds and PPO's and DPO's evaluations use."""
+    local = common.DistInfo(device=torch.device(device))
+    max_len = rm.config.max_seq_len
+
+    def reward_fn(conversations, answers, ended=None):
+        ended = [True] * len(answers) if ended is None else list(ended)
+        groups = [encode_group(tok, {"messages": c, "responses": [a], "ended": [e]}, max_len)
+                  for c, a, e in zip(conversations, answers, ended)]
+        if any(g is None for g in groups):
+            raise ValueError(f"a prompt + answer does not fit the reward model's context ({max_len})")
+        scores = [r[0] for r in score_groups(rm, groups, batch_size, tok.pad_id, local, ctx)]
+        return common.penalize_missing_eos(scores, ended, missing_eos_penalty)
+    return reward_fn
 
 
 def evaluate(model, groups, args, pad_id, info, ctx):
