@@ -79,12 +79,12 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import chat
 import common
 import sft
-from common import print0
+from common import (kl_estimates, kl_to_model, load_prompts, masked_mean, pad_rollout, print0,  # RL helpers
+                    response_logprobs)
 from data import lab
 from reward import encode_group, load_reward_model, score_groups, tokenizer_for
 
@@ -173,34 +173,11 @@ def get_args(argv=None):
 # action), 0 after it. Masked positions may hold anything, even inf: they never reach a result.
 
 
-def masked_mean(x, mask):
-    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
-
-
 def masked_whiten(x, mask, eps=1e-8):
     """(x - mean) / std over the masked entries (PPO's advantage normalisation); 0 elsewhere."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
-
-
-def kl_estimates(logp, logp_ref, kind):
-    """Per-token estimates of KL(pi || pi_ref) from tokens sampled from pi (Schulman, "Approximating
-    KL divergence", 2020). With x = log pi(y_t) - log pi_ref(y_t):
-        k1 = x                      unbiased, noisy, negative for some tokens
-        k2 = x^2 / 2                biased, low variance, >= 0
-        k3 = (e^-x - 1) + x         unbiased, low variance, >= 0 (since e^z >= 1 + z)
-    Computed in float64 (expm1): in float32 the two terms of k3 cancel for tiny x."""
-    x = (logp - logp_ref).double()
-    if kind == "k1":
-        out = x
-    elif kind == "k2":
-        out = 0.5 * x ** 2
-    elif kind == "k3":
-        out = torch.expm1(-x) + x
-    else:
-        raise ValueError(f"unknown KL estimator {kind!r}")
-    return out.to(logp.dtype)
 
 
 def token_rewards(score, kl, mask, kl_coef):
@@ -332,46 +309,8 @@ def repeats(ids, n=4):
 
 
 # -----------------------------------------------------------------------------
-# Rollouts: one padded layout shared by every forward, so all log-probs are computed the same way
-
-
-def pad_rollout(prompts, responses, pad_id, stop_ids):
-    """Prompts LEFT-padded to a common length P (so every answer starts in column P, as in
-    model.generate), answers RIGHT-padded after their stop token. Returns idx (B, P + R),
-    attention_mask (B, P + R) (1 = real token), response_mask (B, R) float (1 up to and including the
-    first stop token, 0 after: nothing after EOS carries loss), and P. Answer token j sits in column
-    P + j and is predicted by the logits in column P + j - 1."""
-    stop = set(stop_ids)
-    cut = []
-    for r in responses:   # everything after the first stop token is dropped here, whoever made r
-        n = next((i + 1 for i, t in enumerate(r) if t in stop), len(r))
-        cut.append(list(r[:n]))
-    B, P, R = len(prompts), max(len(p) for p in prompts), max(1, max(len(r) for r in cut))
-    idx = torch.full((B, P + R), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, P + R), dtype=torch.long)
-    resp_mask = torch.zeros((B, R))
-    for b, (p, r) in enumerate(zip(prompts, cut)):
-        idx[b, P - len(p):P] = torch.tensor(p)
-        attn[b, P - len(p):P + len(r)] = 1
-        if r:
-            idx[b, P:P + len(r)] = torch.tensor(r)
-            resp_mask[b, :len(r)] = 1
-    return idx, attn, resp_mask, P
-
-
-def response_logprobs(model, idx, attn, P, temperature, with_entropy=False):
-    """log pi(y_t | x, y_<t) of every answer token (B, R) under softmax(logits / temperature) (the
-    distribution generate sampled from), and optionally the entropy of that distribution (B, R).
-    `model` is called as given: the DDP-wrapped actor in training (so gradients are averaged), the
-    plain one in the rollout. Same idx, same attention mask, same positions in both: the ratio check."""
-    logits, _ = model(idx, attention_mask=attn)
-    logits = logits[:, P - 1:-1].float() / temperature          # column t predicts token t + 1
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, idx[:, P:, None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+# Experience: critic values, frozen models, one batch's rollout statistics (the padded rollout layout and
+# its log-probs, shared with grpo.py, are common.py's RL helpers)
 
 
 def critic_values(critic, idx, attn, P):
@@ -427,30 +366,6 @@ def make_experience(actor, ref, rm, critic, prompts, responses, tok, args, kl_co
 # Data: prompts, the PPO-ptx batches, scoring answer strings
 
 
-def load_prompts(path, tok, max_len):
-    """Records with "messages" (ending on a user turn) or a "prompt" string; "truth" optional (then
-    the lab checker grades rollouts, for the reward-hacking alarm). -> (records, prompt ids)."""
-    from data.formats import Report, iter_json
-    records, ids, report = [], [], Report()
-    try:
-        for lineno, r in iter_json(path, report):   # malformed lines are counted with path:line and skipped
-            if "messages" not in r and isinstance(r.get("prompt"), str):
-                r = {**r, "messages": [{"role": "user", "content": r["prompt"]}]}
-            try:
-                ids.append(tok.render_prompt(r["messages"], max_len=max_len))
-                records.append(r)
-            except (KeyError, TypeError, AttributeError, ValueError) as e:
-                report.skip(path, lineno, f"not a usable prompt ({type(e).__name__}: {str(e)[:80]})")
-    except (OSError, ValueError) as e:
-        common.fail(f"{path}: {e}")
-    report.records = report.emitted = len(records)
-    if report.skipped:
-        print0(f"{path}: {report.summary()}")
-    if not records:
-        common.fail(f"{path}: no usable prompts (records need 'messages' ending on a user turn, or 'prompt')")
-    return records, ids
-
-
 class PtxData:
     """PPO-ptx (InstructGPT eq. 2, gamma * E_pretrain[log pi]): language-modelling batches mixed into
     the actor's loss. Conversations (any format sft.py reads) get sft.py's assistant-only loss; a
@@ -488,26 +403,6 @@ def reward_texts(rm, tok, device, ctx):
             raise ValueError(f"a prompt + answer does not fit the reward model's context ({rm.config.max_seq_len})")
         return [r[0] for r in score_groups(rm, groups, 32, tok.pad_id, local, ctx)]
     return reward_fn
-
-
-@torch.no_grad()
-def kl_to_model(policy, base, tok, convs, max_new_tokens, seed, ctx, batch_size=32):
-    """Monte-Carlo KL(pi || pi_base) per answer, in nats: answers sampled from pi at temperature 1 (no
-    top-k/p: the samples follow pi exactly), mean over answers of sum_t log pi(y_t) - log pi_base(y_t)."""
-    device = next(policy.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    total = 0.0
-    for s in range(0, len(convs), batch_size):
-        room = policy.config.max_seq_len - max_new_tokens
-        prompts = [tok.render_prompt(c, max_len=room) for c in convs[s:s + batch_size]]
-        with ctx:
-            answers = policy.generate(prompts, max_new_tokens, temperature=1.0, eos_id=tok.stop_ids, generator=gen)
-        idx, attn, mask, P = (t.to(device) if torch.is_tensor(t) else t
-                              for t in pad_rollout(prompts, answers, tok.pad_id, tok.stop_ids))
-        with ctx:
-            lp, lb = response_logprobs(policy, idx, attn, P, 1.0)[0], response_logprobs(base, idx, attn, P, 1.0)[0]
-        total += torch.where(mask.bool(), lp - lb, 0.0).sum().item()
-    return total / len(convs)
 
 
 # -----------------------------------------------------------------------------
