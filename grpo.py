@@ -609,6 +609,7 @@ def train(args, info):
                "score": tot["score"] / n, "accuracy": tot["correct"] / tot["checked"] if tot["checked"] else None,
                "zero_var_groups": int(tot["zero_var"]), "zero_var_after_refill": int(tot["zero_var_after"]),
                "refilled": int(tot["refilled"]), "groups": args.prompts_per_step * world,
+               "flat_frac": tot["zero_var"] / (args.prompts_per_step * world),
                "kl": tot["kl"] / n, "kl_k3": tot["kl_k3"] / n, "length": tot["length"] / n, "eos_frac": tot["eos"] / n,
                **{k: tot[k] / world for k in ("ratio_dev", "policy_loss", "entropy", "clipfrac", "approx_kl")},
                "time_gen": t1 - t0, "time_train": t2 - t1}
