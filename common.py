@@ -796,6 +796,61 @@ def read_jsonl(path: str) -> list:
 # tokens (its stop token included: stopping is an action), 0 after it.
 
 
+def frozen(model, dtype, device):
+    """A frozen model: no gradients, eval mode (no dropout), on `device`; when the run computes in
+    bf16, the weights of the blocks' linear layers are stored in bf16 (most of the memory). Only those:
+    autocast rounds exactly these weights to bf16 for the actor anyway, so the frozen copy computes the
+    same function bit for bit (KL at iteration 0 is exactly 0). Embeddings, norms and the LM head stay
+    fp32: a bf16 embedding would make the residual stream start (and accumulate) in bf16 while the
+    actor's is fp32 -- a different function, max |log-prob difference| ~4e-2 on the lab model."""
+    model.requires_grad_(False)
+    model.eval()
+    if dtype == torch.bfloat16:
+        for block in model.layers:
+            for m in block.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.data = m.weight.data.to(torch.bfloat16)
+    return model.to(device)
+
+
+def check_ratio(inv, stats, it):
+    """The run-time invariant of PPO-style updates: on the first minibatch of an iteration nothing has
+    been updated since the rollout, so pi == pi_old, |ratio - 1| < inv["ratio_tol"] and approx KL ~ 0.
+    A failure means rollout and training compute log-probs differently (padding, positions, dropout):
+    a silent bug that turns the update into noise. Updates inv's maxima and failure count; -> max |ratio - 1|."""
+    dev, akl = stats["ratio_dev"].item(), stats["approx_kl"].item()
+    inv["ratio_max_dev"], inv["approx_kl_max"] = max(inv["ratio_max_dev"], dev), max(inv["approx_kl_max"], akl)
+    if not dev < inv["ratio_tol"]:
+        inv["ratio_failures"] += 1
+        print0(f"warning: iteration {it}: ratio check FAILED: max |ratio - 1| = {dev:.2e} >= {inv['ratio_tol']:g} on "
+               f"the first minibatch (rollout and training compute log-probs differently: padding, positions?)")
+    return dev
+
+
+def check_kl_at_start(logp, logp_ref, mask, same_model):
+    """The other invariant: on the first rollout the policy IS the reference, so every per-token log-prob
+    difference must be exactly 0 (frozen() keeps a bf16 reference bit-identical too). Prints the
+    verdict; -> max |log pi - log pi_ref| over the answers' tokens."""
+    value = (logp - logp_ref).abs().mul(mask).max().item()
+    verdict = "not expected to be 0: --ref_model differs" if not same_model else (
+        "ok" if value == 0 else "MISMATCH: policy and reference compute log-probs differently")
+    print0(f"check at iteration 0 (policy == reference): max |log pi - log pi_ref| {value:.2e} ({verdict})")
+    return value
+
+
+def weights_in_sync(models, info):
+    """After a data-parallel run every process must hold the same weights (DDP averaged every gradient;
+    calling .module instead of the wrapper would let them drift). Compares checksums; prints; -> bool."""
+    if not info.distributed:
+        return True
+    checksum = torch.tensor([sum(p.double().sum().item() for p in m.parameters()) for m in models], dtype=torch.float64)
+    every = [torch.zeros_like(checksum) for _ in range(info.world_size)]
+    dist.all_gather(every, checksum)
+    ok = all(torch.equal(e, every[0]) for e in every)
+    print0(f"weights identical on all {info.world_size} processes: {'yes' if ok else 'NO (was .module called?)'}")
+    return ok
+
+
 def missing_eos(ids, stop_ids):
     """Was this generated answer cut at the length limit, i.e. has it no stop token? Such an answer
     is unfinished: its last number may be a half-written step, its last sentence half a sentence."""

@@ -73,11 +73,10 @@ import torch.distributed as dist
 
 import chat
 import common
-from common import (kl_estimates, kl_to_model, load_prompts, masked_mean, missing_eos, pad_rollout, print0,  # RL helpers
-                    response_logprobs)
+from common import (check_kl_at_start, check_ratio, frozen, kl_estimates, kl_to_model, load_prompts,  # RL helpers
+                    masked_mean, missing_eos, pad_rollout, print0, response_logprobs, weights_in_sync)
 from data import lab
 from data.formats import parse_weighted
-from rlhf_ppo import frozen
 
 REWARDS = ("checker", "math", "model")
 
@@ -540,12 +539,8 @@ def train(args, info):
         k1 = torch.where(mask.bool(), kl_estimates(logp_old, logp_ref, "k1"), 0.0).sum(1).double().cpu()
         k3 = torch.where(mask.bool(), kl_estimates(logp_old, logp_ref, "k3"), 0.0).sum(1).double().cpu()
         if it == 0 and inv["kl_at_start"] is None:   # policy == reference: every KL term must be exactly 0
-            inv["kl_at_start"] = (logp_old - logp_ref).abs().mul(mask).max().item()
-            same = (args.ref_model or args.init_from) == args.init_from
-            verdict = "not expected to be 0: --ref_model differs" if not same else (
-                "ok" if inv["kl_at_start"] == 0 else "MISMATCH: policy and reference compute log-probs differently")
-            print0(f"check at iteration 0 (policy == reference): max |log pi - log pi_ref| "
-                   f"{inv['kl_at_start']:.2e} ({verdict})")
+            inv["kl_at_start"] = check_kl_at_start(logp_old, logp_ref, mask,
+                                                   (args.ref_model or args.init_from) == args.init_from)
         total = rewards - args.kl_coef * k1 if args.kl == "k1_reward" else rewards
         advantages = group_advantages(total, G, args.advantage, args.adv_eps).float().to(device)
         exp = {"idx": idx, "attn": attn, "mask": mask, "logp_old": logp_old, "logp_ref": logp_ref,
@@ -572,13 +567,7 @@ def train(args, info):
                     loss = aggregate(lt, mb["mask"], args.loss_norm, denom)
                     loss.backward()
                 if k == 0 and micro == 0:   # nothing has been updated since the rollout: the ratio must be 1
-                    dev, akl = st["ratio_dev"].item(), st["approx_kl"].item()
-                    inv["ratio_max_dev"], inv["approx_kl_max"] = max(inv["ratio_max_dev"], dev), max(inv["approx_kl_max"], akl)
-                    if not dev < ratio_tol:
-                        inv["ratio_failures"] += 1
-                        print0(f"warning: iteration {it}: ratio check FAILED: max |ratio - 1| = {dev:.2e} on the first "
-                               f"minibatch (rollout and training compute log-probs differently)")
-                    sums["ratio_dev"] = dev
+                    sums["ratio_dev"] = check_ratio(inv, st, it)
                 for key, v in (("policy_loss", loss), ("entropy", masked_mean(ent.detach(), mb["mask"])),
                                ("clipfrac", st["clipfrac"]), ("approx_kl", st["approx_kl"])):
                     sums[key] = sums.get(key, 0.0) + v.item()
@@ -647,13 +636,7 @@ def train(args, info):
             common.rotate_checkpoints(args.out_dir, args.keep_last)
 
     # --- the processes must hold the same policy (DDP averaged every gradient) ---------------------------
-    checksum = torch.tensor([sum(p.double().sum().item() for p in raw_actor.parameters())], dtype=torch.float64)
-    in_sync = True
-    if info.distributed:
-        every = [torch.zeros_like(checksum) for _ in range(world)]
-        dist.all_gather(every, checksum)
-        in_sync = all(torch.equal(e, every[0]) for e in every)
-        print0(f"weights identical on all {world} processes: {'yes' if in_sync else 'NO (was .module called?)'}")
+    in_sync = weights_in_sync([raw_actor], info)
 
     final = checkpoint("final", False)
     print0(f"invariants over {inv['iterations']} iterations: max |ratio - 1| on first minibatches "

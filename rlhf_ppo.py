@@ -83,8 +83,8 @@ import torch.distributed as dist
 import chat
 import common
 import sft
-from common import (kl_estimates, kl_to_model, load_prompts, masked_mean, pad_rollout, print0,  # RL helpers
-                    response_logprobs)
+from common import (check_kl_at_start, check_ratio, frozen, kl_estimates, kl_to_model, load_prompts,  # RL helpers
+                    masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
 from data import lab
 from reward import encode_group, load_reward_model, score_groups, tokenizer_for
 
@@ -323,23 +323,6 @@ def critic_values(critic, idx, attn, P):
     return (critic(idx, attn, per_token=True)[:, P - 1:-1].float() - plain.reward_mean) / plain.reward_std
 
 
-def frozen(model, dtype, device):
-    """A frozen model: no gradients, eval mode (no dropout), on `device`; when the run computes in
-    bf16, the weights of the blocks' linear layers are stored in bf16 (most of the memory). Only those:
-    autocast rounds exactly these weights to bf16 for the actor anyway, so the frozen copy computes the
-    same function bit for bit (KL at iteration 0 is exactly 0). Embeddings, norms and the LM head stay
-    fp32: a bf16 embedding would make the residual stream start (and accumulate) in bf16 while the
-    actor's is fp32 -- a different function, max |log-prob difference| ~4e-2 on the lab model."""
-    model.requires_grad_(False)
-    model.eval()
-    if dtype == torch.bfloat16:
-        for block in model.layers:
-            for m in block.modules():
-                if isinstance(m, torch.nn.Linear):
-                    m.weight.data = m.weight.data.to(torch.bfloat16)
-    return model.to(device)
-
-
 @torch.no_grad()
 def make_experience(actor, ref, rm, critic, prompts, responses, tok, args, kl_coef, ctx, device):
     """Step 2 of the loop: everything PPO needs about a batch of answers, computed once, no gradients.
@@ -527,16 +510,6 @@ def train(args, info):
                f"on {out[0]['n']} held-out prompts")
         logger.log(event="eval", step=it, **out[0])
 
-    def check_ratio(st):
-        """The run-time invariant: on the first minibatch pi == pi_old, so |ratio - 1| < tol and approx KL ~ 0."""
-        dev, akl = st["ratio_dev"].item(), st["approx_kl"].item()
-        inv["ratio_max_dev"], inv["approx_kl_max"] = max(inv["ratio_max_dev"], dev), max(inv["approx_kl_max"], akl)
-        if not dev < ratio_tol:
-            inv["ratio_failures"] += 1
-            print0(f"warning: iteration {it}: ratio check FAILED: max |ratio - 1| = {dev:.2e} >= {ratio_tol:g} on the "
-                   f"first minibatch (rollout and training compute log-probs differently: padding, positions?)")
-        return dev
-
     def clock():   # the time split generation / scoring / training needs finished GPU work
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -570,12 +543,8 @@ def train(args, info):
             ref.cpu(), rm.cpu()
             torch.cuda.empty_cache()
         if it == 0 and inv["kl_at_start"] is None:   # actor == reference: every KL term must be 0
-            inv["kl_at_start"] = (exp["logp_old"] - exp["logp_ref"]).abs().mul(exp["mask"]).max().item()
-            same = (args.ref_model or args.init_from) == args.init_from
-            verdict = "not expected to be 0: --ref_model differs" if not same else (
-                "ok" if inv["kl_at_start"] == 0 else "MISMATCH: actor and reference compute log-probs differently")
-            print0(f"check at iteration 0 (actor == reference): max |log pi - log pi_ref| {inv['kl_at_start']:.2e} "
-                   f"({verdict})")
+            inv["kl_at_start"] = check_kl_at_start(exp["logp_old"], exp["logp_ref"], exp["mask"],
+                                                   (args.ref_model or args.init_from) == args.init_from)
         inv["k3_min"] = min(inv["k3_min"], exp["k3_min"].item())
         t2 = clock()
 
@@ -599,7 +568,7 @@ def train(args, info):
                     entropy = masked_mean(ent if args.entropy_coef > 0 else ent.detach(), mb["mask"])
                     ((pl - args.entropy_coef * entropy) / args.grad_accum).backward()
                 if k == 0 and micro == 0:   # nothing has been updated since the rollout: the ratio must be 1
-                    sums["ratio_dev"] = check_ratio(st)
+                    sums["ratio_dev"] = check_ratio(inv, st, it)
                 if ptx is not None:   # PPO-ptx: a language-modelling batch through the same (wrapped) actor
                     x, y = ptx.batch(mbs, it, rank, k, micro)
                     with common.grad_sync(actor, last):
@@ -693,14 +662,7 @@ def train(args, info):
             common.rotate_checkpoints(args.out_dir, args.keep_last)
 
     # --- the processes must hold the same actor (DDP averaged every gradient) ----------------------------
-    checksum = torch.tensor([sum(p.double().sum().item() for p in raw_actor.parameters()),
-                             sum(p.double().sum().item() for p in raw_critic.parameters())], dtype=torch.float64)
-    in_sync = True
-    if info.distributed:
-        every = [torch.zeros_like(checksum) for _ in range(world)]
-        dist.all_gather(every, checksum)
-        in_sync = all(torch.equal(e, every[0]) for e in every)
-        print0(f"weights identical on all {world} processes: {'yes' if in_sync else 'NO (was .module called?)'}")
+    in_sync = weights_in_sync([raw_actor, raw_critic], info)
 
     # --- save, then the end-of-run evaluation on rank 0 --------------------------------------------------
     final = checkpoint("final", False)

@@ -183,8 +183,14 @@ def test_math_reward_edge_cases():
     assert grpo.math_reference({"prompt": "hi"}) is None
 
 
-def test_checker_reward_edge_cases():
-    sets = lab.generate(seed=0, pretrain_docs=10, sft_train=10, sft_val=10)
+@pytest.fixture(scope="module")
+def lab_sets():
+    return lab.generate(seed=0, pretrain_docs=10, sft_train=10, sft_val=10, prefs_train=10, prefs_val=8,
+                        rank_train=10, rl_prompts=80, rl_eval=10)
+
+
+def test_checker_reward_edge_cases(lab_sets):
+    sets = lab_sets
     fact = next(r for r in sets["rl_prompts"] if r["task"] == "fact" and r["truth"]["lang"] == "en")
     zh = next(r for r in sets["rl_prompts"] if r["task"] == "fact" and r["truth"]["lang"] == "zh")
     arith = next(r for r in sets["rl_prompts"] if r["task"] == "arith" and r["truth"]["lang"] == "en")
@@ -237,8 +243,7 @@ def test_prompt_file_errors(tok, tmp_path, capsys):
 # End to end on a tiny model: exact resume; DDP
 
 
-def write_fixture(d, tok):
-    sets = lab.generate(seed=0, pretrain_docs=10, sft_train=10, sft_val=10)
+def write_fixture(d, tok, sets):
     with open(d / "prompts.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in sets["rl_prompts"][:40])
     init = tiny(tok, seed=0, max_seq_len=64)
@@ -260,8 +265,8 @@ def grpo_argv(d, out, *extra):
             "--seed", "1", *extra]
 
 
-def test_exact_resume(tok, tmp_path, one_thread):
-    d = write_fixture(tmp_path, tok)
+def test_exact_resume(tok, tmp_path, one_thread, lab_sets):
+    d = write_fixture(tmp_path, tok, lab_sets)
     flags = ("--max_steps", "4", "--save_interval", "2", "--keep_last", "0", "--epochs", "2",
              "--dynamic_sampling", "--kl", "k3_loss")
     ma = grpo.main(grpo_argv(d, tmp_path / "a", *flags))
@@ -315,8 +320,8 @@ def _dist_worker(rank, world, store, tokpath, argv, queue):
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_equal_one_process(tok, tmp_path, one_thread):
-    d = write_fixture(tmp_path, tok)
+def test_ddp_gradients_equal_one_process(tok, tmp_path, one_thread, lab_sets):
+    d = write_fixture(tmp_path, tok, lab_sets)
     argv = grpo_argv(d, tmp_path / "ddp", "--max_steps", "2", "--kl", "k3_loss")
     ctx = torch.multiprocessing.get_context("fork")
     queue = ctx.SimpleQueue()
