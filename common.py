@@ -65,6 +65,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model import Llama, LlamaConfig, load_state_dict_checked
 
@@ -824,6 +825,181 @@ def penalize_missing_eos(scores, ended_flags, penalty: float):
     if torch.is_tensor(scores):
         return scores - penalty * (~ended_flags.bool()).to(scores.dtype)
     return [s - (0.0 if e else penalty) for s, e in zip(scores, ended_flags)]
+
+
+# RL helpers (rlhf_ppo.py, grpo.py): rollouts in one padded layout, their log-probs, KL estimates.
+# Tensors (B, R): one row per answer, one column per response token; mask (B, R) is 1 on the answer's
+# tokens (its stop token included: stopping is an action), 0 after it.
+
+
+def frozen(model, dtype, device):
+    """A frozen model: no gradients, eval mode (no dropout), on `device`; when the run computes in
+    bf16, the weights of the blocks' linear layers are stored in bf16 (most of the memory). Only those:
+    autocast rounds exactly these weights to bf16 for the actor anyway, so the frozen copy computes the
+    same function bit for bit (KL at iteration 0 is exactly 0). Embeddings, norms and the LM head stay
+    fp32: a bf16 embedding would make the residual stream start (and accumulate) in bf16 while the
+    actor's is fp32 -- a different function, max |log-prob difference| ~4e-2 on the lab model."""
+    model.requires_grad_(False)
+    model.eval()
+    if dtype == torch.bfloat16:
+        for block in model.layers:
+            for m in block.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.data = m.weight.data.to(torch.bfloat16)
+    return model.to(device)
+
+
+def check_ratio(inv, stats, it):
+    """The run-time invariant of PPO-style updates: on the first minibatch of an iteration nothing has
+    been updated since the rollout, so pi == pi_old, |ratio - 1| < inv["ratio_tol"] and approx KL ~ 0.
+    A failure means rollout and training compute log-probs differently (padding, positions, dropout):
+    a silent bug that turns the update into noise. Updates inv's maxima and failure count; -> max |ratio - 1|."""
+    dev, akl = stats["ratio_dev"].item(), stats["approx_kl"].item()
+    inv["ratio_max_dev"], inv["approx_kl_max"] = max(inv["ratio_max_dev"], dev), max(inv["approx_kl_max"], akl)
+    if not dev < inv["ratio_tol"]:
+        inv["ratio_failures"] += 1
+        print0(f"warning: iteration {it}: ratio check FAILED: max |ratio - 1| = {dev:.2e} >= {inv['ratio_tol']:g} on "
+               f"the first minibatch (rollout and training compute log-probs differently: padding, positions?)")
+    return dev
+
+
+def check_kl_at_start(logp, logp_ref, mask, same_model):
+    """The other invariant: on the first rollout the policy IS the reference, so every per-token log-prob
+    difference must be exactly 0 (frozen() keeps a bf16 reference bit-identical too). Prints the
+    verdict; -> max |log pi - log pi_ref| over the answers' tokens."""
+    value = (logp - logp_ref).abs().mul(mask).max().item()
+    verdict = "not expected to be 0: --ref_model differs" if not same_model else (
+        "ok" if value == 0 else "MISMATCH: policy and reference compute log-probs differently")
+    print0(f"check at iteration 0 (policy == reference): max |log pi - log pi_ref| {value:.2e} ({verdict})")
+    return value
+
+
+def weights_in_sync(models, info):
+    """After a data-parallel run every process must hold the same weights (DDP averaged every gradient;
+    calling .module instead of the wrapper would let them drift). Compares checksums; prints; -> bool."""
+    if not info.distributed:
+        return True
+    checksum = torch.tensor([sum(p.double().sum().item() for p in m.parameters()) for m in models], dtype=torch.float64)
+    every = [torch.zeros_like(checksum) for _ in range(info.world_size)]
+    dist.all_gather(every, checksum)
+    ok = all(torch.equal(e, every[0]) for e in every)
+    print0(f"weights identical on all {info.world_size} processes: {'yes' if ok else 'NO (was .module called?)'}")
+    return ok
+
+
+def masked_mean(x, mask):
+    """Mean of x over the entries where mask is 1 (masked entries may hold anything, even inf)."""
+    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def kl_estimates(logp, logp_ref, kind):
+    """Per-token estimates of KL(pi || pi_ref) from tokens sampled from pi (Schulman, "Approximating
+    KL divergence", 2020). With x = log pi(y_t) - log pi_ref(y_t):
+        k1 = x                      unbiased, noisy, negative for some tokens
+        k2 = x^2 / 2                biased, low variance, >= 0
+        k3 = (e^-x - 1) + x         unbiased, low variance, >= 0 (since e^z >= 1 + z)
+    Computed in float64 (expm1): in float32 the two terms of k3 cancel for tiny x."""
+    x = (logp - logp_ref).double()
+    if kind == "k1":
+        out = x
+    elif kind == "k2":
+        out = 0.5 * x ** 2
+    elif kind == "k3":
+        out = torch.expm1(-x) + x
+    else:
+        raise ValueError(f"unknown KL estimator {kind!r}")
+    return out.to(logp.dtype)
+
+
+def pad_rollout(prompts, responses, pad_id, stop_ids):
+    """Prompts LEFT-padded to a common length P (so every answer starts in column P, as in
+    model.generate), answers RIGHT-padded after their stop token. Returns idx (B, P + R),
+    attention_mask (B, P + R) (1 = real token), response_mask (B, R) float (1 up to and including the
+    first stop token, 0 after: nothing after EOS carries loss), and P. Answer token j sits in column
+    P + j and is predicted by the logits in column P + j - 1."""
+    stop = set(stop_ids)
+    cut = []
+    for r in responses:   # everything after the first stop token is dropped here, whoever made r
+        n = next((i + 1 for i, t in enumerate(r) if t in stop), len(r))
+        cut.append(list(r[:n]))
+    B, P, R = len(prompts), max(len(p) for p in prompts), max(1, max(len(r) for r in cut))
+    idx = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    resp_mask = torch.zeros((B, R))
+    for b, (p, r) in enumerate(zip(prompts, cut)):
+        idx[b, P - len(p):P] = torch.tensor(p)
+        attn[b, P - len(p):P + len(r)] = 1
+        if r:
+            idx[b, P:P + len(r)] = torch.tensor(r)
+            resp_mask[b, :len(r)] = 1
+    return idx, attn, resp_mask, P
+
+
+def response_logprobs(model, idx, attn, P, temperature, with_entropy=False):
+    """log pi(y_t | x, y_<t) of every answer token (B, R) under softmax(logits / temperature) (the
+    distribution generate sampled from), and optionally the entropy of that distribution (B, R).
+    `model` is called as given: the DDP-wrapped actor in training (so gradients are averaged), the
+    plain one in the rollout. Same idx, same attention mask, same positions in both: the ratio check."""
+    logits, _ = model(idx, attention_mask=attn)
+    logits = logits[:, P - 1:-1].float() / temperature          # column t predicts token t + 1
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, idx[:, P:, None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def load_prompts(path, tok, max_len, check=None):
+    """Records with "messages" (ending on a user turn) or a "prompt" string; "truth" optional (then
+    the lab checker grades rollouts). check(record) -> None, or why the record is unusable (grpo.py:
+    a verifier needs a truth or a numeric reference). Malformed and unusable lines are skipped and
+    reported with path:line; no usable line at all is an error. -> (records, prompt ids)."""
+    from data.formats import Report, iter_json
+    records, ids, report = [], [], Report()
+    try:
+        for lineno, r in iter_json(path, report):   # malformed lines are counted with path:line and skipped
+            if "messages" not in r and isinstance(r.get("prompt"), str):
+                r = {**r, "messages": [{"role": "user", "content": r["prompt"]}]}
+            try:
+                p = tok.render_prompt(r["messages"], max_len=max_len)
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                report.skip(path, lineno, f"not a usable prompt ({type(e).__name__}: {str(e)[:80]})")
+                continue
+            why = check(r) if check else None
+            if why:
+                report.skip(path, lineno, f"not a usable prompt ({why})")
+                continue
+            ids.append(p)
+            records.append(r)
+    except (OSError, ValueError) as e:
+        fail(f"{path}: {e}")
+    report.records = report.emitted = len(records)
+    if report.skipped:
+        print0(f"{path}: {report.summary()}")
+    if not records:
+        fail(f"{path}: no usable prompts (records need 'messages' ending on a user turn, or 'prompt')")
+    return records, ids
+
+
+@torch.no_grad()
+def kl_to_model(policy, base, tok, convs, max_new_tokens, seed, ctx, batch_size=32):
+    """Monte-Carlo KL(pi || pi_base) per answer, in nats: answers sampled from pi at temperature 1 (no
+    top-k/p: the samples follow pi exactly), mean over answers of sum_t log pi(y_t) - log pi_base(y_t)."""
+    device = next(policy.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total = 0.0
+    for s in range(0, len(convs), batch_size):
+        room = policy.config.max_seq_len - max_new_tokens
+        prompts = [tok.render_prompt(c, max_len=room) for c in convs[s:s + batch_size]]
+        with ctx:
+            answers = policy.generate(prompts, max_new_tokens, temperature=1.0, eos_id=tok.stop_ids, generator=gen)
+        idx, attn, mask, P = (t.to(device) if torch.is_tensor(t) else t
+                              for t in pad_rollout(prompts, answers, tok.pad_id, tok.stop_ids))
+        with ctx:
+            lp, lb = response_logprobs(policy, idx, attn, P, 1.0)[0], response_logprobs(base, idx, attn, P, 1.0)[0]
+        total += torch.where(mask.bool(), lp - lb, 0.0).sum().item()
+    return total / len(convs)
 
 
 # -----------------------------------------------------------------------------

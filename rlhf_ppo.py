@@ -79,12 +79,12 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import chat
 import common
 import sft
-from common import print0
+from common import (check_kl_at_start, check_ratio, frozen, kl_estimates, kl_to_model, load_prompts,  # RL helpers
+                    masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
 from data import lab
 from reward import load_reward_model, reward_scorer, tokenizer_for
 
@@ -172,10 +172,6 @@ def get_args(argv=None):
 # action), 0 after it. Masked positions may hold anything, even inf: they never reach a result.
 
 
-def masked_mean(x, mask):
-    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
-
-
 def masked_whiten(x, mask, eps=1e-8):
     """(x - mean) / std over the masked entries (PPO's advantage normalisation); 0 elsewhere.
     std is the POPULATION standard deviation (divide by n), on purpose: the whitened entries then have
@@ -184,25 +180,6 @@ def masked_whiten(x, mask, eps=1e-8):
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
-
-
-def kl_estimates(logp, logp_ref, kind):
-    """Per-token estimates of KL(pi || pi_ref) from tokens sampled from pi (Schulman, "Approximating
-    KL divergence", 2020). With x = log pi(y_t) - log pi_ref(y_t):
-        k1 = x                      unbiased, noisy, negative for some tokens
-        k2 = x^2 / 2                biased, low variance, >= 0
-        k3 = (e^-x - 1) + x         unbiased, low variance, >= 0 (since e^z >= 1 + z)
-    Computed in float64 (expm1): in float32 the two terms of k3 cancel for tiny x."""
-    x = (logp - logp_ref).double()
-    if kind == "k1":
-        out = x
-    elif kind == "k2":
-        out = 0.5 * x ** 2
-    elif kind == "k3":
-        out = torch.expm1(-x) + x
-    else:
-        raise ValueError(f"unknown KL estimator {kind!r}")
-    return out.to(logp.dtype)
 
 
 def token_rewards(score, kl, mask, kl_coef):
@@ -334,46 +311,8 @@ def repeats(ids, n=4):
 
 
 # -----------------------------------------------------------------------------
-# Rollouts: one padded layout shared by every forward, so all log-probs are computed the same way
-
-
-def pad_rollout(prompts, responses, pad_id, stop_ids):
-    """Prompts LEFT-padded to a common length P (so every answer starts in column P, as in
-    model.generate), answers RIGHT-padded after their stop token. Returns idx (B, P + R),
-    attention_mask (B, P + R) (1 = real token), response_mask (B, R) float (1 up to and including the
-    first stop token, 0 after: nothing after EOS carries loss), and P. Answer token j sits in column
-    P + j and is predicted by the logits in column P + j - 1."""
-    stop = set(stop_ids)
-    cut = []
-    for r in responses:   # everything after the first stop token is dropped here, whoever made r
-        n = next((i + 1 for i, t in enumerate(r) if t in stop), len(r))
-        cut.append(list(r[:n]))
-    B, P, R = len(prompts), max(len(p) for p in prompts), max(1, max(len(r) for r in cut))
-    idx = torch.full((B, P + R), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, P + R), dtype=torch.long)
-    resp_mask = torch.zeros((B, R))
-    for b, (p, r) in enumerate(zip(prompts, cut)):
-        idx[b, P - len(p):P] = torch.tensor(p)
-        attn[b, P - len(p):P + len(r)] = 1
-        if r:
-            idx[b, P:P + len(r)] = torch.tensor(r)
-            resp_mask[b, :len(r)] = 1
-    return idx, attn, resp_mask, P
-
-
-def response_logprobs(model, idx, attn, P, temperature, with_entropy=False):
-    """log pi(y_t | x, y_<t) of every answer token (B, R) under softmax(logits / temperature) (the
-    distribution generate sampled from), and optionally the entropy of that distribution (B, R).
-    `model` is called as given: the DDP-wrapped actor in training (so gradients are averaged), the
-    plain one in the rollout. Same idx, same attention mask, same positions in both: the ratio check."""
-    logits, _ = model(idx, attention_mask=attn)
-    logits = logits[:, P - 1:-1].float() / temperature          # column t predicts token t + 1
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, idx[:, P:, None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+# Experience: critic values, frozen models, one batch's rollout statistics (the padded rollout layout and
+# its log-probs, shared with grpo.py, are common.py's RL helpers)
 
 
 def critic_values(critic, idx, attn, P):
@@ -384,23 +323,6 @@ def critic_values(critic, idx, attn, P):
     the normalised score, instead of a value loss of order std^2 on the first iterations."""
     plain = common.unwrap(critic)
     return (critic(idx, attn, per_token=True)[:, P - 1:-1].float() - plain.reward_mean) / plain.reward_std
-
-
-def frozen(model, dtype, device):
-    """A frozen model: no gradients, eval mode (no dropout), on `device`; when the run computes in
-    bf16, the weights of the blocks' linear layers are stored in bf16 (most of the memory). Only those:
-    autocast rounds exactly these weights to bf16 for the actor anyway, so the frozen copy computes the
-    same function bit for bit (KL at iteration 0 is exactly 0). Embeddings, norms and the LM head stay
-    fp32: a bf16 embedding would make the residual stream start (and accumulate) in bf16 while the
-    actor's is fp32 -- a different function, max |log-prob difference| ~4e-2 on the lab model."""
-    model.requires_grad_(False)
-    model.eval()
-    if dtype == torch.bfloat16:
-        for block in model.layers:
-            for m in block.modules():
-                if isinstance(m, torch.nn.Linear):
-                    m.weight.data = m.weight.data.to(torch.bfloat16)
-    return model.to(device)
 
 
 @torch.no_grad()
@@ -437,30 +359,6 @@ def make_experience(actor, ref, rm, critic, prompts, responses, tok, args, kl_co
 # Data: prompts, the PPO-ptx batches, scoring answer strings
 
 
-def load_prompts(path, tok, max_len):
-    """Records with "messages" (ending on a user turn) or a "prompt" string; "truth" optional (then
-    the lab checker grades rollouts, for the reward-hacking alarm). -> (records, prompt ids)."""
-    from data.formats import Report, iter_json
-    records, ids, report = [], [], Report()
-    try:
-        for lineno, r in iter_json(path, report):   # malformed lines are counted with path:line and skipped
-            if "messages" not in r and isinstance(r.get("prompt"), str):
-                r = {**r, "messages": [{"role": "user", "content": r["prompt"]}]}
-            try:
-                ids.append(tok.render_prompt(r["messages"], max_len=max_len))
-                records.append(r)
-            except (KeyError, TypeError, AttributeError, ValueError) as e:
-                report.skip(path, lineno, f"not a usable prompt ({type(e).__name__}: {str(e)[:80]})")
-    except (OSError, ValueError) as e:
-        common.fail(f"{path}: {e}")
-    report.records = report.emitted = len(records)
-    if report.skipped:
-        print0(f"{path}: {report.summary()}")
-    if not records:
-        common.fail(f"{path}: no usable prompts (records need 'messages' ending on a user turn, or 'prompt')")
-    return records, ids
-
-
 class PtxData:
     """PPO-ptx (InstructGPT eq. 2, gamma * E_pretrain[log pi]): language-modelling batches mixed into
     the actor's loss. Conversations (any format sft.py reads) get sft.py's assistant-only loss; a
@@ -486,24 +384,6 @@ class PtxData:
         return sft.collate([self.split.example(int(k)) for k in pick], self.tok.pad_id)
 
 
-@torch.no_grad()
-def kl_to_model(policy, base, tok, convs, max_new_tokens, seed, ctx, batch_size=32):
-    """Monte-Carlo KL(pi || pi_base) per answer, in nats: answers sampled from pi at temperature 1 (no
-    top-k/p: the samples follow pi exactly), mean over answers of sum_t log pi(y_t) - log pi_base(y_t)."""
-    device = next(policy.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    total = 0.0
-    for s in range(0, len(convs), batch_size):
-        room = policy.config.max_seq_len - max_new_tokens
-        prompts = [tok.render_prompt(c, max_len=room) for c in convs[s:s + batch_size]]
-        with ctx:
-            answers = policy.generate(prompts, max_new_tokens, temperature=1.0, eos_id=tok.stop_ids, generator=gen)
-        idx, attn, mask, P = (t.to(device) if torch.is_tensor(t) else t
-                              for t in pad_rollout(prompts, answers, tok.pad_id, tok.stop_ids))
-        with ctx:
-            lp, lb = response_logprobs(policy, idx, attn, P, 1.0)[0], response_logprobs(base, idx, attn, P, 1.0)[0]
-        total += torch.where(mask.bool(), lp - lb, 0.0).sum().item()
-    return total / len(convs)
 
 
 # -----------------------------------------------------------------------------
@@ -623,16 +503,6 @@ def train(args, info):
                f"on {out[0]['n']} held-out prompts")
         logger.log(event="eval", step=it, **out[0])
 
-    def check_ratio(st):
-        """The run-time invariant: on the first minibatch pi == pi_old, so |ratio - 1| < tol and approx KL ~ 0."""
-        dev, akl = st["ratio_dev"].item(), st["approx_kl"].item()
-        inv["ratio_max_dev"], inv["approx_kl_max"] = max(inv["ratio_max_dev"], dev), max(inv["approx_kl_max"], akl)
-        if not dev < ratio_tol:
-            inv["ratio_failures"] += 1
-            print0(f"warning: iteration {it}: ratio check FAILED: max |ratio - 1| = {dev:.2e} >= {ratio_tol:g} on the "
-                   f"first minibatch (rollout and training compute log-probs differently: padding, positions?)")
-        return dev
-
     def clock():   # the time split generation / scoring / training needs finished GPU work
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -666,12 +536,8 @@ def train(args, info):
             ref.cpu(), rm.cpu()
             torch.cuda.empty_cache()
         if it == 0 and inv["kl_at_start"] is None:   # actor == reference: every KL term must be 0
-            inv["kl_at_start"] = (exp["logp_old"] - exp["logp_ref"]).abs().mul(exp["mask"]).max().item()
-            same = (args.ref_model or args.init_from) == args.init_from
-            verdict = "not expected to be 0: --ref_model differs" if not same else (
-                "ok" if inv["kl_at_start"] == 0 else "MISMATCH: actor and reference compute log-probs differently")
-            print0(f"check at iteration 0 (actor == reference): max |log pi - log pi_ref| {inv['kl_at_start']:.2e} "
-                   f"({verdict})")
+            inv["kl_at_start"] = check_kl_at_start(exp["logp_old"], exp["logp_ref"], exp["mask"],
+                                                   (args.ref_model or args.init_from) == args.init_from)
         inv["k3_min"] = min(inv["k3_min"], exp["k3_min"].item())
         t2 = clock()
 
@@ -695,7 +561,7 @@ def train(args, info):
                     entropy = masked_mean(ent if args.entropy_coef > 0 else ent.detach(), mb["mask"])
                     ((pl - args.entropy_coef * entropy) / args.grad_accum).backward()
                 if k == 0 and micro == 0:   # nothing has been updated since the rollout: the ratio must be 1
-                    sums["ratio_dev"] = check_ratio(st)
+                    sums["ratio_dev"] = check_ratio(inv, st, it)
                 if ptx is not None:   # PPO-ptx: a language-modelling batch through the same (wrapped) actor
                     x, y = ptx.batch(mbs, it, rank, k, micro)
                     with common.grad_sync(actor, last):
@@ -789,14 +655,7 @@ def train(args, info):
             common.rotate_checkpoints(args.out_dir, args.keep_last)
 
     # --- the processes must hold the same actor (DDP averaged every gradient) ----------------------------
-    checksum = torch.tensor([sum(p.double().sum().item() for p in raw_actor.parameters()),
-                             sum(p.double().sum().item() for p in raw_critic.parameters())], dtype=torch.float64)
-    in_sync = True
-    if info.distributed:
-        every = [torch.zeros_like(checksum) for _ in range(world)]
-        dist.all_gather(every, checksum)
-        in_sync = all(torch.equal(e, every[0]) for e in every)
-        print0(f"weights identical on all {world} processes: {'yes' if in_sync else 'NO (was .module called?)'}")
+    in_sync = weights_in_sync([raw_actor, raw_critic], info)
 
     # --- save, then the end-of-run evaluation on rank 0 --------------------------------------------------
     final = checkpoint("final", False)

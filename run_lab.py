@@ -93,6 +93,8 @@ SIZES = {
                  samples=4, eval_interval=20, log_interval=5, eval_limit=32),
         ppo=dict(max_steps=30, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.1,
                  ptx_coef=1.0, eval_interval=10, eval_sample=16, eval_limit=32, sample_interval=0, log_interval=1),
+        grpo=dict(max_steps=10, prompts_per_step=4, group_size=4, batch_size=16, lr=1e-4, min_lr=1e-5,
+                  max_new_tokens=32, eval_interval=0, eval_limit=32, sample_interval=0, log_interval=1),
         eval=dict(max_new_tokens=32),
     ),
     "lab": dict(
@@ -108,6 +110,8 @@ SIZES = {
                  round_prompts=256, samples=4, eval_interval=50, log_interval=10, eval_limit=64),
         ppo=dict(max_steps=40, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.1,
                  ptx_coef=1.0, eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
+        grpo=dict(max_steps=30, prompts_per_step=8, group_size=8, batch_size=16, lr=1e-4, min_lr=1e-5,
+                  eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
         eval=dict(max_new_tokens=48),
     ),
     "gpu": dict(   # NOT yet measured on a GPU: the lab recipe, scaled up (a bigger model, more data and steps)
@@ -123,6 +127,8 @@ SIZES = {
                  round_prompts=1024, samples=4, eval_interval=200, log_interval=20, eval_limit=200),
         ppo=dict(max_steps=100, rollout_batch=64, batch_size=32, lr=5e-5, min_lr=5e-6, critic_lr=5e-4, kl_coef=0.1,
                  ptx_coef=1.0, eval_interval=20, eval_sample=64, eval_limit=200, sample_interval=20, log_interval=5),
+        grpo=dict(max_steps=100, prompts_per_step=16, group_size=8, batch_size=32, lr=5e-5, min_lr=5e-6,
+                  eval_interval=20, eval_sample=64, eval_limit=200, sample_interval=20, log_interval=5),
         eval=dict(max_new_tokens=48),
     ),
 }
@@ -139,6 +145,7 @@ CODE = {
     "reward": ["reward.py", "data/formats.py"] + CORE,
     "dpo": ["dpo.py", "reward.py", "chat.py", "data/formats.py", "data/lab.py"] + CORE,
     "ppo": ["rlhf_ppo.py", "reward.py", "chat.py", "data/lab.py"] + CORE,
+    "grpo": ["grpo.py", "rlhf_ppo.py", "reward.py", "chat.py", "data/lab.py", "data/formats.py"] + CORE,
     "eval": ["run_lab.py", "chat.py", "reward.py", "data/lab.py"] + CORE,
 }
 
@@ -262,9 +269,15 @@ def build_stages(args):
                          "--out_dir", j("ppo"), "--save_interval", "0"]
                         + flags(S["ppo"]) + common_flags,
                         j("ppo"), j("ppo", "metrics.json"), ["sft", "reward", "prepare", "data"], CODE["ppo"]))
+    stages.append(Stage("grpo", "GRPO with the lab checker as the reward: from SFT, no critic, no reward model",
+                        ["grpo.py", "--init_from", j("sft", "final.pt"), "--reward", "checker",
+                         "--prompts", os.path.join(data, "rl_prompts.jsonl"), "--eval_data",
+                         os.path.join(data, "rl_eval.jsonl"), "--out_dir", j("grpo"), "--save_interval", "0"]
+                        + flags(S["grpo"]) + common_flags,
+                        j("grpo"), j("grpo", "metrics.json"), ["sft", "data"], CODE["grpo"]))
     stages.append(Stage("eval", "every model on the held-out lab questions; the reward model on its answers",
                         ["run_lab.py", "--evaluate", R, "--device", args.device] + flags(S["eval"]),
-                        j("eval"), j("eval", "eval.json"), ["pretrain", "sft", "reward", "dpo", "ppo", "data"],
+                        j("eval"), j("eval", "eval.json"), ["pretrain", "sft", "reward", "dpo", "ppo", "grpo", "data"],
                         CODE["eval"]))
     if args.threads > 0 and args.device == "cpu":
         for st in stages:
@@ -277,7 +290,7 @@ def build_stages(args):
 
 STATE_FILE = "lab_stage.json"
 STAGE_DIRS = {"data": "data", "tokenizer": "tokenizer", "prepare": "tokens", "pretrain": "pretrain", "sft": "sft",
-              "reward": "reward", "dpo": "dpo", "ppo": "ppo", "eval": "eval"}   # stage -> its directory in the run
+              "reward": "reward", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo", "eval": "eval"}   # stage -> its directory in the run
 
 
 def sha256_file(path):
@@ -472,13 +485,14 @@ def paired_bootstrap(oks_a, oks_b, n_boot=2000, seed=0):
     """Accuracy gain of a over b on the same questions, with a 95% interval from the paired bootstrap
     (resample questions, keep each question's pair of grades together: the two models' errors are
     correlated, so this interval is much tighter than one from two independent accuracies).
-    Returns (gain, lo, hi)."""
-    import random
-    n = len(oks_a)
-    diff = [int(a) - int(b) for a, b in zip(oks_a, oks_b)]
-    rng = random.Random(seed)
-    boots = sorted(sum(diff[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    return sum(diff) / n, boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
+    Returns (gain, lo, hi); (None, None, None) without questions."""
+    import numpy as np
+    diff = np.asarray(oks_a, dtype=np.float64) - np.asarray(oks_b, dtype=np.float64)
+    if diff.size == 0:
+        return None, None, None
+    picks = np.random.default_rng(seed).integers(0, diff.size, size=(n_boot, diff.size))
+    boots = np.sort(diff[picks].mean(axis=1))
+    return float(diff.mean()), float(boots[int(0.025 * n_boot)]), float(boots[int(0.975 * n_boot) - 1])
 
 
 def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
@@ -497,7 +511,7 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
     qa, probes = read_jsonl(d("data", "eval_qa.jsonl")), read_jsonl(d("data", "eval_pretrain.jsonl"))
     convs = [r["messages"] for r in qa]
     paths = {"base": d("pretrain", "final.pt"), "sft": d("sft", "final.pt"), "dpo": d("dpo", "final.pt"),
-             "ppo": d("ppo", "final.pt")}
+             "ppo": d("ppo", "final.pt"), "grpo": d("grpo", "final.pt")}
     paths = {k: p for k, p in paths.items() if os.path.exists(p)}   # a stage that did not run: its column is n/a
     _, tok = chat.load_chat_model(paths["base"], device)   # every stage records (and checks) this same tokenizer
 
@@ -512,7 +526,8 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
             raise ValueError(f"a question + answer does not fit the reward model's context ({rm.config.max_seq_len})")
         return [s[0] for s in score_groups(rm, groups, batch_size, tok.pad_id, local, rm_ctx)]
 
-    out = {"n_eval_qa": len(qa), "n_probes": len(probes), "max_new_tokens": max_new_tokens, "models": {}}
+    out = {"n_eval_qa": len(qa), "n_probes": len(probes), "max_new_tokens": max_new_tokens, "models": {},
+           "kinds": [r["kind"] for r in qa]}
     answers, base_show, show = {}, {}, [i for i, r in enumerate(qa) if r.get("showcase")]
     for name, path in paths.items():
         model, _ = chat.load_chat_model(path, device, tok)
@@ -524,7 +539,8 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
              "by_lang": by_group([row["ok"] for row in graded["records"]], [r["truth"]["lang"] for r in qa]),
              "mean_reward": sum(rewards) / len(rewards),
              "mean_score": sum(lab.score(a, r["truth"]) for a, r in zip(answers[name], qa)) / len(qa),
-             "mean_answer_chars": sum(len(a) for a in answers[name]) / len(qa)}
+             "mean_answer_chars": sum(len(a) for a in answers[name]) / len(qa),
+             "n_by_kind": graded["n_by_kind"]}
         if name == "base":   # what pretraining stored: plain-text completions of eval_pretrain.jsonl
             texts = complete(model, tok, [p["prompt"] for p in probes], 24, batch_size)
             oks = [lab.check(t, p["truth"]) for t, p in zip(texts, probes)]
@@ -540,7 +556,7 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
         print(f"{name:>5}: lab accuracy {m['accuracy']:.1%}, mean reward {m['mean_reward']:+.3f}"
               + (f"; plain-text probes {m['probe_accuracy']:.1%}" if "probe_accuracy" in m else ""), flush=True)
 
-    for name in ("dpo", "ppo"):   # head to head against SFT: win rates under the checker and the reward model
+    for name in ("dpo", "ppo", "grpo"):   # head to head against SFT: win rates under the checker and the reward model
         if name in answers and "sft" in answers:
             h = chat.head_to_head(answers[name], answers["sft"], qa, reward_fn=reward_fn)
             out["models"][name]["vs_sft"] = {"win_rate_checker": h["checker"]["win_rate"],
@@ -705,7 +721,7 @@ def collect(run_dir, statuses=None):
 
     ev = load_json(d("eval", "eval.json")) or {"models": {}}
     M = ev["models"]
-    logs = {n: load_log(d(n, "log.jsonl")) for n in ("pretrain", "sft", "reward", "dpo", "ppo")}
+    logs = {n: load_log(d(n, "log.jsonl")) for n in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")}
 
     pl = logs["pretrain"]
     end, start = last(pl, "end"), last(pl, "start")
@@ -733,7 +749,7 @@ def collect(run_dir, statuses=None):
                      "longer_wins_label": (rv.get("length") or {}).get("longer_wins_label"),
                      "ece": rv.get("ece"), "chosen_mean": rv.get("chosen_mean"), "rejected_mean": rv.get("rejected_mean"),
                      "calibration": rv.get("calibration"), "steps": last(logs["reward"], None, "loss").get("step")}
-    for name in ("dpo", "ppo"):
+    for name in ("dpo", "ppo", "grpo"):
         mm, sm = M.get(name), load_json(d(name, "metrics.json")) or {}
         if not mm:
             rep[name] = None
@@ -748,6 +764,7 @@ def collect(run_dir, statuses=None):
                      "win_rate_reward": vs.get("win_rate_reward"), "win_rate_checker": vs.get("win_rate_checker"),
                      "kl_to_sft": sm.get("kl_to_sft"), "stage_metrics": {k: v for k, v in sm.items()
                                                                           if isinstance(v, (int, float, str)) or v is None}}
+    rep["ppo_vs_grpo"] = paired_table(M, ev.get("kinds"), "ppo", "grpo")
     rep["showcase"] = ev.get("showcase", [])
     rep["probe_examples"] = ev.get("probe_examples", [])
     rep["card"] = card(rep)
@@ -773,13 +790,47 @@ def card(rep):
     put("reward.length_corr", rep["reward"].get("length_corr"))
     for k, v in (rep["reward"].get("per_kind") or {}).items():
         put(f"reward.accuracy.{k}", v)
-    for name in ("dpo", "ppo"):
+    for name in ("dpo", "ppo", "grpo"):
         m = rep.get(name) or {}
         for k in ("accuracy", "mean_reward", "win_rate_reward", "win_rate_checker", "kl_to_sft"):
             put(f"{name}.{k}", m.get(k))
         if m.get("mean_reward") is not None and m.get("mean_reward_sft") is not None:
             put(f"{name}.reward_gain", m["mean_reward"] - m["mean_reward_sft"])   # over SFT, same reward model
     return c
+
+
+def paired_table(M, kinds, a, b):
+    """Per question kind: accuracies of models a and b (Wilson CIs), b - a and b - SFT (paired CIs).
+    None unless eval.json has the per-question grades of a, b and SFT."""
+    if not kinds or not all((M.get(m) or {}).get("oks") for m in (a, b, "sft")):
+        return None
+    rows = []
+    for k in sorted(set(kinds)) + ["all"]:
+        pick = [i for i, x in enumerate(kinds) if k in ("all", x)]
+        get = lambda m: [M[m]["oks"][i] for i in pick]   # noqa: E731
+        acc = {m: (sum(get(m)) / len(pick), *wilson(sum(get(m)), len(pick))) for m in (a, b, "sft")}
+        rows.append({"kind": k, "n": len(pick), **acc, f"{b}-{a}": paired_bootstrap(get(b), get(a)),
+                     f"{b}-sft": paired_bootstrap(get(b), get("sft"))})
+    return {"a": a, "b": b, "rows": rows}
+
+
+def ppo_vs_grpo_lines(t):
+    """Markdown: PPO against the reward model next to GRPO against the checker, per kind, with CIs."""
+    if not t:
+        return []
+    a, b = t["a"], t["b"]
+    ci = lambda v: f"{100 * v[0]:.1f}% [{100 * v[1]:.0f}, {100 * v[2]:.0f}]"   # noqa: E731
+    dci = lambda v: "n/a" if v[0] is None else f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]"   # noqa: E731
+    md = ["", "## PPO with the reward model vs GRPO with the checker", "",
+          "The same held-out questions. PPO optimises the reward model, which is near chance on wrong facts (see "
+          "its per-kind accuracy); GRPO optimises `data.lab.score`, which knows every right answer. Accuracy with a "
+          "95% Wilson interval; differences in points with a 95% interval from the paired bootstrap over questions.",
+          "", "| kind | n | SFT | PPO (reward model) | GRPO (checker) | GRPO − PPO | GRPO − SFT |",
+          "|---|---|---|---|---|---|---|"]
+    for r in t["rows"]:
+        md.append(f"| {'**all**' if r['kind'] == 'all' else r['kind']} | {r['n']} | {ci(r['sft'])} | {ci(r[a])} | "
+                  f"{ci(r[b])} | {dci(r[f'{b}-{a}'])} | {dci(r[f'{b}-sft'])} |")
+    return md
 
 
 def fmt(v, kind="f3"):
@@ -805,7 +856,7 @@ def code(text):
 def plots(run_dir):
     """The loss / reward curves of every stage -> [(caption, relative path)]."""
     d = lambda *p: os.path.join(run_dir, *p)   # noqa: E731
-    L = {n: load_log(d(n, "log.jsonl")) for n in ("pretrain", "sft", "reward", "dpo", "ppo")}
+    L = {n: load_log(d(n, "log.jsonl")) for n in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")}
     specs = [
         ("pretrain", "Pretraining: loss (log scale)", "loss (nats/token)",
          [("train", curve(L["pretrain"], "loss")), ("val", curve(L["pretrain"], "val_loss", "eval"))]),
@@ -822,6 +873,9 @@ def plots(run_dir):
         ("ppo", "PPO: rollout reward (raw reward-model score) and KL to SFT", "",
          [("reward", curve(L["ppo"], "reward_raw")), ("KL (nats/answer)", curve(L["ppo"], "kl")),
           ("held-out reward (greedy)", curve(L["ppo"], "reward", "eval"))]),
+        ("grpo", "GRPO: rollout checker score and accuracy, share of flat groups", "",
+         [("score", curve(L["grpo"], "score")), ("rollout accuracy", curve(L["grpo"], "accuracy")),
+          ("flat groups", curve(L["grpo"], "flat_frac")), ("held-out accuracy (greedy)", curve(L["grpo"], "accuracy", "eval"))]),
     ]
     out = []
     for name, title, ylabel, series in specs:
@@ -848,8 +902,8 @@ def write_report(run_dir, statuses=None, this_run=None, announce=False):
     md += ["", "## Report card", "", "| stage | key numbers |", "|---|---|"]
     for line in card_lines(rep):
         md.append(f"| {line[0]} | {line[1]} |")
-    kinds = sorted({k for m in ("base", "sft", "dpo", "ppo") for k in ((rep.get(m) or {}).get("by_kind") or {})})
-    names = [m for m in ("base", "sft", "dpo", "ppo") if (rep.get(m) or {}).get("by_kind")]
+    kinds = sorted({k for m in ("base", "sft", "dpo", "ppo", "grpo") for k in ((rep.get(m) or {}).get("by_kind") or {})})
+    names = [m for m in ("base", "sft", "dpo", "ppo", "grpo") if (rep.get(m) or {}).get("by_kind")]
     if kinds:
         md += ["", "## Held-out lab questions: accuracy by kind", "",
                "`eval_qa.jsonl` (people, arithmetic and phrasings never seen in SFT), greedy answers, graded by "
@@ -873,6 +927,7 @@ def write_report(run_dir, statuses=None, this_run=None, announce=False):
                        "(2000 resamples of the questions): " + "; ".join(
                            f"{m} {100 * g[0]:+.1f} points ({100 * g[1]:+.1f} to {100 * g[2]:+.1f})" for m, g in gains)
                    + ". A stage helps only where the whole interval is above 0."]
+    md += ppo_vs_grpo_lines(rep.get("ppo_vs_grpo"))
     b = rep["base"]
     if b.get("probe_by_group"):
         md += ["", "## What pretraining stored (base model, plain-text probes)", "",
@@ -976,9 +1031,14 @@ def card_lines(rep, plain=False):
         lines.append(("reward model", f"pairwise accuracy {B(fmt(r['accuracy'], '%'))} (chance 50%); by rejected kind: "
                       + ", ".join(f"{k} {fmt(v, '%')}" for k, v in r["per_kind"].items())
                       + f"; corr(reward, length) {fmt(r['length_corr'], '+')}"))
-    for name, label in (("dpo", "DPO"), ("ppo", "PPO")):
+    for name, label in (("dpo", "DPO"), ("ppo", "PPO"), ("grpo", "GRPO")):
         m = rep.get(name)
-        if m:
+        if m and name == "grpo":   # no reward model in its loop: the checker's numbers first
+            lines.append((label, f"lab accuracy {B(acc_ci(m))}, {gain_ci(m)}; "
+                                 f"win rate vs SFT: checker {fmt(m['win_rate_checker'])}, reward model "
+                                 f"{fmt(m['win_rate_reward'])}; mean reward {fmt(m['mean_reward'], '+')}; "
+                                 f"KL to SFT {fmt(m['kl_to_sft'])} nats"))
+        elif m:
             lines.append((label, f"lab accuracy {B(acc_ci(m))}, {gain_ci(m)}; "
                                  f"mean reward {B(fmt(m['mean_reward'], '+'))} (SFT {fmt(m['mean_reward_sft'], '+')}); "
                                  f"win rate vs SFT: reward model {fmt(m['win_rate_reward'])}, checker "

@@ -22,7 +22,7 @@ import run_lab  # noqa: E402
 GOLDEN = REPO / "tests" / "golden_lab_tiny.json"
 ARTEFACTS = {"data": "data/world.json", "prepare": "tokens/meta.json", "pretrain": "pretrain/final.pt",
              "sft": "sft/final.pt", "reward": "reward/final.pt", "dpo": "dpo/metrics.json", "ppo": "ppo/metrics.json",
-             "eval": "eval/eval.json"}
+             "grpo": "grpo/metrics.json", "eval": "eval/eval.json"}
 
 
 def pipeline(out, *extra):
@@ -63,7 +63,7 @@ def test_every_stage_ran_and_printed_its_command(lab):
     stdout = lab["stdout"]
     assert statuses(stdout) == {s: "run" for s in ARTEFACTS} | {"tokenizer": "skip"}
     for script in ("data/lab.py", "data/prepare.py", "pretrain.py", "sft.py", "reward.py", "dpo.py", "rlhf_ppo.py",
-                   "run_lab.py --evaluate"):
+                   "grpo.py", "run_lab.py --evaluate"):
         assert f"python {script}" in stdout   # the copy-pastable line, printed before the stage ran
     for stage in lab["report"]["stages"]:
         if stage["stage"] != "tokenizer":
@@ -110,7 +110,7 @@ def test_report_is_readable_and_consistent(lab):
     assert rep["card"]["ppo.kl_to_sft"] == round(json.loads((out / "ppo" / "metrics.json").read_text())["kl_to_sft"], 4)
     reward_eval = [r for r in run_lab.load_log(str(out / "reward" / "log.jsonl")) if r.get("event") == "eval"][-1]
     assert rep["card"]["reward.accuracy"] == round(reward_eval["accuracy"], 4)
-    assert len(rep["showcase"]) == 8 and set(rep["showcase"][0]["answers"]) == {"base", "sft", "dpo", "ppo"}
+    assert len(rep["showcase"]) == 8 and set(rep["showcase"][0]["answers"]) == {"base", "sft", "dpo", "ppo", "grpo"}
 
 
 def test_golden_values(lab):
@@ -177,9 +177,10 @@ def test_deleting_a_stage_reruns_it_and_what_reads_it(lab):
     r = pipeline(out)
     st = statuses(r.stdout)
     assert {k for k, v in st.items() if v == "run"} == {"dpo", "eval"}
-    assert {k for k, v in st.items() if v == "skip"} == {"data", "tokenizer", "prepare", "pretrain", "sft", "reward", "ppo"}
+    assert {k for k, v in st.items() if v == "skip"} == {"data", "tokenizer", "prepare", "pretrain", "sft", "reward", "ppo",
+                                                            "grpo"}
     now = mtimes(out)
-    for k in ("data", "prepare", "pretrain", "sft", "reward", "ppo"):
+    for k in ("data", "prepare", "pretrain", "sft", "reward", "ppo", "grpo"):
         assert now[k] == lab["mtimes"][k], k
     for k in ("dpo", "eval"):
         assert now[k] != lab["mtimes"][k], k
