@@ -282,6 +282,12 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "nanollama"
 
     # -- plumbing
+    def setup(self):
+        super().setup()
+        # Nagle's algorithm would hold each small SSE chunk until the client ACKs the previous one,
+        # and clients delay ACKs by up to 40 ms: without this, streaming crawls at ~25 chunks/s.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, fmt, *args):
         if not self.server.quiet:
             super().log_message(fmt, *args)
@@ -509,6 +515,7 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a hung client never keeps the process alive
     allow_reuse_address = True
+    request_queue_size = 128  # the listen backlog (default 5): a burst of clients must reach the 429, not a reset
 
     def __init__(self, address, model, tok, name, max_queue=16, max_tokens=512, timeout=300.0, api_key=None,
                  quiet=False):
@@ -722,7 +729,7 @@ async function send() {
       $("input").value = "";
       bubble("user", q);
       const out = bubble("assistant", "");
-      let answer = "";
+      let answer = "", keep = false;
       try {
         for (;;) {
           const msgs = [];
@@ -732,15 +739,19 @@ async function send() {
             await streamRequest("/v1/chat/completions", {...params, messages: msgs}, (t) => {
               answer += t; out.textContent = answer; out.scrollIntoView({block: "end"});
             });
+            keep = true;
             break;
-          } catch (e) {   // too long for the context: forget the oldest exchange (as chat.py does), retry
+          } catch (e) {
+            keep = e.name === "AbortError";   // a stopped answer stays in the history as far as it got
+            // too long for the context: forget the oldest exchange (as chat.py does) and retry
             if (e.code !== "context_length_exceeded" || history.length === 0) throw e;
             history.splice(0, 2);
             window.forgotten = (window.forgotten || 0) + 1;
           }
         }
-      } finally {   // a stopped answer stays in the history as far as it got
-        history.push({role: "user", content: q}, {role: "assistant", content: answer});
+      } finally {
+        if (keep) history.push({role: "user", content: q}, {role: "assistant", content: answer});
+        else out.remove();
         out.dataset.done = "1";
       }
     }
@@ -772,6 +783,13 @@ if (NEED_KEY) { $("keybox").classList.remove("hidden"); $("key").value = localSt
                 $("key").addEventListener("change", () => localStorage.setItem("key", $("key").value)); }
 $("lang").value = localStorage.getItem("lang") || (navigator.language.startsWith("zh") ? "zh" : "en");
 setLang($("lang").value);
+// answers of up to 128 tokens, or half the context of a smaller model (chat.py's rule), so that
+// there is room left for the conversation
+fetch("/v1/models", {headers: NEED_KEY ? {"Authorization": "Bearer " + $("key").value} : {}})
+  .then((r) => r.json()).then((m) => {
+    const ctx = m.data[0].context_length;
+    if (ctx) $("max_tokens").value = Math.min(128, Math.floor(ctx / 2));
+  }).catch(() => {});
 </script>
 </body></html>
 """

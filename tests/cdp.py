@@ -145,13 +145,16 @@ class Browser:
 
     def wait(self, expression, timeout=20.0):
         """Poll a JavaScript condition until it is truthy; returns its value."""
-        end = time.monotonic() + timeout
+        end, error = time.monotonic() + timeout, None
         while time.monotonic() < end:
-            value = self.eval(expression)
+            try:
+                value = self.eval(expression)
+            except RuntimeError as e:  # e.g. the element is not there yet while the page loads
+                value, error = None, e
             if value:
                 return value
             time.sleep(0.05)
-        raise TimeoutError(f"timed out waiting for {expression}")
+        raise TimeoutError(f"timed out waiting for {expression}" + (f" (last error: {error})" if error else ""))
 
     def screenshot(self):
         return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
@@ -171,13 +174,18 @@ class Browser:
 
 
 def ask(browser, question, timeout=60.0):
-    """Type a question into the web chat, send it, and wait for the streamed answer to finish."""
+    """Type a question into the web chat, send it, wait for the streamed answer to finish; returns
+    the answer's text as the page shows it, or raises with the page's error message."""
     browser.wait("document.readyState === 'complete' && document.getElementById('input') !== null")
-    n = browser.eval("document.querySelectorAll('.assistant').length")
-    browser.eval(f"document.getElementById('input').value = {json.dumps(question)};"
-                 "document.getElementById('send').click()")
-    browser.wait(f"document.querySelectorAll('.assistant[data-done]').length > {n}", timeout)
-    return browser.eval("[...document.querySelectorAll('.assistant')].pop().textContent")
+    n = browser.eval("document.querySelectorAll('.msg').length")
+    # click() runs the page's send(), which disables the button before its first await
+    assert browser.eval(f"document.getElementById('input').value = {json.dumps(question)};"
+                        "document.getElementById('send').click(); document.getElementById('send').disabled")
+    browser.wait("!document.getElementById('send').disabled", timeout)
+    last = browser.eval(f"[...document.querySelectorAll('.msg')].slice({n}).map(e => [e.className, e.textContent])")
+    if not last or last[-1][0] != "msg assistant":
+        raise RuntimeError(f"the page answered {last}")
+    return last[-1][1]
 
 
 if __name__ == "__main__":
@@ -190,7 +198,7 @@ if __name__ == "__main__":
     p.add_argument("--system", default="")
     a = p.parse_args()
     with Browser(a.url, width=900, height=560) as b:
-        b.wait("document.readyState === 'complete'")
+        b.wait("document.getElementById('lang') !== null")
         b.eval(f"document.getElementById('lang').value = '{a.lang}';"
                "document.getElementById('lang').dispatchEvent(new Event('change'));"
                f"document.getElementById('system').value = {json.dumps(a.system)}")

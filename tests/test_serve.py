@@ -296,15 +296,18 @@ def test_browser_chat_and_continue_text(model_and_tok, start):
         pytest.skip("no chromium binary (Debian: apt-get install chromium; .ci/run installs it)")
     model, tok, _ = model_and_tok
     srv = start()
+    CTX = model.config.max_seq_len
+    MT = min(128, CTX // 2)  # the page's default answer length: half the context (chat.py's rule), at most 128
     q1, q2 = "你好！Who are you?", "And where do you live?"
-    a1, _, _ = expected(model, tok, tok.render_prompt([{"role": "user", "content": q1}]), 128)
+    a1, _, _ = expected(model, tok, tok.render_prompt([{"role": "user", "content": q1}]), MT)
     conv = [{"role": "user", "content": q1}, {"role": "assistant", "content": a1}, {"role": "user", "content": q2}]
-    assert len(tok.render_prompt(conv)) + 128 > 192  # the history does not fit: the page must drop exchange 1
-    a2, _, _ = expected(model, tok, tok.render_prompt(conv, max_len=192 - 128), 128)
+    assert len(tok.render_prompt(conv)) + MT > CTX  # the history does not fit: the page must drop exchange 1
+    a2, _, _ = expected(model, tok, tok.render_prompt(conv, max_len=CTX - MT), MT)
     q3 = "再见"
     conv3 = [{"role": "user", "content": q2}, {"role": "assistant", "content": a2}, {"role": "user", "content": q3}]
-    a3, _, _ = expected(model, tok, tok.render_prompt(conv3, max_len=192 - 128), 128)
+    a3, _, _ = expected(model, tok, tok.render_prompt(conv3, max_len=CTX - MT), MT)
     with cdp.Browser(f"http://127.0.0.1:{srv.server_address[1]}/") as b:
+        b.wait(f"document.getElementById('max_tokens').value === '{MT}'")  # read from /v1/models
         assert cdp.ask(b, q1) == a1  # typed, sent, streamed into the page: exactly the greedy answer
         assert b.eval("window.chunks") > 1, "the answer did not arrive in pieces"
         assert b.eval("window.forgotten || 0") == 0
@@ -317,7 +320,7 @@ def test_browser_chat_and_continue_text(model_and_tok, start):
                "const m = document.getElementById('mode'); m.value = 'raw'; m.dispatchEvent(new Event('change'));")
         assert b.eval("document.getElementById('send').textContent") == "续写"
         start_text = "从前有一座山，"
-        cont, _, _ = expected(model, tok, [tok.bos_id] + tok.encode(start_text), 128)
+        cont, _, _ = expected(model, tok, [tok.bos_id] + tok.encode(start_text), MT)
         b.eval(f"document.getElementById('raw').value = {json.dumps(start_text)}; document.getElementById('send').click()")
         b.wait("!document.getElementById('send').disabled && document.getElementById('raw').value.length > "
                f"{len(start_text)}")
