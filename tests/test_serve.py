@@ -286,6 +286,39 @@ def test_full_queue_timeout_and_disconnect(model_and_tok, start):
         time.sleep(0.01)
 
 
+def test_disconnect_mid_stream_stops_generating(model_and_tok, start):
+    """A client that hangs up mid-answer stops generate at the next token (not after max_tokens)."""
+    model, tok, _ = model_and_tok
+    msgs = [{"role": "user", "content": "hi"}]
+    assert expected(model, tok, tok.render_prompt(msgs), 100)[1] == 100  # the full answer would be 100 tokens
+
+    class Slow:  # model.generate at 10 ms a token, counting the tokens it makes
+        count = 0
+
+        def parameters(self):
+            return model.parameters()
+
+        def generate(self, *a, callback, **kw):
+            def slow(b, t):
+                Slow.count += 1
+                time.sleep(0.01)
+                callback(b, t)
+            return model.generate(*a, callback=slow, **kw)
+
+    srv = start()
+    srv.engine.model = Slow()
+    body = json.dumps({"messages": msgs, "stream": True, "max_tokens": 100, "temperature": 0}).encode()
+    s = socket.create_connection(("127.0.0.1", srv.server_address[1]))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    got = b""
+    while got.count(b"data: ") < 3:  # the role chunk and two pieces of text
+        got += s.recv(4096)
+    s.close()
+    time.sleep(0.3)  # the worker finishes the token in hand and stops
+    with srv.engine.model_lock:  # ... and is idle again
+        assert 3 <= Slow.count < 30, Slow.count
+
+
 # -----------------------------------------------------------------------------
 # A real browser
 
