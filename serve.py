@@ -328,7 +328,6 @@ class Handler(BaseHTTPRequestHandler):
         if length is None or not length.isdigit():
             raise BadRequest("the request needs a Content-Length header and a JSON body", status=411)
         if int(length) > MAX_BODY:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
             raise BadRequest(f"request body of {length} bytes is over the limit of {MAX_BODY}", status=413)
         raw = self.rfile.read(int(length))
         try:
@@ -367,6 +366,8 @@ class Handler(BaseHTTPRequestHandler):
             body = self.read_json()
             self.complete(body, chat=path == "/v1/chat/completions")
         except BadRequest as e:
+            # the body may be unread (a wrong key, a wrong route): the connection cannot be reused
+            e.headers["Connection"] = "close"
             self.send_error_json(e)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
