@@ -286,27 +286,32 @@ def test_full_queue_timeout_and_disconnect(model_and_tok, start):
         time.sleep(0.01)
 
 
+class Slow:
+    """The model, generating at 10 ms a token and counting the tokens it makes (what the server's
+    worker calls: parameters() and generate())."""
+
+    def __init__(self, model):
+        self.model, self.count = model, 0
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def generate(self, *a, callback, **kw):
+        def slow(b, t):
+            self.count += 1
+            time.sleep(0.01)
+            callback(b, t)
+        return self.model.generate(*a, callback=slow, **kw)
+
+
 def test_disconnect_mid_stream_stops_generating(model_and_tok, start):
     """A client that hangs up mid-answer stops generate at the next token (not after max_tokens)."""
     model, tok, _ = model_and_tok
     msgs = [{"role": "user", "content": "hi"}]
     assert expected(model, tok, tok.render_prompt(msgs), 100)[1] == 100  # the full answer would be 100 tokens
 
-    class Slow:  # model.generate at 10 ms a token, counting the tokens it makes
-        count = 0
-
-        def parameters(self):
-            return model.parameters()
-
-        def generate(self, *a, callback, **kw):
-            def slow(b, t):
-                Slow.count += 1
-                time.sleep(0.01)
-                callback(b, t)
-            return model.generate(*a, callback=slow, **kw)
-
     srv = start()
-    srv.engine.model = Slow()
+    srv.engine.model = slow = Slow(model)
     body = json.dumps({"messages": msgs, "stream": True, "max_tokens": 100, "temperature": 0}).encode()
     s = socket.create_connection(("127.0.0.1", srv.server_address[1]))
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -316,7 +321,7 @@ def test_disconnect_mid_stream_stops_generating(model_and_tok, start):
     s.close()
     time.sleep(0.3)  # the worker finishes the token in hand and stops
     with srv.engine.model_lock:  # ... and is idle again
-        assert 3 <= Slow.count < 30, Slow.count
+        assert 3 <= slow.count < 30, slow.count
 
 
 # -----------------------------------------------------------------------------
@@ -358,6 +363,16 @@ def test_browser_chat_and_continue_text(model_and_tok, start):
         b.wait("!document.getElementById('send').disabled && document.getElementById('raw').value.length > "
                f"{len(start_text)}")
         assert b.eval("document.getElementById('raw').value") == start_text + cont
+        # the Stop button: abort mid-answer; the page keeps what came, the server stops generating
+        srv.engine.model = slow = Slow(model)
+        b.eval(f"document.getElementById('raw').value = {json.dumps(start_text)}; document.getElementById('send').click()")
+        b.wait(f"document.getElementById('raw').value.length > {len(start_text) + 2}")
+        b.eval("document.getElementById('stop').click()")
+        b.wait("!document.getElementById('send').disabled")
+        assert cont.startswith(b.eval("document.getElementById('raw').value")[len(start_text):])  # kept what came
+        time.sleep(0.2)
+        with srv.engine.model_lock:
+            assert slow.count < MT // 2, slow.count
 
 
 # -----------------------------------------------------------------------------
