@@ -21,10 +21,12 @@ How a request flows. ThreadingHTTPServer gives every connection a thread; that t
 request, renders the prompt, and admits it if fewer than --queue requests are in the server (else 429
 with Retry-After). One worker thread owns the model and runs admitted requests one at a time through
 model.generate -- the same call chat.py and the tests use, so temperature 0 gives exactly its tokens.
-generate's per-token callback hands each token to the request's thread, which turns tokens into whole
-UTF-8 characters (the tokenizer's StreamDecoder), cuts at `stop` strings and writes them to the client.
-The callback also checks a cancel flag, raised when the client hangs up, a stop string appears or
-the per-request --timeout passes, and stops generate at that token: the slot is free at once.
+generate's per-token callback, on the worker thread, turns tokens into whole UTF-8 characters (the
+tokenizer's StreamDecoder), cuts at `stop` strings and, when streaming, writes the text to the
+client's socket itself: no thread switch per token (on a busy 2-core machine each switch can wait
+milliseconds for a core). The callback raises to stop generate at that token when the answer has
+ended, the client is gone (a failed write, or the request's thread sees the socket closed) or the
+per-request --timeout has passed: the slot is free at once.
 
 Simplifications on purpose: one generation at a time (a CPU has no spare compute to batch with at
 batch 1, and a batch waits for its longest answer -- bench/serve.py measures what queueing costs);
@@ -172,15 +174,19 @@ class TextStream:
         self.finish_reason = None  # "stop" once a stop token or stop string ended the answer
 
     def push(self, token):
-        if self.finish_reason:  # already ended: the worker may deliver a token or two more
+        if self.finish_reason:  # already ended
             return ""
         if token in self.tok.stop_ids:
+            out = self.finish()
             self.finish_reason = "stop"
-            return self.finish()
+            return out
         self.text += self.decoder.push(token)
         return self._emit(final=False)
 
     def finish(self):
+        """The rest: held-back text, an incomplete character (as U+FFFD). Nothing after a stop."""
+        if self.finish_reason:
+            return ""
         self.text += self.decoder.finish()
         return self._emit(final=True)
 
@@ -203,14 +209,25 @@ class TextStream:
 
 
 class Cancelled(Exception):
-    """Raised inside model.generate's callback to stop generating (client gone, stop string, timeout)."""
+    """Raised inside model.generate's callback to stop generating: a stop token or string ended the
+    answer, the client is gone, or the request ran out of time."""
 
 
 class Job:
-    def __init__(self, prompt, params, deadline):
-        self.prompt, self.params, self.deadline = prompt, params, deadline
-        self.events = queue.Queue()      # ("token", id) ..., then ("end", None) or ("error", message)
-        self.cancel = threading.Event()  # set by the request's thread; checked before every token
+    """One request on its way through the worker. sink(token) runs on the worker thread for every new
+    token (it turns tokens into text and, when streaming, writes it to the client's socket itself: no
+    thread switch per token); it raises Cancelled when no more tokens are wanted. `lock` makes
+    "check cancel, then write" atomic against the request's thread cancelling and answering."""
+
+    def __init__(self, prompt, params, deadline, sink):
+        self.prompt, self.params, self.deadline, self.sink = prompt, params, deadline, sink
+        self.lock = threading.Lock()
+        self.cancel = threading.Event()  # set by the request's thread: client gone, timed out while waiting
+        self.done = threading.Event()    # set by the worker when generation has ended, for whatever reason
+        self.started = False
+        self.tokens = 0                  # tokens handed to sink (usage.completion_tokens)
+        self.timed_out = self.client_gone = False
+        self.error = None
 
 
 class Engine:
@@ -232,8 +249,11 @@ class Engine:
             job = self.jobs.get()
             if job is None:
                 return
-            if job.cancel.is_set():  # its client left while it waited
-                continue
+            with job.lock:
+                if job.cancel.is_set():  # its client left, or it timed out, while it waited
+                    job.done.set()
+                    continue
+                job.started = True
             with self.model_lock:
                 t0 = time.monotonic()
                 self._run(job)
@@ -243,9 +263,14 @@ class Engine:
         p = job.params
 
         def on_token(_, token):
-            if job.cancel.is_set():
-                raise Cancelled
-            job.events.put(("token", token))
+            with job.lock:
+                if job.cancel.is_set():
+                    raise Cancelled
+                if time.monotonic() > job.deadline:
+                    job.timed_out = True
+                    raise Cancelled
+                job.tokens += 1
+                job.sink(token)
 
         model = self.model
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(p["seed"])
@@ -254,12 +279,13 @@ class Engine:
                 model.generate([job.prompt], p["max_tokens"], temperature=p["temperature"],
                                top_p=p["top_p"] if p["top_p"] < 1 else None, eos_id=self.tok.stop_ids,
                                callback=on_token, generator=generator)
-            job.events.put(("end", None))
         except Cancelled:
-            job.events.put(("end", None))
+            pass
         except Exception as e:  # a failure in one request must not kill the worker
             print(f"serve: generation failed: {e!r}", file=sys.stderr)
-            job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+            job.error = f"generation failed: {type(e).__name__}: {e}"
+        finally:
+            job.done.set()
 
     def retry_after(self):
         waiting = self.jobs.qsize() + 1
@@ -280,6 +306,9 @@ def error_body(message, etype="invalid_request_error", param=None, code=None):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive for plain responses; streams end by closing the connection
     server_version = "nanollama"
+    # Socket timeout, seconds: an idle keep-alive connection is closed, and a client that stops
+    # reading a stream (its socket buffer full) is dropped instead of stalling the worker for good.
+    timeout = 15
 
     # -- plumbing
     def setup(self):
@@ -384,133 +413,133 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"the server is busy ({srv.max_queue} requests in flight); retry later", status=429,
                              etype="rate_limit_error", code="queue_full",
                              headers={"Retry-After": srv.engine.retry_after()})
-        job = Job(prompt, params, time.monotonic() + srv.timeout)
+        out = Answer(self, chat, params)
+        job = Job(prompt, params, time.monotonic() + srv.timeout, out.sink)
         try:
             srv.engine.jobs.put(job)
-            if params["stream"]:
-                self.stream(job, chat, body)
-            else:
-                self.respond(job, chat, body)
+            self.wait(job)
+            out.finish(job)
         finally:
-            job.cancel.set()              # whatever happened, stop generating for this request
+            with job.lock:
+                job.cancel.set()          # whatever happened, stop generating for this request
             srv.engine.admit.release()    # ... and free the slot now, not when the worker notices
 
-    def next_event(self, job, started):
-        """The job's next event; raises Cancelled if the client left, BadRequest(503) on timeout.
-        Both are checked between tokens too (a select() costs microseconds, a token milliseconds)."""
-        while True:
-            try:
-                event = job.events.get(timeout=0.1)
-            except queue.Empty:
-                event = None
+    def wait(self, job):
+        """Until the worker is done with the job; meanwhile, every 0.1 s: has the client left (then
+        cancel: the worker stops at the next token), has a request still waiting for the model
+        timed out (then cancel and answer 503)?"""
+        while not job.done.wait(0.1):
             if self.client_gone():
-                raise Cancelled
-            if time.monotonic() > job.deadline and (event is None or event[0] == "token"):
-                raise BadRequest(f"the request took longer than the server's timeout of {self.server.timeout:g} s"
-                                 + ("" if started else " before it reached the model"), status=503,
-                                 etype="server_error", code="timeout", headers={"Retry-After": "1"})
-            if event is not None:
-                return event
+                with job.lock:
+                    job.cancel.set()
+                    job.client_gone = True
+                return
+            with job.lock:
+                if not job.started and time.monotonic() > job.deadline:
+                    job.cancel.set()
+                    job.timed_out = True
+                    return
 
-    def run_job(self, job, on_text):
-        """Drive a job to its end: on_text(piece) for each piece of text; returns (finish_reason, n tokens)."""
-        text = TextStream(self.server.tok, job.params["stop"])
-        n = 0
-        while True:
-            kind, value = self.next_event(job, started=n > 0)
-            if kind == "error":
-                raise BadRequest(value, status=500, etype="server_error")
-            if kind == "end":
-                piece = text.finish()
-                if piece:
-                    on_text(piece)
-                return text.finish_reason or "length", n
-            n += 1
-            piece = text.push(value)
-            if piece:
-                on_text(piece)
-            if text.finish_reason:
-                job.cancel.set()
-                return "stop", n
+    def envelope(self, chat, obj):
+        return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "object": obj,
+                "created": int(time.time()), "model": self.server.model_name}
 
-    def envelope(self, job, chat):
-        return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
-                "model": self.server.model_name}
-
-    def usage(self, job, n):
-        p = len(job.prompt)
+    def usage(self, job):
+        p, n = len(job.prompt), job.tokens
         return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
 
-    def respond(self, job, chat, body):
-        pieces = []
+    def job_error(self, job):
+        """The job's failure as a BadRequest (503 timeout, 500 generation error), or None."""
+        if job.timed_out:
+            return BadRequest(f"the request took longer than the server's timeout of {self.server.timeout:g} s",
+                              status=503, etype="server_error", code="timeout", headers={"Retry-After": "1"})
+        if job.error:
+            return BadRequest(job.error, status=500, etype="server_error")
+        return None
+
+
+class Answer:
+    """Turns a job's tokens into the response: sink() runs on the worker thread for every token;
+    finish() runs on the request's thread once the worker is done. Streamed, the worker writes each
+    piece of text to the socket as it comes (the first token sends the headers, so an error before
+    it -- a timeout in the queue -- is still a plain HTTP error); otherwise the text is collected."""
+
+    def __init__(self, handler, chat, params):
+        self.h, self.chat, self.params = handler, chat, params
+        self.text = TextStream(handler.server.tok, params["stop"])
+        self.pieces = []
+        self.env = handler.envelope(chat, ("chat.completion" if chat else "text_completion")
+                                    + (".chunk" if chat and params["stream"] else ""))
+        self.headers_sent = self.gone = False
+
+    # -- streaming: server-sent events
+    def send(self, obj):
+        h = self.h
+        if not self.headers_sent:
+            h.send_response(200)
+            h.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            h.send_header("Cache-Control", "no-cache")
+            h.send_header("Connection", "close")  # no Content-Length: the body ends when we close
+            h.end_headers()
+            self.headers_sent = True
+            if self.chat:  # OpenAI's first chunk announces the role
+                self.send({**self.env, "choices": [self.choice(first=True)]})
+        data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
         try:
-            finish, n = self.run_job(job, pieces.append)
-        except Cancelled:
-            self.close_connection = True
+            h.wfile.write(f"data: {data}\n\n".encode("utf-8"))
+        except OSError:  # broken pipe, reset, or a client too slow to take the bytes (socket timeout)
+            self.gone = True
+            raise Cancelled from None
+
+    def choice(self, text=None, finish=None, first=False):
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+    def sink(self, token):  # on the worker thread
+        piece = self.text.push(token)
+        if not self.params["stream"]:
+            self.pieces.append(piece)
+        elif piece:
+            self.send({**self.env, "choices": [self.choice(piece)]})
+        if self.text.finish_reason:
+            raise Cancelled  # a stop token or string: no more tokens wanted
+
+    def finish(self, job):  # on the request's thread, after the worker is done with the job
+        h = self.h
+        if job.client_gone or self.gone:
+            h.close_connection = True
             return
-        text = "".join(pieces)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                   "finish_reason": finish} if chat else
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
-        self.send_json(200, {**self.envelope(job, chat), "object": "chat.completion" if chat else "text_completion",
-                             "choices": [choice], "usage": self.usage(job, n)})
-
-    def stream(self, job, chat, body):
-        env = {**self.envelope(job, chat), "object": "chat.completion.chunk" if chat else "text_completion"}
-        headers_sent = False
-
-        def send(obj):
-            nonlocal headers_sent
-            if not headers_sent:  # the first event: from now on errors travel inside the stream
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")  # no Content-Length: the body ends when we close
-                self.end_headers()
-                self.close_connection = True
-                headers_sent = True
-            data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
-            try:
-                self.wfile.write(f"data: {data}\n\n".encode("utf-8"))
-                self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                raise Cancelled from None
-
-        def choice(text=None, finish=None, first=False):
-            if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-
+        err = h.job_error(job)
+        tail = self.text.finish()
+        finish, usage = self.text.finish_reason or "length", h.usage(job)
+        if not self.params["stream"]:
+            if err:
+                raise err
+            text = "".join(self.pieces) + tail
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                       "finish_reason": finish} if self.chat else
+                      {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+            h.send_json(200, {**self.env, "choices": [choice], "usage": usage})
+            return
+        h.close_connection = True
         try:
-            # The first event waits for the first token, so a timeout or queue error can still be a
-            # plain HTTP error; the role chunk goes out with it.
-            first = [True]
-
-            def on_text(piece):
-                if first[0] and chat:
-                    send({**env, "choices": [choice(first=True)]})
-                first[0] = False
-                send({**env, "choices": [choice(piece)]})
-
-            try:
-                finish, n = self.run_job(job, on_text)
-            except BadRequest as e:
-                if not headers_sent:
-                    raise
-                send(error_body(str(e), e.etype, e.param, e.code))
-                send("[DONE]")
-                return
-            if first[0] and chat:
-                send({**env, "choices": [choice(first=True)]})
-            # usage rides on the last chunk always (a client that does not know it ignores it), and
-            # on its own choice-less chunk when the client asked with stream_options.include_usage
-            send({**env, "choices": [choice(finish=finish)], "usage": self.usage(job, n)})
-            if job.params["include_usage"]:
-                send({**env, "choices": [], "usage": self.usage(job, n)})
-            send("[DONE]")
+            if err:
+                if not self.headers_sent:
+                    raise err
+                self.send(error_body(str(err), err.etype, err.param, err.code))
+            else:
+                if tail:
+                    self.send({**self.env, "choices": [self.choice(tail)]})
+                # usage rides on the last chunk always (a client that does not know it ignores it), and
+                # on its own choice-less chunk when the client asked with stream_options.include_usage
+                self.send({**self.env, "choices": [self.choice(finish=finish)], "usage": usage})
+                if self.params["include_usage"]:
+                    self.send({**self.env, "choices": [], "usage": usage})
+            self.send("[DONE]")
         except Cancelled:
-            self.close_connection = True
+            pass
 
 
 class Server(ThreadingHTTPServer):
