@@ -7,6 +7,7 @@ Usage (any checkpoint: a run dir, a .pt checkpoint of ours, or a HuggingFace LLa
     python chat.py --model runs/sft --prompt "Where does Alice live?"  # one answer, then exit
     python chat.py --model runs/sft --prompts_file questions.txt     # one prompt per line -> JSONL answers
     python chat.py --model runs/sft --eval lab_data/eval_qa.jsonl    # lab accuracy (overall, per kind)
+    python chat.py --model runs/pretrain --raw                       # base model: it continues what you type
 Interactive commands: /reset forgets the conversation (the system prompt stays), /exit or Ctrl-D quits,
 Ctrl-C interrupts an answer. There is no torchrun form: chatting is one sequential process, and the
 batch modes put many prompts through one batched, KV-cached model.generate instead.
@@ -86,12 +87,22 @@ def strip_stop(ids, stop_ids):
     return ids[:-1] if ids and ids[-1] in stop_ids else ids
 
 
+def raw_prompt(tok, text, max_len=None):
+    """Continuation mode (base models, --raw, serve.py's /v1/completions): [BOS] + the text's tokens,
+    no chat template -- the model sees what it saw in pretraining. max_len keeps the last tokens."""
+    ids = tok.encode(text)
+    if max_len is not None:
+        ids = ids[max(0, len(ids) - (max_len - 1)):]
+    return [tok.bos_id] + ids
+
+
 def generate_answers(model, tok, conversations, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
-                     batch_size=32, system=None, seed=None, return_ids=False):
+                     batch_size=32, system=None, seed=None, return_ids=False, raw=False):
     """Answer each conversation (a user string, or messages ending on a user turn); returns a list
     of answer strings in input order (and, if return_ids, the ids as sampled: the stop token that ended
     an answer is kept -- <|end|> or </s>, whichever it was -- and an answer without one was cut at
     max_new_tokens; common.ended tells them apart).
+    raw: the conversations are plain texts to continue (raw_prompt), not chats.
 
     Prompts are rendered with tok.render_prompt, dropping the oldest whole exchanges when a prompt
     plus max_new_tokens would not fit the context; batches are grouped by prompt length (less
@@ -101,7 +112,10 @@ def generate_answers(model, tok, conversations, max_new_tokens=64, temperature=0
     ctx = model.config.max_seq_len
     if max_new_tokens >= ctx:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of {ctx}")
-    prompts = [tok.render_prompt(_as_messages(c, system), max_len=ctx - max_new_tokens) for c in conversations]
+    if raw:
+        prompts = [raw_prompt(tok, c, max_len=ctx - max_new_tokens) for c in conversations]
+    else:
+        prompts = [tok.render_prompt(_as_messages(c, system), max_len=ctx - max_new_tokens) for c in conversations]
     device = next(model.parameters()).device
     generator = None
     if seed is not None and temperature > 0:
@@ -226,14 +240,15 @@ def fit_history(tok, messages, max_len):
 
 
 def chat_loop(model, tok, args, inp=input, out=sys.stdout):
-    """The terminal chat: read a line, stream the answer token by token, keep the history."""
+    """The terminal chat: read a line, stream the answer token by token, keep the history.
+    With args.raw, each line is a text the model continues on its own (no template, no history)."""
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     ctx = model.config.max_seq_len
     generator = torch.Generator(device=next(model.parameters()).device)
     generator.manual_seed(args.seed)
-    print(f"chatting with {args.model} ({model.num_params() / 1e6:.1f}M parameters, context {ctx}). "
-          "/reset to start over, /exit to quit.", file=out, flush=True)
+    print(f"{'continuing texts' if args.raw else 'chatting'} with {args.model} ({model.num_params() / 1e6:.1f}M "
+          f"parameters, context {ctx}). /reset to start over, /exit to quit.", file=out, flush=True)
     while True:
         try:
             line = inp(">>> ")
@@ -249,15 +264,19 @@ def chat_loop(model, tok, args, inp=input, out=sys.stdout):
             continue
         if not cmd:
             continue
-        history.append({"role": "user", "content": line})
-        try:
-            prompt, dropped = fit_history(tok, history, ctx - args.max_new_tokens)
-        except ValueError as e:
-            history.pop()
-            print(f"(too long: {e})", file=out, flush=True)
-            continue
-        if dropped:
-            print(f"(context full: forgot the oldest {dropped} exchange(s))", file=out, flush=True)
+        if args.raw:
+            prompt = raw_prompt(tok, line, ctx - args.max_new_tokens)
+            print(line, end="", file=out, flush=True)  # the continuation follows the text on the same line
+        else:
+            history.append({"role": "user", "content": line})
+            try:
+                prompt, dropped = fit_history(tok, history, ctx - args.max_new_tokens)
+            except ValueError as e:
+                history.pop()
+                print(f"(too long: {e})", file=out, flush=True)
+                continue
+            if dropped:
+                print(f"(context full: forgot the oldest {dropped} exchange(s))", file=out, flush=True)
         # Stream: the callback sees every new token; StreamDecoder holds back the bytes of a
         # half-finished UTF-8 character (a Chinese character is 3 byte tokens in byte fallback).
         decoder = tok.stream_decoder()
@@ -271,11 +290,13 @@ def chat_loop(model, tok, args, inp=input, out=sys.stdout):
                 new = model.generate([prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                      top_p=args.top_p, eos_id=tok.stop_ids, callback=show, generator=generator)[0]
         except KeyboardInterrupt:
-            history.pop()
+            if not args.raw:
+                history.pop()
             print("\n(interrupted)", file=out, flush=True)
             continue
         print(decoder.finish(), file=out, flush=True)
-        history.append({"role": "assistant", "content": tok.decode(strip_stop(new, tok.stop_ids))})
+        if not args.raw:
+            history.append({"role": "assistant", "content": tok.decode(strip_stop(new, tok.stop_ids))})
 
 
 # -----------------------------------------------------------------------------
@@ -298,6 +319,8 @@ def get_args(argv=None):
     mode.add_argument("--prompts_file", default=None, help="answer every non-empty line; prints JSONL {prompt, answer}")
     mode.add_argument("--eval", default=None, metavar="EVAL_JSONL",
                       help="lab evaluation: eval_qa.jsonl of the lab world; prints accuracy overall and per kind")
+    p.add_argument("--raw", action="store_true", help="continuation mode for base models: no chat template, "
+                   "the model continues each text (interactive, --prompt, --prompts_file)")
     p.add_argument("--batch_size", type=int, default=32, help="prompts per generate call in the batch modes (%(default)s)")
     p.add_argument("--eval_out", default=None, help="--eval: also write every graded answer here (JSONL)")
     args = p.parse_args(argv)
@@ -320,7 +343,7 @@ def main(argv=None):
         args.max_new_tokens = ctx // 2
         print(f"--max_new_tokens is at least the context ({ctx}); using {args.max_new_tokens}", file=sys.stderr)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, system=args.system, seed=args.seed, batch_size=args.batch_size)
+                    top_p=args.top_p, system=args.system, seed=args.seed, batch_size=args.batch_size, raw=args.raw)
     if args.prompt is not None:
         print(generate_answers(model, tok, [args.prompt], **sampling)[0], flush=True)
     elif args.prompts_file is not None:
@@ -329,6 +352,8 @@ def main(argv=None):
         for q, a in zip(prompts, generate_answers(model, tok, prompts, **sampling)):
             print(json.dumps({"prompt": q, "answer": a}, ensure_ascii=False), flush=True)
     elif args.eval is not None:
+        if args.raw:
+            sys.exit("error: --eval grades chat answers; it does not take --raw")
         res = evaluate_lab(model, tok, args.eval, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                            system=args.system)
         for k, acc in res["by_kind"].items():
