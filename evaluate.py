@@ -49,7 +49,7 @@ What is lm-eval's convention here (read from its task YAMLs and its HF backend):
 Simplifications on purpose: one sequential pass per task (no request cache between tasks); shared
 prompt prefixes are computed once only where two requests feed the model exactly the same tokens (the
 four one-token letter answers of MMLU-style tasks: one forward per question, as lm-eval's logits cache);
-GSM8K always decodes max_gen_toks tokens per batch (the stop strings cut the text afterwards).
+a GSM8K batch decodes until every row has written a stop string (or max_gen_toks tokens).
 """
 import argparse
 import json
@@ -439,11 +439,17 @@ def mc_metrics(lls, choices, gold):
             "acc_bytes": float(argmax(nbytes) == gold)}
 
 
+class _AllStopped(Exception):
+    """Raised from model.generate's per-token callback once every row of the batch has written a stop
+    string or a stop token: generate returns early, as lm-eval's HF backend stops a batch; the callback
+    already holds the tokens."""
+
+
 @torch.no_grad()
 def generate_until(model, tok, prompts, max_gen_toks=256, stop=GSM8K_STOP, batch_size=16):
     """Greedy completions of prompt id lists, cut at the first stop string (lm-eval's generate_until:
     the context is left-truncated to max_seq_len - max_gen_toks; decoding stops at the tokenizer's stop
-    ids). -> list of strings."""
+    ids, and a batch stops once every row holds a stop string). -> list of strings."""
     max_len = model.config.max_seq_len
     if max_gen_toks >= max_len:
         common.fail(f"max_gen_toks={max_gen_toks} leaves no room for a prompt in the model's context of "
@@ -454,8 +460,24 @@ def generate_until(model, tok, prompts, max_gen_toks=256, stop=GSM8K_STOP, batch
     with common.eval_mode(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            new = model.generate([prompts[i] for i in chunk], max_gen_toks, temperature=0.0, eos_id=tok.stop_ids)
-            for i, ids in zip(chunk, new):
+            tokens = [[] for _ in chunk]
+            decoders = [tok.stream_decoder() for _ in chunk]
+            texts = [""] * len(chunk)
+            done = [False] * len(chunk)
+
+            def on_token(b, t):
+                tokens[b].append(t)
+                texts[b] += decoders[b].push(t)
+                done[b] = t in tok.stop_ids or any(s in texts[b] for s in stop)
+                if all(done):
+                    raise _AllStopped
+
+            try:
+                model.generate([prompts[i] for i in chunk], max_gen_toks, temperature=0.0, eos_id=tok.stop_ids,
+                               callback=on_token)
+            except _AllStopped:
+                pass
+            for i, ids in zip(chunk, tokens):
                 text = tok.decode([t for t in ids if t not in tok.stop_ids])
                 for s in stop:
                     text = text.split(s)[0]

@@ -351,3 +351,40 @@ def test_cli_writes_results_table_and_samples(tmp_path, tok):
     assert len(lines) == 10 and all(len(s["loglikelihoods"]) == len(s["is_greedy"]) for s in lines)
     acc = sum(s["acc"] for s in lines if s["task"] == "arc_challenge") / 5
     assert results["arc_challenge"]["metrics"]["acc"]["value"] == pytest.approx(acc)
+
+
+def test_chat_template_wraps_description_and_prompt(tmp_path, tok):
+    write_jsonl(tmp_path / "mmlu_test.jsonl", [{"question": "Q?", "A": "a", "B": "b", "C": "c", "D": "d",
+                                                "answer": "A", "subject": "virology"}])
+    write_jsonl(tmp_path / "mmlu_dev.jsonl", [{"question": "R?", "A": "e", "B": "f", "C": "g", "D": "h",
+                                               "answer": "B", "subject": "virology"}])
+    items, pool = ev.load_task("mmlu", str(tmp_path))
+    shots = ev.fewshot_examples(items[0], 1, pool, None)
+    requests = ev.mc_requests(tok, items[0], shots, chat=True)
+    # as lm-eval without fewshot_as_multiturn: description -> system, examples + question -> one user
+    # turn, the generation prompt, then the bare letter (no " " before it)
+    want_ctx = tok.render_prompt([
+        {"role": "system", "content": "The following are multiple choice questions (with answers) about virology.\n\n"},
+        {"role": "user", "content": "R?\nA. e\nB. f\nC. g\nD. h\nAnswer: B\n\nQ?\nA. a\nB. b\nC. c\nD. d\nAnswer:"}])
+    assert [r[0] for r in requests] == [want_ctx] * 4
+    assert [r[1] for r in requests] == [tok.encode(c) for c in "ABCD"]
+
+
+def test_generation_stops_early_and_cuts_at_the_stop_string(tok, one_thread):
+    model = tiny_model(tok, max_seq_len=128)
+    prompts = [tok.encode(p, bos=True) for p in ("Question: 1+1?\nAnswer:", "Question: what is 2 x 3?\nAnswer:")]
+    full = ev.generate_until(model, tok, prompts, max_gen_toks=40, stop=[])
+    # a stop string each row writes early on: its first two generated characters
+    stops = [text[:2] for text in full]
+    assert all(len(s) == 2 for s in stops)
+    steps = []
+    original = model._decode_step
+    model._decode_step = lambda *a, **k: (steps.append(1), original(*a, **k))[1]
+    cut = ev.generate_until(model, tok, prompts, max_gen_toks=40, stop=stops)
+    del model._decode_step
+    for text, got in zip(full, cut):
+        want = text
+        for s in stops:
+            want = want.split(s)[0]
+        assert got == want
+    assert len(steps) < 40 - 1   # the batch stopped once both rows held a stop string
