@@ -629,7 +629,8 @@ PAGE = r"""<!doctype html>
 <style>
  body { font-family: system-ui, "Noto Sans", "Noto Sans CJK SC", "PingFang SC", "Microsoft YaHei", sans-serif;
         margin: 0; background: #f4f4f6; color: #222; }
- header { display: flex; gap: .8em; align-items: center; flex-wrap: wrap; padding: .6em 1em; background: #1f2937; color: #eee; }
+ header { display: flex; gap: .8em; align-items: center; flex-wrap: wrap; padding: .6em 1em; background: #1f2937; color: #eee;
+          position: sticky; top: 0; z-index: 1; }
  header b { font-size: 1.1em; margin-right: auto; }
  header label { font-size: .9em; }
  header input, header select { font: inherit; }
