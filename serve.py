@@ -216,11 +216,12 @@ class Cancelled(Exception):
 class Job:
     """One request on its way through the worker. sink(token) runs on the worker thread for every new
     token (it turns tokens into text and, when streaming, writes it to the client's socket itself: no
-    thread switch per token); it raises Cancelled when no more tokens are wanted. `lock` makes
-    "check cancel, then write" atomic against the request's thread cancelling and answering."""
+    thread switch per token); it raises Cancelled when no more tokens are wanted. finish(job) writes
+    the end of the response, also on the worker thread. `lock` makes "check cancel, then write"
+    atomic against the request's thread cancelling (and then answering a timeout itself)."""
 
-    def __init__(self, prompt, params, deadline, sink):
-        self.prompt, self.params, self.deadline, self.sink = prompt, params, deadline, sink
+    def __init__(self, prompt, params, deadline, sink, finish):
+        self.prompt, self.params, self.deadline, self.sink, self.finish = prompt, params, deadline, sink, finish
         self.lock = threading.Lock()
         self.cancel = threading.Event()  # set by the request's thread: client gone, timed out while waiting
         self.done = threading.Event()    # set by the worker when generation has ended, for whatever reason
@@ -284,6 +285,10 @@ class Engine:
         except Exception as e:  # a failure in one request must not kill the worker
             print(f"serve: generation failed: {e!r}", file=sys.stderr)
             job.error = f"generation failed: {type(e).__name__}: {e}"
+        try:
+            with job.lock:
+                if not job.cancel.is_set():  # (cancelled: the client is gone, nobody to answer)
+                    job.finish(job)
         finally:
             job.done.set()
 
@@ -414,20 +419,23 @@ class Handler(BaseHTTPRequestHandler):
                              etype="rate_limit_error", code="queue_full",
                              headers={"Retry-After": srv.engine.retry_after()})
         out = Answer(self, chat, params)
-        job = Job(prompt, params, time.monotonic() + srv.timeout, out.sink)
+        job = Job(prompt, params, time.monotonic() + srv.timeout, out.sink, out.finish)
         try:
             srv.engine.jobs.put(job)
             self.wait(job)
-            out.finish(job)
+            if job.timed_out and not job.started:  # the worker never saw it: answer here
+                out.finish(job)
+            if job.client_gone or out.gone or out.headers_sent:
+                self.close_connection = True
         finally:
             with job.lock:
                 job.cancel.set()          # whatever happened, stop generating for this request
             srv.engine.admit.release()    # ... and free the slot now, not when the worker notices
 
     def wait(self, job):
-        """Until the worker is done with the job; meanwhile, every 0.1 s: has the client left (then
-        cancel: the worker stops at the next token), has a request still waiting for the model
-        timed out (then cancel and answer 503)?"""
+        """Until the worker is done with the job (it has answered); meanwhile, every 0.1 s: has the
+        client left (then cancel: the worker stops at the next token), has a request still waiting
+        for the model timed out (then cancel; the caller answers 503)?"""
         while not job.done.wait(0.1):
             if self.client_gone():
                 with job.lock:
@@ -506,28 +514,33 @@ class Answer:
         if self.text.finish_reason:
             raise Cancelled  # a stop token or string: no more tokens wanted
 
-    def finish(self, job):  # on the request's thread, after the worker is done with the job
+    def finish(self, job):
+        """Write the end of the response: the JSON answer, or the stream's last chunks and [DONE], or
+        the job's error. Runs on the worker thread right after generate (one thread switch less per
+        request), or on the request's thread for a request that timed out before the model saw it."""
         h = self.h
-        if job.client_gone or self.gone:
-            h.close_connection = True
-            return
         err = h.job_error(job)
         tail = self.text.finish()
         finish, usage = self.text.finish_reason or "length", h.usage(job)
+        if err and not self.headers_sent:  # nothing sent yet: a plain HTTP error
+            err.headers["Connection"] = "close"
+            try:
+                h.send_error_json(err)
+            except OSError:
+                pass
+            return
         if not self.params["stream"]:
-            if err:
-                raise err
             text = "".join(self.pieces) + tail
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                        "finish_reason": finish} if self.chat else
                       {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
-            h.send_json(200, {**self.env, "choices": [choice], "usage": usage})
+            try:
+                h.send_json(200, {**self.env, "choices": [choice], "usage": usage})
+            except OSError:
+                self.gone = True
             return
-        h.close_connection = True
         try:
-            if err:
-                if not self.headers_sent:
-                    raise err
+            if err:  # mid-stream: the error travels as an event
                 self.send(error_body(str(err), err.etype, err.param, err.code))
             else:
                 if tail:
@@ -629,7 +642,8 @@ PAGE = r"""<!doctype html>
 <style>
  body { font-family: system-ui, "Noto Sans", "Noto Sans CJK SC", "PingFang SC", "Microsoft YaHei", sans-serif;
         margin: 0; background: #f4f4f6; color: #222; }
- header { display: flex; gap: .8em; align-items: center; flex-wrap: wrap; padding: .6em 1em; background: #1f2937; color: #eee; }
+ header { display: flex; gap: .8em; align-items: center; flex-wrap: wrap; padding: .6em 1em; background: #1f2937; color: #eee;
+          position: sticky; top: 0; z-index: 1; }
  header b { font-size: 1.1em; margin-right: auto; }
  header label { font-size: .9em; }
  header input, header select { font: inherit; }

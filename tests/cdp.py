@@ -197,7 +197,7 @@ if __name__ == "__main__":
     p.add_argument("--lang", default="en", choices=["en", "zh"])
     p.add_argument("--system", default="")
     a = p.parse_args()
-    with Browser(a.url, width=900, height=560) as b:
+    with Browser(a.url, width=960, height=640) as b:
         b.wait("document.getElementById('lang') !== null")
         b.eval(f"document.getElementById('lang').value = '{a.lang}';"
                "document.getElementById('lang').dispatchEvent(new Event('change'));"

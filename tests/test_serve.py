@@ -230,7 +230,8 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(model_and_tok, keyed)
     # max_tokens over the cap is capped, unknown fields are ignored, and the server still answers
     status, _, out = post(keyed, "/v1/chat/completions", {"messages": user, "max_tokens": 10 ** 6, "temperature": 0,
                                                          "frequency_penalty": 0, "user": "me"}, auth)
-    assert status == 200 and out["usage"]["completion_tokens"] <= 100
+    model, tok = model_and_tok[:2]
+    assert status == 200 and out["usage"]["completion_tokens"] == expected(model, tok, tok.render_prompt(user), 100)[1]
 
 
 def test_api_key(keyed):
@@ -322,6 +323,25 @@ def test_disconnect_mid_stream_stops_generating(model_and_tok, start):
     time.sleep(0.3)  # the worker finishes the token in hand and stops
     with srv.engine.model_lock:  # ... and is idle again
         assert 3 <= slow.count < 30, slow.count
+
+
+def test_timeout_while_generating(model_and_tok, start):
+    """Past --timeout mid-answer: 503 (nothing sent yet), or an error event and [DONE] in a stream;
+    the worker stops and the slot is free."""
+    model, _, _ = model_and_tok
+    srv = start(timeout=0.3)
+    srv.engine.model = slow = Slow(model)  # 100 tokens would take 1 s
+    kw = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "temperature": 0}
+    status, headers, out = post(srv, "/v1/chat/completions", kw)
+    assert status == 503 and out["error"]["code"] == "timeout" and "Retry-After" in headers
+    assert slow.count < 60
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps({**kw, "stream": True}).encode())
+    r = conn.getresponse()
+    events = [line[6:].strip() for line in r.read().split(b"\n") if line.startswith(b"data: ")]
+    assert r.status == 200 and events[-1] == b"[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "timeout" and len(events) > 3  # text came, then the error
+    assert srv.engine.admit._value == srv.max_queue  # noqa: SLF001: every slot free
 
 
 # -----------------------------------------------------------------------------
