@@ -1,0 +1,183 @@
+"""LoRA (model.py's LoRA section, common.py's checkpoints and export, the stage scripts' --lora_*):
+B = 0 is the base model, merged == unmerged, switched off == the base exactly, only adapters (and
+the reward head) train, adapter-only checkpoints that refuse another base, exact resume, PEFT
+loads our adapters, DDP agrees with one process, DPO's reference for free (step-0 loss ln 2)."""
+import copy
+import math
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+
+import common
+import sft
+from model import (Llama, LlamaConfig, apply_lora, lora_adapters, lora_disabled, merge_lora, strip_lora,
+                   unmerge_lora)
+from test_sft import lab_conversations, sft_argv, tiny_init  # noqa: F401  (tiny_init is a fixture)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig.from_preset("tiny", **kw))
+
+
+def lora_tiny(seed=0, rank=4, dropout=0.0, embeddings=True, **kw):
+    model = tiny(seed, **kw)
+    base = copy.deepcopy(model)
+    apply_lora(model, rank, 2.0 * rank, dropout, embeddings=embeddings)
+    return model, base
+
+
+def train_a_little(model, idx, steps=4, lr=3e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(idx, idx)[1].backward()
+        opt.step()
+        opt.zero_grad()
+
+
+IDX = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
+
+
+# -----------------------------------------------------------------------------
+# model.py
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_zero_B_is_the_base_model(tie, one_thread):
+    model, base = lora_tiny(tie_embeddings=tie)
+    assert all(torch.count_nonzero(a.B) == 0 and torch.count_nonzero(a.A) > 0 for _, _, a in lora_adapters(model))
+    assert torch.equal(model(IDX)[0], base(IDX)[0])
+    assert model.generate([[1, 5, 9], [7]], 6, temperature=0) == base.generate([[1, 5, 9], [7]], 6, temperature=0)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_trained_merged_equals_unmerged_and_switched_off_is_the_base(tie, one_thread):
+    model, base = lora_tiny(dropout=0.1, tie_embeddings=tie)
+    train_a_little(model, IDX)
+    model.eval()
+    with torch.no_grad():
+        ref = base(IDX)[0]
+        unmerged = model(IDX)[0]
+        assert (unmerged - ref).abs().max() > 1e-2            # training moved it (or the tests below prove nothing)
+        with lora_disabled(model):
+            assert torch.equal(model(IDX)[0], ref)              # exactly: the update is skipped, not subtracted
+        assert torch.equal(model(IDX)[0], unmerged)             # ... and back on after the block
+        merge_lora(model)
+        assert (model(IDX)[0] - unmerged).abs().max() < 1e-5
+        with pytest.raises(RuntimeError, match="unmerge"):
+            with lora_disabled(model):
+                pass
+        unmerge_lora(model)
+        assert (model(IDX)[0] - unmerged).abs().max() < 1e-5
+        # the KV-cache decoding path sees the adapters too (tied: the head as well)
+        assert model.generate([[1, 5, 9]], 5, temperature=0) == strip_lora(copy.deepcopy(model)).generate(
+            [[1, 5, 9]], 5, temperature=0)
+
+
+def test_only_adapters_get_gradients_and_optimizer_state():
+    from reward import RewardModel
+    model, _ = lora_tiny(embeddings=False)
+    opt = common.configure_optimizer(model, 1e-3, 0.0)
+    model(IDX, IDX)[1].backward()
+    opt.step()
+    lora_names = {n for n, _ in model.named_parameters() if ".lora." in n}
+    assert lora_names and all(n.endswith((".A", ".B")) for n in lora_names)
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in lora_names), n
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert held == {id(p) for n, p in model.named_parameters() if n in lora_names} == {id(p) for p in opt.state}
+    # the reward model: the scalar head trains in full, next to the backbone's adapters
+    rm = RewardModel.from_llama(tiny())
+    apply_lora(rm.backbone, 4, 8.0, targets=("q", "v"))
+    rm(IDX).sum().backward()
+    trains = {n for n, p in rm.named_parameters() if p.requires_grad}
+    assert "head.weight" in trains and all(n == "head.weight" or ".lora." in n for n in trains)
+    assert {n for n, p in rm.named_parameters() if p.grad is not None} == trains
+    with pytest.raises(ValueError, match="subset"):
+        apply_lora(tiny(), 4, 8.0, targets=("q", "query"))
+
+
+def test_parameter_count_closed_form():
+    """r * (in + out) per target matrix: the count --estimate and bench/lora.py rely on."""
+    c = LlamaConfig.from_preset("tiny")
+    model, _ = lora_tiny(rank=4, embeddings=True)
+    q, kv, d, h = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.dim, c.hidden_dim
+    per_layer = 4 * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + h) + (h + d))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == c.n_layers * per_layer + 4 * (c.vocab_size + d)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, resume, export
+
+
+LORA = ("--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0.1")
+
+
+def test_sft_lora_run_adapter_checkpoints_exact_resume_and_wrong_base(tmp_path, tiny_init, one_thread, capsys):
+    flags = (*LORA, "--save_interval", "3", "--keep_last", "0", "--lr", "3e-2")   # LoRA takes a larger lr
+    sft.main(sft_argv(tmp_path, tiny_init, tmp_path / "a", *flags))
+    final = tmp_path / "a" / "final.pt"
+    ckpt = torch.load(final, weights_only=True)
+    base_file = common.resolve_checkpoint(str(tiny_init))
+    assert ckpt["lora"]["base_sha256"] == common.file_sha256(base_file)
+    assert all(".lora." in k for k in ckpt["model"])                        # adapters only ...
+    assert os.path.getsize(final) < 0.5 * os.path.getsize(base_file)     # ... so much smaller than the base
+    # load_model: the base plus merged adapters == the unmerged model of the run
+    merged, meta = common.load_model(str(final))
+    base, _ = common.load_model(base_file)
+    live = setup_like_run(common.load_model(base_file)[0], base_file)
+    common.load_trainable_state(live, ckpt["model"], ckpt["lora"], str(final))
+    live.eval(), merged.eval(), base.eval()
+    x = IDX % 200
+    with torch.no_grad():
+        assert (merged(x)[0] - live(x)[0]).abs().max() < 1e-5
+        assert (merged(x)[0] - base(x)[0]).abs().max() > 1e-3
+    # exact resume from step 3 into a fresh directory
+    os.makedirs(tmp_path / "b")
+    os.link(tmp_path / "a" / "step_0000003.pt", tmp_path / "b" / "step_0000003.pt")
+    sft.main(sft_argv(tmp_path, tiny_init, tmp_path / "b", *flags, "--resume"))
+    b = torch.load(tmp_path / "b" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(ckpt["model"][k], b[k]) for k in b)
+    # another base: a changed file at the recorded path is refused, naming both hashes
+    other = tiny(seed=9, vocab_size=base.config.vocab_size, max_seq_len=128)
+    common.save_checkpoint(str(tiny_init), "final", other, step=0, config={})
+    new_sha = common.file_sha256(base_file)
+    for load in (lambda: common.load_model(str(final)),
+                 lambda: sft.main(sft_argv(tmp_path, tiny_init, tmp_path / "b", *flags, "--resume"))):
+        with pytest.raises(SystemExit, match=f"{ckpt['lora']['base_sha256']}.*{new_sha}"):
+            load()
+
+
+def setup_like_run(model, base_path, **kw):
+    import argparse
+    args = argparse.Namespace(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets="q,k,v,o,gate,up,down",
+                              lora_embeddings=False, **kw)
+    return common.setup_lora(model, args, base_path)
+
+
+def test_peft_loads_our_adapters_with_the_same_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model = tiny(seed=3, tie_embeddings=False)                   # GQA (q and k rows permuted for HF)
+    common.save_checkpoint(str(tmp_path / "base"), "final", model, step=0, config={})
+    base_file = str(tmp_path / "base" / "final.pt")
+    model.save_hf(str(tmp_path / "hf"))
+    import argparse
+    args = argparse.Namespace(lora_rank=4, lora_alpha=12.0, lora_dropout=0.0, lora_targets="q,k,v,o,gate,up,down",
+                              lora_embeddings=True)
+    common.setup_lora(model, args, base_file)
+    train_a_little(model, IDX, steps=3)
+    common.save_checkpoint(str(tmp_path / "run"), "final", model, step=3, config={})
+    common.main(["consolidate", str(tmp_path / "run" / "final.pt"), str(tmp_path / "merged.pt"),
+                 "--hf", str(tmp_path / "merged_hf"), "--peft", str(tmp_path / "peft")])
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+    model.eval()
+    with torch.no_grad():
+        ours = model(IDX)[0]
+        assert (pm(IDX).logits - ours).abs().max() < 1e-4
+        merged_hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged_hf")).eval()
+        assert (merged_hf(IDX).logits - ours).abs().max() < 1e-4
+        assert (ours - common.load_model(base_file)[0].eval()(IDX)[0]).abs().max() > 1e-3   # the adapters matter
