@@ -539,7 +539,11 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *
         meta["data_state"] = dict(data_state or {})
     if is_main():
         os.makedirs(out_dir, exist_ok=True)
+    if is_fsdp(model) and has_lora(raw) and optimizer is None:
+        return _save_lora_gathered(out_dir, name, raw, meta)
     if is_fsdp(model):
+        if has_lora(raw):   # a resume checkpoint: sharded as usual, base included (see load_model)
+            meta["lora"] = lora_info(raw)
         return _save_sharded(out_dir, name, model, optimizer, meta)
     path = os.path.join(out_dir, name + ".pt")
     if is_main():
@@ -549,6 +553,17 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *
         if optimizer is not None:
             ckpt["optimizer"] = optimizer.state_dict()
         _atomic_torch_save(ckpt, path)
+    barrier()
+    return path
+
+
+def _save_lora_gathered(out_dir, name, raw, meta):
+    """FSDP + LoRA, model-only: the adapters are small, so gather them whole (every rank takes part
+    in each DTensor's all-gather, in state-dict order) and rank 0 writes one adapter-only NAME.pt."""
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in trainable_state(raw).items()}
+    path = os.path.join(out_dir, name + ".pt")
+    if is_main():
+        _atomic_torch_save({"model": {k: v.cpu() for k, v in state.items()}, **meta, "lora": lora_info(raw)}, path)
     barrier()
     return path
 
@@ -723,6 +738,9 @@ def load_model(path: str, device="cpu"):
         import torch.distributed.checkpoint as dcp
         meta = read_checkpoint_meta(path)
         _refuse_other_kind(meta, path)
+        if "lora" in meta:
+            fail(f"{path} is a sharded resume checkpoint of a LoRA run: resume it with the same flags (--resume), or "
+                 f"use the run's best.pt / final.pt (adapters only)")
         model = Llama(LlamaConfig.from_dict(meta["model_config"]))
         state = model.state_dict()
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -818,7 +836,7 @@ def setup_lora(model: nn.Module, args, base_path: str, dtype: torch.dtype = torc
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     try:
         apply_lora(getattr(model, "backbone", model), args.lora_rank, args.lora_alpha, args.lora_dropout, targets,
-                   args.lora_embeddings)
+                   args.lora_embeddings, seed=args.seed)
     except ValueError as e:
         fail(f"--lora_rank/--lora_targets: {e}")
     base_path = resolve_checkpoint(base_path)
@@ -882,7 +900,7 @@ def load_lora_checkpoint(ckpt: dict, path: str, make_model=None, base: str = Non
     llama, _ = load_model(base)
     model = make_model(llama) if make_model else llama
     args = argparse.Namespace(lora_rank=info["rank"], lora_alpha=info["alpha"], lora_dropout=info["dropout"],
-                              lora_targets=",".join(info["targets"]), lora_embeddings=info["embeddings"])
+                              lora_targets=",".join(info["targets"]), lora_embeddings=info["embeddings"], seed=0)
     setup_lora(model, args, base)
     load_trainable_state(model, ckpt["model"], info, path)
     strip_lora(getattr(model, "backbone", model))

@@ -707,14 +707,17 @@ class LoRALinear(nn.Module):
     """The adapter of one target: rows [start, start + rows) of the owner's linear `weight_name`."""
 
     def __init__(self, weight_name: str, start: int, rows: int, in_features: int, rank: int, alpha: float,
-                 dropout: float, device=None, dtype=None):
+                 dropout: float, generator: torch.Generator, device=None, dtype=None):
         super().__init__()
         self.weight_name, self.start, self.rows = weight_name, start, rows
         self.scale = alpha / rank
-        self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        # Kaiming-uniform as nn.Linear initialises a weight (kaiming_uniform_ with a=sqrt(5) is
+        # U(-1/sqrt(in), 1/sqrt(in))), and as PEFT initialises A. Drawn on the CPU from apply_lora's
+        # own generator: the same adapters on every rank and device, whatever ran before.
+        bound = 1 / math.sqrt(in_features)
+        A = torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator)
+        self.A = nn.Parameter(A.to(device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(rows, rank, device=device, dtype=dtype))
-        # Kaiming-uniform, as nn.Linear initialises a weight (and PEFT initialises A).
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
         self.enabled, self.merged = True, False
 
@@ -734,11 +737,12 @@ class LoRAEmbedding(nn.Module):
     as PEFT's (A: r x vocab, B: dim x r), so the export is a rename. A lookup has no fan-in to scale
     by, so A is N(0, 1); B is zero as above. No dropout on ids (PEFT has none either)."""
 
-    def __init__(self, vocab: int, dim: int, rank: int, alpha: float, device=None, dtype=None):
+    def __init__(self, vocab: int, dim: int, rank: int, alpha: float, generator: torch.Generator, device=None,
+                 dtype=None):
         super().__init__()
         self.weight_name, self.start, self.rows = "tok_embeddings", 0, vocab
         self.scale = alpha / rank
-        self.A = nn.Parameter(torch.randn(rank, vocab, device=device, dtype=dtype))
+        self.A = nn.Parameter(torch.randn(rank, vocab, generator=generator).to(device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(dim, rank, device=device, dtype=dtype))
         self.enabled, self.merged = True, False
 
@@ -767,10 +771,11 @@ def lora_add(y, x, adapters: nn.ModuleDict, *names: str, first_row: int = 0):
 
 
 def apply_lora(model: "Llama", rank: int, alpha: float, dropout: float = 0.0, targets=LORA_TARGETS,
-               embeddings: bool = False) -> "Llama":
+               embeddings: bool = False, seed: int = 0) -> "Llama":
     """Freeze every parameter of `model` and add adapters on `targets` (of LORA_TARGETS) in every
     block, plus the token embedding with embeddings=True. In place; returns the model. Adapters
-    are created on the weights' device and dtype (the meta device included)."""
+    are created on the weights' device and dtype (the meta device included); A is drawn from
+    `seed` alone."""
     unknown = set(targets) - set(LORA_TARGETS)
     if unknown or not targets:
         raise ValueError(f"LoRA targets must be a non-empty subset of {','.join(LORA_TARGETS)}; got {list(targets)}")
@@ -780,7 +785,8 @@ def apply_lora(model: "Llama", rank: int, alpha: float, dropout: float = 0.0, ta
     c = model.config
     q, kv, h = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.hidden_dim
     w = model.tok_embeddings.weight
-    kw = dict(rank=rank, alpha=alpha, dropout=dropout, device=w.device, dtype=w.dtype)
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(rank=rank, alpha=alpha, dropout=dropout, generator=g, device=w.device, dtype=w.dtype)
     for block in model.layers:
         att, ffn = block.attention, block.feed_forward
         # target -> (owner, linear, first row, rows); in_features is the linear's input width
@@ -793,7 +799,7 @@ def apply_lora(model: "Llama", rank: int, alpha: float, dropout: float = 0.0, ta
             if mine:
                 owner.lora = nn.ModuleDict(mine)
     if embeddings:
-        model.lora = nn.ModuleDict({"embed": LoRAEmbedding(c.vocab_size, c.dim, rank, alpha, w.device, w.dtype)})
+        model.lora = nn.ModuleDict({"embed": LoRAEmbedding(c.vocab_size, c.dim, rank, alpha, g, w.device, w.dtype)})
     return model
 
 

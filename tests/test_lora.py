@@ -153,7 +153,7 @@ def test_sft_lora_run_adapter_checkpoints_exact_resume_and_wrong_base(tmp_path, 
 def setup_like_run(model, base_path, **kw):
     import argparse
     args = argparse.Namespace(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets="q,k,v,o,gate,up,down",
-                              lora_embeddings=False, **kw)
+                              lora_embeddings=False, seed=0, **kw)
     return common.setup_lora(model, args, base_path)
 
 
@@ -166,7 +166,7 @@ def test_peft_loads_our_adapters_with_the_same_logits(tmp_path):
     model.save_hf(str(tmp_path / "hf"))
     import argparse
     args = argparse.Namespace(lora_rank=4, lora_alpha=12.0, lora_dropout=0.0, lora_targets="q,k,v,o,gate,up,down",
-                              lora_embeddings=True)
+                              lora_embeddings=True, seed=0)
     common.setup_lora(model, args, base_file)
     train_a_little(model, IDX, steps=3)
     common.save_checkpoint(str(tmp_path / "run"), "final", model, step=3, config={})
@@ -181,3 +181,43 @@ def test_peft_loads_our_adapters_with_the_same_logits(tmp_path):
         merged_hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged_hf")).eval()
         assert (merged_hf(IDX).logits - ours).abs().max() < 1e-4
         assert (ours - common.load_model(base_file)[0].eval()(IDX)[0]).abs().max() > 1e-3   # the adapters matter
+
+
+# -----------------------------------------------------------------------------
+# Data parallel: 2 gloo ranks (fork, FileStore) against one process
+
+
+def _dist_worker(rank, world, store, runs, queue):
+    import traceback
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        for main, argv in runs:
+            main(argv)
+        queue.put((rank, None))
+    except BaseException:  # report every rank's traceback: the first error may be the victim's
+        queue.put((rank, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_and_fsdp_with_lora_match_one_process(tmp_path, tiny_init, one_thread):
+    """2 ranks x 1 micro-batch take the same LoRA steps as 1 process x 2 accumulated micro-batches:
+    the gradients of the adapters are averaged across ranks, and the frozen base gets none."""
+    flags = (*LORA, "--lora_dropout", "0", "--lr", "3e-2")
+    sft.main(sft_argv(tmp_path, tiny_init, tmp_path / "one", *flags, "--grad_accum", "2"))
+    runs = [(sft.main, sft_argv(tmp_path, tiny_init, tmp_path / p, *flags, "--parallel", p)) for p in ("ddp", "fsdp")]
+    ctx = torch.multiprocessing.get_context("fork")
+    queue = ctx.SimpleQueue()
+    torch.multiprocessing.start_processes(_dist_worker, args=(2, str(tmp_path / "store"), runs, queue), nprocs=2,
+                                          start_method="fork")
+    errors = [err for _, err in (queue.get() for _ in range(2)) if err]
+    assert not errors, "\n".join(errors)
+    final = lambda d: common.load_model(common.checkpoint_path(str(tmp_path / d), "final"))[0].state_dict()  # noqa
+    one, base = final("one"), common.load_model(str(tiny_init))[0].state_dict()
+    assert max((one[k] - base[k]).abs().max().item() for k in one) > 1e-4      # the adapters trained
+    for p in ("ddp", "fsdp"):
+        other = final(p)
+        assert max((one[k] - other[k]).abs().max().item() for k in one) < 1e-5, p
