@@ -5,7 +5,6 @@ loads our adapters, DDP agrees with one process, DPO's reference for free (step-
 import copy
 import math
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import common
 import sft
 from model import (Llama, LlamaConfig, apply_lora, lora_adapters, lora_disabled, merge_lora, strip_lora,
                    unmerge_lora)
-from test_sft import lab_conversations, sft_argv, tiny_init  # noqa: F401  (tiny_init is a fixture)
+from test_sft import _dist_worker, lab_conversations, sft_argv, tiny_init  # noqa: F401  (tiny_init: a fixture)
 
 
 def tiny(seed=0, **kw):
@@ -187,32 +186,14 @@ def test_peft_loads_our_adapters_with_the_same_logits(tmp_path):
 # Data parallel: 2 gloo ranks (fork, FileStore) against one process
 
 
-def _dist_worker(rank, world, store, runs, queue):
-    import traceback
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        for main, argv in runs:
-            main(argv)
-        queue.put((rank, None))
-    except BaseException:  # report every rank's traceback: the first error may be the victim's
-        queue.put((rank, traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_and_fsdp_with_lora_match_one_process(tmp_path, tiny_init, one_thread):
     """2 ranks x 1 micro-batch take the same LoRA steps as 1 process x 2 accumulated micro-batches:
     the gradients of the adapters are averaged across ranks, and the frozen base gets none."""
     flags = (*LORA, "--lora_dropout", "0", "--lr", "3e-2")
     sft.main(sft_argv(tmp_path, tiny_init, tmp_path / "one", *flags, "--grad_accum", "2"))
-    runs = [(sft.main, sft_argv(tmp_path, tiny_init, tmp_path / p, *flags, "--parallel", p)) for p in ("ddp", "fsdp")]
-    ctx = torch.multiprocessing.get_context("fork")
-    queue = ctx.SimpleQueue()
-    torch.multiprocessing.start_processes(_dist_worker, args=(2, str(tmp_path / "store"), runs, queue), nprocs=2,
-                                          start_method="fork")
+    runs = [sft_argv(tmp_path, tiny_init, tmp_path / p, *flags, "--parallel", p) for p in ("ddp", "fsdp")]
+    queue = torch.multiprocessing.get_context("fork").SimpleQueue()   # test_sft's worker: runs sft.main(argv)
+    torch.multiprocessing.start_processes(_dist_worker, (2, str(tmp_path / "store"), runs, queue), 2, start_method="fork")
     errors = [err for _, err in (queue.get() for _ in range(2)) if err]
     assert not errors, "\n".join(errors)
     final = lambda d: common.load_model(common.checkpoint_path(str(tmp_path / d), "final"))[0].state_dict()  # noqa
@@ -221,3 +202,61 @@ def test_ddp_and_fsdp_with_lora_match_one_process(tmp_path, tiny_init, one_threa
     for p in ("ddp", "fsdp"):
         other = final(p)
         assert max((one[k] - other[k]).abs().max().item() for k in one) < 1e-5, p
+
+
+# -----------------------------------------------------------------------------
+# Reward model and DPO with LoRA
+
+
+@pytest.fixture
+def prefs(tmp_path, tiny_init):
+    import json
+    from data import lab
+    recs = lab.generate(seed=2, pretrain_docs=1, sft_train=1, sft_val=1, prefs_train=48, prefs_val=12, rank_train=1,
+                        rl_prompts=1, rl_eval=1)
+    for name in ("prefs_train", "prefs_val"):
+        with open(tmp_path / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs[name])
+    return tmp_path
+
+
+def test_dpo_with_lora_holds_no_reference_copy_and_step0_is_ln2(prefs, tiny_init, one_thread, monkeypatch):
+    import dpo
+    loads = []
+    real_load = common.load_model
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    m = dpo.main(["--init_from", str(tiny_init), "--data", str(prefs / "prefs_train.jsonl"), "--val_frac", "0",
+                  "--out_dir", str(prefs / "dpo"), "--batch_size", "4", "--max_steps", "3", "--lr", "3e-2",
+                  "--warmup_steps", "1", "--eval_interval", "0", "--save_interval", "0", "--log_interval", "1", *LORA])
+    assert loads == [str(tiny_init)]                       # the policy only: the reference is its base
+    check = m["step0_check"]
+    assert check["pass"] and check["max_abs_margin"] == 0.0   # adapters at B = 0 add exact zeros
+    assert check["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    losses = [r["loss"] for r in common.read_jsonl(str(prefs / "dpo" / "log.jsonl")) if "round_step" in r]
+    assert len(losses) == 3 and losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] != losses[0]
+    ckpt = torch.load(prefs / "dpo" / "final.pt", weights_only=True)
+    assert set(ckpt["lora"]) >= {"base_sha256", "rank"} and all(".lora." in k for k in ckpt["model"])
+
+
+def test_reward_model_with_lora_trains_head_and_adapters_and_reloads(prefs, tiny_init, one_thread):
+    import reward
+    reward.main(["--init_from", str(tiny_init), "--data", str(prefs / "prefs_train.jsonl"), "--val_data",
+                 str(prefs / "prefs_val.jsonl"), "--out_dir", str(prefs / "rm"), "--batch_size", "4", "--max_steps",
+                 "4", "--lr", "3e-2", "--warmup_steps", "1", "--eval_interval", "0", "--save_interval", "0",
+                 "--log_interval", "1", *LORA])
+    path = prefs / "rm" / "final.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert "head.weight" in ckpt["model"] and ckpt["model"]["head.weight"].abs().sum() > 0
+    assert all(".lora." in k or k in ("head.weight", "reward_mean", "reward_std") for k in ckpt["model"])
+    # the merged reload scores exactly like the run's own model (base + unmerged adapters + head)
+    merged, _ = reward.load_reward_model(str(path))
+    live = reward.RewardModel.from_llama(common.load_model(str(tiny_init))[0])
+    setup_like_run(live, str(tiny_init))
+    common.load_trainable_state(live, ckpt["model"], ckpt["lora"], str(path))
+    live.eval()
+    x, mask = IDX % 200, torch.ones_like(IDX)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        assert (merged(x, mask) - live(x, mask)).abs().max() < 1e-5
+        with lora_disabled(live):
+            assert (merged(x, mask) - live(x, mask)).abs().max() > 1e-4   # the adapters matter, not the head alone
