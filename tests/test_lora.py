@@ -107,6 +107,29 @@ def test_parameter_count_closed_form():
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == c.n_layers * per_layer + 4 * (c.vocab_size + d)
 
 
+def test_estimate_counts_lora_states_only_for_adapters():
+    """pretrain.py --estimate with --lora_rank: frozen weights in bf16, gradients and AdamW states for
+    the adapters alone -- the same count the real model and optimizer have."""
+    import pretrain
+    c = LlamaConfig.from_preset("tiny")
+    full = pretrain.estimate(c, 4, 64, 1, 2, torch.bfloat16)
+    e = pretrain.estimate(c, 4, 64, 1, 2, torch.bfloat16, lora_rank=4)
+    n, root, block, W = full["params"], full["root_params"], full["block_params"], 2
+    model, _ = lora_tiny(rank=4, embeddings=False)
+    opt = common.configure_optimizer(model, 1e-3, 0.0)
+    model(IDX, IDX)[1].backward()
+    opt.step()
+    a = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert e["lora_params"] == a and sum(t.numel() for s in opt.state.values() for t in s.values() if t.dim()) == 2 * a
+    a_block = a // c.n_layers
+    assert e["ddp"]["weights"] == 2 * n + 4 * a + 2 * a and e["ddp"]["grads"] == 4 * a and e["ddp"]["adamw"] == 8 * a
+    assert e["fsdp"]["weights"] == (2 * n + 4 * a) / W + 2 * (root + 2 * block)
+    assert e["fsdp"]["grads"] == 4 * a / W + 6 * a_block and e["fsdp"]["adamw"] == 8 * a / W
+    assert e["activations"] == full["activations"]
+    with pytest.raises(SystemExit, match="pretrained"):
+        pretrain.main(["--model", "tiny", "--lora_rank", "4"])
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints, resume, export
 
