@@ -837,6 +837,26 @@ def strip_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+class BaseView:
+    """A LoRA model called with its adapters off: the frozen base, as a reference model that holds no
+    weights of its own (rlhf_ppo.py's pi_ref). Callable like the model; nothing to move or freeze."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with lora_disabled(self.model):
+            return self.model(*args, **kwargs)
+
+    def parameters(self):
+        return iter(())
+
+    def to(self, *args, **kwargs):
+        return self
+
+    cpu = to
+
+
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
     """Switch every adapter off inside the block: the model computes its base weights' outputs,

@@ -283,3 +283,30 @@ def test_reward_model_with_lora_trains_head_and_adapters_and_reloads(prefs, tiny
         assert (merged(x, mask) - live(x, mask)).abs().max() < 1e-5
         with lora_disabled(live):
             assert (merged(x, mask) - live(x, mask)).abs().max() > 1e-4   # the adapters matter, not the head alone
+
+
+def test_ppo_with_lora_reference_is_the_base_kl_starts_at_zero(prefs, tiny_init, one_thread, monkeypatch):
+    import json
+    import reward
+    import rlhf_ppo
+    from data import lab
+    reward.main(["--init_from", str(tiny_init), "--data", str(prefs / "prefs_train.jsonl"), "--val_frac", "0.2",
+                 "--out_dir", str(prefs / "rm"), "--batch_size", "4", "--max_steps", "2", "--eval_interval", "0",
+                 "--save_interval", "0", "--log_interval", "1"])
+    recs = lab.generate(seed=2, pretrain_docs=1, sft_train=1, sft_val=1, prefs_train=1, prefs_val=1, rank_train=1,
+                        rl_prompts=16, rl_eval=1)["rl_prompts"]
+    with open(prefs / "prompts.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+    loads = []
+    real_load = common.load_model
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    rlhf_ppo.main(["--init_from", str(tiny_init), "--reward_model", str(prefs / "rm"), "--prompts",
+                   str(prefs / "prompts.jsonl"), "--out_dir", str(prefs / "ppo"), "--max_steps", "2",
+                   "--rollout_batch", "4", "--batch_size", "4", "--max_new_tokens", "8", "--eval_interval", "0",
+                   "--save_interval", "0", "--lr", "3e-2", *LORA])
+    assert loads == [str(tiny_init)]           # the actor only: no reference copy
+    m = json.load(open(prefs / "ppo" / "metrics.json"))
+    assert m["invariants"]["kl_at_start"] == 0.0
+    ckpt = torch.load(prefs / "ppo" / "final.pt", weights_only=True)
+    assert "lora" in ckpt and all(".lora." in k for k in ckpt["model"])
+    assert any(v.abs().sum() > 0 for k, v in ckpt["model"].items() if k.endswith(".B"))   # the actor trained
