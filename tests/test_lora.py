@@ -172,11 +172,31 @@ def test_sft_lora_run_adapter_checkpoints_exact_resume_and_wrong_base(tmp_path, 
             load()
 
 
-def setup_like_run(model, base_path, **kw):
+def setup_like_run(model, base_path, dtype=torch.float32):
     import argparse
     args = argparse.Namespace(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets="q,k,v,o,gate,up,down",
-                              lora_embeddings=False, seed=0, **kw)
-    return common.setup_lora(model, args, base_path)
+                              lora_embeddings=False, seed=0)
+    return common.setup_lora(model, args, base_path, dtype)
+
+
+def test_bf16_run_keeps_frozen_weights_in_bf16_and_adapters_in_fp32(tmp_path):
+    """--dtype bfloat16: the frozen base is stored in bf16 (half its memory), the adapters stay fp32
+    master weights; a step under bf16 autocast trains them, and the base is left alone."""
+    model = tiny(seed=1)
+    common.save_checkpoint(str(tmp_path / "base"), "final", model, step=0, config={})
+    setup_like_run(model, str(tmp_path / "base" / "final.pt"), dtype=torch.bfloat16)
+    assert {(p.requires_grad, p.dtype) for p in model.parameters()} == {(False, torch.bfloat16), (True, torch.float32)}
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    opt = common.configure_optimizer(model, 1e-2, 0.0)
+    with common.autocast(torch.device("cpu"), torch.bfloat16):
+        loss = model(IDX, IDX)[1]
+    loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, before[n]), n
+        elif n.endswith(".B"):   # (A's first gradient is 0: it is multiplied by B = 0)
+            assert not torch.equal(p, before[n]), n
 
 
 def test_peft_loads_our_adapters_with_the_same_logits(tmp_path):
@@ -203,6 +223,13 @@ def test_peft_loads_our_adapters_with_the_same_logits(tmp_path):
         merged_hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged_hf")).eval()
         assert (merged_hf(IDX).logits - ours).abs().max() < 1e-4
         assert (ours - common.load_model(base_file)[0].eval()(IDX)[0]).abs().max() > 1e-3   # the adapters matter
+    # PEFT's embedding adapter would not reach a tied head: refused with the way out, not exported wrong
+    tied = tiny(seed=3, tie_embeddings=True)
+    common.save_checkpoint(str(tmp_path / "tied"), "final", tied, step=0, config={})
+    common.setup_lora(tied, args, str(tmp_path / "tied" / "final.pt"))
+    common.save_checkpoint(str(tmp_path / "tied_run"), "final", tied, step=0, config={})
+    with pytest.raises(SystemExit, match="tied.*consolidate"):
+        common.export_peft(str(tmp_path / "tied_run" / "final.pt"), str(tmp_path / "peft_tied"))
 
 
 # -----------------------------------------------------------------------------
