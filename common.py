@@ -16,6 +16,8 @@ a stage in one place. What lives here is only what would otherwise be copied fiv
   checkpoints   save_checkpoint (atomic; sharded DCP directory under FSDP), restore_checkpoint
                 (resume), latest_checkpoint, rotate_checkpoints (keep last k), load_model (any of
                 our checkpoints, a run directory, or a HuggingFace directory), consolidate
+  lora          setup_lora (--lora_* flags -> adapters on a frozen base), adapter-only checkpoints
+                (trainable_state, load_lora_checkpoint: the base's sha256 checked), export_peft
   logging       JsonlLogger -> RUN/log.jsonl
 
 Run directory layout:
@@ -42,6 +44,9 @@ it holds only tensors and plain containers of str/int/float/bool/None):
                     "numpy": {"keys": int64 tensor, "pos", "has_gauss", "gauss"}, "python": [...]}
     "data_state":   stage specific position in the data stream (pretrain: {"step": n})
   plus any extra keys a stage passes to save_checkpoint (e.g. reward normalisation statistics).
+  A LoRA run (--lora_rank > 0) writes adapter-only checkpoints: "model" holds only the trainable
+  tensors (adapters, a reward head) and buffers, and
+    "lora":         {"base_path", "base_sha256", "rank", "alpha", "dropout", "targets", "embeddings"}
 
 CLI (offline tools; no process group needed):
     python common.py consolidate RUN/step_0001000 merged.pt        # DCP shards -> one file
@@ -775,11 +780,20 @@ def _refuse_other_kind(meta: dict, path: str):
     fail(f"{path} is a {kind!r} checkpoint, not a language model: load it with {where}")
 
 
-def consolidate(src: str, out_path: str, hf_dir: str = None) -> str:
+def consolidate(src: str, out_path: str, hf_dir: str = None, base: str = None) -> str:
     """Merge any checkpoint load_model accepts (typically a sharded FSDP directory) into one
     model-only checkpoint file, and optionally a HuggingFace directory (model.save_hf, plus the
-    tokenizer files when the recorded tokenizer is found). Runs in one process, no GPU needed."""
-    model, meta = load_model(src)
+    tokenizer files when the recorded tokenizer is found). Runs in one process, no GPU needed.
+    base: for a LoRA checkpoint whose base moved, the base's new location (sha256 still checked)."""
+    if base:
+        meta = torch.load(resolve_checkpoint(src), map_location="cpu", weights_only=True)
+        if "lora" not in meta:
+            fail(f"{src} is not a LoRA checkpoint: --base is only for those")
+        model = load_lora_checkpoint(meta, src, base=base)
+        meta.pop("model")
+        meta.pop("optimizer", None)
+    else:
+        model, meta = load_model(src)
     ckpt = {"model": model.state_dict(),
             **{k: v for k, v in meta.items() if k not in ("rng", "data_state", "path", "lora")}}   # LoRA: merged
     ckpt["format"] = CKPT_FORMAT
@@ -995,11 +1009,12 @@ def main(argv=None):
     c.add_argument("out", help="output .pt file")
     c.add_argument("--hf", default=None, help="also write a HuggingFace directory here")
     c.add_argument("--peft", default=None, help="a LoRA checkpoint: also write its adapters as a PEFT directory here")
+    c.add_argument("--base", default=None, help="a LoRA checkpoint: where its base checkpoint is now (if it moved)")
     i = sub.add_parser("info", help="print a checkpoint's metadata")
     i.add_argument("path")
     args = parser.parse_args(argv)
     if args.cmd == "consolidate":
-        consolidate(args.src, args.out, args.hf)
+        consolidate(args.src, args.out, args.hf, args.base)
         if args.peft:
             export_peft(args.src, args.peft)
         print(f"wrote {args.out}" + (f" and {args.hf}/" if args.hf else "") + (f" and {args.peft}/" if args.peft else ""))

@@ -694,9 +694,9 @@ class Llama(nn.Module):
 #   - B starts at zero, A random: the update B A is zero, so training starts exactly from the base
 #     model; A must not be zero too, or B's gradient (which is proportional to A x) would be zero.
 #   - alpha / r: the update's scale does not change when r does, so a tuned lr carries over.
-#   - merge() folds (alpha / r) B A into W: inference costs nothing extra. unmerge() takes it out.
+#   - merge_lora folds (alpha / r) B A into W: inference costs nothing extra; unmerge_lora takes it out.
 #   - lora_disabled(model) switches every adapter off: the base model again, without a second copy
-#     (dpo.py's reference model).
+#     (the reference model of dpo.py and rlhf_ppo.py).
 # Our fused matrices hold several targets as row blocks: wqkv = [q; k; v] and w13 = [gate; up], so
 # an adapter knows the rows it updates (which is also how the PEFT export splits them again).
 

@@ -223,6 +223,14 @@ def test_peft_loads_our_adapters_with_the_same_logits(tmp_path):
         merged_hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged_hf")).eval()
         assert (merged_hf(IDX).logits - ours).abs().max() < 1e-4
         assert (ours - common.load_model(base_file)[0].eval()(IDX)[0]).abs().max() > 1e-3   # the adapters matter
+    # the base moved: refused with the way out, then found with --base (its sha256 still checked)
+    os.replace(base_file, tmp_path / "moved.pt")
+    with pytest.raises(SystemExit, match="not there"):
+        common.load_model(str(tmp_path / "run" / "final.pt"))
+    common.main(["consolidate", str(tmp_path / "run" / "final.pt"), str(tmp_path / "again.pt"), "--base",
+                 str(tmp_path / "moved.pt")])
+    a, b = (torch.load(tmp_path / f, weights_only=True)["model"] for f in ("merged.pt", "again.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # PEFT's embedding adapter would not reach a tied head: refused with the way out, not exported wrong
     tied = tiny(seed=3, tie_embeddings=True)
     common.save_checkpoint(str(tmp_path / "tied"), "final", tied, step=0, config={})
