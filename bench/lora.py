@@ -134,6 +134,8 @@ def sft_compare(args, env):
     for name, extra in (("full", ["--lr", str(s["lr"])]),
                         ("lora", ["--lr", str(args.lora_lr), "--lora_rank", str(args.rank),
                                   "--lora_alpha", str(2 * args.rank)])):
+        if name not in args.runs.split(","):
+            continue
         d = os.path.join(out, name)
         t0 = time.time()
         subprocess.run([sys.executable, "sft.py", *flags, *extra, "--out_dir", d], env=env, cwd=REPO, check=True,
@@ -166,6 +168,7 @@ def main():
     parser.add_argument("--run_dir", default=None, help="sft: a run_lab.py directory with pretrain/final.pt")
     parser.add_argument("--lora_lr", type=float, default=1e-2, help="sft: LoRA's learning rate")
     parser.add_argument("--out_dir", default=None, help="sft: where the two runs go (default: a temp dir)")
+    parser.add_argument("--runs", default="full,lora", help="sft: which of the two runs to do")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -246,10 +246,15 @@ def test_peft_loads_our_adapters_with_the_same_logits(tmp_path):
 
 def test_ddp_and_fsdp_with_lora_match_one_process(tmp_path, tiny_init, one_thread):
     """2 ranks x 1 micro-batch take the same LoRA steps as 1 process x 2 accumulated micro-batches:
-    the gradients of the adapters are averaged across ranks, and the frozen base gets none."""
+    the gradients of the adapters are averaged across ranks, and the frozen base gets none. FSDP2
+    shards the frozen base with the adapters; its resume checkpoint continues exactly."""
     flags = (*LORA, "--lora_dropout", "0", "--lr", "3e-2")
     sft.main(sft_argv(tmp_path, tiny_init, tmp_path / "one", *flags, "--grad_accum", "2"))
     runs = [sft_argv(tmp_path, tiny_init, tmp_path / p, *flags, "--parallel", p) for p in ("ddp", "fsdp")]
+    # FSDP again from its own step-3 (sharded) checkpoint: --resume redoes steps 4-6, and must land on
+    # the same weights as the run that was never interrupted
+    runs[1] += ["--save_interval", "3", "--keep_last", "0"]
+    runs.append(runs[1] + ["--resume"])
     queue = torch.multiprocessing.get_context("fork").SimpleQueue()   # test_sft's worker: runs sft.main(argv)
     torch.multiprocessing.start_processes(_dist_worker, (2, str(tmp_path / "store"), runs, queue), 2, start_method="fork")
     errors = [err for _, err in (queue.get() for _ in range(2)) if err]
@@ -260,6 +265,8 @@ def test_ddp_and_fsdp_with_lora_match_one_process(tmp_path, tiny_init, one_threa
     for p in ("ddp", "fsdp"):
         other = final(p)
         assert max((one[k] - other[k]).abs().max().item() for k in one) < 1e-5, p
+    starts = [r for r in common.read_jsonl(str(tmp_path / "fsdp" / "log.jsonl")) if r.get("event") == "start"]
+    assert starts[-1]["source"].startswith("resume") and starts[-1]["step"] == 3
 
 
 # -----------------------------------------------------------------------------
