@@ -7,7 +7,8 @@ bench/lora.py -- what LoRA saves and what it costs (a benchmark, not a test).
 
 counts      trainable parameters and AdamW state (bytes), full fine-tuning vs LoRA on all seven
             targets. The lab model's AdamW state is measured after a real step; the 7B one is the
-            same count on the meta device (2 float32 moments per trainable parameter).
+            same count on the meta device (2 float32 moments per trainable parameter), plus DPO's
+            model states for a bf16 run of it, by pretrain.py --estimate's arithmetic.
             Target: both <= 2% of full at r = 16.
 dpo-memory  dpo.py itself, 3 steps, in a fresh process each: full DPO (policy + a frozen reference
             copy + gradients + AdamW) against --lora_rank (one model; the reference is the policy
@@ -71,6 +72,12 @@ def counts(rank):
         print(f"{name:>10}: {full / 1e6:9.2f}M parameters; LoRA r={rank}: {lora / 1e6:7.3f}M trainable "
               f"({lora / full:.2%}); AdamW {adam_full / MB:9.1f} MB -> {adam_lora / MB:7.2f} MB "
               f"({adam_lora / adam_full:.2%})")
+        if meta:   # DPO's model states in a bf16 GPU run, by the same arithmetic as pretrain.py --estimate
+            dpo_full = 4 * full + 2 * full + 4 * full + 8 * full   # fp32 policy, bf16 reference, grads, AdamW
+            dpo_lora = 2 * full + 16 * lora                        # bf16 base (= the reference), adapters' states
+            rows[-1].update(dpo_states_full=dpo_full, dpo_states_lora=dpo_lora)
+            print(f"{'':>10}  DPO model states (bf16 run, activations aside): full {dpo_full / 1e9:.1f} GB "
+                  f"(policy, reference, gradients, AdamW) -> LoRA {dpo_lora / 1e9:.1f} GB ({dpo_lora / dpo_full:.2f}x)")
     return rows
 
 
