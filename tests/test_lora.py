@@ -13,7 +13,7 @@ import common
 import sft
 from model import (Llama, LlamaConfig, apply_lora, lora_adapters, lora_disabled, merge_lora, strip_lora,
                    unmerge_lora)
-from test_sft import _dist_worker, lab_conversations, sft_argv, tiny_init  # noqa: F401  (tiny_init: a fixture)
+from test_sft import _dist_worker, sft_argv, tiny_init  # noqa: F401  (tiny_init: a fixture)
 
 
 def tiny(seed=0, **kw):
