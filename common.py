@@ -16,6 +16,8 @@ a stage in one place. What lives here is only what would otherwise be copied fiv
   checkpoints   save_checkpoint (atomic; sharded DCP directory under FSDP), restore_checkpoint
                 (resume), latest_checkpoint, rotate_checkpoints (keep last k), load_model (any of
                 our checkpoints, a run directory, or a HuggingFace directory), consolidate
+  lora          setup_lora (--lora_* flags -> adapters on a frozen base), adapter-only checkpoints
+                (trainable_state, load_lora_checkpoint: the base's sha256 checked), export_peft
   logging       JsonlLogger -> RUN/log.jsonl
 
 Run directory layout:
@@ -42,10 +44,14 @@ it holds only tensors and plain containers of str/int/float/bool/None):
                     "numpy": {"keys": int64 tensor, "pos", "has_gauss", "gauss"}, "python": [...]}
     "data_state":   stage specific position in the data stream (pretrain: {"step": n})
   plus any extra keys a stage passes to save_checkpoint (e.g. reward normalisation statistics).
+  A LoRA run (--lora_rank > 0) writes adapter-only checkpoints: "model" holds only the trainable
+  tensors (adapters, a reward head) and buffers, and
+    "lora":         {"base_path", "base_sha256", "rank", "alpha", "dropout", "targets", "embeddings"}
 
 CLI (offline tools; no process group needed):
     python common.py consolidate RUN/step_0001000 merged.pt        # DCP shards -> one file
     python common.py consolidate RUN/final merged.pt --hf hf_out/  # ... and a HuggingFace directory
+    python common.py consolidate LORA_RUN/final.pt merged.pt --hf hf/ --peft peft/  # LoRA: merged + adapters
     python common.py info RUN/best.pt                               # print a checkpoint's metadata
 """
 import argparse
@@ -67,7 +73,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Llama, LlamaConfig, load_state_dict_checked
+from model import (LORA_TARGETS, Llama, LlamaConfig, apply_lora, load_state_dict_checked, lora_adapters,
+                   strip_lora)
 
 CKPT_FORMAT = "nanollama.ckpt.v1"
 STEP_RE = re.compile(r"^step_(\d{7,})(\.pt)?$")
@@ -248,6 +255,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue from the newest step_* checkpoint in --out_dir (starts fresh if there is none)")
+    lo = parser.add_argument_group("LoRA (the same in every stage; see model.py's LoRA section)")
+    lo.add_argument("--lora_rank", type=int, default=0,
+                    help="train rank-r adapters on a frozen base instead of every weight (0 = full fine-tuning)")
+    lo.add_argument("--lora_alpha", type=float, default=16.0, help="the update is scaled by alpha / rank")
+    lo.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    lo.add_argument("--lora_targets", default=",".join(LORA_TARGETS),
+                    help="comma-separated matrices that get adapters, of " + ",".join(LORA_TARGETS))
+    lo.add_argument("--lora_embeddings", action=argparse.BooleanOptionalAction, default=False,
+                    help="an adapter on the token embedding too (tied: the output head shares it)")
     return parser
 
 
@@ -529,14 +545,31 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *
         meta["data_state"] = dict(data_state or {})
     if is_main():
         os.makedirs(out_dir, exist_ok=True)
+    if is_fsdp(model) and has_lora(raw) and optimizer is None:
+        return _save_lora_gathered(out_dir, name, raw, meta)
     if is_fsdp(model):
+        if has_lora(raw):   # a resume checkpoint: sharded as usual, base included (see load_model)
+            meta["lora"] = lora_info(raw)
         return _save_sharded(out_dir, name, model, optimizer, meta)
     path = os.path.join(out_dir, name + ".pt")
     if is_main():
         ckpt = {"model": raw.state_dict(), **meta}
+        if has_lora(raw):
+            ckpt.update(model=trainable_state(raw), lora=lora_info(raw))   # adapter-only: see "LoRA" below
         if optimizer is not None:
             ckpt["optimizer"] = optimizer.state_dict()
         _atomic_torch_save(ckpt, path)
+    barrier()
+    return path
+
+
+def _save_lora_gathered(out_dir, name, raw, meta):
+    """FSDP + LoRA, model-only: the adapters are small, so gather them whole (every rank takes part
+    in each DTensor's all-gather, in state-dict order) and rank 0 writes one adapter-only NAME.pt."""
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in trainable_state(raw).items()}
+    path = os.path.join(out_dir, name + ".pt")
+    if is_main():
+        _atomic_torch_save({"model": {k: v.cpu() for k, v in state.items()}, **meta, "lora": lora_info(raw)}, path)
     barrier()
     return path
 
@@ -660,7 +693,10 @@ def restore_checkpoint(path: str, model: nn.Module, optimizer=None, device="cpu"
         meta = read_checkpoint_meta(path)
     else:
         meta = load_file(path, map_location=device)
-        load_state_dict_checked(unwrap(model), meta.pop("model"))
+        if "lora" in meta:
+            load_trainable_state(unwrap(model), meta.pop("model"), meta["lora"], path)
+        else:
+            load_state_dict_checked(unwrap(model), meta.pop("model"))
         if optimizer is not None:
             if "optimizer" not in meta:
                 fail(f"{path} has no optimizer state (a model-only checkpoint); use --init_from to start from it")
@@ -719,6 +755,9 @@ def load_model(path: str, device="cpu"):
         import torch.distributed.checkpoint as dcp
         meta = read_checkpoint_meta(path)
         _refuse_other_kind(meta, path)
+        if "lora" in meta:
+            fail(f"{path} is a sharded resume checkpoint of a LoRA run: resume it with the same flags (--resume), or "
+                 f"use the run's best.pt / final.pt (adapters only)")
         model = Llama(LlamaConfig.from_dict(meta["model_config"]))
         state = model.state_dict()
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -730,8 +769,12 @@ def load_model(path: str, device="cpu"):
         if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
             fail(f"{path} is not a nanollama checkpoint (no 'model' / 'model_config' keys)")
         _refuse_other_kind(ckpt, path)
-        model = Llama(LlamaConfig.from_dict(ckpt["model_config"]))
-        load_state_dict_checked(model, ckpt.pop("model"))
+        if "lora" in ckpt:   # adapters only: their base, verified, with the adapters merged in
+            model = load_lora_checkpoint(ckpt, path)
+            ckpt.pop("model")
+        else:
+            model = Llama(LlamaConfig.from_dict(ckpt["model_config"]))
+            load_state_dict_checked(model, ckpt.pop("model"))
         ckpt.pop("optimizer", None)
         meta = ckpt
     meta["path"] = path
@@ -749,12 +792,22 @@ def _refuse_other_kind(meta: dict, path: str):
     fail(f"{path} is a {kind!r} checkpoint, not a language model: load it with {where}")
 
 
-def consolidate(src: str, out_path: str, hf_dir: str = None) -> str:
+def consolidate(src: str, out_path: str, hf_dir: str = None, base: str = None) -> str:
     """Merge any checkpoint load_model accepts (typically a sharded FSDP directory) into one
     model-only checkpoint file, and optionally a HuggingFace directory (model.save_hf, plus the
-    tokenizer files when the recorded tokenizer is found). Runs in one process, no GPU needed."""
-    model, meta = load_model(src)
-    ckpt = {"model": model.state_dict(), **{k: v for k, v in meta.items() if k not in ("rng", "data_state", "path")}}
+    tokenizer files when the recorded tokenizer is found). Runs in one process, no GPU needed.
+    base: for a LoRA checkpoint whose base moved, the base's new location (sha256 still checked)."""
+    if base:
+        meta = load_file(resolve_checkpoint(src))
+        if "lora" not in meta:
+            fail(f"{src} is not a LoRA checkpoint: --base is only for those")
+        model = load_lora_checkpoint(meta, src, base=base)
+        meta.pop("model")
+        meta.pop("optimizer", None)
+    else:
+        model, meta = load_model(src)
+    ckpt = {"model": model.state_dict(),
+            **{k: v for k, v in meta.items() if k not in ("rng", "data_state", "path", "lora")}}   # LoRA: merged
     ckpt["format"] = CKPT_FORMAT
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     _atomic_torch_save(ckpt, out_path)
@@ -768,6 +821,161 @@ def consolidate(src: str, out_path: str, hf_dir: str = None) -> str:
         if tok is not None:
             tok.save_hf(hf_dir)
     return out_path
+
+
+# -----------------------------------------------------------------------------
+# LoRA: flags -> adapters on a frozen base, adapter-only checkpoints, PEFT export
+# (the adapters themselves, merge and the switch-off are in model.py's LoRA section)
+#
+# A LoRA run's checkpoints hold only what trains (the adapters; reward.py's head too) plus the
+# sha256 of the base checkpoint they were trained on: megabytes for a 7B model, not 14 GB. The
+# base is read again from its recorded path, and refused if its bytes are not the same ones: the
+# same adapters on another base load without any error and mean nothing.
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, or of a directory's files (names and bytes, in name order: DCP or HF)."""
+    import hashlib
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.endswith((".tmp", ".old")))
+    for f in files:
+        if f != path:
+            h.update(os.path.relpath(f, path).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(True for _ in lora_adapters(model))
+
+
+def setup_lora(model: nn.Module, args, base_path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """--lora_rank > 0: add adapters to the model (a Llama, or a RewardModel's backbone: the reward
+    head stays trainable), freeze the rest, and remember the base checkpoint for the adapter-only
+    checkpoints. Call right after load_model, before wrap_model; configure_optimizer then builds
+    AdamW over the trainable parameters only (it skips requires_grad=False). --lora_rank 0: no-op."""
+    if args.lora_rank <= 0:
+        return model
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    try:
+        apply_lora(getattr(model, "backbone", model), args.lora_rank, args.lora_alpha, args.lora_dropout, targets,
+                   args.lora_embeddings, seed=args.seed)
+    except ValueError as e:
+        fail(f"--lora_rank/--lora_targets: {e}")
+    base_path = resolve_checkpoint(base_path)
+    model.lora_base = {"base_path": os.path.abspath(base_path), "base_sha256": file_sha256(base_path),
+                       "rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                       "targets": targets, "embeddings": bool(args.lora_embeddings)}
+    if dtype == torch.bfloat16:
+        # Frozen weights are only read: keep them in bf16 (half the memory); the adapters stay
+        # float32, the master weights AdamW updates. Autocast multiplies in bf16 either way.
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+    return model
+
+
+def trainable_state(model: nn.Module) -> dict:
+    """What an adapter-only checkpoint holds: every parameter that trains, and the buffers (e.g.
+    reward.py's normalisation statistics); never a frozen parameter."""
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
+            if not (isinstance(v, nn.Parameter) and not v.requires_grad)}
+
+
+def lora_info(model: nn.Module) -> dict:
+    info = getattr(model, "lora_base", None)
+    if info is None:
+        raise ValueError("a model with LoRA adapters but no lora_base: add them with common.setup_lora")
+    return dict(info)
+
+
+def _check_base(info: dict, sha: str, path: str, base: str):
+    if sha != info["base_sha256"]:
+        fail(f"{path} holds LoRA adapters trained on a base with sha256 {info['base_sha256']}, but the base here "
+             f"({base}) has sha256 {sha}: refusing another base")
+
+
+def load_trainable_state(model: nn.Module, state: dict, info: dict, path: str):
+    """Load an adapter-only state into a model set up with the same LoRA flags on the same base."""
+    own = getattr(model, "lora_base", None)
+    if own is None:
+        fail(f"{path} is a LoRA checkpoint (adapters only): run with the same --lora_* flags as the run that wrote it")
+    _check_base(info, own["base_sha256"], path, own["base_path"])
+    want = trainable_state(model)
+    if set(want) != set(state):
+        fail(f"{path}: its adapters do not fit this run's --lora_* flags (missing "
+             f"{sorted(set(want) - set(state))[:4]}, unexpected {sorted(set(state) - set(want))[:4]})")
+    load_state_dict_checked(model, {**model.state_dict(), **state})
+
+
+def load_lora_checkpoint(ckpt: dict, path: str, make_model=None, base: str = None) -> nn.Module:
+    """An adapter-only checkpoint -> its base model with the adapters merged in (a plain model).
+    base: where the base checkpoint is (default: the path recorded at training time); it must have
+    the recorded sha256. make_model(llama) builds the trained model around the base Llama (reward.py:
+    RewardModel.from_llama); default the Llama itself."""
+    info = ckpt["lora"]
+    base = base or info["base_path"]
+    if not os.path.exists(base):
+        fail(f"{path} holds LoRA adapters for the base {base} (sha256 {info['base_sha256'][:16]}...), which is not "
+             f"there; pass its new location (consolidate --base)")
+    base = resolve_checkpoint(base)
+    _check_base(info, file_sha256(base), path, base)
+    llama, _ = load_model(base)
+    model = make_model(llama) if make_model else llama
+    args = argparse.Namespace(lora_rank=info["rank"], lora_alpha=info["alpha"], lora_dropout=info["dropout"],
+                              lora_targets=",".join(info["targets"]), lora_embeddings=info["embeddings"], seed=0)
+    setup_lora(model, args, base)
+    load_trainable_state(model, ckpt["model"], info, path)
+    strip_lora(getattr(model, "backbone", model))
+    model.requires_grad_(True)
+    del model.lora_base
+    return model
+
+
+# PEFT names our targets after HF's modules; q and k rows also need HF's rotary order (model.py's
+# _permute_for_hf): an adapter's B holds the rows it adds to, A does not depend on them.
+_PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def export_peft(src: str, out_dir: str):
+    """A LoRA run's adapter-only checkpoint -> an HF PEFT adapter directory (adapter_config.json +
+    adapter_model.safetensors) that peft.PeftModel.from_pretrained loads on top of our HF export of
+    the base (python common.py consolidate BASE base.pt --hf HF_DIR)."""
+    from model import _permute_for_hf, write_safetensors
+    src = resolve_checkpoint(src)
+    ckpt = load_file(src) if os.path.isfile(src) else {}
+    if "lora" not in ckpt:
+        fail(f"{src} is not an adapter-only (LoRA) checkpoint file")
+    info, state, c = ckpt["lora"], ckpt["model"], LlamaConfig.from_dict(ckpt["model_config"])
+    if ckpt.get("kind"):
+        fail(f"{src} is a {ckpt['kind']!r} checkpoint; PEFT export covers language models")
+    if info["embeddings"] and c.tie_embeddings:
+        fail("PEFT's embedding adapter does not reach a tied output head; export the merged model instead "
+             "(python common.py consolidate ... --hf)")
+    out, prefix = {}, "base_model.model.model."
+    for i in range(c.n_layers):
+        for t in info["targets"]:
+            owner = "attention" if t in ("q", "k", "v", "o") else "feed_forward"
+            A, B = state[f"layers.{i}.{owner}.lora.{t}.A"], state[f"layers.{i}.{owner}.lora.{t}.B"]
+            if t in ("q", "k"):
+                B = _permute_for_hf(B, c.n_heads if t == "q" else c.n_kv_heads, c.head_dim)
+            name = f"{prefix}layers.{i}.{_PEFT_MODULES[t]}"
+            out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = A.contiguous(), B.contiguous()
+    if info["embeddings"]:
+        out[prefix + "embed_tokens.lora_embedding_A"] = state["lora.embed.A"].contiguous()
+        out[prefix + "embed_tokens.lora_embedding_B"] = state["lora.embed.B"].contiguous()
+    os.makedirs(out_dir, exist_ok=True)
+    modules = [_PEFT_MODULES[t].split(".")[1] for t in info["targets"]] + (["embed_tokens"] if info["embeddings"] else [])
+    atomic_write_json(os.path.join(out_dir, "adapter_config.json"), {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": info["rank"], "lora_alpha": info["alpha"],
+        "lora_dropout": info["dropout"], "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "inference_mode": True, "base_model_name_or_path": None})
+    write_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), out)
+    return out_dir
 
 
 # -----------------------------------------------------------------------------
@@ -1013,12 +1221,16 @@ def main(argv=None):
     c.add_argument("src", help="checkpoint file, DCP directory, run directory or HF directory")
     c.add_argument("out", help="output .pt file")
     c.add_argument("--hf", default=None, help="also write a HuggingFace directory here")
+    c.add_argument("--peft", default=None, help="a LoRA checkpoint: also write its adapters as a PEFT directory here")
+    c.add_argument("--base", default=None, help="a LoRA checkpoint: where its base checkpoint is now (if it moved)")
     i = sub.add_parser("info", help="print a checkpoint's metadata")
     i.add_argument("path")
     args = parser.parse_args(argv)
     if args.cmd == "consolidate":
-        consolidate(args.src, args.out, args.hf)
-        print(f"wrote {args.out}" + (f" and {args.hf}/" if args.hf else ""))
+        consolidate(args.src, args.out, args.hf, args.base)
+        if args.peft:
+            export_peft(args.src, args.peft)
+        print(f"wrote {args.out}" + (f" and {args.hf}/" if args.hf else "") + (f" and {args.peft}/" if args.peft else ""))
     else:
         meta = read_checkpoint_meta(resolve_checkpoint(args.path))
         meta.pop("rng", None)

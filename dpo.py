@@ -9,6 +9,7 @@ Usage (single process; CPU or one GPU):
     python dpo.py ... --loss ipo --beta 0.5       # IPO: a squared loss that does not push margins to infinity
                                                   # (per-token mean log-probs: beta as in TRL; --no-ipo_average: sums)
     python dpo.py ... --precompute_ref            # reference log-probs once, then no reference model in memory
+    python dpo.py ... --lora_rank 16 --lr 5e-4    # LoRA: the reference is the policy with its adapters off
     # iterative: DPO on --data, then 2 rounds on pairs the policy itself sampled, ranked by the reward
     # model (or, without --reward_model, by the lab checker)
     python dpo.py ... --rounds 2 --prompts lab_data/rl_prompts.jsonl --samples 4
@@ -90,6 +91,7 @@ import torch.nn.functional as F
 import chat
 import common
 from common import print0
+from model import lora_disabled
 from data import lab
 from reward import epoch_batches, load_groups, load_reward_model, ranked_pairs, reward_scorer, tokenizer_for
 
@@ -311,11 +313,13 @@ def reference_logps(model, groups, batch_size, pad_id, info, ctx):
 
 class Reference:
     """The frozen reference pi_ref: a live model (requires_grad False, eval mode, no_grad), or the
-    log-probs precomputed with it (then the model is gone from memory)."""
+    log-probs precomputed with it (then the model is gone from memory), or -- LoRA, lora_off=True --
+    the policy itself with its adapters switched off: the frozen base IS the reference, so no
+    second copy of the model is held (model.lora_disabled)."""
 
-    def __init__(self, model=None, pad_id=0, device="cpu", ctx=None):
-        self.model, self.pad_id, self.device, self.ctx = model, pad_id, device, ctx
-        if model is not None:
+    def __init__(self, model=None, pad_id=0, device="cpu", ctx=None, lora_off=False):
+        self.model, self.pad_id, self.device, self.ctx, self.lora_off = model, pad_id, device, ctx, lora_off
+        if model is not None and not lora_off:
             model.requires_grad_(False)
             model.eval()
 
@@ -324,6 +328,9 @@ class Reference:
         """(N,) reference log-probs of the batch's sequences, in collate order."""
         if self.model is None:
             return torch.tensor([v for g in groups for v in g["ref_logps"]], device=self.device)
+        if self.lora_off:
+            with common.eval_mode(self.model), lora_disabled(common.unwrap(self.model)):
+                return batch_logps(self.model, groups, self.pad_id, self.device, self.ctx)[0].detach()
         return batch_logps(self.model, groups, self.pad_id, self.device, self.ctx)[0].detach()
 
 
@@ -595,6 +602,7 @@ def train(args, info):
 
     # --- policy, tokenizer, prompts and held-out pairs ------------------------------------------
     model, meta = common.load_model(args.init_from)
+    model = common.setup_lora(model, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
     tok = tokenizer_for(meta, args)
     seq_len = min(args.max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
     for name in ("max_new_tokens", "eval_max_new_tokens"):   # answers must leave room for the prompt
@@ -728,6 +736,8 @@ def train(args, info):
             for g, v in zip(val_groups, val_ref):
                 g["ref_logps"] = v
             ref = Reference(None, device=device)
+        elif args.lora_rank > 0 and args.ref_model is None and (rnd == rounds[0] or args.round_ref == "init"):
+            ref = Reference(model, tok.pad_id, device, ctx, lora_off=True)   # the base under the adapters
         else:
             ref_model = common.load_model(ref_path(rnd))[0].to(device)
             ref_model.requires_grad_(False)

@@ -17,6 +17,7 @@ What is in here, top to bottom:
   CrossEntropy     the loss, with its gradient (softmax - onehot) written out
   Llama            embedding, blocks, head, init, forward, KV-cache generation (greedy/top-k/top-p)
   FLOPs / MFU      the PaLM-appendix estimate used by pretrain.py's logs
+  LoRA             low-rank adapters on frozen weights: apply_lora, merge/unmerge, lora_disabled
   HuggingFace      save_hf / from_hf (safetensors written and read by hand: no extra dependency)
 
 Papers: LLaMA (Touvron et al. 2023a), Llama 2 (Touvron et al. 2023b), RoFormer (Su et al. 2021),
@@ -24,6 +25,7 @@ GLU variants (Shazeer 2020), RMSNorm (Zhang & Sennrich 2019), GQA (Ainslie et al
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -274,13 +276,17 @@ class Attention(nn.Module):
         # was a measurable part of that (the modules stay, for init, names and FSDP).
         self.wqkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.lora: Optional[nn.ModuleDict] = None   # LoRA adapters q, k, v, o (apply_lora, below)
 
     def forward(self, x, rope, mask=None, cache: Optional[KVCache] = None, layer: int = 0):
         """x: (B, T, dim). rope: see apply_rope. mask: None means plain causal attention;
         otherwise a bool (B, 1, T, S) tensor, True where a query may attend to a key."""
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.n_kv_heads
-        qkv = F.linear(x, self.wqkv.weight).view(B, T, H + 2 * Hkv, self.head_dim)
+        qkv = F.linear(x, self.wqkv.weight)
+        if self.lora is not None:
+            qkv = lora_add(qkv, x, self.lora, "q", "k", "v")
+        qkv = qkv.view(B, T, H + 2 * Hkv, self.head_dim)
         qk, v = qkv.split_with_sizes([H + Hkv, Hkv], dim=2)
         q, k = apply_rope(qk, rope).split_with_sizes([H, Hkv], dim=2)   # rotate q and k in one go
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -292,7 +298,8 @@ class Attention(nn.Module):
         else:
             y = self._manual(q, k, v, mask, dropout)
         y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # (B, T, dim)
-        return F.linear(y, self.wo.weight)
+        out = F.linear(y, self.wo.weight)
+        return out if self.lora is None else lora_add(out, y, self.lora, "o")
 
     def _repeat_kv(self, t):
         """GQA: each key/value head serves n_heads / n_kv_heads query heads."""
@@ -339,13 +346,20 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(config.dim, 2 * config.hidden_dim, bias=False)  # [gate (w1); up (w3)]
         self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)       # down
         self.dropout = nn.Dropout(config.dropout)
+        self.lora: Optional[nn.ModuleDict] = None   # LoRA adapters gate, up, down (apply_lora, below)
 
     def forward(self, x):
         # Multiplied as two halves (row slices of w13 are views, nothing is copied): measured on CPU,
         # one (T, 2*hidden) product chunked into strided halves made silu and the backward slower,
         # ~4% of a whole training step.
         w1, w3 = self.w13.weight.split_with_sizes([self.hidden_dim, self.hidden_dim])
-        y = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), self.w2.weight)
+        if self.lora is None:
+            y = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), self.w2.weight)
+        else:   # the same products, each plus its adapter's update when it has one
+            gate = lora_add(F.linear(x, w1), x, self.lora, "gate")
+            up = lora_add(F.linear(x, w3), x, self.lora, "up", first_row=self.hidden_dim)   # w13's 2nd half
+            h = F.silu(gate) * up
+            y = lora_add(F.linear(h, self.w2.weight), h, self.lora, "down")
         return self.dropout(y) if self.training else y   # (eval: skip the no-op call, see Block)
 
 
@@ -419,6 +433,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lora: Optional[nn.ModuleDict] = None   # the optional embedding adapter (apply_lora, below)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # (max_seq_len, head_dim/2, 2): cos and sin of every position and rotary pair. Not
@@ -448,6 +463,17 @@ class Llama(nn.Module):
 
     # --- forward -------------------------------------------------------------
 
+    def _embed(self, idx):
+        h = self.tok_embeddings(idx)
+        return h if self.lora is None else lora_add(h, idx, self.lora, "embed")
+
+    def _head(self, h):
+        logits = F.linear(h, self.output.weight)
+        if self.lora is not None and self.config.tie_embeddings and self.lora["embed"].active:
+            # A tied embedding adapter changes the shared matrix, so the head gets it too (as merging does).
+            logits = logits + self.lora["embed"].head(h)
+        return logits
+
     def _rope_and_mask(self, T, attention_mask, device):
         """Positions and the attention mask for a full (non-cached) forward.
         Without attention_mask: positions 0..T-1 and the fast causal path.
@@ -471,7 +497,7 @@ class Llama(nn.Module):
         """Final normalised hidden states (B, T, dim): what the LM head, and the reward and
         value heads of reward.py / rlhf_ppo.py, read."""
         rope, mask = self._rope_and_mask(idx.size(1), attention_mask, idx.device)
-        h = self.dropout(self.tok_embeddings(idx))
+        h = self.dropout(self._embed(idx))
         for block in self.layers:
             h = block(h, rope, mask)
         return self.norm(h)
@@ -482,7 +508,7 @@ class Llama(nn.Module):
         h = self.hidden_states(idx, attention_mask)
         # float32 logits even under bf16 autocast: the softmax over a 32k vocabulary and the
         # log-probs used by DPO/PPO need the precision.
-        logits = self.output(h).float()
+        logits = self._head(h).float()
         loss = None
         if targets is not None:
             loss = CrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1))
@@ -507,11 +533,11 @@ class Llama(nn.Module):
             k_slot = torch.arange(S, device=idx.device)[None, :]
             mask = ((k_slot <= q_slot)[None] & cache.key_valid[:, None, :S]) | (k_slot == q_slot)[None]
             mask = mask[:, None]                                                  # (B, 1, T, S)
-        h = self.tok_embeddings(idx)
+        h = self._embed(idx)
         for i, block in enumerate(self.layers):
             h = block(h, rope, mask, cache, i)
         cache.filled = S
-        return F.linear(self.norm(h[:, -1]), self.output.weight).float()
+        return self._head(self.norm(h[:, -1])).float()
 
     def _prefill(self, prompts: list[list[int]], max_len: int):
         """Left-pad the prompts into one (B, L) batch, allocate a cache of max_len slots and run the
@@ -657,6 +683,195 @@ class Llama(nn.Module):
         model = cls(config)
         load_state_dict_checked(model, from_hf_state_dict(read_hf_weights(hf_dir), config))
         return model
+
+
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): fine-tune a frozen model through low-rank updates
+#
+# A weight W (out x in) stays frozen; what trains is a pair A (r x in), B (out x r) with r << in, out,
+# and the layer computes  W x + (alpha / r) * B A dropout(x).  Only r * (in + out) numbers per matrix
+# train, so gradients and AdamW's two moments exist for ~1% of the model (bench/lora.py measures it).
+#   - B starts at zero, A random: the update B A is zero, so training starts exactly from the base
+#     model; A must not be zero too, or B's gradient (which is proportional to A x) would be zero.
+#   - alpha / r: the update's scale does not change when r does, so a tuned lr carries over.
+#   - merge_lora folds (alpha / r) B A into W: inference costs nothing extra; unmerge_lora takes it out.
+#   - lora_disabled(model) switches every adapter off: the base model again, without a second copy
+#     (the reference model of dpo.py and rlhf_ppo.py).
+# Our fused matrices hold several targets as row blocks: wqkv = [q; k; v] and w13 = [gate; up], so
+# an adapter knows the rows it updates (which is also how the PEFT export splits them again).
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class LoRALinear(nn.Module):
+    """The adapter of one target: rows [start, start + rows) of the owner's linear `weight_name`."""
+
+    def __init__(self, weight_name: str, start: int, rows: int, in_features: int, rank: int, alpha: float,
+                 dropout: float, generator: torch.Generator, device=None, dtype=None):
+        super().__init__()
+        self.weight_name, self.start, self.rows = weight_name, start, rows
+        self.scale = alpha / rank
+        # Kaiming-uniform as nn.Linear initialises a weight (kaiming_uniform_ with a=sqrt(5) is
+        # U(-1/sqrt(in), 1/sqrt(in))), and as PEFT initialises A. Drawn on the CPU from apply_lora's
+        # own generator: the same adapters on every rank and device, whatever ran before.
+        bound = 1 / math.sqrt(in_features)
+        A = torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator)
+        self.A = nn.Parameter(A.to(device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(rows, rank, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout)
+        self.enabled, self.merged = True, False
+
+    @property
+    def active(self) -> bool:   # adds its update in forward (a merged adapter is already inside W)
+        return self.enabled and not self.merged
+
+    def forward(self, x):   # (..., in) -> (..., rows)
+        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scale
+
+    def delta_weight(self):   # the update as a block of W's rows: (rows, in)
+        return (self.B @ self.A) * self.scale
+
+
+class LoRAEmbedding(nn.Module):
+    """The adapter of the token embedding E (vocab x dim): E[id] + (alpha / r) * B A[:, id]. Shapes
+    as PEFT's (A: r x vocab, B: dim x r), so the export is a rename. A lookup has no fan-in to scale
+    by, so A is N(0, 1); B is zero as above. No dropout on ids (PEFT has none either)."""
+
+    def __init__(self, vocab: int, dim: int, rank: int, alpha: float, generator: torch.Generator, device=None,
+                 dtype=None):
+        super().__init__()
+        self.weight_name, self.start, self.rows = "tok_embeddings", 0, vocab
+        self.scale = alpha / rank
+        self.A = nn.Parameter(torch.randn(rank, vocab, generator=generator).to(device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(dim, rank, device=device, dtype=dtype))
+        self.enabled, self.merged = True, False
+
+    active = LoRALinear.active
+
+    def forward(self, idx):   # (B, T) ids -> (B, T, dim)
+        return F.linear(F.embedding(idx, self.A.t()), self.B) * self.scale
+
+    def head(self, h):   # a tied output head reads the same updated matrix: h (E + dE)^T
+        return F.linear(F.linear(h, self.B.t()), self.A.t()) * self.scale
+
+    def delta_weight(self):   # (vocab, dim)
+        return (self.B @ self.A).t() * self.scale
+
+
+def lora_add(y, x, adapters: nn.ModuleDict, *names: str, first_row: int = 0):
+    """y = x W^T for rows first_row.. of a (fused) weight: add the update of each named, active
+    adapter to its own columns of y. In place: the matmul that made y does not keep y for its
+    backward, so autograd allows it (and it spares a copy of y per target)."""
+    for name in names:
+        if name in adapters and adapters[name].active:
+            a = adapters[name]
+            delta = a(x)
+            y.narrow(-1, a.start - first_row, delta.size(-1)).add_(delta)
+    return y
+
+
+def apply_lora(model: "Llama", rank: int, alpha: float, dropout: float = 0.0, targets=LORA_TARGETS,
+               embeddings: bool = False, seed: int = 0) -> "Llama":
+    """Freeze every parameter of `model` and add adapters on `targets` (of LORA_TARGETS) in every
+    block, plus the token embedding with embeddings=True. In place; returns the model. Adapters
+    are created on the weights' device and dtype (the meta device included); A is drawn from
+    `seed` alone."""
+    unknown = set(targets) - set(LORA_TARGETS)
+    if unknown or not targets:
+        raise ValueError(f"LoRA targets must be a non-empty subset of {','.join(LORA_TARGETS)}; got {list(targets)}")
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    model.requires_grad_(False)
+    c = model.config
+    q, kv, h = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.hidden_dim
+    w = model.tok_embeddings.weight
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(rank=rank, alpha=alpha, dropout=dropout, generator=g, device=w.device, dtype=w.dtype)
+    for block in model.layers:
+        att, ffn = block.attention, block.feed_forward
+        # target -> (owner, linear, first row, rows); in_features is the linear's input width
+        where = {"q": (att, "wqkv", 0, q), "k": (att, "wqkv", q, kv), "v": (att, "wqkv", q + kv, kv),
+                 "o": (att, "wo", 0, c.dim), "gate": (ffn, "w13", 0, h), "up": (ffn, "w13", h, h),
+                 "down": (ffn, "w2", 0, c.dim)}
+        for owner in (att, ffn):
+            mine = {t: LoRALinear(name, start, rows, getattr(owner, name).in_features, **kw)
+                    for t, (o, name, start, rows) in where.items() if o is owner and t in targets}
+            if mine:
+                owner.lora = nn.ModuleDict(mine)
+    if embeddings:
+        model.lora = nn.ModuleDict({"embed": LoRAEmbedding(c.vocab_size, c.dim, rank, alpha, g, w.device, w.dtype)})
+    return model
+
+
+def lora_adapters(model: nn.Module):
+    """(owner, adapter name, adapter) for every adapter in the model."""
+    for owner in model.modules():
+        if isinstance(getattr(owner, "lora", None), nn.ModuleDict):
+            for name, a in owner.lora.items():
+                yield owner, name, a
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, sign: float = 1.0):
+    """Fold every adapter into its frozen weight (W += (alpha/r) B A); sign=-1 takes it out again
+    (unmerge_lora). Merged, a forward costs what the base model's does. Merge then unmerge gives
+    W back up to float rounding (~1e-7 relative), not bit for bit."""
+    for owner, _, a in lora_adapters(model):
+        if a.merged == (sign > 0):
+            continue
+        w = getattr(owner, a.weight_name).weight
+        w.narrow(0, a.start, a.rows).add_(a.delta_weight().to(w.dtype), alpha=sign)
+        a.merged = sign > 0
+
+
+def unmerge_lora(model: nn.Module):
+    merge_lora(model, sign=-1.0)
+
+
+def strip_lora(model: nn.Module) -> nn.Module:
+    """Merge, then drop the adapters: a plain Llama (e.g. to save a whole checkpoint)."""
+    merge_lora(model)
+    for owner in model.modules():
+        if isinstance(getattr(owner, "lora", None), nn.ModuleDict):
+            owner.lora = None
+    return model
+
+
+class BaseView:
+    """A LoRA model called with its adapters off: the frozen base, as a reference model that holds no
+    weights of its own (rlhf_ppo.py's pi_ref). Callable like the model; nothing to move or freeze."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with lora_disabled(self.model):
+            return self.model(*args, **kwargs)
+
+    def parameters(self):
+        return iter(())
+
+    def to(self, *args, **kwargs):
+        return self
+
+    cpu = to
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Switch every adapter off inside the block: the model computes its base weights' outputs,
+    exactly (the update is skipped, not subtracted). The reference model of DPO/PPO/GRPO for free."""
+    adapters = [a for _, _, a in lora_adapters(model)]
+    if any(a.merged for a in adapters):
+        raise RuntimeError("merged LoRA adapters cannot be switched off; unmerge_lora(model) first")
+    states = [a.enabled for a in adapters]
+    for a in adapters:
+        a.enabled = False
+    try:
+        yield model
+    finally:
+        for a, s in zip(adapters, states):
+            a.enabled = s
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

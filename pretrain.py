@@ -34,7 +34,7 @@ from common import (JsonlLogger, add_common_args, all_reduce_mean, autocast, bar
                     load_model, lr_at, parse_config, print0, read_checkpoint_meta, resolve_dtype, resolve_parallel,
                     restore_checkpoint, rotate_checkpoints, save_checkpoint, save_config, seed_everything,
                     set_lr, setup_distributed, teardown_distributed, warn_if_low_disk, wrap_model)
-from model import PEAK_FLOPS, PRESETS, Llama, LlamaConfig
+from model import LORA_TARGETS, PEAK_FLOPS, PRESETS, Llama, LlamaConfig, apply_lora
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # separate random streams for training and validation windows
 
@@ -90,7 +90,8 @@ GB = 1e9
 
 
 def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int, world_size: int,
-             dtype: torch.dtype = torch.bfloat16, gpu: str = "A100", mfu: float = 0.4, gpu_mem_gb: float = 80.0):
+             dtype: torch.dtype = torch.bfloat16, gpu: str = "A100", mfu: float = 0.4, gpu_mem_gb: float = 80.0,
+             lora_rank: int = 0, lora_targets=LORA_TARGETS, lora_embeddings: bool = False):
     """Bytes per GPU for DDP and for FSDP, FLOPs per step and the time per step at `mfu`.
 
     Parameters are counted on the meta device (no memory). The bytes, with N parameters, W GPUs,
@@ -108,6 +109,13 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
       outside the blocks: 8*vocab bytes per token (fp32 log-probabilities kept for the backward + their gradient)
       with activation checkpointing a block keeps only its fp32 input (4*dim per token) and one
       block's activations exist at a time, during its recomputation.
+    LoRA (lora_rank > 0, the fine-tuning stages' --lora_*; A adapter parameters): the frozen N are
+    stored in the compute dtype and never get gradients or AdamW states (common.setup_lora):
+      DDP   weights pN + 4A (+ 2A bf16 copies), grads 4A, AdamW 8A
+      FSDP  weights (pN + 4A) / W + the same gathered units, grads 4A / W + (p + 4) * (A of a block),
+            AdamW 8A / W
+    Activations and FLOPs are left as for full training (the adapters keep their inputs anyway; the
+    backward skips the frozen weights' gradients, ~1/3 of the FLOPs, which is not subtracted).
     Not counted: the CUDA context and allocator slack (budget ~2 GB), temporary buffers of kernels."""
     with torch.device("meta"):
         m = Llama(config)
@@ -126,11 +134,19 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
     fsdp = {"weights": 4 * n / W + p * (root + 2 * block), "grads": 4 * n / W + (p + 4) * max(root, block),
             "adamw": 8 * n / W}
     flops_per_token = m.flops_per_token(seq_len)
+    if lora_rank > 0:
+        apply_lora(m, lora_rank, 2.0 * lora_rank, targets=lora_targets, embeddings=lora_embeddings)   # on meta
+        a = sum(q.numel() for q in m.parameters() if q.requires_grad)
+        a_block = sum(q.numel() for q in m.layers[0].parameters() if q.requires_grad)
+        ddp = {"weights": p * n + 4 * a + (2 * a if p == 2 else 0), "grads": 4 * a, "adamw": 8 * a}
+        fsdp = {"weights": (p * n + 4 * a) / W + p * (root + 2 * block), "grads": 4 * a / W + (p + 4) * a_block,
+                "adamw": 8 * a / W}
     flops_per_step = flops_per_token * tokens * grad_accum * W
     peak = PEAK_FLOPS[gpu]
     out = {"params": n, "block_params": block, "root_params": root, "flops_per_token": flops_per_token,
            "flops_per_step": flops_per_step, "step_time_s": flops_per_step / (W * peak * mfu),
-           "tokens_per_step": tokens * grad_accum * W, "activations": act_full, "activations_ckpt": act_ckpt}
+           "tokens_per_step": tokens * grad_accum * W, "activations": act_full, "activations_ckpt": act_ckpt,
+           "lora_params": a if lora_rank > 0 else 0}
     for name, states in (("ddp", ddp), ("fsdp", fsdp)):
         static = sum(states.values())
         out[name] = {**states, "total": static + act_full, "total_ckpt": static + act_ckpt,
@@ -145,6 +161,9 @@ def print_estimate(e, args, config):
           f"vocab {config.vocab_size}")
     print(f"micro-batch {args.batch_size} x {args.seq_len} tokens, grad_accum {args.grad_accum}, {args.world_size} x "
           f"{args.gpu} ({args.gpu_mem_gb:.0f} GB), {args.dtype_name}")
+    if e["lora_params"]:
+        print(f"LoRA rank {args.lora_rank}: {e['lora_params'] / 1e6:.2f}M trainable parameters "
+              f"({e['lora_params'] / e['params']:.2%}); frozen weights in {args.dtype_name}, no gradients or AdamW for them")
     print(f"{'GB per GPU':<28}{'DDP':>8}{'FSDP':>13}")
     rows = [("weights", "weights"), ("gradients", "grads"), ("AdamW states", "adamw")]
     for label, key in rows:
@@ -208,9 +227,13 @@ def main(argv=None):
         config = model_config_from_args(args, PRESETS[args.model]["vocab_size"])
         args.seq_len = args.seq_len or config.max_seq_len
         args.dtype_name = str(dtype).replace("torch.", "")
+        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
         print_estimate(estimate(config, args.batch_size, args.seq_len, args.grad_accum, args.world_size, dtype,
-                                args.gpu, args.mfu, args.gpu_mem_gb), args, config)
+                                args.gpu, args.mfu, args.gpu_mem_gb, args.lora_rank, targets, args.lora_embeddings),
+                       args, config)
         return
+    if args.lora_rank:
+        fail("--lora_rank adapts a pretrained model: use it with sft.py, reward.py, dpo.py (or --estimate here)")
     if args.data is None:
         fail("--data is required: a directory written by data/prepare.py")
 

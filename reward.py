@@ -10,6 +10,7 @@ started from the SFT checkpoint, with a scalar head, trained on preference pairs
     # several processes: DDP by default, --parallel fsdp to shard a model too big for one GPU
     torchrun --standalone --nproc_per_node=8 reward.py --init_from runs/sft --data ... --out_dir runs/rm
     python reward.py ... --resume        # continue exactly from the newest step_* checkpoint
+    python reward.py ... --lora_rank 16  # LoRA on the backbone, the head in full; checkpoints: adapters + head
     # diagnostics of a trained reward model: accuracy per kind, length bias, calibration
     python reward.py --eval_only --init_from runs/rm --val_data lab_run/data/prefs_val.jsonl
     # score prompt/response records (any conversation or preference format data/formats.py reads)
@@ -263,6 +264,11 @@ def load_reward_model(path: str, device="cpu"):
     if meta.get("kind") != REWARD_KIND:
         common.fail(f"{path} is not a reward-model checkpoint (no kind={REWARD_KIND!r}); a language model becomes "
                     f"a reward model by training one: python reward.py --init_from {path} --data ...")
+    if meta.get("lora"):   # adapter-only (a LoRA run): its base under the saved head, adapters merged
+        ckpt = common.load_file(path)
+        model = common.load_lora_checkpoint(ckpt, path, RewardModel.from_llama)
+        meta["path"] = path
+        return model.to(device).eval(), meta
     model = RewardModel(LlamaConfig.from_dict(meta["model_config"]))
     if os.path.isdir(path):   # an FSDP run's sharded checkpoint: read every shard into the whole model
         import torch.distributed.checkpoint as dcp
@@ -681,6 +687,8 @@ def train(args, info, dtype, ctx):
 
     # --- model: the SFT model under a zero head (or a reward model to continue); its tokenizer
     model, meta, was_rm = init_reward_model(args.init_from)
+    # --lora_rank > 0: adapters on the frozen backbone; the scalar head stays fully trainable
+    model = common.setup_lora(model, args, meta["path"], dtype)
     tok = tokenizer_for(meta, args)
     seq_len = min(args.max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
     print0(f"model: {meta['path']} ({'a reward model' if was_rm else 'language model + new zero head'}, "

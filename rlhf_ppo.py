@@ -7,6 +7,7 @@ Usage (single process; CPU or one GPU):
         --eval_data lab_data/rl_eval.jsonl --out_dir runs/ppo --max_steps 100 --rollout_batch 32
     python rlhf_ppo.py ... --kl_estimator k3 --adaptive_kl --kl_target 3   # Ziegler et al.'s KL controller
     python rlhf_ppo.py ... --ptx_coef 0.5 --ptx_data lab_data/sft_train.jsonl  # PPO-ptx (InstructGPT)
+    python rlhf_ppo.py ... --lora_rank 16 --lr 1e-3   # LoRA actor and critic; reference = actor, adapters off
 Distributed (DDP; every process samples its own rollouts, gradients are averaged):
     torchrun --standalone --nproc_per_node=2 rlhf_ppo.py --init_from runs/sft --reward_model runs/rm ...
 Resume an interrupted run (same flags + --resume): actor, critic, both optimizers, KL coefficient,
@@ -86,6 +87,7 @@ import sft
 from common import (check_kl_at_start, check_ratio, frozen, kl_estimates, kl_to_model, load_prompts,  # RL helpers
                     masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
 from data import lab
+from model import BaseView
 from reward import load_reward_model, reward_scorer, tokenizer_for
 
 # -----------------------------------------------------------------------------
@@ -415,10 +417,16 @@ def train(args, info):
 
     # --- the four models ---------------------------------------------------------------------------
     actor, meta = common.load_model(args.init_from)
+    actor = common.setup_lora(actor, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
     tok = tokenizer_for(meta, args)
-    ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device)
+    if args.lora_rank > 0 and not args.ref_model:
+        ref = BaseView(actor)   # LoRA: the reference is the actor with its adapters off, no second copy
+    else:
+        ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device)
     rm, rm_meta = load_reward_model(args.reward_model)
     critic, _ = load_reward_model(args.critic_from or args.reward_model)
+    # LoRA: the critic (its own model, started from the reward model) trains adapters and its head
+    critic = common.setup_lora(critic, args, common.resolve_checkpoint(args.critic_from or args.reward_model), dtype)
     if (rm_meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
         common.fail(f"the reward model ({rm_meta['path']}) was trained with another tokenizer than the actor")
     rm = frozen(rm, dtype, device)

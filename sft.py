@@ -14,6 +14,8 @@ Distributed (same flags; DDP by default, --parallel fsdp to shard the model):
     torchrun --standalone --nproc_per_node=2 sft.py --init_from runs/pretrain --data ... --out_dir runs/sft
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 sft.py ... --parallel fsdp
 Resume an interrupted run exactly (same flags + --resume): model, optimizer, RNG and data position.
+LoRA (adapters on the frozen model; checkpoints hold only the adapters and the base's sha256):
+    python sft.py --init_from runs/pretrain --data ... --out_dir runs/sft_lora --lora_rank 16 --lr 1e-3
 
 What SFT changes, compared with pretrain.py (the loop is otherwise the same, through common.py):
   - The data are conversations rendered by the chat template (tokenizer/tokenizer.py). The loss is
@@ -318,6 +320,7 @@ def train(args, info):
     # Every rank loads the whole checkpoint on the CPU, then FSDP shards it (simple; for a 7B model
     # that is ~28 GB of host memory per rank for a moment).
     model, meta = common.load_model(args.init_from)
+    model = common.setup_lora(model, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
     tok_info = meta.get("tokenizer") or {}
     tok_path = args.tokenizer or (tok_info.get("path") if os.path.isfile(tok_info.get("path") or "") else None)
     try:
@@ -390,7 +393,8 @@ def train(args, info):
     common.save_config(args, args.out_dir, {"steps_per_epoch": steps_per_epoch, "resolved_max_steps": max_steps})
     logger = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
     src = f"resume {resume_path}" if resume_path else f"init_from {meta['path']}"
-    print0(f"model: {raw.num_params() / 1e6:.2f}M parameters, {src}; {args.parallel} x {world} on {device}, {dtype}; "
+    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    print0(f"model: {raw.num_params() / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable), {src}; {args.parallel} x {world} on {device}, {dtype}; "
            f"tokenizer {tok.path}")
     print0(f"{steps_per_epoch} steps per epoch ({micro_per_step} micro-batches of {args.batch_size}, "
            f"{args.pretrain_ratio:.0%} of them pretraining), {max_steps} steps = "
