@@ -56,6 +56,7 @@ CLI (offline tools; no process group needed):
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -1007,6 +1008,36 @@ class JsonlLogger:
 def read_jsonl(path: str) -> list:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# -----------------------------------------------------------------------------
+# Held-out splits BY PROMPT (sft.py, reward.py and dpo.py without --val_data)
+
+
+def split_by_prompt(keys, val_frac: float, seed: int):
+    """-> (train indices, val indices) of examples whose prompt keys are `keys` (one per example: the
+    token ids of the conversation up to its FIRST user turn, as the chat template renders them -- BOS,
+    system prompt, that turn and the assistant header). Every example of a prompt lands on the same
+    side: InstructGPT splits by prompt, because preference sets repeat a prompt with other answers
+    (and repeat whole records), and a split by record leaves held-out prompts in training, so the
+    "held-out" numbers partly measure memory. A prompt is held out iff blake2b(seed, key) < val_frac
+    (data/prepare.py's rule): the decision depends on the prompt alone, so the same prompt is held out
+    by every stage and from every file, whatever its position. At least one prompt is held out when
+    val_frac > 0, and one kept for training, when there are two or more."""
+    if val_frac <= 0:
+        return list(range(len(keys))), []
+    salt = str(seed).encode()
+    u = {k: int.from_bytes(hashlib.blake2b(np.asarray(k, dtype=np.int64).tobytes(), digest_size=8,
+                                           key=salt).digest(), "little") / 2 ** 64
+         for k in dict.fromkeys(keys)}
+    held = {k for k, v in u.items() if v < val_frac}
+    if len(u) >= 2 and not held:
+        held = {min(u, key=u.get)}
+    if len(u) >= 2 and len(held) == len(u):
+        held.discard(max(u, key=u.get))
+    train = [i for i, k in enumerate(keys) if k not in held]
+    val = [i for i, k in enumerate(keys) if k in held]
+    return train, val
 
 
 # -----------------------------------------------------------------------------

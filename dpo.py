@@ -93,7 +93,8 @@ import common
 from common import print0
 from model import lora_disabled
 from data import lab
-from reward import epoch_batches, load_groups, load_reward_model, ranked_pairs, reward_scorer, tokenizer_for
+from reward import epoch_batches, load_groups, load_reward_model, ranked_pairs, reward_scorer, split_groups, \
+    tokenizer_for
 
 # -----------------------------------------------------------------------------
 # Config
@@ -108,7 +109,8 @@ def get_args(argv=None):
                    help="training preferences: files 'path[:weight]' in any format data/formats.py reads "
                         "({prompt, chosen, rejected}, Anthropic HH, {prompt, responses: [best..worst]}, ...)")
     g.add_argument("--val_data", nargs="+", default=None, help="held-out preferences (same forms as --data)")
-    g.add_argument("--val_frac", type=float, default=0.05, help="without --val_data: fraction of --data held out")
+    g.add_argument("--val_frac", type=float, default=0.05,
+                   help="without --val_data: about this fraction of --data's distinct prompts held out (reward.py's split)")
     g.add_argument("--epochs", type=float, default=1, help="passes over each round's pairs when --max_steps is 0")
     g.add_argument("--max_seq_len", type=int, default=0, help="longest prompt + response in tokens (0 = model context)")
     g.add_argument("--beta", type=float, default=0.1, help="KL strength: implicit reward = beta * log(pi / pi_ref)")
@@ -614,10 +616,8 @@ def train(args, info):
     val_groups = []
     if args.val_data:
         val_groups = load_groups(args.val_data, tok, seq_len, args.seed, "val")
-    elif offline and args.val_frac > 0:   # hold out whole prompt groups, seeded
-        order = np.random.default_rng([args.seed, 7]).permutation(len(offline))
-        n_val = int(round(len(offline) * args.val_frac))
-        offline, val_groups = [offline[i] for i in order[n_val:]], [offline[i] for i in order[:n_val]]
+    elif offline and args.val_frac > 0:   # hold out whole PROMPTS (reward.py's split): none is trained on
+        offline, val_groups = split_groups(offline, args.val_frac, args.seed)
     if args.eval_steps > 0 and len(val_groups) > args.eval_steps * args.batch_size * world:
         # a fixed, seeded subset (not the shortest pairs: they would all be of one kind)
         n_keep = args.eval_steps * args.batch_size * world

@@ -62,8 +62,8 @@ def get_args(argv=None):
                         "({prompt, chosen, rejected}, Anthropic HH, {prompt, responses: [best..worst]}, LLaMA-Factory)")
     g.add_argument("--val_data", nargs="+", default=None, help="held-out preferences (same forms as --data)")
     g.add_argument("--val_frac", type=float, default=0.05,
-                   help="without --val_data: fraction of --data's distinct records held out (seeded; repeats of a "
-                        "held-out record are held out with it)")
+                   help="without --val_data: about this fraction of --data's distinct prompts held out, with all "
+                        "their records (seeded; by first user turn, the same prompts in sft.py and dpo.py)")
     g.add_argument("--epochs", type=float, default=1,
                    help="passes over the data when --max_steps is 0 (InstructGPT: one; the RM overfits after)")
     g.add_argument("--max_seq_len", type=int, default=0, help="longest prompt + response in tokens (0 = model context)")
@@ -310,8 +310,9 @@ def encode_group(tok, record, max_len: int):
     A record may say which responses were sampled answers cut at the length limit ("ended": [K
     bools], False = cut): those get no end marker, which the model never produced (the rule of
     common.penalize_missing_eos); the reward is then read on their last real token.
-    Returns {"ids": [K id lists], "resp_len": [K response token counts], "kind"} or None when
-    even the last user turn plus the longest response does not fit."""
+    Returns {"ids": [K id lists], "resp_len": [K response token counts], "kind", "prompt_key" (the
+    rendered conversation up to its first user turn: common.split_by_prompt)} or None when even the
+    last user turn plus the longest response does not fit."""
     messages = record["messages"]
     prompt = tok.render_prompt(messages)
     seqs = []
@@ -327,8 +328,10 @@ def encode_group(tok, record, max_len: int):
         except ValueError:
             return None
     kind = record.get("kind")
+    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
     return {"ids": [prompt + s for s in seqs], "resp_len": [len(s) for s in seqs],
-            "kind": None if kind is None else str(kind)}
+            "kind": None if kind is None else str(kind),
+            "prompt_key": tuple(tok.render_prompt(messages[:first_user + 1]))}   # common.split_by_prompt
 
 
 def load_groups(paths, tok, max_len: int, seed: int = 0, name: str = "data"):
@@ -633,17 +636,15 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):
 
 
 def split_groups(groups, val_frac: float, seed: int):
-    """Hold out a seeded fraction of the prompt groups BY CONTENT: preference sets repeat records
-    (the lab world's 3000 pairs hold 2115 distinct ones), and a split by record would leave a copy
-    of about half the held-out pairs in training -- "held-out" accuracy would partly measure memory.
-    Every copy of a held-out group goes to val (the data's own weights), none to training."""
-    keys = [tuple(map(tuple, g["ids"])) for g in groups]
-    distinct = list(dict.fromkeys(keys))
-    order = np.random.default_rng([seed, 7]).permutation(len(distinct))
-    held = {distinct[i] for i in order[:int(round(len(distinct) * val_frac))]}
-    train = [g for g, k in zip(groups, keys) if k not in held]
-    val = [g for g, k in zip(groups, keys) if k in held]
-    print0(f"held out {len(held)} of {len(distinct)} distinct groups ({len(val)} records with repeats)")
+    """Hold out a seeded fraction of the PROMPTS (common.split_by_prompt, keyed on the first user turn):
+    the lab world's preference pairs repeat a prompt with another rejected answer, and repeat whole
+    records, so a split by record (or by whole group) left held-out prompts -- and their chosen answers
+    -- in training. Every record of a held-out prompt goes to val (copies keep the data's own weights).
+    reward.py and dpo.py (without --val_data) both split with this."""
+    train_idx, val_idx = common.split_by_prompt([g["prompt_key"] for g in groups], val_frac, seed)
+    train, val = [groups[i] for i in train_idx], [groups[i] for i in val_idx]
+    n_val = len({g["prompt_key"] for g in val})
+    print0(f"held out {n_val} of {len({g['prompt_key'] for g in groups})} distinct prompts ({len(val)} records)")
     return train, val
 
 

@@ -26,8 +26,10 @@ reward model are loaded separately, and the script checks that they share no sto
 One iteration (= one "step": --max_steps, --log_interval, --eval_interval, --save_interval count them):
   1. sample --rollout_batch prompts; the actor answers them (model.generate, KV cache, stops at <|end|>)
   2. experience, no gradients: log-probs of the response tokens under the actor ("old") and the
-     reference, the reward model's score (normalised with reward.py's mean/std, clipped), the
-     critic's values. Per-token reward r_t = -beta * KL_t, plus the score on the last token.
+     reference, the reward model's score (an answer cut at --max_new_tokens: read at its last token,
+     minus --missing_eos_penalty, common.penalize_missing_eos -- the rule evaluation applies too;
+     then normalised with reward.py's mean/std, clipped), the critic's values. Per-token reward
+     r_t = -beta * KL_t, plus the score on the last token.
   3. advantages by GAE(gamma, lambda) from rewards and values, whitened over the batch
   4. --ppo_epochs passes over the rollout in minibatches: clipped surrogate loss for the actor
      (+ entropy bonus, + PPO-ptx language-modelling loss), clipped value loss for the critic

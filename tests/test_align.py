@@ -259,3 +259,73 @@ def test_a_corrupt_checkpoint_gives_one_line_naming_the_file(tok, tmp_path):
                                                                          "OMP_NUM_THREADS": "1"})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and str(cut) in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# Held-out splits by prompt: no held-out prompt is trained on (reward.py, dpo.py, sft.py)
+
+
+def first_turns(messages):
+    """The conversation up to its first user turn, as text: what the split keys on."""
+    import json
+    k = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    return json.dumps(messages[:k + 1], ensure_ascii=False, sort_keys=True)
+
+
+def test_held_out_splits_share_no_prompt_with_training_on_the_lab_files(tok, tmp_path):
+    import reward
+    import sft
+    from data import lab
+    from data.formats import read_conversations, read_preferences
+    sets = lab.generate(seed=0, pretrain_docs=1, rank_train=1, rl_prompts=1, rl_eval=1, sft_val=1, prefs_val=4)
+    for name in ("prefs_train", "sft_train"):
+        write_jsonl(tmp_path / f"{name}.jsonl", sets[name])
+    # preferences (reward.py, and dpo.py without --val_data)
+    prefs = str(tmp_path / "prefs_train.jsonl")
+    records, _ = read_preferences([prefs])
+    groups = reward.load_groups([prefs], tok, 1024)
+    assert len(groups) == len(records)                          # nothing dropped: records[i] is groups[i]
+    where = {id(g): i for i, g in enumerate(groups)}
+    train, val = reward.split_groups(groups, 0.05, 0)
+    seen = {first_turns(records[where[id(g)]]["messages"]) for g in train}
+    held = {first_turns(records[where[id(g)]]["messages"]) for g in val}
+    assert len(train) + len(val) == len(groups) and len(held) > 5 and len(val) > 0.02 * len(groups)
+    assert not held & seen
+    # the data has the repeats that made the old splits leak: prompts with several records
+    assert len({first_turns(r["messages"]) for r in records}) < 0.8 * len(records)
+    # SFT conversations
+    path = str(tmp_path / "sft_train.jsonl")
+    convs, _ = read_conversations([path])
+    source, _, _ = sft.load_source([path], tok, 0)
+    assert len(source) == len(convs)
+    tr, va = sft.split_source(source, 0.05, 0)
+    assert len(va) > 0.02 * len(convs) and len(tr) + len(va) == len(convs)
+    assert not {first_turns(convs[i]) for i in va} & {first_turns(convs[i]) for i in tr}
+    # one rule: a prompt that both files ask is held out from both or from neither (same key, same seed);
+    # at val_frac 0.5 so that both outcomes occur among the shared prompts
+    va = set(sft.split_source(source, 0.5, 0)[1].tolist())
+    sft_held = {sft.prompt_key(*source[i]): i in va for i in range(len(source))}
+    pref_held = {g["prompt_key"]: False for g in groups}
+    pref_held.update({g["prompt_key"]: True for g in reward.split_groups(groups, 0.5, 0)[1]})
+    shared = [(sft_held[k], pref_held[k]) for k in pref_held if k in sft_held]
+    assert all(a == b for a, b in shared) and {a for a, _ in shared} == {True, False}
+
+
+def test_dpo_holds_out_whole_prompts_without_val_data(tok, tmp_path, monkeypatch, one_thread):
+    import dpo
+    from model import Llama, LlamaConfig
+    torch.manual_seed(0)
+    common.save_checkpoint(str(tmp_path / "sft"), "final",
+                           Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=96)),
+                           step=0, config={}, tokenizer=tok)
+    rows = [{"prompt": q, "chosen": c, "rejected": r + bad} for q, c, r in DPO_PAIRS for bad in ("", " Bah.", " No!")]
+    write_jsonl(tmp_path / "prefs.jsonl", rows)                 # every prompt three times, other rejected answers
+    seen = []
+    real = dpo.split_groups
+    monkeypatch.setattr(dpo, "split_groups", lambda *a: seen.append(real(*a)) or seen[-1])
+    dpo.main(["--init_from", str(tmp_path / "sft" / "final.pt"), "--data", str(tmp_path / "prefs.jsonl"),
+              "--val_frac", "0.3", "--batch_size", "2", "--max_steps", "1", "--save_interval", "0",
+              "--out_dir", str(tmp_path / "dpo")])
+    (train, val), = seen
+    assert val and not {g["prompt_key"] for g in val} & {g["prompt_key"] for g in train}
+    assert len(val) % 3 == 0                                     # all three records of a held-out prompt
