@@ -89,7 +89,9 @@ def strip_stop(ids, stop_ids):
 def generate_answers(model, tok, conversations, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
                      batch_size=32, system=None, seed=None, return_ids=False):
     """Answer each conversation (a user string, or messages ending on a user turn); returns a list
-    of answer strings in input order (and the answer ids, stop token removed, if return_ids).
+    of answer strings in input order (and, if return_ids, the ids as sampled: the stop token that ended
+    an answer is kept -- <|end|> or </s>, whichever it was -- and an answer without one was cut at
+    max_new_tokens; common.ended tells them apart).
 
     Prompts are rendered with tok.render_prompt, dropping the oldest whole exchanges when a prompt
     plus max_new_tokens would not fit the context; batches are grouped by prompt length (less
@@ -112,8 +114,8 @@ def generate_answers(model, tok, conversations, max_new_tokens=64, temperature=0
             new = model.generate([prompts[i] for i in chunk], max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, eos_id=tok.stop_ids, generator=generator)
             for i, ids in zip(chunk, new):
-                out_ids[i] = strip_stop(ids, tok.stop_ids)
-    answers = [tok.decode(ids) for ids in out_ids]
+                out_ids[i] = ids
+    answers = [tok.decode(strip_stop(ids, tok.stop_ids)) for ids in out_ids]
     return (answers, out_ids) if return_ids else answers
 
 
@@ -179,12 +181,13 @@ def win_rate(scores_a, scores_b, tol=0.0):
     return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n}
 
 
-def head_to_head(answers_a, answers_b, records, reward_fn=None, check_fn=None):
+def head_to_head(answers_a, answers_b, records, reward_fn=None, check_fn=None, ended_a=None, ended_b=None):
     """Compare two policies' answers to the same prompts (records with "messages" and "truth").
 
     Under the lab checker (check_fn(answer, truth) -> bool/float, default data.lab.check) and, if
     given, under a reward function reward_fn(conversations, answers) -> list of floats (e.g. the
-    reward model). Returns {"checker": win_rate dict + "accuracy_a"/"accuracy_b",
+    reward model, reward.reward_scorer). ended_a / ended_b: which answers stopped by themselves (one
+    bool each; False = cut at the length limit), passed on as reward_fn(..., ended=...). Returns {"checker": win_rate dict + "accuracy_a"/"accuracy_b",
     "reward": win_rate dict + "mean_a"/"mean_b" (or None)}."""
     records = read_records(records)
     if not (len(answers_a) == len(answers_b) == len(records)):
@@ -196,7 +199,8 @@ def head_to_head(answers_a, answers_b, records, reward_fn=None, check_fn=None):
            "reward": None}
     if reward_fn is not None:
         convs = [r["messages"] for r in records]
-        ra, rb = [float(x) for x in reward_fn(convs, answers_a)], [float(x) for x in reward_fn(convs, answers_b)]
+        ra, rb = ([float(x) for x in reward_fn(convs, ans, **({} if e is None else {"ended": e}))]
+                  for ans, e in ((answers_a, ended_a), (answers_b, ended_b)))
         out["reward"] = {**win_rate(ra, rb), "mean_a": sum(ra) / len(ra), "mean_b": sum(rb) / len(rb)}
     return out
 

@@ -50,6 +50,7 @@ CLI (offline tools; no process group needed):
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -618,11 +619,22 @@ def warn_if_low_disk(out_dir: str, bytes_needed: float):
                    f"{bytes_needed / 1e9:.1f} GB (lower --keep_last, or choose another --out_dir)")
 
 
+def load_file(path: str, map_location="cpu", **kwargs):
+    """torch.load(weights_only=True) of one checkpoint file; a truncated copy, a write cut short by a full
+    disk, or a file that is not a checkpoint at all ends in one line naming the file and what is wrong,
+    not a traceback from deep inside torch's zip reader or unpickler."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+    except Exception as e:   # RuntimeError (zip), UnpicklingError, EOFError, ...: all mean "unreadable"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        fail(f"{path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: {reason}")
+
+
 def read_checkpoint_meta(path: str) -> dict:
     """Everything in a checkpoint except the weights and optimizer state."""
     if os.path.isdir(path):
-        return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return load_file(os.path.join(path, "meta.pt"))
+    ckpt = load_file(path, mmap=True)
     return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
 
 
@@ -648,7 +660,7 @@ def restore_checkpoint(path: str, model: nn.Module, optimizer=None, device="cpu"
             set_optimizer_state_dict(model, optimizer, state["optimizer"])
         meta = read_checkpoint_meta(path)
     else:
-        meta = torch.load(path, map_location=device, weights_only=True)
+        meta = load_file(path, map_location=device)
         load_state_dict_checked(unwrap(model), meta.pop("model"))
         if optimizer is not None:
             if "optimizer" not in meta:
@@ -715,8 +727,8 @@ def load_model(path: str, device="cpu"):
             dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
         load_state_dict_checked(model, state)
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if "model" not in ckpt or "model_config" not in ckpt:
+        ckpt = load_file(path)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
             fail(f"{path} is not a nanollama checkpoint (no 'model' / 'model_config' keys)")
         _refuse_other_kind(ckpt, path)
         model = Llama(LlamaConfig.from_dict(ckpt["model_config"]))
@@ -851,12 +863,6 @@ def weights_in_sync(models, info):
     return ok
 
 
-def missing_eos(ids, stop_ids):
-    """Was this generated answer cut at the length limit, i.e. has it no stop token? Such an answer
-    is unfinished: its last number may be a half-written step, its last sentence half a sentence."""
-    return not any(t in stop_ids for t in ids)
-
-
 def masked_mean(x, mask):
     """Mean of x over the entries where mask is 1 (masked entries may hold anything, even inf)."""
     return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
@@ -970,6 +976,59 @@ def kl_to_model(policy, base, tok, convs, max_new_tokens, seed, ctx, batch_size=
             lp, lb = response_logprobs(policy, idx, attn, P, 1.0)[0], response_logprobs(base, idx, attn, P, 1.0)[0]
         total += torch.where(mask.bool(), lp - lb, 0.0).sum().item()
     return total / len(convs)
+# Held-out splits BY PROMPT (sft.py, reward.py and dpo.py without --val_data)
+
+
+def split_by_prompt(keys, val_frac: float, seed: int):
+    """-> (train indices, val indices) of examples whose prompt keys are `keys` (one per example: the
+    token ids of the conversation up to its FIRST user turn, as the chat template renders them -- BOS,
+    system prompt, that turn and the assistant header). Every example of a prompt lands on the same
+    side: InstructGPT splits by prompt, because preference sets repeat a prompt with other answers
+    (and repeat whole records), and a split by record leaves held-out prompts in training, so the
+    "held-out" numbers partly measure memory. A prompt is held out iff blake2b(seed, key) < val_frac
+    (data/prepare.py's rule): the decision depends on the prompt alone, so the same prompt is held out
+    by every stage and from every file, whatever its position. At least one prompt is held out when
+    val_frac > 0, and one kept for training, when there are two or more."""
+    if val_frac <= 0:
+        return list(range(len(keys))), []
+    salt = str(seed).encode()
+    u = {k: int.from_bytes(hashlib.blake2b(np.asarray(k, dtype=np.int64).tobytes(), digest_size=8,
+                                           key=salt).digest(), "little") / 2 ** 64
+         for k in dict.fromkeys(keys)}
+    held = {k for k, v in u.items() if v < val_frac}
+    if len(u) >= 2 and not held:
+        held = {min(u, key=u.get)}
+    if len(u) >= 2 and len(held) == len(u):
+        held.discard(max(u, key=u.get))
+    train = [i for i, k in enumerate(keys) if k not in held]
+    val = [i for i, k in enumerate(keys) if k in held]
+    return train, val
+
+
+# -----------------------------------------------------------------------------
+# Answers cut at the length limit: ONE rule for DPO rounds, PPO, GRPO and evaluation.
+# A sampled answer that produced no stop token within max_new_tokens is unfinished. It is never
+# rendered with an end marker it did not produce (the reward model reads it at its last real token,
+# and would otherwise score it as a finished answer), it is never the chosen answer of a DPO round
+# (that would teach the model to stop mid-sentence), and its reward-model score pays a fixed penalty
+# (TRL's missing_eos_penalty; "The N+ implementation details of RLHF with PPO", Huang et al. 2024),
+# in training and in evaluation alike, so both give the same reward to the same answer.
+
+MISSING_EOS_HELP = ("subtracted from the raw reward-model score (or the checker's score) of an answer cut at "
+                    "--max_new_tokens without a stop token, in training and evaluation alike (0 = off)")
+
+
+def ended(ids, stop_ids) -> bool:
+    """Did a sampled answer (model.generate's ids) stop by itself, i.e. contain a stop token?"""
+    return any(t in stop_ids for t in ids)
+
+
+def penalize_missing_eos(scores, ended_flags, penalty: float):
+    """scores minus `penalty` where the answer did not end (see the section comment). scores: a
+    tensor (B,) with ended_flags a bool tensor, or lists of floats / bools (-> list)."""
+    if torch.is_tensor(scores):
+        return scores - penalty * (~ended_flags.bool()).to(scores.dtype)
+    return [s - (0.0 if e else penalty) for s, e in zip(scores, ended_flags)]
 
 
 # -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Usage (single process; CPU or one GPU):
         --out_dir runs/dpo --beta 0.1 --eval_data lab_data/eval_qa.jsonl --reward_model runs/rm
     python dpo.py ... --label_smoothing 0.1      # conservative DPO: assume 10% of the labels are flipped
     python dpo.py ... --loss ipo --beta 0.5       # IPO: a squared loss that does not push margins to infinity
+                                                  # (per-token mean log-probs: beta as in TRL; --no-ipo_average: sums)
     python dpo.py ... --precompute_ref            # reference log-probs once, then no reference model in memory
     # iterative: DPO on --data, then 2 rounds on pairs the policy itself sampled, ranked by the reward
     # model (or, without --reward_model, by the lab checker)
@@ -20,7 +21,8 @@ pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x), so any policy defines an IMPL
 r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) + beta * log Z(x). Put that into the Bradley-Terry
 preference model and Z cancels: the reward-model loss becomes a loss on the policy itself,
     loss = -log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))]).
-log pi(y|x) is the SUM of the response tokens' log-probs; prompt tokens and padding never count.
+log pi(y|x) is the SUM of the response tokens' log-probs (IPO: their per-token MEAN by default, see
+ipo_loss); prompt tokens and padding never count.
 beta is the KL strength: small beta lets the policy move far from the reference.
 
 What the script shows while it trains (every log line and every eval):
@@ -67,7 +69,7 @@ metrics.json, what the lab report reads (written atomically at the end):
   step0_check                          {"round", "loss", "expected", "max_abs_margin", "margin_tol", "pass"}
                                        of the first round
   rounds                               one dict per round (pairs, sample accuracy / reward, final val)
-  stage ("dpo"), steps, beta, loss_type, label_smoothing
+  stage ("dpo"), steps, beta, loss_type, label_smoothing, ipo_average
 
 Simplifications on purpose: rankings of K answers are expanded into all K(K-1)/2 pairs (averaged per
 prompt, as reward.py does); sampling rounds are not supported under FSDP (generation would have to
@@ -89,7 +91,7 @@ import chat
 import common
 from common import print0
 from data import lab
-from reward import encode_group, epoch_batches, load_groups, load_reward_model, ranked_pairs, score_groups, \
+from reward import epoch_batches, load_groups, load_reward_model, ranked_pairs, reward_scorer, split_groups, \
     tokenizer_for
 
 # -----------------------------------------------------------------------------
@@ -105,11 +107,19 @@ def get_args(argv=None):
                    help="training preferences: files 'path[:weight]' in any format data/formats.py reads "
                         "({prompt, chosen, rejected}, Anthropic HH, {prompt, responses: [best..worst]}, ...)")
     g.add_argument("--val_data", nargs="+", default=None, help="held-out preferences (same forms as --data)")
-    g.add_argument("--val_frac", type=float, default=0.05, help="without --val_data: fraction of --data held out")
+    g.add_argument("--val_frac", type=float, default=0.05,
+                   help="without --val_data: about this fraction of --data's distinct prompts held out (reward.py's split)")
     g.add_argument("--epochs", type=float, default=1, help="passes over each round's pairs when --max_steps is 0")
     g.add_argument("--max_seq_len", type=int, default=0, help="longest prompt + response in tokens (0 = model context)")
     g.add_argument("--beta", type=float, default=0.1, help="KL strength: implicit reward = beta * log(pi / pi_ref)")
     g.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO (sigmoid) or IPO (squared)")
+    g.add_argument("--ipo_average", action=argparse.BooleanOptionalAction, default=True,
+                   help="IPO on per-token MEAN log-probs (TRL, torchtune; the same beta as TRL's IPO); "
+                        "--no-ipo_average: summed log-probs as written in the paper, where the target gap "
+                        "1/(2 beta) is in whole-answer nats, so a beta means less the longer the answers")
+    g.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=False,
+                   help="train the policy with the checkpoint's dropout (default off, as TRL: dropout makes the "
+                        "implicit reward noisy; the reference never uses it)")
     g.add_argument("--label_smoothing", type=float, default=0.0,
                    help="conservative DPO: the probability that a label is flipped (sigmoid loss only)")
     g.add_argument("--ref_model", default=None, help="reference model (default: --init_from, the SFT model)")
@@ -125,6 +135,8 @@ def get_args(argv=None):
     r.add_argument("--top_k", type=int, default=None)
     r.add_argument("--top_p", type=float, default=None)
     r.add_argument("--max_new_tokens", type=int, default=64, help="answer length limit when sampling")
+    r.add_argument("--missing_eos_penalty", type=float, default=1.0,
+                   help=common.MISSING_EOS_HELP + "; such an answer is never the chosen one")
     r.add_argument("--rank_by", default="auto", choices=["auto", "reward", "checker"],
                    help="rank samples by the reward model or the lab checker (auto: reward model if given)")
     r.add_argument("--round_ref", default="previous", choices=["previous", "init"],
@@ -186,8 +198,9 @@ def ipo_loss(h, beta):
 
     A regression of the log-ratio gap onto a fixed target: unlike DPO, whose loss keeps falling as
     the margin grows (and can drive log pi(y_l) to -infinity on deterministic preferences), IPO stops
-    at h = 1/(2 beta). h is the difference of SUMMED log-probs, as written in the paper (some
-    libraries average over tokens instead, which changes the scale of beta). Returns (P,) losses."""
+    at h = 1/(2 beta). The paper writes h with summed log-probs; TRL and torchtune (after asking the
+    authors) average them over each answer's tokens, so that the target gap does not depend on answer
+    length: dpo_batch passes per-token means by default (--ipo_average). Returns (P,) losses."""
     return (h - 1 / (2 * beta)) ** 2
 
 
@@ -319,9 +332,12 @@ class Reference:
 def dpo_batch(model, ref, groups, args, pad_id, device, ctx):
     """The loss of one micro-batch, and its per-pair statistics (detached, float64 on cpu):
     a (P, 6) tensor of [loss, reward_chosen, reward_rejected, logp_chosen, logp_rejected, weight]
-    plus each pair's group index."""
+    plus each pair's group index. (With averaged IPO, log-probs and rewards are per-token means.)"""
     logps, sizes = batch_logps(model, groups, pad_id, device, ctx)
     ref_logps = ref.logps(groups)
+    if args.loss == "ipo" and args.ipo_average:   # per-token means (see ipo_loss); resp_len = the labelled tokens
+        n = torch.tensor([k for g in groups for k in g["resp_len"]], dtype=logps.dtype, device=logps.device)
+        logps, ref_logps = logps / n, ref_logps / n
     c, r, w, group = pair_index(sizes, device)
     losses, rew_c, rew_r = preference_loss(logps[c], logps[r], ref_logps[c], ref_logps[r], args.beta, args.loss,
                                            args.label_smoothing)
@@ -394,23 +410,6 @@ def reward_model(path, tok, device):
     return rm
 
 
-def reward_scorer(rm, tok, device, ctx, batch_size=32):
-    """reward_fn(conversations, answers) -> raw reward-model scores, the form chat.head_to_head takes.
-    Scored locally (no collectives), whatever the rank."""
-    local = common.DistInfo(device=torch.device(device))
-    max_len = rm.config.max_seq_len
-
-    def reward_fn(conversations, answers):
-        groups = []
-        for conv, answer in zip(conversations, answers):
-            g = encode_group(tok, {"messages": conv, "responses": [answer]}, max_len)
-            if g is None:
-                raise ValueError(f"prompt + answer do not fit the reward model's context ({max_len})")
-            groups.append(g)
-        return [r[0] for r in score_groups(rm, groups, batch_size, tok.pad_id, local, ctx)]
-    return reward_fn
-
-
 def read_prompts(path):
     """Round prompts: records with "messages" (ending on a user turn) or a "prompt" string; "truth"
     (lab checker) optional."""
@@ -427,40 +426,48 @@ def read_prompts(path):
 
 def sample_pairs(policy, tok, prompts, args, rnd, info, reward_fn):
     """One round's data: --samples answers for each of --round_prompts prompts (this rank's share),
-    scored by the reward model or the lab checker's graded score; the best and the worst answer of a
-    prompt become a (chosen, rejected) pair when their scores differ. Returns (records, stats) with
-    the records of all ranks, in prompt order, and the round's sampling statistics."""
+    scored by the reward model or the lab checker's graded score, minus --missing_eos_penalty for an
+    answer cut at --max_new_tokens (common.penalize_missing_eos). The best FINISHED answer and the worst
+    answer of a prompt become a (chosen, rejected) pair when their scores differ: a cut answer is never
+    chosen (it would teach stopping mid-sentence), and as the rejected one it is rendered without the
+    end marker it never produced ("ended" in the record). Returns (records, stats) with the records of
+    all ranks, in prompt order, and the round's sampling statistics."""
     pick = np.random.default_rng([args.seed, 1000 + rnd]).permutation(len(prompts))[:args.round_prompts]
     mine = sorted(pick.tolist())[info.rank::info.world_size]
     convs = [prompts[i]["messages"] for i in mine for _ in range(args.samples)]
-    answers = chat.generate_answers(policy, tok, convs, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    seed=args.seed * 7919 + rnd * 101 + info.rank)
+    answers, ids = chat.generate_answers(policy, tok, convs, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         seed=args.seed * 7919 + rnd * 101 + info.rank, return_ids=True)
+    done = [common.ended(a, tok.stop_ids) for a in ids]
     truths = [prompts[i].get("truth") for i in mine for _ in range(args.samples)]
     if args.rank_by == "checker" and any(t is None for t in truths):
         common.fail(f"{args.prompts}: --rank_by checker needs a 'truth' in every prompt record")
-    rewards = reward_fn(convs, answers) if reward_fn is not None else None
+    rewards = reward_fn(convs, answers, done) if reward_fn is not None else None   # (penalised already)
     checks = [float(lab.check(a, t)) for a, t in zip(answers, truths) if t is not None]
-    scores = rewards if args.rank_by == "reward" else [lab.score(a, t) for a, t in zip(answers, truths)]
+    scores = rewards if args.rank_by == "reward" else common.penalize_missing_eos(
+        [lab.score(a, t) for a, t in zip(answers, truths)], done, args.missing_eos_penalty)
     records, no_signal = [], 0
     for j, i in enumerate(mine):
         span = slice(j * args.samples, (j + 1) * args.samples)
-        cand = list(zip(scores[span], answers[span]))
-        best, worst = max(cand, key=lambda c: c[0]), min(cand, key=lambda c: c[0])
-        if best[0] > worst[0] and best[1] != worst[1]:
+        cand = list(zip(scores[span], answers[span], done[span]))
+        worst = min(cand, key=lambda c: c[0])
+        best = max((c for c in cand if c[2]), key=lambda c: c[0], default=None)   # finished answers only
+        if best is not None and best[0] > worst[0] and best[1] != worst[1]:
             records.append({"index": i, "messages": prompts[i]["messages"], "chosen": best[1], "rejected": worst[1],
-                            "chosen_score": best[0], "rejected_score": worst[0], "kind": f"round{rnd}"})
+                            "ended": [True, worst[2]], "chosen_score": best[0], "rejected_score": worst[0],
+                            "kind": f"round{rnd}"})
         else:
             no_signal += 1
     sums = [len(answers), sum(checks), len(checks), sum(rewards or []), len(rewards or []),
-            sum(len(a) for a in answers), no_signal]
+            sum(len(a) for a in answers), no_signal, len(done) - sum(done)]
     if info.distributed:
         parts = [None] * info.world_size
         dist.all_gather_object(parts, (records, sums))
         records = sorted((r for p in parts for r in p[0]), key=lambda r: r["index"])
         sums = [sum(p[1][k] for p in parts) for k in range(len(sums))]
-    n, hit, n_check, rsum, n_r, chars, no_signal = sums
+    n, hit, n_check, rsum, n_r, chars, no_signal, cut = sums
     stats = {"round": rnd, "prompts": len(pick), "samples": n, "pairs": len(records), "no_signal_prompts": no_signal,
+             "cut_at_max_new_tokens": cut,
              "sample_accuracy": hit / n_check if n_check else None, "sample_reward": rsum / n_r if n_r else None,
              "sample_chars": chars / max(n, 1)}
     return records, stats
@@ -494,8 +501,9 @@ def write_jsonl(path, records):
 def kl_estimate(policy, base, tok, convs, max_new_tokens, seed, ctx, batch_size=32):
     """Monte-Carlo KL(pi || pi_base) per answer: sample y ~ pi (temperature 1, no top-k/p, so the
     samples follow pi exactly), average log pi(y|x) - log pi_base(y|x) over the samples (k1).
-    The stop token counts as part of y (the policy chose to stop); an answer cut at max_new_tokens
-    has none."""
+    y is exactly the sampled ids: the stop token counts as part of y (the policy chose to stop) --
+    whichever it sampled, <|end|> or </s> -- and an answer cut at max_new_tokens has none. The same
+    tokens rlhf_ppo.kl_to_model scores, so DPO's and PPO's kl_to_sft are one quantity."""
     answers, ids = chat.generate_answers(policy, tok, convs, max_new_tokens=max_new_tokens, temperature=1.0,
                                          seed=seed, return_ids=True)
     device = next(policy.parameters()).device
@@ -504,8 +512,7 @@ def kl_estimate(policy, base, tok, convs, max_new_tokens, seed, ctx, batch_size=
         groups = []
         for conv, a in zip(convs[s:s + batch_size], ids[s:s + batch_size]):
             prompt = tok.render_prompt(conv, max_len=policy.config.max_seq_len - max_new_tokens)
-            resp = a if len(a) >= max_new_tokens else a + [tok.end_id]   # (generate stops on <|end|>)
-            groups.append({"ids": [prompt + resp], "resp_len": [len(resp)]})
+            groups.append({"ids": [prompt + a], "resp_len": [len(a)]})
         total += (batch_logps(policy, groups, tok.pad_id, device, ctx)[0]
                   - batch_logps(base, groups, tok.pad_id, device, ctx)[0]).sum().item()
     return total / len(convs)
@@ -523,15 +530,18 @@ def final_evaluation(args, policy_path, tok, device, extra):
     ctx = common.autocast(torch.device(device), common.resolve_dtype(args.dtype, torch.device(device)))
     models = {"dpo": common.load_model(policy_path, device)[0].eval(),
               "sft": common.load_model(sft_path, device)[0].eval()}
-    answers = {k: chat.generate_answers(m, tok, convs, max_new_tokens=args.eval_max_new_tokens)
-               for k, m in models.items()}
+    answers, done = {}, {}
+    for k, m in models.items():
+        answers[k], ids = chat.generate_answers(m, tok, convs, max_new_tokens=args.eval_max_new_tokens, return_ids=True)
+        done[k] = [common.ended(a, tok.stop_ids) for a in ids]
     reward_fn, stats = None, None
     if args.reward_model:
         rm = reward_model(args.reward_model, tok, device)
-        reward_fn = reward_scorer(rm, tok, device, ctx)
+        reward_fn = reward_scorer(rm, tok, device, ctx, args.missing_eos_penalty)
         stats = (rm.reward_mean.item(), rm.reward_std.item())   # reward.py's normalisation statistics
     graded = {k: chat.evaluate_lab(None, tok, records, answers=a) for k, a in answers.items()}
-    h2h = chat.head_to_head(answers["dpo"], answers["sft"], records, reward_fn=reward_fn)
+    h2h = chat.head_to_head(answers["dpo"], answers["sft"], records, reward_fn=reward_fn,
+                            ended_a=done["dpo"], ended_b=done["sft"])
     kl = kl_estimate(models["dpo"], models["sft"], tok, convs, args.eval_max_new_tokens, args.seed, ctx)
     score = {k: sum(lab.score(a, r["truth"]) for a, r in zip(answers[k], records)) / len(records) for k in answers}
     examples = [{"question": r["messages"][-1]["content"], "sft": s, "dpo": d,
@@ -598,10 +608,8 @@ def train(args, info):
     val_groups = []
     if args.val_data:
         val_groups = load_groups(args.val_data, tok, seq_len, args.seed, "val")
-    elif offline and args.val_frac > 0:   # hold out whole prompt groups, seeded
-        order = np.random.default_rng([args.seed, 7]).permutation(len(offline))
-        n_val = int(round(len(offline) * args.val_frac))
-        offline, val_groups = [offline[i] for i in order[n_val:]], [offline[i] for i in order[:n_val]]
+    elif offline and args.val_frac > 0:   # hold out whole PROMPTS (reward.py's split): none is trained on
+        offline, val_groups = split_groups(offline, args.val_frac, args.seed)
     if args.eval_steps > 0 and len(val_groups) > args.eval_steps * args.batch_size * world:
         # a fixed, seeded subset (not the shortest pairs: they would all be of one kind)
         n_keep = args.eval_steps * args.batch_size * world
@@ -615,7 +623,7 @@ def train(args, info):
     model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
     rm_fn = None
     if args.rounds > 0 and args.reward_model:
-        rm_fn = reward_scorer(reward_model(args.reward_model, tok, device), tok, device, ctx)
+        rm_fn = reward_scorer(reward_model(args.reward_model, tok, device), tok, device, ctx, args.missing_eos_penalty)
     os.makedirs(args.out_dir, exist_ok=True)
     common.save_config(args, args.out_dir)
     logger = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
@@ -790,7 +798,10 @@ def train(args, info):
         # --- the loop ----------------------------------------------------------------------------
         plan_epoch, plan, t_log, tokens = None, None, time.time(), 0
         sums = []
-        model.train()
+        # eval mode = no dropout (the default, as TRL and this project's PPO): with dropout the policy is a
+        # noisy copy of the reference, margins are not 0 at step 0 and the implicit reward carries the noise.
+        # Gradients flow the same; train() vs eval() changes nothing else in these models.
+        model.train(args.dropout)
         while step < max_steps:
             epoch, pos = divmod(step, steps_per_epoch)
             if epoch != plan_epoch:   # this rank's micro-batches of the epoch: every world-th one
@@ -861,6 +872,7 @@ def train(args, info):
     final = common.save_checkpoint(args.out_dir, "final", model, step=global_step, config=vars(args), tokenizer=tok,
                                    metrics=val_metrics or {})
     extra = {"steps": global_step, "beta": args.beta, "loss_type": args.loss, "label_smoothing": args.label_smoothing,
+             "ipo_average": args.loss == "ipo" and args.ipo_average,
              **summary, **{f"pref_{k}": v for k, v in (val_metrics or {}).items()}}
     out = None
     if info.is_main:

@@ -61,8 +61,8 @@ def get_args(argv=None):
                         "({prompt, chosen, rejected}, Anthropic HH, {prompt, responses: [best..worst]}, LLaMA-Factory)")
     g.add_argument("--val_data", nargs="+", default=None, help="held-out preferences (same forms as --data)")
     g.add_argument("--val_frac", type=float, default=0.05,
-                   help="without --val_data: fraction of --data's distinct records held out (seeded; repeats of a "
-                        "held-out record are held out with it)")
+                   help="without --val_data: about this fraction of --data's distinct prompts held out, with all "
+                        "their records (seeded; by first user turn, the same prompts in sft.py and dpo.py)")
     g.add_argument("--epochs", type=float, default=1,
                    help="passes over the data when --max_steps is 0 (InstructGPT: one; the RM overfits after)")
     g.add_argument("--max_seq_len", type=int, default=0, help="longest prompt + response in tokens (0 = model context)")
@@ -269,7 +269,7 @@ def load_reward_model(path: str, device="cpu"):
         state = model.state_dict()
         dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        state = common.load_file(path)["model"]
     load_state_dict_checked(model, state)
     meta["path"] = path
     return model.to(device).eval(), meta
@@ -301,16 +301,20 @@ def encode_group(tok, record, max_len: int):
     Too long: the oldest user/assistant exchanges of the prompt are dropped (whole turns, the
     tokenizer's render_prompt rule), the same for all responses of the group so that they are
     compared on the same prompt; a response is never cut (its end is where the reward is read).
-    Returns {"ids": [K id lists], "resp_len": [K response token counts], "kind"} or None when
-    even the last user turn plus the longest response does not fit."""
+    A record may say which responses were sampled answers cut at the length limit ("ended": [K
+    bools], False = cut): those get no end marker, which the model never produced (the rule of
+    common.penalize_missing_eos); the reward is then read on their last real token.
+    Returns {"ids": [K id lists], "resp_len": [K response token counts], "kind", "prompt_key" (the
+    rendered conversation up to its first user turn: common.split_by_prompt)} or None when even the
+    last user turn plus the longest response does not fit."""
     messages = record["messages"]
     prompt = tok.render_prompt(messages)
     seqs = []
-    for response in record["responses"]:
+    for response, done in zip(record["responses"], record.get("ended") or [True] * len(record["responses"])):
         ids, _ = tok.render_conversation(messages + [{"role": "assistant", "content": response}])
         if ids[:len(prompt)] != prompt:   # the contract every stage relies on; fail loudly if broken
             raise RuntimeError("render_conversation(prompt + answer) does not start with render_prompt(prompt)")
-        seqs.append(ids[len(prompt):])   # the response tokens (content + end marker)
+        seqs.append(ids[len(prompt):] if done else ids[len(prompt):-1])   # content (+ end marker if it ended)
     longest = max(len(s) for s in seqs)
     if len(prompt) + longest > max_len:
         try:
@@ -318,8 +322,10 @@ def encode_group(tok, record, max_len: int):
         except ValueError:
             return None
     kind = record.get("kind")
+    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
     return {"ids": [prompt + s for s in seqs], "resp_len": [len(s) for s in seqs],
-            "kind": None if kind is None else str(kind)}
+            "kind": None if kind is None else str(kind),
+            "prompt_key": tuple(tok.render_prompt(messages[:first_user + 1]))}   # common.split_by_prompt
 
 
 def load_groups(paths, tok, max_len: int, seed: int = 0, name: str = "data"):
@@ -498,6 +504,26 @@ def score_groups(model, groups, batch_size: int, pad_id: int, info, ctx, side: s
     return [mine[i] for i in range(len(groups))]
 
 
+def reward_scorer(rm, tok, device, ctx, missing_eos_penalty=0.0, batch_size=32):
+    """reward_fn(conversations, answers, ended=None) -> raw reward-model scores of answer strings,
+    rendered like this script's data (encode_group), the form chat.head_to_head takes. ended: one
+    bool per answer (False = cut at the length limit: no end marker, and missing_eos_penalty is
+    subtracted, common.penalize_missing_eos); None = all finished. Scored locally (no collectives),
+    whatever the rank: what dpo.py's rounds and PPO's and DPO's evaluations use."""
+    local = common.DistInfo(device=torch.device(device))
+    max_len = rm.config.max_seq_len
+
+    def reward_fn(conversations, answers, ended=None):
+        ended = [True] * len(answers) if ended is None else list(ended)
+        groups = [encode_group(tok, {"messages": c, "responses": [a], "ended": [e]}, max_len)
+                  for c, a, e in zip(conversations, answers, ended)]
+        if any(g is None for g in groups):
+            raise ValueError(f"a prompt + answer does not fit the reward model's context ({max_len})")
+        scores = [r[0] for r in score_groups(rm, groups, batch_size, tok.pad_id, local, ctx)]
+        return common.penalize_missing_eos(scores, ended, missing_eos_penalty)
+    return reward_fn
+
+
 def evaluate(model, groups, args, pad_id, info, ctx):
     """score_groups + preference_metrics; --eval_steps > 0 caps it at that many batches per rank."""
     if args.eval_steps > 0:
@@ -604,17 +630,15 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):
 
 
 def split_groups(groups, val_frac: float, seed: int):
-    """Hold out a seeded fraction of the prompt groups BY CONTENT: preference sets repeat records
-    (the lab world's 3000 pairs hold 2115 distinct ones), and a split by record would leave a copy
-    of about half the held-out pairs in training -- "held-out" accuracy would partly measure memory.
-    Every copy of a held-out group goes to val (the data's own weights), none to training."""
-    keys = [tuple(map(tuple, g["ids"])) for g in groups]
-    distinct = list(dict.fromkeys(keys))
-    order = np.random.default_rng([seed, 7]).permutation(len(distinct))
-    held = {distinct[i] for i in order[:int(round(len(distinct) * val_frac))]}
-    train = [g for g, k in zip(groups, keys) if k not in held]
-    val = [g for g, k in zip(groups, keys) if k in held]
-    print0(f"held out {len(held)} of {len(distinct)} distinct groups ({len(val)} records with repeats)")
+    """Hold out a seeded fraction of the PROMPTS (common.split_by_prompt, keyed on the first user turn):
+    the lab world's preference pairs repeat a prompt with another rejected answer, and repeat whole
+    records, so a split by record (or by whole group) left held-out prompts -- and their chosen answers
+    -- in training. Every record of a held-out prompt goes to val (copies keep the data's own weights).
+    reward.py and dpo.py (without --val_data) both split with this."""
+    train_idx, val_idx = common.split_by_prompt([g["prompt_key"] for g in groups], val_frac, seed)
+    train, val = [groups[i] for i in train_idx], [groups[i] for i in val_idx]
+    n_val = len({g["prompt_key"] for g in val})
+    print0(f"held out {n_val} of {len({g['prompt_key'] for g in groups})} distinct prompts ({len(val)} records)")
     return train, val
 
 

@@ -25,8 +25,10 @@ reward model are loaded separately, and the script checks that they share no sto
 One iteration (= one "step": --max_steps, --log_interval, --eval_interval, --save_interval count them):
   1. sample --rollout_batch prompts; the actor answers them (model.generate, KV cache, stops at <|end|>)
   2. experience, no gradients: log-probs of the response tokens under the actor ("old") and the
-     reference, the reward model's score (normalised with reward.py's mean/std, clipped), the
-     critic's values. Per-token reward r_t = -beta * KL_t, plus the score on the last token.
+     reference, the reward model's score (an answer cut at --max_new_tokens: read at its last token,
+     minus --missing_eos_penalty, common.penalize_missing_eos -- the rule evaluation applies too;
+     then normalised with reward.py's mean/std, clipped), the critic's values. Per-token reward
+     r_t = -beta * KL_t, plus the score on the last token.
   3. advantages by GAE(gamma, lambda) from rewards and values, whitened over the batch
   4. --ppo_epochs passes over the rollout in minibatches: clipped surrogate loss for the actor
      (+ entropy bonus, + PPO-ptx language-modelling loss), clipped value loss for the critic
@@ -86,7 +88,7 @@ import sft
 from common import (check_kl_at_start, check_ratio, frozen, kl_estimates, kl_to_model, load_prompts,  # RL helpers
                     masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
 from data import lab
-from reward import encode_group, load_reward_model, score_groups, tokenizer_for
+from reward import load_reward_model, reward_scorer, tokenizer_for
 
 # -----------------------------------------------------------------------------
 # Config
@@ -112,8 +114,7 @@ def get_args(argv=None):
     r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0); log-probs use it too")
     r.add_argument("--top_k", type=int, default=None, help="(makes the KL estimate meaningless, see the docstring)")
     r.add_argument("--top_p", type=float, default=None, help="(makes the KL estimate meaningless, see the docstring)")
-    r.add_argument("--missing_eos_penalty", type=float, default=0.0,
-                   help="subtracted from the normalised score of answers cut at --max_new_tokens")
+    r.add_argument("--missing_eos_penalty", type=float, default=1.0, help=common.MISSING_EOS_HELP)
     o = parser.add_argument_group("ppo: objective")
     o.add_argument("--kl_coef", type=float, default=0.05,
                    help="beta of the per-token KL penalty (the initial value if adaptive)")
@@ -174,7 +175,10 @@ def get_args(argv=None):
 
 
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the masked entries (PPO's advantage normalisation); 0 elsewhere."""
+    """(x - mean) / std over the masked entries (PPO's advantage normalisation); 0 elsewhere.
+    std is the POPULATION standard deviation (divide by n), on purpose: the whitened entries then have
+    mean square exactly 1. TRL divides by n - 1 (Bessel); over a rollout's hundreds of tokens the two
+    differ by under 0.2% -- not a behavioural difference, just not bit-identical to TRL."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
@@ -334,10 +338,12 @@ def make_experience(actor, ref, rm, critic, prompts, responses, tok, args, kl_co
         logp_ref, _ = response_logprobs(ref, idx, attn, P, args.temperature)
         values = critic_values(critic, idx, attn, P)
         raw = rm(idx, attn).float()                               # read at each row's last real token
+    # an answer cut at --max_new_tokens: scored without an end marker, minus the penalty -- the one rule
+    # evaluation applies too (reward.reward_scorer), so both give the same reward to the same answer
+    ended = torch.tensor([common.ended(r, tok.stop_ids) for r in responses], device=device)
+    raw = common.penalize_missing_eos(raw, ended, args.missing_eos_penalty)
     norm = rm.normalize(raw)                                      # reward.py's statistics
     score = norm.clamp(-args.reward_clip, args.reward_clip) if args.reward_clip > 0 else norm
-    ended = torch.tensor([any(t in tok.stop_ids for t in r) for r in responses], device=device)
-    score = score - args.missing_eos_penalty * (~ended).float()
     kl = kl_estimates(logp_old, logp_ref, args.kl_estimator)
     rewards = token_rewards(score, kl, mask, kl_coef)
     advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
@@ -378,20 +384,6 @@ class PtxData:
             return sft.pretrain_batch(self.tokens, batch_size, self.seq_len, rng)
         pick = rng.choice(len(self.split), size=batch_size, replace=len(self.split) < batch_size)
         return sft.collate([self.split.example(int(k)) for k in pick], self.tok.pad_id)
-
-
-def reward_texts(rm, tok, device, ctx):
-    """reward_fn(conversations, answers) -> raw reward-model scores of answer strings (rendered like
-    reward.py's data), the form chat.head_to_head takes. Scored locally, whatever the rank."""
-    local = common.DistInfo(device=torch.device(device))
-
-    def reward_fn(conversations, answers):
-        groups = [encode_group(tok, {"messages": c, "responses": [a]}, rm.config.max_seq_len)
-                  for c, a in zip(conversations, answers)]
-        if any(g is None for g in groups):
-            raise ValueError(f"a prompt + answer does not fit the reward model's context ({rm.config.max_seq_len})")
-        return [r[0] for r in score_groups(rm, groups, 32, tok.pad_id, local, ctx)]
-    return reward_fn
 
 
 # -----------------------------------------------------------------------------
@@ -484,7 +476,7 @@ def train(args, info):
            f"{args.critic_from or args.reward_model}; {args.parallel} x {world} on {device}, {dtype}; "
            f"{len(records)} prompts, {args.rollout_batch} answers per process per iteration, "
            f"{args.max_steps} iterations")
-    reward_fn = reward_texts(rm, tok, device, ctx)
+    reward_fn = reward_scorer(rm, tok, device, ctx, args.missing_eos_penalty)
 
     def checkpoint(name, with_optimizer):
         state = {"kl_coef": kl_ctl.value, "history": history, "alarms": alarms, "invariants": inv}
@@ -500,8 +492,9 @@ def train(args, info):
         out = [None]
         if info.is_main:
             recs = eval_records[:args.eval_sample]
-            answers = chat.generate_answers(raw_actor, tok, [r["messages"] for r in recs], args.eval_max_new_tokens)
-            rewards = reward_fn([r["messages"] for r in recs], answers)
+            answers, ids = chat.generate_answers(raw_actor, tok, [r["messages"] for r in recs],
+                                                 args.eval_max_new_tokens, return_ids=True)
+            rewards = reward_fn([r["messages"] for r in recs], answers, [common.ended(a, tok.stop_ids) for a in ids])
             out[0] = {"accuracy": sum(lab.check(a, r["truth"]) for a, r in zip(answers, recs)) / len(recs),
                       "reward": sum(rewards) / len(rewards), "n": len(recs)}
         if info.distributed:
@@ -700,10 +693,13 @@ def final_evaluation(args, actor, rm, reward_fn, tok, records, device, ctx):
     convs = [r["messages"] for r in records]
     sft_path = args.sft_model or args.init_from
     models = {"ppo": actor, "sft": common.load_model(sft_path, device)[0].eval()}
-    answers = {k: chat.generate_answers(m, tok, convs, max_new_tokens=args.eval_max_new_tokens)
-               for k, m in models.items()}
+    answers, done = {}, {}
+    for k, m in models.items():
+        answers[k], ids = chat.generate_answers(m, tok, convs, max_new_tokens=args.eval_max_new_tokens, return_ids=True)
+        done[k] = [common.ended(a, tok.stop_ids) for a in ids]
     graded = {k: chat.evaluate_lab(None, tok, records, answers=a) for k, a in answers.items()}
-    h2h = chat.head_to_head(answers["ppo"], answers["sft"], records, reward_fn=reward_fn)
+    h2h = chat.head_to_head(answers["ppo"], answers["sft"], records, reward_fn=reward_fn,
+                            ended_a=done["ppo"], ended_b=done["sft"])
     score = {k: sum(lab.score(a, r["truth"]) for a, r in zip(answers[k], records)) / len(records) for k in answers}
     norm = lambda x: ((x - rm.reward_mean) / rm.reward_std).item()  # noqa: E731
     kl_convs = [c for c in convs for _ in range(max(1, args.eval_samples))]
@@ -726,11 +722,12 @@ def final_evaluation(args, actor, rm, reward_fn, tok, records, device, ctx):
         many = [c for c in convs for _ in range(args.eval_samples)]
         truths = [r["truth"] for r in records for _ in range(args.eval_samples)]
         for k, m in models.items():
-            a = chat.generate_answers(m, tok, many, max_new_tokens=args.eval_max_new_tokens,
-                                      temperature=args.temperature, seed=args.seed + 1)
+            a, ids = chat.generate_answers(m, tok, many, max_new_tokens=args.eval_max_new_tokens,
+                                           temperature=args.temperature, seed=args.seed + 1, return_ids=True)
             sfx = "" if k == "ppo" else "_sft"
             out["accuracy_sampled" + sfx] = sum(lab.check(x, t) for x, t in zip(a, truths)) / len(a)
-            out["mean_reward_sampled" + sfx] = sum(reward_fn(many, a)) / len(a)
+            rewards = reward_fn(many, a, [common.ended(i, tok.stop_ids) for i in ids])
+            out["mean_reward_sampled" + sfx] = sum(rewards) / len(a)
         out["eval_samples"] = args.eval_samples
     return out
 

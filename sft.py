@@ -33,7 +33,7 @@ What SFT changes, compared with pretrain.py (the loop is otherwise the same, thr
     are random windows of the pretraining corpus with a loss on every token, which protects what
     pretraining taught (the seed's "mixed training"; InstructGPT's PPO-ptx is the same idea for RL).
   - Epochs instead of a token budget (--epochs; --max_steps > 0 overrides), an eval loss on a
-    held-out split (--val_data, or --val_frac of --data), best.pt by eval loss and final.pt.
+    held-out split (--val_data, or --val_frac of --data's prompts), best.pt by eval loss and final.pt.
 
 Loss weighting, on purpose: each micro-batch's loss is the mean over ITS target tokens, and the
 micro-batches of a step are averaged (as pretrain.py does). So the pretraining share of the gradient
@@ -71,7 +71,8 @@ def get_args(argv=None):
                         "(weight = copies per epoch), or one data/sft_prepare.py directory")
     g.add_argument("--val_data", nargs="+", default=None, help="held-out conversations (same forms as --data)")
     g.add_argument("--val_frac", type=float, default=0.05,
-                   help="without --val_data: fraction of --data conversations held out (seeded)")
+                   help="without --val_data: about this fraction of --data's distinct prompts (first user turns) "
+                        "held out, with every conversation that starts with one (seeded)")
     g.add_argument("--epochs", type=float, default=3, help="passes over the data (used when --max_steps is 0)")
     g.add_argument("--seq_len", type=int, default=None,
                    help="longest training sequence in tokens (default: the model's max_seq_len); longer "
@@ -186,6 +187,21 @@ class Split:
         ids, mask = self.source[self.indices[k]]
         n = self.lengths[k]
         return ids[:n], mask[:n]
+
+
+def prompt_key(ids, mask):
+    """The tokens before the first assistant target: BOS, system prompt, first user turn and the
+    assistant header, exactly render_prompt(messages up to the first user turn) -- the key reward.py and
+    dpo.py split preference prompts by, so the three stages hold out the same prompts."""
+    mask = np.asarray(mask)
+    first = int(np.argmax(mask)) if mask.any() else len(mask)
+    return tuple(np.asarray(ids[:first]).tolist())
+
+
+def split_source(source, val_frac, seed):
+    """(train indices, val indices) of a source, split by prompt (common.split_by_prompt)."""
+    train, val = common.split_by_prompt([prompt_key(*source[i]) for i in range(len(source))], val_frac, seed)
+    return np.array(train, dtype=np.int64), np.array(val, dtype=np.int64)
 
 
 def length_grouped_batches(lengths, batch_size, seed, epoch, group_batches=32):
@@ -340,11 +356,9 @@ def train(args, info):
     if args.val_data:
         val_source, val_desc, _ = load_source(args.val_data, tok, args.seed)
         train_idx, val_idx = np.arange(len(source)), np.arange(len(val_source))
-    else:  # hold out whole conversations (weighted copies of one record may land on both sides)
-        val_source, val_desc = source, f"{args.val_frac:.0%} of --data"
-        order = np.random.default_rng([args.seed, 7]).permutation(len(source))
-        n_val = int(round(len(source) * args.val_frac))
-        train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
+    else:  # hold out whole PROMPTS: no held-out first user turn (or copy of a held-out record) is trained on
+        val_source, val_desc = source, f"{args.val_frac:.0%} of --data's prompts"
+        train_idx, val_idx = split_source(source, args.val_frac, args.seed)
     # seq_len + 1 ids per example: the inputs ids[:-1] and the targets ids[1:] are seq_len long
     train_set, val_set = Split(source, train_idx, seq_len + 1), Split(val_source, val_idx, seq_len + 1)
     for name, s, d in (("train", train_set, desc), ("val", val_set, val_desc)):

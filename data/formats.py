@@ -458,7 +458,8 @@ def to_preference(record):
     """Normalise one preference record to {"messages", "responses", "kind"} (validated).
 
     "messages" is the prompt conversation (ends on a user turn), "responses" the replies
-    best first (>= 2, non-empty, distinct), "kind" the record's "kind" or None."""
+    best first (>= 2, non-empty, distinct), "kind" the record's "kind" or None; an optional "ended"
+    (one bool per response: False = a sampled answer cut at the length limit) is kept, aligned."""
     if not isinstance(record, dict):
         raise FormatError(f"not a JSON object (got {type(record).__name__})")
     is_hh = (isinstance(record.get("chosen"), str) and record["chosen"].startswith(HH_HUMAN)
@@ -500,10 +501,20 @@ def to_preference(record):
             raise FormatError(f"empty response (rank {i})")
     # A ranking may list the same text twice (oasst ties); keep its best rank. Two identical
     # responses of a pair, though, carry no preference signal: that record is skipped.
-    responses = list(dict.fromkeys(responses))
+    ended = record.get("ended")   # sampled answers cut at the length limit (dpo.py rounds; reward.encode_group)
+    if ended is not None and not (isinstance(ended, list) and len(ended) == len(responses)
+                                  and all(isinstance(e, bool) for e in ended)):
+        raise FormatError("'ended' must be a list of booleans, one per response")
+    first = {}
+    for i, r in enumerate(responses):
+        first.setdefault(r, i)
+    responses = list(first)
     if len(responses) < 2:
         raise FormatError("identical responses (chosen == rejected gives no preference signal)")
-    return {"messages": messages, "responses": responses, "kind": record.get("kind")}
+    out = {"messages": messages, "responses": responses, "kind": record.get("kind")}
+    if ended is not None:
+        out["ended"] = [ended[first[r]] for r in responses]
+    return out
 
 
 def response_conversations(record):

@@ -196,7 +196,7 @@ def test_checker_reward_edge_cases(lab_sets):
     arith = next(r for r in sets["rl_prompts"] if r["task"] == "arith" and r["truth"]["lang"] == "en")
     for rec in (fact, zh, arith):
         assert grpo.checker_reward(rec["reference"], rec) == 1.0              # the reference answer is right
-        assert grpo.checker_reward(rec["reference"], rec, ended=False) == 0.0  # cut at the limit: not graded
+        assert grpo.checker_reward(rec["reference"], rec, finished=False) == 0.0  # cut at the limit: not graded
     # a right fact in the wrong language loses the language part (0.25), and the format penalty applies
     assert grpo.checker_reward(zh["truth"]["answer"]["en"] + ".", zh) < 1.0
     assert grpo.checker_reward(fact["truth"]["answer"]["zh"] + "。", fact) < 1.0

@@ -286,18 +286,23 @@ def test_encode_group_chat_template_and_truncation():
     assert encode_group(tok, record, max_len=len(short_prompt) + longest - 1) is None
 
 
-def test_split_groups_holds_out_every_copy():
-    """--val_frac splits DISTINCT groups: a repeated record lands wholly on one side, never both."""
+def test_split_groups_holds_out_every_record_of_a_prompt():
+    """--val_frac splits distinct PROMPTS: a prompt's records (copies, or other answers) land wholly on
+    one side, never both; the choice depends on the prompt alone (not on order or the other records)."""
+    import random
     from reward import split_groups
-    base = [{"ids": [[1, i, 2], [1, i, 3]]} for i in range(40)]
-    groups = [base[i % 40] for i in range(100)] + [{"ids": [[1, 7, 2], [1, 7, 3]]}]   # repeats, and an equal copy
-    key = lambda g: str(g["ids"])   # noqa: E731
+    base = [{"ids": [[1, i, 2], [1, i, 3 + k]], "prompt_key": (1, i)} for i in range(40) for k in range(3)]
+    groups = [base[i % 120] for i in range(300)]                 # other answers to a prompt, and exact repeats
     train, val = split_groups(groups, 0.1, seed=3)
     assert len(train) + len(val) == len(groups)
-    assert len({key(g) for g in val}) == 4                     # 10% of the 40 distinct groups
-    assert not {key(g) for g in val} & {key(g) for g in train}  # no copy of a held-out group is trained on
-    assert len(val) == sum(1 for g in groups if key(g) in {key(v) for v in val})   # every copy held out
-    assert split_groups(groups, 0.1, seed=3) == (train, val)   # seeded
+    held = {g["prompt_key"] for g in val}
+    assert 1 <= len(held) <= 12                                  # about 10% of the 40 prompts
+    assert not held & {g["prompt_key"] for g in train}           # no held-out prompt is trained on
+    assert len(val) == sum(1 for g in groups if g["prompt_key"] in held)   # every record of it held out
+    assert split_groups(groups, 0.1, seed=3) == (train, val)     # seeded
+    shuffled = random.Random(0).sample(groups, len(groups))      # order does not matter
+    assert {g["prompt_key"] for g in split_groups(shuffled, 0.1, seed=3)[1]} == held
+    assert {g["prompt_key"] for g in split_groups(shuffled, 0.1, seed=4)[1]} != held
 
 
 # -----------------------------------------------------------------------------
@@ -333,8 +338,8 @@ def lab_rm(lab_files):
     measured and asserted below: every rejected kind that can be judged from the text (rude,
     rambling, wrong language, and wrong identity/refusal answers) is learned; a wrong city, pet or
     sum about an unseen person can only be told from knowledge, which this model does not have, so
-    wrong_fact on prefs_val stays near chance. Model selection uses a 10% split of prefs_train's DISTINCT pairs (reward.split_groups:
-    no copy of a held-out pair is trained on; the people are seen in other pairs); prefs_val
+    wrong_fact on prefs_val stays near chance. Model selection uses a 10% split of prefs_train's PROMPTS (reward.split_groups:
+    no record of a held-out prompt is trained on; the people are seen in other prompts); prefs_val
     (unseen people) is the untouched test set. 400 steps (~2.4 epochs) rather than 200: the
     wrong facts about the people seen in training are learnable, and need the second epoch."""
     import common
@@ -368,7 +373,7 @@ def test_lab_reward_model_accuracy(lab_rm):
     split, test = lab_rm["split"], lab_rm["test"]
     table = "\n".join(f"{name:<28s} overall {m['accuracy']:.3f}  " + "  ".join(
         f"{k} {v['accuracy']:.2f}" for k, v in m["per_kind"].items())
-        for name, m in (("held-out pairs, seen people", split), ("prefs_val, unseen people", test)))
+        for name, m in (("held-out prompts, seen people", split), ("prefs_val, unseen people", test)))
     print("\n" + table)
     kinds = {"wrong_fact", "wrong_language", "rude", "rambling"}
     assert set(split["per_kind"]) == kinds and set(test["per_kind"]) == kinds
@@ -381,7 +386,11 @@ def test_lab_reward_model_accuracy(lab_rm):
     # After model.py's RMSNorm backward was rewritten (same gradients to 5e-7), the default world gave
     # 0.946 / 0.833: prefs_val moves with its wrong-fact pairs about unseen people, which sit at chance
     # (0.43-0.61) and flip with float rounding, hence the wider margin there.
-    assert split["accuracy"] >= 0.88
+    # Since issue 19 the split holds out whole PROMPTS (no held-out prompt, nor its chosen answer, is
+    # trained on), so the split is as unseen as prefs_val and gets prefs_val's bar. Measured 0.879-0.901
+    # (prefs_val 0.830-0.865) over ATEN_CPU_CAPABILITY avx512 / default / avx2 x OMP_NUM_THREADS 1 / 2;
+    # it was 0.91-0.95 while held-out prompts leaked into training.
+    assert split["accuracy"] >= 0.80
     assert test["accuracy"] >= 0.80
     # every kind that can be judged from the text is ranked below the chosen answer
     for m in (split, test):
@@ -389,9 +398,8 @@ def test_lab_reward_model_accuracy(lab_rm):
         assert m["per_kind"]["rambling"]["accuracy"] >= 0.95      # measured 1.00 / 1.00 (range 0.98-1.00)
     assert split["per_kind"]["wrong_language"]["accuracy"] >= 0.85   # measured 0.91 (range 0.91-1.00)
     assert test["per_kind"]["wrong_language"]["accuracy"] >= 0.75    # measured 0.95 (range 0.86-0.96)
-    # wrong facts about people seen in training are learned (measured 0.85; range 0.58-0.85, the
-    # strict split leaves ~70 such pairs, so this number is noisy)
-    assert split["per_kind"]["wrong_fact"]["accuracy"] >= 0.55
+    # (wrong facts on the split: 0.56-0.66 once held-out prompts stopped leaking -- near chance, like
+    # prefs_val's, so no bar; it was 0.58-0.85 with the leaky split)
     # wrong facts, per task: an identity or refusal answer is wrong in its words ("I am a human
     # being", complying with a harmful request), which the model learns; a wrong city, pet or sum
     # can only be told from knowledge this stand-in SFT model never had (measured 0.56 / 0.62 on facts / sums;
