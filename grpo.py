@@ -73,8 +73,8 @@ import torch.distributed as dist
 
 import chat
 import common
-from common import (check_kl_at_start, check_ratio, ended, frozen, kl_estimates, kl_to_model, load_prompts,  # RL helpers
-                    masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
+from common import (check_kl_at_start, check_ratio, ended, frozen, kl_estimates, kl_to_model,  # RL helpers
+                    load_prompts, masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
 from data import lab
 from data.formats import parse_weighted
 
@@ -111,7 +111,8 @@ def get_args(argv=None):
     w.add_argument("--missing_eos_penalty", type=float, default=0.0,   # 0: the verifiers already grade them 0
                    help=common.MISSING_EOS_HELP + "; checker and math also grade such an answer 0")
     w.add_argument("--overlong_buffer", type=int, default=0,
-                   help="DAPO overlong shaping: the last N tokens before --max_new_tokens cost up to --overlong_penalty")
+                   help="DAPO overlong shaping: the last N tokens before --max_new_tokens cost up to "
+                        "--overlong_penalty")
     w.add_argument("--overlong_penalty", type=float, default=1.0, help="DAPO overlong shaping: the largest penalty")
     o = parser.add_argument_group("grpo: objective")
     o.add_argument("--advantage", default="grpo", choices=["grpo", "drgrpo", "rloo"], help="see the docstring")
@@ -514,10 +515,11 @@ def train(args, info):
         answers, rewards, scores, oks = score_fn([records[i] for i in pick], prompts, responses)
         zero_var, refilled = zero_variance_groups(rewards, G), 0
         for rnd in range(1, args.max_refill + 1 if args.dynamic_sampling else 1):
-            flat = [g for g in range(args.prompts_per_step) if bool((rewards[g * G:(g + 1) * G] == rewards[g * G]).all())]
+            flat = [g for g in range(args.prompts_per_step) if zero_variance_groups(rewards[g * G:(g + 1) * G], G)]
             if not flat:
                 break
-            p2, pr2, re2 = sample_groups(raw_actor, records, prompt_ids, args, it, rank, rnd, len(flat), ctx, device, tok)
+            p2, pr2, re2 = sample_groups(raw_actor, records, prompt_ids, args, it, rank, rnd, len(flat), ctx, device,
+                                         tok)
             a2, r2, s2, o2 = score_fn([records[i] for i in p2], pr2, re2)
             for k, g in enumerate(flat):   # a new group takes the flat one's place only if it has signal
                 new = slice(k * G, (k + 1) * G)
@@ -525,7 +527,8 @@ def train(args, info):
                     continue
                 rows = range(g * G, (g + 1) * G)
                 for j, src in zip(rows, range(k * G, (k + 1) * G)):
-                    pick[j], prompts[j], responses[j], answers[j], oks[j] = p2[src], pr2[src], re2[src], a2[src], o2[src]
+                    pick[j], prompts[j], responses[j] = p2[src], pr2[src], re2[src]
+                    answers[j], oks[j] = a2[src], o2[src]
                 rewards[g * G:(g + 1) * G], scores[g * G:(g + 1) * G] = r2[new], s2[new]
                 refilled += 1
         t1 = clock()
@@ -594,7 +597,8 @@ def train(args, info):
             totals = totals.to(device)
             dist.all_reduce(totals)
         tot, n = dict(zip(local, totals.tolist())), B * world
-        row = {"reward": tot["reward"] / n, "reward_std": math.sqrt(max(tot["reward_sq"] / n - (tot["reward"] / n) ** 2, 0)),
+        row = {"reward": tot["reward"] / n,
+               "reward_std": math.sqrt(max(tot["reward_sq"] / n - (tot["reward"] / n) ** 2, 0)),
                "score": tot["score"] / n, "accuracy": tot["correct"] / tot["checked"] if tot["checked"] else None,
                "zero_var_groups": int(tot["zero_var"]), "zero_var_after_refill": int(tot["zero_var_after"]),
                "refilled": int(tot["refilled"]), "groups": args.prompts_per_step * world,

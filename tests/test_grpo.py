@@ -259,7 +259,8 @@ def write_fixture(d, tok, sets):
 
 def grpo_argv(d, out, *extra):
     return ["--init_from", str(d / "init"), "--prompts", str(d / "prompts.jsonl"), "--out_dir", str(out),
-            "--reward", "checker", "model:0.5", "--reward_model", str(d / "rm"), "--group_size", "4", "--prompts_per_step", "2", "--batch_size", "4",
+            "--reward", "checker", "model:0.5", "--reward_model", str(d / "rm"), "--group_size", "4",
+            "--prompts_per_step", "2", "--batch_size", "4",
             "--max_new_tokens", "10", "--lr", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "1",
             "--sample_interval", "0", "--log_interval", "1000", "--eval_interval", "0", "--save_interval", "0",
             "--seed", "1", *extra]
