@@ -73,8 +73,8 @@ import torch.distributed as dist
 
 import chat
 import common
-from common import (check_kl_at_start, check_ratio, frozen, kl_estimates, kl_to_model, load_prompts,  # RL helpers
-                    masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
+from common import (check_kl_at_start, check_ratio, ended, frozen, kl_estimates, kl_to_model,  # RL helpers
+                    load_prompts, masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
 from data import lab
 from data.formats import parse_weighted
 
@@ -108,10 +108,11 @@ def get_args(argv=None):
     w.add_argument("--reward_model", default=None, help="reward.py run dir or checkpoint (for --reward model)")
     w.add_argument("--format_penalty", type=float, default=0.0,
                    help="subtracted when no gradable answer is found (math: no number; checker: wrong language)")
-    w.add_argument("--missing_eos_penalty", type=float, default=0.0,
-                   help="subtracted from answers cut at --max_new_tokens (they are graded 0 by checker/math)")
+    w.add_argument("--missing_eos_penalty", type=float, default=0.0,   # 0: the verifiers already grade them 0
+                   help=common.MISSING_EOS_HELP + "; checker and math also grade such an answer 0")
     w.add_argument("--overlong_buffer", type=int, default=0,
-                   help="DAPO overlong shaping: the last N tokens before --max_new_tokens cost up to --overlong_penalty")
+                   help="DAPO overlong shaping: the last N tokens before --max_new_tokens cost up to "
+                        "--overlong_penalty")
     w.add_argument("--overlong_penalty", type=float, default=1.0, help="DAPO overlong shaping: the largest penalty")
     o = parser.add_argument_group("grpo: objective")
     o.add_argument("--advantage", default="grpo", choices=["grpo", "drgrpo", "rloo"], help="see the docstring")
@@ -201,16 +202,16 @@ def math_reference(record):
     return None
 
 
-def math_reward(answer, record, ended=True):
+def math_reward(answer, record, finished=True):
     """1.0 when the answer's final number equals the reference (to 1e-6), else 0.0."""
     ref, got = math_reference(record), final_number(answer)
-    return float(ended and ref is not None and got is not None and abs(got - ref) < 1e-6)
+    return float(finished and ref is not None and got is not None and abs(got - ref) < 1e-6)
 
 
-def checker_reward(answer, record, ended=True):
+def checker_reward(answer, record, finished=True):
     """The lab checker's graded score (data.lab.score: fact .4, language .25, polite .2, concise .15;
     1.0 exactly when data.lab.check says right)."""
-    return lab.score(answer, record["truth"]) if ended else 0.0
+    return lab.score(answer, record["truth"]) if finished else 0.0
 
 
 def format_ok(answer, record, names):
@@ -362,18 +363,18 @@ class Scorer:
     def __call__(self, records, prompts, responses):
         a, stop = self.args, self.tok.stop_ids
         answers = [self.tok.decode(chat.strip_stop(r, stop)) for r in responses]
-        ended = [common.ended(r, stop) for r in responses]
+        done = [ended(r, stop) for r in responses]   # common.ended: the one truncation rule of every stage
         model_scores = None
         if "model" in self.names:   # the rollout layout: the reward model reads the answer's last real token
             idx, attn, _, _ = pad_rollout(prompts, responses, self.tok.pad_id, stop)
             with self.ctx:
                 model_scores = self.rm.normalize(self.rm(idx.to(self.device), attn.to(self.device)).float()).tolist()
         score, reward, ok = [], [], []
-        for k, (ans, rec, end, resp) in enumerate(zip(answers, records, ended, responses)):
+        for k, (ans, rec, end, resp) in enumerate(zip(answers, records, done, responses)):
             terms = {"checker": lambda: checker_reward(ans, rec, end), "math": lambda: math_reward(ans, rec, end),
                      "model": lambda: model_scores[k]}
             s = sum(w * terms[n]() for n, w in a.rewards)
-            pen = a.missing_eos_penalty * (not end)
+            pen = a.missing_eos_penalty * (not end)   # = common.penalize_missing_eos, with the other penalties
             pen += overlong_penalty(len(resp), a.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
             if a.format_penalty and (self.names & {"checker", "math"}) and not format_ok(ans, rec, self.names):
                 pen += a.format_penalty
@@ -514,10 +515,11 @@ def train(args, info):
         answers, rewards, scores, oks = score_fn([records[i] for i in pick], prompts, responses)
         zero_var, refilled = zero_variance_groups(rewards, G), 0
         for rnd in range(1, args.max_refill + 1 if args.dynamic_sampling else 1):
-            flat = [g for g in range(args.prompts_per_step) if bool((rewards[g * G:(g + 1) * G] == rewards[g * G]).all())]
+            flat = [g for g in range(args.prompts_per_step) if zero_variance_groups(rewards[g * G:(g + 1) * G], G)]
             if not flat:
                 break
-            p2, pr2, re2 = sample_groups(raw_actor, records, prompt_ids, args, it, rank, rnd, len(flat), ctx, device, tok)
+            p2, pr2, re2 = sample_groups(raw_actor, records, prompt_ids, args, it, rank, rnd, len(flat), ctx, device,
+                                         tok)
             a2, r2, s2, o2 = score_fn([records[i] for i in p2], pr2, re2)
             for k, g in enumerate(flat):   # a new group takes the flat one's place only if it has signal
                 new = slice(k * G, (k + 1) * G)
@@ -525,7 +527,8 @@ def train(args, info):
                     continue
                 rows = range(g * G, (g + 1) * G)
                 for j, src in zip(rows, range(k * G, (k + 1) * G)):
-                    pick[j], prompts[j], responses[j], answers[j], oks[j] = p2[src], pr2[src], re2[src], a2[src], o2[src]
+                    pick[j], prompts[j], responses[j] = p2[src], pr2[src], re2[src]
+                    answers[j], oks[j] = a2[src], o2[src]
                 rewards[g * G:(g + 1) * G], scores[g * G:(g + 1) * G] = r2[new], s2[new]
                 refilled += 1
         t1 = clock()
@@ -583,8 +586,8 @@ def train(args, info):
         # 5. statistics over all processes; alarms; logs
         checked = [o for o in oks if o is not None]
         local = {"reward": rewards.sum(), "reward_sq": rewards.pow(2).sum(), "score": scores.sum(),
-                 "kl": k1.sum(), "kl_k3": k3.sum(), "length": mask.sum(), "eos": sum(common.ended(r, tok.stop_ids)
-                                                                                  for r in responses),
+                 "kl": k1.sum(), "kl_k3": k3.sum(), "length": mask.sum(),
+                 "eos": sum(ended(r, tok.stop_ids) for r in responses),
                  "checked": len(checked), "correct": sum(checked), "zero_var": zero_var,
                  "zero_var_after": zero_variance_groups(rewards, G), "refilled": refilled,
                  "ratio_dev": sums["ratio_dev"], **{k: sums[k] / n_micro for k in ("policy_loss", "entropy",
@@ -594,7 +597,8 @@ def train(args, info):
             totals = totals.to(device)
             dist.all_reduce(totals)
         tot, n = dict(zip(local, totals.tolist())), B * world
-        row = {"reward": tot["reward"] / n, "reward_std": math.sqrt(max(tot["reward_sq"] / n - (tot["reward"] / n) ** 2, 0)),
+        row = {"reward": tot["reward"] / n,
+               "reward_std": math.sqrt(max(tot["reward_sq"] / n - (tot["reward"] / n) ** 2, 0)),
                "score": tot["score"] / n, "accuracy": tot["correct"] / tot["checked"] if tot["checked"] else None,
                "zero_var_groups": int(tot["zero_var"]), "zero_var_after_refill": int(tot["zero_var_after"]),
                "refilled": int(tot["refilled"]), "groups": args.prompts_per_step * world,

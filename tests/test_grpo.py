@@ -196,7 +196,7 @@ def test_checker_reward_edge_cases(lab_sets):
     arith = next(r for r in sets["rl_prompts"] if r["task"] == "arith" and r["truth"]["lang"] == "en")
     for rec in (fact, zh, arith):
         assert grpo.checker_reward(rec["reference"], rec) == 1.0              # the reference answer is right
-        assert grpo.checker_reward(rec["reference"], rec, ended=False) == 0.0  # cut at the limit: not graded
+        assert grpo.checker_reward(rec["reference"], rec, finished=False) == 0.0  # cut at the limit: not graded
     # a right fact in the wrong language loses the language part (0.25), and the format penalty applies
     assert grpo.checker_reward(zh["truth"]["answer"]["en"] + ".", zh) < 1.0
     assert grpo.checker_reward(fact["truth"]["answer"]["zh"] + "。", fact) < 1.0
@@ -259,7 +259,8 @@ def write_fixture(d, tok, sets):
 
 def grpo_argv(d, out, *extra):
     return ["--init_from", str(d / "init"), "--prompts", str(d / "prompts.jsonl"), "--out_dir", str(out),
-            "--reward", "checker", "model:0.5", "--reward_model", str(d / "rm"), "--group_size", "4", "--prompts_per_step", "2", "--batch_size", "4",
+            "--reward", "checker", "model:0.5", "--reward_model", str(d / "rm"), "--group_size", "4",
+            "--prompts_per_step", "2", "--batch_size", "4",
             "--max_new_tokens", "10", "--lr", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "1",
             "--sample_interval", "0", "--log_interval", "1000", "--eval_interval", "0", "--save_interval", "0",
             "--seed", "1", *extra]

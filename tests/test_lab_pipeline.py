@@ -92,6 +92,11 @@ def test_each_stage_does_its_job(lab):
         assert c[f"{name}.mean_reward"] > c["sft.mean_reward"], name
         assert c[f"{name}.win_rate_reward"] > 0.5, name
         assert c[f"{name}.kl_to_sft"] > 0, name
+    # GRPO against the checker: not worse than SFT on ground truth (the same 2-answer tolerance; measured
+    # +1 answer, 13.3% vs 12.5%, identically with ATEN_CPU_CAPABILITY=default/avx2 x OMP_NUM_THREADS=1/2),
+    # and it moved away from SFT
+    assert c["grpo.accuracy"] >= c["sft.accuracy"] - 2 / n_questions
+    assert c["grpo.kl_to_sft"] > 0
 
 
 def test_report_is_readable_and_consistent(lab):
