@@ -307,8 +307,8 @@ def load_task(name, data_dir, limit=None):
     item_fn, eval_stem, shot_stem, _ = TASKS[name]
     path = find_file(data_dir, eval_stem)
     items = read_items(path, item_fn)
-    if limit:
-        items = items[:limit]
+    if limit:   # as lm-eval's --limit: per task, and each MMLU-style subject is a task of its own
+        items = [it for it, n in zip(items, _running_counts(items)) if n <= limit]
     if not items:
         common.fail(f"task {name}: no usable items in {path}")
     shot_path = find_file(data_dir, shot_stem, required=False)
@@ -318,6 +318,15 @@ def load_task(name, data_dir, limit=None):
         for it in read_items(shot_path, item_fn):
             pool.setdefault(it["subject"], []).append(it)
     return items, pool
+
+
+def _running_counts(items):
+    """1, 2, 3, ... within each subject, in file order."""
+    seen, out = {}, []
+    for it in items:
+        seen[it["subject"]] = seen.get(it["subject"], 0) + 1
+        out.append(seen[it["subject"]])
+    return out
 
 
 def fewshot_examples(item, k, pool, items_by_subject):
@@ -733,7 +742,7 @@ def get_args(argv=None):
     p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="directory of <task files>.jsonl(.gz)")
     p.add_argument("--shots", type=int, default=None,
                    help="few-shot examples (default per task: MMLU/CMMLU/C-Eval/GSM8K 5, ARC/HellaSwag 0)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items of each task (of each subject for MMLU/CMMLU/C-Eval, as lm-eval)")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per forward")
     p.add_argument("--apply_chat_template", action="store_true", help="wrap each prompt in the chat template")
     p.add_argument("--max_gen_toks", type=int, default=256, help="GSM8K: tokens generated per answer (lm-eval: 256)")

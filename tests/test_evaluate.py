@@ -339,17 +339,20 @@ def test_cli_writes_results_table_and_samples(tmp_path, tok):
     out, log = tmp_path / "out", tmp_path / "samples.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--model", str(hf), "--tasks",
-                           "arc_challenge,ceval", "--limit", "5", "--shots", "1", "--out", str(out),
+                           "arc_challenge,mmlu", "--limit", "3", "--shots", "1", "--out", str(out),
                            "--log_samples", str(log), "--device", "cpu"],
                           capture_output=True, text=True, env=env, timeout=120, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert results["arc_challenge"]["n"] == 5 and results["ceval"]["n"] == 5
-    assert set(results["ceval"]["metrics"]) == {"acc", "acc_norm", "acc_bytes"}
-    assert "| arc_challenge | 1 | 5 | acc |" in (out / "results.md").read_text(encoding="utf-8")
+    # --limit counts per subject, as lm-eval's: the 4 MMLU subjects give 3 items each
+    assert results["arc_challenge"]["n"] == 3 and results["mmlu"]["n"] == 12
+    assert set(results["mmlu"]["subjects"]) == {"clinical_knowledge", "high_school_macroeconomics",
+                                                "high_school_mathematics", "philosophy"}
+    assert set(results["mmlu"]["metrics"]) == {"acc", "acc_norm", "acc_bytes"}
+    assert "| arc_challenge | 1 | 3 | acc |" in (out / "results.md").read_text(encoding="utf-8")
     lines = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines()]
-    assert len(lines) == 10 and all(len(s["loglikelihoods"]) == len(s["is_greedy"]) for s in lines)
-    acc = sum(s["acc"] for s in lines if s["task"] == "arc_challenge") / 5
+    assert len(lines) == 15 and all(len(s["loglikelihoods"]) == len(s["is_greedy"]) for s in lines)
+    acc = sum(s["acc"] for s in lines if s["task"] == "arc_challenge") / 3
     assert results["arc_challenge"]["metrics"]["acc"]["value"] == pytest.approx(acc)
 
 
