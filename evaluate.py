@@ -301,23 +301,23 @@ def read_items(path, item_fn):
 
 
 def load_task(name, data_dir, limit=None):
-    """-> (items to grade, few-shot pool by subject or None when the pool is the graded file itself)."""
+    """-> (items to grade, few-shot pool {subject: [items]}, whether the pool is the graded file itself)."""
     if name not in TASKS:
         common.fail(f"unknown task {name!r}; choose from {', '.join(list(TASKS) + ['ppl'])}")
     item_fn, eval_stem, shot_stem, _ = TASKS[name]
     path = find_file(data_dir, eval_stem)
-    items = read_items(path, item_fn)
+    all_items = read_items(path, item_fn)
+    items = all_items
     if limit:   # as lm-eval's --limit: per task, and each MMLU-style subject is a task of its own
-        items = [it for it, n in zip(items, _running_counts(items)) if n <= limit]
+        items = [it for it, n in zip(all_items, _running_counts(all_items)) if n <= limit]
     if not items:
         common.fail(f"task {name}: no usable items in {path}")
     shot_path = find_file(data_dir, shot_stem, required=False)
-    pool = None
-    if shot_path:
-        pool = {}
-        for it in read_items(shot_path, item_fn):
-            pool.setdefault(it["subject"], []).append(it)
-    return items, pool
+    pool = {}
+    # without a dev/train file the examples come from the whole graded file (--limit or not)
+    for it in read_items(shot_path, item_fn) if shot_path else all_items:
+        pool.setdefault(it["subject"], []).append(it)
+    return items, pool, shot_path is None
 
 
 def _running_counts(items):
@@ -329,15 +329,14 @@ def _running_counts(items):
     return out
 
 
-def fewshot_examples(item, k, pool, items_by_subject):
-    """The first k examples of the item's subject: from the dev/train pool, or from the graded file with
-    the item itself (and any identical record) left out, as lm-eval's first_n sampler does."""
+def fewshot_examples(item, k, pool, exclude_self):
+    """The first k examples of the item's subject in the pool; exclude_self (the pool is the graded file)
+    leaves out the item itself and any identical record, as lm-eval's first_n sampler does."""
     if k == 0:
         return []
-    if pool is not None:
-        candidates = pool.get(item["subject"], [])
-    else:
-        candidates = [x for x in items_by_subject[item["subject"]] if x["record"] != item["record"]]
+    candidates = pool.get(item["subject"], [])
+    if exclude_self:
+        candidates = [x for x in candidates if x["record"] != item["record"]]
     if len(candidates) < k:
         common.fail(f"{item['where']}: {k}-shot needs {k} examples of subject {item['subject']!r}, "
                     f"only {len(candidates)} available")
@@ -575,15 +574,12 @@ def _rank_world():
     return 0, 1
 
 
-def run_multiple_choice(model, tok, name, items, pool, shots, batch_size, chat):
+def run_multiple_choice(model, tok, name, items, pool, exclude_self, shots, batch_size, chat):
     rank, world = _rank_world()
-    by_subject = {}
-    for it in items:
-        by_subject.setdefault(it["subject"], []).append(it)
     mine = _shard(len(items), rank, world)
     requests, spans = [], []
     for i in mine:
-        reqs = mc_requests(tok, items[i], fewshot_examples(items[i], shots, pool, by_subject), chat)
+        reqs = mc_requests(tok, items[i], fewshot_examples(items[i], shots, pool, exclude_self), chat)
         spans.append((len(requests), len(requests) + len(reqs)))
         requests += reqs
     scores = loglikelihoods(model, requests, batch_size)
@@ -598,13 +594,12 @@ def run_multiple_choice(model, tok, name, items, pool, shots, batch_size, chat):
     return _gather(local)
 
 
-def run_gsm8k(model, tok, items, pool, shots, batch_size, chat, max_gen_toks):
+def run_gsm8k(model, tok, items, pool, exclude_self, shots, batch_size, chat, max_gen_toks):
     rank, world = _rank_world()
-    by_subject = {None: items}
     mine = _shard(len(items), rank, world)
     prompts = []
     for i in mine:
-        shots_i = fewshot_examples(items[i], shots, pool, by_subject)
+        shots_i = fewshot_examples(items[i], shots, pool, exclude_self)
         if chat:
             prompts.append(tok.render_prompt(chat_messages(items[i], shots_i)))
         else:
@@ -682,13 +677,13 @@ def evaluate(model, tok, tasks, data_dir=DEFAULT_DATA_DIR, shots=None, limit=Non
             task_samples = run_perplexity(model, tok, read_corpus(ppl_data, ppl_field), batch_size)
             results[name] = perplexity_metrics(task_samples)
         else:
-            items, pool = load_task(name, data_dir, limit)
+            items, pool, exclude_self = load_task(name, data_dir, limit)
             k = TASKS[name][3] if shots is None else shots
             if name == "gsm8k":
-                task_samples = run_gsm8k(model, tok, items, pool, k, batch_size, apply_chat_template, max_gen_toks)
+                task_samples = run_gsm8k(model, tok, items, pool, exclude_self, k, batch_size, apply_chat_template, max_gen_toks)
                 results[name] = aggregate(task_samples, ["exact_match_strict", "exact_match_flexible"])
             else:
-                task_samples = run_multiple_choice(model, tok, name, items, pool, k, batch_size, apply_chat_template)
+                task_samples = run_multiple_choice(model, tok, name, items, pool, exclude_self, k, batch_size, apply_chat_template)
                 results[name] = aggregate(task_samples, ["acc", "acc_norm", "acc_bytes"])
             results[name]["shots"] = k
         results[name]["seconds"] = round(time.time() - t0, 2)

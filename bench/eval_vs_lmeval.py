@@ -171,11 +171,8 @@ def lmeval_worker(args):
 def compare(task, plan, ours, theirs, data_dir):
     """One table row: agreement of per-item numbers and prompts."""
     import evaluate as ev
-    items, pool = ev.load_task(task, data_dir)
+    items, pool, exclude_self = ev.load_task(task, data_dir)
     k = ev.TASKS[task][3]
-    by_subject = {}
-    for it in items:
-        by_subject.setdefault(it["subject"], []).append(it)
     row = {"task": task, "n": 0, "max_abs_dll": 0.0, "acc_diff": 0, "acc_norm_diff": 0, "prompt_diff": 0,
            "gen_diff": 0, "extract_diff": 0, "em_strict_diff": 0, "em_flex_diff": 0}
     sums = {"ours_acc": 0.0, "lm_acc": 0.0, "ours_acc_norm": 0.0, "lm_acc_norm": 0.0,
@@ -185,7 +182,7 @@ def compare(task, plan, ours, theirs, data_dir):
             i = offset + s["doc_id"]
             mine = ours[(task, i)]
             item = items[i]
-            shots = ev.fewshot_examples(item, k, pool, by_subject)
+            shots = ev.fewshot_examples(item, k, pool, exclude_self)
             context = ev.build_context(item, shots)
             if s["arguments"][0][0] != context:
                 row["prompt_diff"] += 1

@@ -103,12 +103,9 @@ def test_stderr_formulas():
 
 
 def prompt_of(data_dir, task, index, shots):
-    items, pool = ev.load_task(task, str(data_dir))
-    by_subject = {}
-    for it in items:
-        by_subject.setdefault(it["subject"], []).append(it)
+    items, pool, exclude_self = ev.load_task(task, str(data_dir))
     item = items[index]
-    return ev.build_context(item, ev.fewshot_examples(item, shots, pool, by_subject)), item
+    return ev.build_context(item, ev.fewshot_examples(item, shots, pool, exclude_self)), item
 
 
 def test_fewshot_prompts_are_byte_identical_to_lm_eval_format(tmp_path):
@@ -361,8 +358,8 @@ def test_chat_template_wraps_description_and_prompt(tmp_path, tok):
                                                 "answer": "A", "subject": "virology"}])
     write_jsonl(tmp_path / "mmlu_dev.jsonl", [{"question": "R?", "A": "e", "B": "f", "C": "g", "D": "h",
                                                "answer": "B", "subject": "virology"}])
-    items, pool = ev.load_task("mmlu", str(tmp_path))
-    shots = ev.fewshot_examples(items[0], 1, pool, None)
+    items, pool, exclude_self = ev.load_task("mmlu", str(tmp_path))
+    shots = ev.fewshot_examples(items[0], 1, pool, exclude_self)
     requests = ev.mc_requests(tok, items[0], shots, chat=True)
     # as lm-eval without fewshot_as_multiturn: description -> system, examples + question -> one user
     # turn, the generation prompt, then the bare letter (no " " before it)
@@ -391,3 +388,12 @@ def test_generation_stops_early_and_cuts_at_the_stop_string(tok, one_thread):
             want = want.split(s)[0]
         assert got == want
     assert len(steps) < 40 - 1   # the batch stopped once both rows held a stop string
+
+
+def test_limit_keeps_the_whole_file_as_fewshot_pool(tmp_path):
+    # lm-eval's --limit cuts the graded items, not the examples drawn from the same split
+    write_jsonl(tmp_path / "gsm8k_test.jsonl", [{"question": f"q{i}", "answer": f"s{i}\n#### {i}"} for i in range(4)])
+    items, pool, exclude_self = ev.load_task("gsm8k", str(tmp_path), limit=1)
+    assert len(items) == 1 and exclude_self
+    assert [x["query"] for x in ev.fewshot_examples(items[0], 3, pool, exclude_self)] == \
+        ["Question: q1\nAnswer:", "Question: q2\nAnswer:", "Question: q3\nAnswer:"]
