@@ -174,6 +174,13 @@ def ceval_item(rec):
     return _letter_item(rec, "question", "answer", f"以下是中国关于{zh}的单项选择题，请选出其中的正确答案。\n\n", "答案：")
 
 
+def _check_choices(choices):
+    """Choices must be non-empty strings (acc_norm divides by their length)."""
+    if not isinstance(choices, list) or not all(isinstance(c, str) and c for c in choices):
+        raise BadItem(f"choices must be non-empty strings, got {choices!r:.80}")
+    return choices
+
+
 def arc_item(rec):
     """The original ARC JSONL ({"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}) or the
     HF dataset's flat form ({"question": str, "choices": {"text": [...], "label": [...]}})."""
@@ -186,10 +193,13 @@ def arc_item(rec):
         texts, labels = [c["text"] for c in choices], [c["label"] for c in choices]
     else:
         stem, choices = _str_field(rec, "question"), _field(rec, "choices")
-        texts, labels = choices.get("text"), choices.get("label")
+        if not isinstance(choices, dict) or not isinstance(choices.get("label"), list):
+            raise BadItem("choices is not {text: [...], label: [...]}")
+        texts, labels = choices.get("text"), choices["label"]
     key = _field(rec, "answerKey")
     if key not in labels:
         raise BadItem(f"answerKey {key!r} is not one of the choice labels {labels}")
+    _check_choices(texts)
     return {"query": f"Question: {stem}\nAnswer:", "choices": texts, "gold": labels.index(key), "description": "",
             "subject": None}
 
@@ -203,16 +213,17 @@ def hellaswag_preprocess(text):
 
 def hellaswag_item(rec):
     ctx = _str_field(rec, "ctx_a") + " " + _str_field(rec, "ctx_b").capitalize()
-    endings = _field(rec, "endings")
+    endings = _check_choices(_field(rec, "endings"))
     label = _field(rec, "label")
     try:
         gold = int(label)
     except (TypeError, ValueError):
         raise BadItem(f"label {label!r} is not an integer") from None
-    if not isinstance(endings, list) or not 0 <= gold < len(endings):
+    if not 0 <= gold < len(endings):
         raise BadItem(f"label {gold} does not index the endings")
     return {"query": hellaswag_preprocess(_str_field(rec, "activity_label") + ": " + ctx),
-            "choices": [hellaswag_preprocess(e) for e in endings], "gold": gold, "description": "", "subject": None}
+            "choices": _check_choices([hellaswag_preprocess(e) for e in endings]), "gold": gold, "description": "",
+            "subject": None}
 
 
 def gsm8k_item(rec):

@@ -397,3 +397,15 @@ def test_limit_keeps_the_whole_file_as_fewshot_pool(tmp_path):
     assert len(items) == 1 and exclude_self
     assert [x["query"] for x in ev.fewshot_examples(items[0], 3, pool, exclude_self)] == \
         ["Question: q1\nAnswer:", "Question: q2\nAnswer:", "Question: q3\nAnswer:"]
+
+
+def test_empty_or_missing_choices_are_bad_items(tmp_path, capsys):
+    good = {"ind": 1, "activity_label": "A", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "y"], "label": 0}
+    write_jsonl(tmp_path / "hellaswag_val.jsonl", [good, {**good, "endings": ["x", "[substeps]"]},
+                                                    {**good, "endings": ["x", 3]}, {**good, "label": ""}])
+    items, _, _ = ev.load_task("hellaswag", str(tmp_path))
+    err = capsys.readouterr().err
+    assert len(items) == 1
+    for line in (2, 3):
+        assert f"hellaswag_val.jsonl:{line}: choices must be non-empty strings" in err
+    assert "hellaswag_val.jsonl:4: label '' is not an integer" in err
