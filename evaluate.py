@@ -174,6 +174,13 @@ def ceval_item(rec):
     return _letter_item(rec, "question", "answer", f"以下是中国关于{zh}的单项选择题，请选出其中的正确答案。\n\n", "答案：")
 
 
+def _check_choices(choices):
+    """Choices must be non-empty strings (acc_norm divides by their length)."""
+    if not isinstance(choices, list) or not all(isinstance(c, str) and c for c in choices):
+        raise BadItem(f"choices must be non-empty strings, got {choices!r:.80}")
+    return choices
+
+
 def arc_item(rec):
     """The original ARC JSONL ({"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}) or the
     HF dataset's flat form ({"question": str, "choices": {"text": [...], "label": [...]}})."""
@@ -186,10 +193,13 @@ def arc_item(rec):
         texts, labels = [c["text"] for c in choices], [c["label"] for c in choices]
     else:
         stem, choices = _str_field(rec, "question"), _field(rec, "choices")
-        texts, labels = choices.get("text"), choices.get("label")
+        if not isinstance(choices, dict) or not isinstance(choices.get("label"), list):
+            raise BadItem("choices is not {text: [...], label: [...]}")
+        texts, labels = choices.get("text"), choices["label"]
     key = _field(rec, "answerKey")
     if key not in labels:
         raise BadItem(f"answerKey {key!r} is not one of the choice labels {labels}")
+    _check_choices(texts)
     return {"query": f"Question: {stem}\nAnswer:", "choices": texts, "gold": labels.index(key), "description": "",
             "subject": None}
 
@@ -203,16 +213,17 @@ def hellaswag_preprocess(text):
 
 def hellaswag_item(rec):
     ctx = _str_field(rec, "ctx_a") + " " + _str_field(rec, "ctx_b").capitalize()
-    endings = _field(rec, "endings")
+    endings = _check_choices(_field(rec, "endings"))
     label = _field(rec, "label")
     try:
         gold = int(label)
     except (TypeError, ValueError):
         raise BadItem(f"label {label!r} is not an integer") from None
-    if not isinstance(endings, list) or not 0 <= gold < len(endings):
+    if not 0 <= gold < len(endings):
         raise BadItem(f"label {gold} does not index the endings")
     return {"query": hellaswag_preprocess(_str_field(rec, "activity_label") + ": " + ctx),
-            "choices": [hellaswag_preprocess(e) for e in endings], "gold": gold, "description": "", "subject": None}
+            "choices": _check_choices([hellaswag_preprocess(e) for e in endings]), "gold": gold, "description": "",
+            "subject": None}
 
 
 def gsm8k_item(rec):
@@ -301,34 +312,42 @@ def read_items(path, item_fn):
 
 
 def load_task(name, data_dir, limit=None):
-    """-> (items to grade, few-shot pool by subject or None when the pool is the graded file itself)."""
+    """-> (items to grade, few-shot pool {subject: [items]}, whether the pool is the graded file itself)."""
     if name not in TASKS:
         common.fail(f"unknown task {name!r}; choose from {', '.join(list(TASKS) + ['ppl'])}")
     item_fn, eval_stem, shot_stem, _ = TASKS[name]
     path = find_file(data_dir, eval_stem)
-    items = read_items(path, item_fn)
-    if limit:
-        items = items[:limit]
+    all_items = read_items(path, item_fn)
+    items = all_items
+    if limit:   # as lm-eval's --limit: per task, and each MMLU-style subject is a task of its own
+        items = [it for it, n in zip(all_items, _running_counts(all_items)) if n <= limit]
     if not items:
         common.fail(f"task {name}: no usable items in {path}")
     shot_path = find_file(data_dir, shot_stem, required=False)
-    pool = None
-    if shot_path:
-        pool = {}
-        for it in read_items(shot_path, item_fn):
-            pool.setdefault(it["subject"], []).append(it)
-    return items, pool
+    pool = {}
+    # without a dev/train file the examples come from the whole graded file (--limit or not)
+    for it in read_items(shot_path, item_fn) if shot_path else all_items:
+        pool.setdefault(it["subject"], []).append(it)
+    return items, pool, shot_path is None
 
 
-def fewshot_examples(item, k, pool, items_by_subject):
-    """The first k examples of the item's subject: from the dev/train pool, or from the graded file with
-    the item itself (and any identical record) left out, as lm-eval's first_n sampler does."""
+def _running_counts(items):
+    """1, 2, 3, ... within each subject, in file order."""
+    seen, out = {}, []
+    for it in items:
+        seen[it["subject"]] = seen.get(it["subject"], 0) + 1
+        out.append(seen[it["subject"]])
+    return out
+
+
+def fewshot_examples(item, k, pool, exclude_self):
+    """The first k examples of the item's subject in the pool; exclude_self (the pool is the graded file)
+    leaves out the item itself and any identical record, as lm-eval's first_n sampler does."""
     if k == 0:
         return []
-    if pool is not None:
-        candidates = pool.get(item["subject"], [])
-    else:
-        candidates = [x for x in items_by_subject[item["subject"]] if x["record"] != item["record"]]
+    candidates = pool.get(item["subject"], [])
+    if exclude_self:
+        candidates = [x for x in candidates if x["record"] != item["record"]]
     if len(candidates) < k:
         common.fail(f"{item['where']}: {k}-shot needs {k} examples of subject {item['subject']!r}, "
                     f"only {len(candidates)} available")
@@ -566,15 +585,12 @@ def _rank_world():
     return 0, 1
 
 
-def run_multiple_choice(model, tok, name, items, pool, shots, batch_size, chat):
+def run_multiple_choice(model, tok, name, items, pool, exclude_self, shots, batch_size, chat):
     rank, world = _rank_world()
-    by_subject = {}
-    for it in items:
-        by_subject.setdefault(it["subject"], []).append(it)
     mine = _shard(len(items), rank, world)
     requests, spans = [], []
     for i in mine:
-        reqs = mc_requests(tok, items[i], fewshot_examples(items[i], shots, pool, by_subject), chat)
+        reqs = mc_requests(tok, items[i], fewshot_examples(items[i], shots, pool, exclude_self), chat)
         spans.append((len(requests), len(requests) + len(reqs)))
         requests += reqs
     scores = loglikelihoods(model, requests, batch_size)
@@ -589,13 +605,12 @@ def run_multiple_choice(model, tok, name, items, pool, shots, batch_size, chat):
     return _gather(local)
 
 
-def run_gsm8k(model, tok, items, pool, shots, batch_size, chat, max_gen_toks):
+def run_gsm8k(model, tok, items, pool, exclude_self, shots, batch_size, chat, max_gen_toks):
     rank, world = _rank_world()
-    by_subject = {None: items}
     mine = _shard(len(items), rank, world)
     prompts = []
     for i in mine:
-        shots_i = fewshot_examples(items[i], shots, pool, by_subject)
+        shots_i = fewshot_examples(items[i], shots, pool, exclude_self)
         if chat:
             prompts.append(tok.render_prompt(chat_messages(items[i], shots_i)))
         else:
@@ -673,13 +688,13 @@ def evaluate(model, tok, tasks, data_dir=DEFAULT_DATA_DIR, shots=None, limit=Non
             task_samples = run_perplexity(model, tok, read_corpus(ppl_data, ppl_field), batch_size)
             results[name] = perplexity_metrics(task_samples)
         else:
-            items, pool = load_task(name, data_dir, limit)
+            items, pool, exclude_self = load_task(name, data_dir, limit)
             k = TASKS[name][3] if shots is None else shots
             if name == "gsm8k":
-                task_samples = run_gsm8k(model, tok, items, pool, k, batch_size, apply_chat_template, max_gen_toks)
+                task_samples = run_gsm8k(model, tok, items, pool, exclude_self, k, batch_size, apply_chat_template, max_gen_toks)
                 results[name] = aggregate(task_samples, ["exact_match_strict", "exact_match_flexible"])
             else:
-                task_samples = run_multiple_choice(model, tok, name, items, pool, k, batch_size, apply_chat_template)
+                task_samples = run_multiple_choice(model, tok, name, items, pool, exclude_self, k, batch_size, apply_chat_template)
                 results[name] = aggregate(task_samples, ["acc", "acc_norm", "acc_bytes"])
             results[name]["shots"] = k
         results[name]["seconds"] = round(time.time() - t0, 2)
@@ -733,7 +748,7 @@ def get_args(argv=None):
     p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="directory of <task files>.jsonl(.gz)")
     p.add_argument("--shots", type=int, default=None,
                    help="few-shot examples (default per task: MMLU/CMMLU/C-Eval/GSM8K 5, ARC/HellaSwag 0)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items of each task (of each subject for MMLU/CMMLU/C-Eval, as lm-eval)")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per forward")
     p.add_argument("--apply_chat_template", action="store_true", help="wrap each prompt in the chat template")
     p.add_argument("--max_gen_toks", type=int, default=256, help="GSM8K: tokens generated per answer (lm-eval: 256)")

@@ -103,12 +103,9 @@ def test_stderr_formulas():
 
 
 def prompt_of(data_dir, task, index, shots):
-    items, pool = ev.load_task(task, str(data_dir))
-    by_subject = {}
-    for it in items:
-        by_subject.setdefault(it["subject"], []).append(it)
+    items, pool, exclude_self = ev.load_task(task, str(data_dir))
     item = items[index]
-    return ev.build_context(item, ev.fewshot_examples(item, shots, pool, by_subject)), item
+    return ev.build_context(item, ev.fewshot_examples(item, shots, pool, exclude_self)), item
 
 
 def test_fewshot_prompts_are_byte_identical_to_lm_eval_format(tmp_path):
@@ -339,17 +336,20 @@ def test_cli_writes_results_table_and_samples(tmp_path, tok):
     out, log = tmp_path / "out", tmp_path / "samples.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--model", str(hf), "--tasks",
-                           "arc_challenge,ceval", "--limit", "5", "--shots", "1", "--out", str(out),
+                           "arc_challenge,mmlu", "--limit", "3", "--shots", "1", "--out", str(out),
                            "--log_samples", str(log), "--device", "cpu"],
                           capture_output=True, text=True, env=env, timeout=120, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert results["arc_challenge"]["n"] == 5 and results["ceval"]["n"] == 5
-    assert set(results["ceval"]["metrics"]) == {"acc", "acc_norm", "acc_bytes"}
-    assert "| arc_challenge | 1 | 5 | acc |" in (out / "results.md").read_text(encoding="utf-8")
+    # --limit counts per subject, as lm-eval's: the 4 MMLU subjects give 3 items each
+    assert results["arc_challenge"]["n"] == 3 and results["mmlu"]["n"] == 12
+    assert set(results["mmlu"]["subjects"]) == {"clinical_knowledge", "high_school_macroeconomics",
+                                                "high_school_mathematics", "philosophy"}
+    assert set(results["mmlu"]["metrics"]) == {"acc", "acc_norm", "acc_bytes"}
+    assert "| arc_challenge | 1 | 3 | acc |" in (out / "results.md").read_text(encoding="utf-8")
     lines = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines()]
-    assert len(lines) == 10 and all(len(s["loglikelihoods"]) == len(s["is_greedy"]) for s in lines)
-    acc = sum(s["acc"] for s in lines if s["task"] == "arc_challenge") / 5
+    assert len(lines) == 15 and all(len(s["loglikelihoods"]) == len(s["is_greedy"]) for s in lines)
+    acc = sum(s["acc"] for s in lines if s["task"] == "arc_challenge") / 3
     assert results["arc_challenge"]["metrics"]["acc"]["value"] == pytest.approx(acc)
 
 
@@ -358,8 +358,8 @@ def test_chat_template_wraps_description_and_prompt(tmp_path, tok):
                                                 "answer": "A", "subject": "virology"}])
     write_jsonl(tmp_path / "mmlu_dev.jsonl", [{"question": "R?", "A": "e", "B": "f", "C": "g", "D": "h",
                                                "answer": "B", "subject": "virology"}])
-    items, pool = ev.load_task("mmlu", str(tmp_path))
-    shots = ev.fewshot_examples(items[0], 1, pool, None)
+    items, pool, exclude_self = ev.load_task("mmlu", str(tmp_path))
+    shots = ev.fewshot_examples(items[0], 1, pool, exclude_self)
     requests = ev.mc_requests(tok, items[0], shots, chat=True)
     # as lm-eval without fewshot_as_multiturn: description -> system, examples + question -> one user
     # turn, the generation prompt, then the bare letter (no " " before it)
@@ -388,3 +388,24 @@ def test_generation_stops_early_and_cuts_at_the_stop_string(tok, one_thread):
             want = want.split(s)[0]
         assert got == want
     assert len(steps) < 40 - 1   # the batch stopped once both rows held a stop string
+
+
+def test_limit_keeps_the_whole_file_as_fewshot_pool(tmp_path):
+    # lm-eval's --limit cuts the graded items, not the examples drawn from the same split
+    write_jsonl(tmp_path / "gsm8k_test.jsonl", [{"question": f"q{i}", "answer": f"s{i}\n#### {i}"} for i in range(4)])
+    items, pool, exclude_self = ev.load_task("gsm8k", str(tmp_path), limit=1)
+    assert len(items) == 1 and exclude_self
+    assert [x["query"] for x in ev.fewshot_examples(items[0], 3, pool, exclude_self)] == \
+        ["Question: q1\nAnswer:", "Question: q2\nAnswer:", "Question: q3\nAnswer:"]
+
+
+def test_empty_or_missing_choices_are_bad_items(tmp_path, capsys):
+    good = {"ind": 1, "activity_label": "A", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "y"], "label": 0}
+    write_jsonl(tmp_path / "hellaswag_val.jsonl", [good, {**good, "endings": ["x", "[substeps]"]},
+                                                    {**good, "endings": ["x", 3]}, {**good, "label": ""}])
+    items, _, _ = ev.load_task("hellaswag", str(tmp_path))
+    err = capsys.readouterr().err
+    assert len(items) == 1
+    for line in (2, 3):
+        assert f"hellaswag_val.jsonl:{line}: choices must be non-empty strings" in err
+    assert "hellaswag_val.jsonl:4: label '' is not an integer" in err
