@@ -245,6 +245,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     g.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+    g.add_argument("--fsdp_skip_accum_sync", action=argparse.BooleanOptionalAction, default=False,
+                   help="FSDP with --grad_accum > 1: reduce-scatter once per step instead of every micro-step; "
+                        "less communication, but every rank holds unsharded fp32 gradients (4 bytes/parameter)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue from the newest step_* checkpoint in --out_dir (starts fresh if there is none)")
     return parser
@@ -310,7 +313,8 @@ def resolve_parallel(parallel, info: DistInfo, use: str = "ddp or fsdp") -> str:
 
 
 def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: torch.dtype = torch.float32,
-               compile: bool = False, activation_checkpointing: bool = False) -> nn.Module:
+               compile: bool = False, activation_checkpointing: bool = False,
+               skip_accum_sync: bool = False) -> nn.Module:
     """Prepare a Llama (or anything with .layers) for training; returns the module to call.
 
     The plain model stays reachable with unwrap(); its parameter names never change (no "module."
@@ -321,10 +325,12 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
     The model must already be on info.device (or on the meta device for FSDP, see pretrain.py).
     FSDP2: create the optimizer before any forward (a forward leaves the root's parameters unsharded,
     and AdamW must hold the sharded ones; dpo.py found this), and gather the root's parameters
-    (model.unshard()) or use a whole copy before calling generate() on the wrapped model."""
+    (model.unshard()) or use a whole copy before calling generate() on the wrapped model.
+    skip_accum_sync (FSDP only, --fsdp_skip_accum_sync): see grad_sync."""
     if parallel in ("ddp", "fsdp") and not info.distributed:
         fail(f"--parallel {parallel} needs several processes: launch with torchrun --nproc_per_node=N")
-    blocks = list(getattr(model, "layers", []))
+    llama = model if hasattr(model, "layers") else getattr(model, "backbone", model)  # reward.py: .backbone
+    blocks = list(getattr(llama, "layers", []))
     if activation_checkpointing:
         for block in blocks:
             _checkpoint_forward(block)
@@ -332,10 +338,15 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(info.device.type, (info.world_size,))
-        # bf16: parameters are all-gathered and used in bf16, gradients reduced in fp32, and the
-        # sharded master weights and AdamW states stay fp32 (FSDP2's MixedPrecisionPolicy).
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if dtype == torch.bfloat16 else MixedPrecisionPolicy()
+        # bf16, one precision scheme for one process, DDP and FSDP: autocast decides which ops run
+        # in bf16 (common.autocast). FSDP's policy only sets the dtype parameters are gathered in
+        # (bf16: half the all-gather and the gathered copies) and gradients are reduced in (fp32);
+        # the sharded master weights and AdamW states stay fp32. cast_forward_inputs=False: FSDP
+        # otherwise casts every floating input of a unit to bf16 -- the rotary table (positions up
+        # to 4k need fp32) and the fp32 residual stream passed from block to block.
+        bf16 = dtype == torch.bfloat16
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+            if bf16 else MixedPrecisionPolicy()
         for block in blocks:
             if compile:
                 # Compile the block's forward, not its __call__: FSDP's all-gather hooks run around
@@ -344,7 +355,18 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
             # One FSDP unit per block: its parameters are gathered just before it runs and freed
             # right after, so only ~2 blocks (current + prefetched) are ever whole on a GPU.
             fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)  # the root unit: embedding, final norm, head
+        tied = getattr(getattr(llama, "config", None), "tie_embeddings", True)
+        if blocks and not tied:
+            # The embedding and [final norm, head] as units of their own: gathered only while they
+            # run, instead of for the whole step as the root's parameters are (2 x 131M parameters
+            # at 7B). (Tied weights must stay in one unit: they are left to the root.) The lookup's
+            # output goes back to fp32, as autocast leaves it in one process (an fp32 residual).
+            fully_shard(llama.tok_embeddings, mesh=mesh, mp_policy=MixedPrecisionPolicy(
+                param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, output_dtype=torch.float32,
+                cast_forward_inputs=False) if bf16 else mp)
+            fully_shard([llama.norm, llama.output], mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # the root unit: whatever is left (tied weights, heads)
+        model.skip_accum_sync = skip_accum_sync  # read by grad_sync
         return model
     if compile:
         model.compile()  # in place: compiles __call__, keeps parameter names
@@ -381,12 +403,19 @@ def is_fsdp(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def grad_sync(model: nn.Module, enabled: bool):
-    """Gradient accumulation: only the last micro-step should pay for the all-reduce. Wrap each
-    micro-step's forward AND backward:  with grad_sync(model, micro == grad_accum - 1): ...
-    DDP: no_sync() skips the all-reduce (gradients accumulate locally). FSDP2: the flag makes the
-    backward keep unsharded gradients instead of reduce-scattering them every micro-step."""
+    """Gradient accumulation: `enabled` is True on the last micro-step of an optimizer step. Wrap
+    each micro-step's forward AND backward:  with grad_sync(model, micro == grad_accum - 1): ...
+    DDP: no_sync() skips the all-reduce on the other micro-steps (gradients accumulate locally, in
+    the gradient buffers DDP holds anyway).
+    FSDP2: reduce-scatter on EVERY micro-step by default (as torchtitan does), so gradients always
+    accumulate into the sharded ones. Skipping the sync (set_requires_gradient_sync(False)) would
+    make each rank keep the unsharded gradients of the whole model in reduce_dtype (fp32) between
+    micro-steps: 4 bytes per parameter on every rank, whatever the world size -- 27 GB per GPU at
+    7B, more than the sharded weights, gradients and AdamW states together on 16 GPUs. It saves
+    communication only (one reduce-scatter per step instead of one per micro-step), so it is an
+    opt-in: wrap_model(..., skip_accum_sync=True), --fsdp_skip_accum_sync; --estimate counts it."""
     if is_fsdp(model):
-        model.set_requires_gradient_sync(enabled)
+        model.set_requires_gradient_sync(enabled or not getattr(model, "skip_accum_sync", False))
         yield
     elif not enabled and hasattr(model, "no_sync"):
         with model.no_sync():
@@ -406,6 +435,77 @@ def eval_mode(model: nn.Module):
         yield model
     finally:
         model.train(was_training)
+
+
+# -----------------------------------------------------------------------------
+# Dry run: the real FSDP training step on fake tensors (--estimate --dry_run)
+
+DRY_RUN_CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries")
+
+
+def dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.bfloat16, grad_accum: int = 1,
+            activation_checkpointing: bool = False, skip_accum_sync: bool = False, trainable=None) -> dict:
+    """Per-rank peak memory of a stage's real FSDP training step at any size, on a laptop.
+
+    The model is built on the meta device (build() -> nn.Module, called under torch.device("meta")),
+    wrapped by wrap_model exactly as training wraps it, then materialised with FakeTensorMode:
+    tensors with shapes, dtypes and devices but no storage, so 70B costs nothing. The process
+    group is PyTorch's "fake" backend (world_size ranks, this process is rank 0; collectives
+    return at once). Two optimizer steps run through grad_sync, autocast, gradient clipping and
+    AdamW; the second one's forward and backward passes are tracked by FSDPMemTracker, which
+    attributes every live tensor to a category. micro_step(model) -> loss runs one micro-batch's
+    forward (it makes its own inputs, e.g. torch.randint). trainable(model) -> the module whose
+    parameters AdamW trains (default: all of it; a frozen reference model would be left out).
+
+    Returns bytes per rank at the peak: DRY_RUN_CATEGORIES plus "total". Not counted (budget
+    2-4 GB per GPU): CUDA context, NCCL buffers, allocator fragmentation. The optimizer step's own
+    temporaries are not tracked either: in fake mode DTensor's sharding propagation materialises
+    global-size temporaries that a real GPU never holds (measured: it inflates the optimizer
+    states); the states themselves are counted, at their local shard size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized():
+        fail("--dry_run runs in one process with a fake process group: launch it with python, not torchrun")
+    if world_size < 2:
+        fail("--dry_run measures FSDP: --world_size must be at least 2")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        info = DistInfo(0, 0, world_size, torch.device("cpu"))
+        with torch.device("meta"):  # outside FakeTensorMode: building inside it fails
+            raw = build()
+        model = wrap_model(raw, info, "fsdp", dtype, activation_checkpointing=activation_checkpointing,
+                           skip_accum_sync=skip_accum_sync)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")  # the values do not matter: fake tensors have none
+            optimizer = configure_optimizer(trainable(model) if trainable else model, 1e-4, 0.1)
+
+            def step(tracker=None):
+                for micro in range(grad_accum):
+                    if tracker is not None and micro > 0:
+                        tracker.reset_mod_stats()  # the tracker refuses a second forward otherwise
+                    with grad_sync(model, micro == grad_accum - 1):
+                        with autocast(info.device, dtype):
+                            loss = micro_step(model)
+                        (loss / grad_accum).backward()
+
+            step()  # step 1 creates the AdamW states
+            params = [p for p in model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # (clip_grad_norm's .item() has no value to read)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with FSDPMemTracker(model, optimizer) as tracker:
+                step(tracker)
+            snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    finally:
+        dist.destroy_process_group()
+    by_name = {str(getattr(k, "name", k)): v for k, v in snap.items()}
+    groups = {"params": ("SHARDED_PARAM", "UNSHARDED_PARAM", "BUFFER", "ALL_GATHER"),
+              "grads": ("SHARDED_GRAD", "UNSHARDED_GRAD", "REDUCE_SCATTER"),
+              "optimizer": ("OPT",), "activations": ("ACT", "INP"), "temporaries": ("TEMP",)}
+    out = {cat: sum(by_name.get(k, 0) for k in keys) for cat, keys in groups.items()}
+    out["total"] = by_name["Total"]
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -612,7 +612,8 @@ def train(args, info):
     rounds = ([0] if offline else []) + list(range(1, args.rounds + 1))
 
     raw = model.to(device)
-    model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
+    model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
+                              args.fsdp_skip_accum_sync)
     rm_fn = None
     if args.rounds > 0 and args.reward_model:
         rm_fn = reward_scorer(reward_model(args.reward_model, tok, device), tok, device, ctx)

@@ -280,7 +280,8 @@ def train(args, info):
         with torch.device("meta" if meta_init else "cpu"):
             model = Llama(config)
     raw = model if meta_init else model.to(device)
-    model = wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
+    model = wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
+                       args.fsdp_skip_accum_sync)
     if meta_init:
         model.to_empty(device=device)
         with torch.no_grad():
@@ -364,7 +365,8 @@ def train(args, info):
         loss_sum = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
             x, y = batch
-            # no_sync / no reduce-scatter on all but the last micro-step: one all-reduce per step
+            # DDP: no all-reduce on all but the last micro-step; FSDP: reduce-scatter every micro-step
+            # (common.grad_sync says why)
             with grad_sync(model, micro == args.grad_accum - 1):
                 with autocast(device, dtype):
                     loss = model(x, y)[1]  # [1]: let the (B, T, vocab) logits go now, not after backward

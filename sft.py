@@ -372,7 +372,8 @@ def train(args, info):
 
     # --- wrap, optimizer, resume -------------------------------------------------------------
     raw = model.to(device)
-    model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
+    model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
+                              args.fsdp_skip_accum_sync)
     optimizer = common.configure_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2), device)
     common.seed_everything(args.seed + rank)  # each rank draws its own dropout masks; the data order is shared
     step, best_val, val_loss, skipped = 0, float("inf"), None, 0
