@@ -443,7 +443,7 @@ def eval_mode(model: nn.Module):
 DRY_RUN_CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries")
 
 
-def dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.bfloat16, grad_accum: int = 1,
+def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.bfloat16, grad_accum: int = 1,
             activation_checkpointing: bool = False, skip_accum_sync: bool = False, trainable=None) -> dict:
     """Per-rank peak memory of a stage's real FSDP training step at any size, on a laptop.
 
@@ -457,6 +457,7 @@ def dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.bfloa
     forward (it makes its own inputs, e.g. torch.randint). trainable(model) -> the module whose
     parameters AdamW trains (default: all of it; a frozen reference model would be left out).
 
+    grad_accum > 2 runs as 2 micro-steps: the third and later ones repeat the second's memory.
     Returns bytes per rank at the peak: DRY_RUN_CATEGORIES plus "total". Not counted (budget
     2-4 GB per GPU): CUDA context, NCCL buffers, allocator fragmentation. The optimizer step's own
     temporaries are not tracked either: in fake mode DTensor's sharding propagation materialises
@@ -480,22 +481,24 @@ def dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.bfloa
             model.to_empty(device="cpu")  # the values do not matter: fake tensors have none
             optimizer = configure_optimizer(trainable(model) if trainable else model, 1e-4, 0.1)
 
-            def step(tracker=None):
-                for micro in range(grad_accum):
+            def step(micro_steps, tracker=None):
+                for micro in range(micro_steps):
                     if tracker is not None and micro > 0:
                         tracker.reset_mod_stats()  # the tracker refuses a second forward otherwise
-                    with grad_sync(model, micro == grad_accum - 1):
+                    with grad_sync(model, micro == micro_steps - 1):
                         with autocast(info.device, dtype):
                             loss = micro_step(model)
-                        (loss / grad_accum).backward()
+                        (loss / micro_steps).backward()
 
-            step()  # step 1 creates the AdamW states
+            step(1)  # step 1 only creates the AdamW states
             params = [p for p in model.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, 1.0)  # (clip_grad_norm's .item() has no value to read)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             with FSDPMemTracker(model, optimizer) as tracker:
-                step(tracker)
+                # Two micro-steps show what grad_accum of any size holds: from the second on, each
+                # repeats the one before (gradients accumulate into the same tensors).
+                step(min(grad_accum, 2), tracker)
             snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
     finally:
         dist.destroy_process_group()

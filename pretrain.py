@@ -8,6 +8,8 @@ pretrain.py -- pretrain a LLaMA on token memmaps, from one laptop CPU to several
         pretrain.py --data /shared/fs/pretrain --model llama1-7b --parallel fsdp --out_dir /shared/fs/run1
     python pretrain.py ... --resume            # continue from the newest step_* checkpoint in --out_dir
     python pretrain.py --model llama1-7b --estimate --world_size 8 --batch_size 4 --seq_len 2048
+    python pretrain.py --model llama1-7b --estimate --dry_run --world_size 16 --batch_size 1 --seq_len 2048 \
+        --grad_accum 16 --activation_checkpointing     # + the real FSDP step on fake tensors (no GPU needed)
 
 Reads top to bottom: config -> distributed setup -> data -> model -> optimizer -> loop -> save.
 The plumbing every stage shares (process groups, DDP/FSDP wrapping, checkpoints, logging) is in
@@ -29,9 +31,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (JsonlLogger, add_common_args, all_reduce_mean, autocast, barrier, checkpoint_path,
-                    clip_grad_norm, configure_optimizer, eval_mode, fail, grad_sync, latest_checkpoint,
-                    load_model, lr_at, parse_config, print0, read_checkpoint_meta, resolve_dtype, resolve_parallel,
+from common import (DRY_RUN_CATEGORIES, JsonlLogger, add_common_args, all_reduce_mean, autocast, barrier,
+                    checkpoint_path, clip_grad_norm, configure_optimizer, eval_mode, fail, fsdp_dry_run, grad_sync,
+                    latest_checkpoint, load_model, lr_at, parse_config, print0, read_checkpoint_meta, resolve_dtype, resolve_parallel,
                     restore_checkpoint, rotate_checkpoints, save_checkpoint, save_config, seed_everything,
                     set_lr, setup_distributed, teardown_distributed, warn_if_low_disk, wrap_model)
 from model import PEAK_FLOPS, PRESETS, Llama, LlamaConfig
@@ -69,6 +71,10 @@ def get_parser():
     e.add_argument("--gpu", default="A100", choices=sorted(PEAK_FLOPS), help="GPU kind for the step time")
     e.add_argument("--gpu_mem_gb", type=float, default=80.0, help="memory per GPU, GB (1e9 bytes)")
     e.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
+    e.add_argument("--dry_run", action="store_true",
+                   help="with --estimate: also run FSDP's real wrapping and training step on fake tensors over a fake "
+                        "process group of --world_size ranks (no memory, no GPU; seconds to a minute) and print its "
+                        "per-rank peak memory by category next to the closed form")
     return parser
 
 
@@ -90,25 +96,34 @@ GB = 1e9
 
 
 def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int, world_size: int,
-             dtype: torch.dtype = torch.bfloat16, gpu: str = "A100", mfu: float = 0.4, gpu_mem_gb: float = 80.0):
+             dtype: torch.dtype = torch.bfloat16, gpu: str = "A100", mfu: float = 0.4, gpu_mem_gb: float = 80.0,
+             skip_accum_sync: bool = False):
     """Bytes per GPU for DDP and for FSDP, FLOPs per step and the time per step at `mfu`.
 
     Parameters are counted on the meta device (no memory). The bytes, with N parameters, W GPUs,
     p = bytes per compute-dtype element (2 for bf16, 4 for fp32):
       DDP   weights 4N (fp32 masters) + grads 4N + AdamW 8N (exp_avg, exp_avg_sq)
             + autocast's bf16 weight copies 2N (kept from forward to backward; 0 in fp32)
-      FSDP  (4N + 4N + 8N) / W sharded
-            + gathered params p * (root + 2 * block): the root unit (embedding, norm, head) stays
-              gathered, and a block is gathered while the previous one is freed / the next prefetched
-            + unsharded gradients before the reduce-scatter: (p + 4) * max(root, block)
+      FSDP  (4N + 4N + 8N) / W sharded, plus the units common.wrap_model gathers (U = the largest
+            unit: a block, or the embedding / [norm, head] units of an untied model):
+            + gathered params 2 * p * U: the running unit and the prefetched next one
+            + unsharded gradients before their reduce-scatter: 4 * U (fp32, reduce_dtype)
+            tied embeddings stay in the root unit, gathered for the whole step: p * root instead
+            --fsdp_skip_accum_sync with grad_accum > 1: every rank holds the whole model's
+            unsharded fp32 gradients between micro-steps, 4N, whatever W is
+            grad_accum 1: the sharded gradients grow as the activations shrink during backward,
+            so the total counts the larger of the two, not their sum
+      These FSDP terms are fitted to the dry run (common.fsdp_dry_run, --dry_run): within a few % at
+      7B-70B (README).
     Activations per micro-batch of B*T tokens (measured by counting the tensors autograd saves,
     tests/test_pretrain.py; fused SDPA attention, so no T x T score matrix):
       per block and token: 26*dim + 8*hidden_dim bytes in bf16 autocast (40*dim + 16*hidden in fp32),
       exact for multi-head attention, a little high for GQA (smaller k and v)
-      outside the blocks: 8*vocab bytes per token (fp32 log-probabilities kept for the backward + their gradient)
+      outside the blocks: 4*vocab bytes per token (the fp32 logits the loss keeps for the backward; the
+      dry run shows the peak holding them but never their gradient as well)
       with activation checkpointing a block keeps only its fp32 input (4*dim per token) and one
       block's activations exist at a time, during its recomputation.
-    Not counted: the CUDA context and allocator slack (budget ~2 GB), temporary buffers of kernels."""
+    Not counted: the CUDA context, NCCL buffers and allocator slack (budget ~2 GB)."""
     with torch.device("meta"):
         m = Llama(config)
     n = m.num_params()
@@ -120,11 +135,18 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
         per_block_token = 26 * config.dim + 8 * config.hidden_dim
     else:
         per_block_token = 40 * config.dim + 16 * config.hidden_dim
-    act_full = tokens * (config.n_layers * per_block_token + 8 * config.vocab_size)
-    act_ckpt = tokens * (config.n_layers * 4 * config.dim + per_block_token + 8 * config.vocab_size)
+    act_full = tokens * (config.n_layers * per_block_token + 4 * config.vocab_size)
+    act_ckpt = tokens * (config.n_layers * 4 * config.dim + per_block_token + 4 * config.vocab_size)
     ddp = {"weights": 4 * n + (2 * n if p == 2 else 0), "grads": 4 * n, "adamw": 8 * n}
-    fsdp = {"weights": 4 * n / W + p * (root + 2 * block), "grads": 4 * n / W + (p + 4) * max(root, block),
-            "adamw": 8 * n / W}
+    if config.tie_embeddings:
+        gathered, unsharded_grads = p * (root + 2 * block), (p + 4) * max(root, block)
+    else:
+        unit = max(block, config.vocab_size * config.dim + config.dim)   # a block, or [norm, head]
+        gathered, unsharded_grads = 2 * p * unit, 4 * unit
+    grads = 4 * n / W + unsharded_grads
+    if skip_accum_sync and grad_accum > 1:
+        grads = 4 * n   # (the sharded ones only appear as the last micro-step frees these)
+    fsdp = {"weights": 4 * n / W + gathered, "grads": grads, "adamw": 8 * n / W}
     flops_per_token = m.flops_per_token(seq_len)
     flops_per_step = flops_per_token * tokens * grad_accum * W
     peak = PEAK_FLOPS[gpu]
@@ -132,10 +154,15 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
            "flops_per_step": flops_per_step, "step_time_s": flops_per_step / (W * peak * mfu),
            "tokens_per_step": tokens * grad_accum * W, "activations": act_full, "activations_ckpt": act_ckpt}
     for name, states in (("ddp", ddp), ("fsdp", fsdp)):
-        static = sum(states.values())
-        out[name] = {**states, "total": static + act_full, "total_ckpt": static + act_ckpt,
-                     "fits": static + act_full + 2 * GB <= gpu_mem_gb * GB,
-                     "fits_ckpt": static + act_ckpt + 2 * GB <= gpu_mem_gb * GB}
+        for suffix, act in (("", act_full), ("_ckpt", act_ckpt)):
+            total = sum(states.values()) + act
+            if name == "fsdp" and grad_accum == 1:
+                # One micro-step: the backward frees activations block by block while the sharded
+                # gradients appear (set_to_none left none from the last step), so the peak holds
+                # the larger of the two, not both. (DDP's gradient buckets exist all along.)
+                total -= min(act, 4 * n / W)
+            out.setdefault(name, dict(states))["total" + suffix] = total
+            out[name]["fits" + suffix] = total + 2 * GB <= gpu_mem_gb * GB
     return out
 
 
@@ -159,6 +186,35 @@ def print_estimate(e, args, config):
     print(f"FLOPs per step {e['flops_per_step']:.3e} ({e['tokens_per_step']:,} tokens, 6N + attention per token); "
           f"at {args.mfu:.0%} MFU on {args.world_size} x {args.gpu}: {e['step_time_s']:.2f} s/step, "
           f"{e['tokens_per_step'] / e['step_time_s'] / args.world_size:,.0f} tokens/s per GPU")
+
+
+def dry_run(config: LlamaConfig, args, dtype):
+    """--estimate --dry_run: this script's FSDP wrapping and training step (next-token loss on a
+    B x T micro-batch, grad_accum micro-steps, AdamW) on fake tensors; common.fsdp_dry_run says how."""
+    def micro_step(model):
+        x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
+        return model(x, x)[1]
+    return fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
+                        args.activation_checkpointing, args.fsdp_skip_accum_sync)
+
+
+def print_dry_run(measured: dict, e: dict, args):
+    """The dry run's per-rank peak by category next to the closed form (the FSDP column of
+    --estimate, with or without activation checkpointing as the flags say)."""
+    f, ac = e["fsdp"], args.activation_checkpointing
+    closed = {"params": f["weights"], "grads": f["grads"], "optimizer": f["adamw"],
+              "activations": e["activations_ckpt" if ac else "activations"], "temporaries": None,
+              "total": f["total_ckpt" if ac else "total"]}
+    print(f"dry run: FSDP x {args.world_size}, {args.dtype_name}, micro-batch {args.batch_size} x {args.seq_len}, "
+          f"grad_accum {args.grad_accum}{', act. checkpointing' if ac else ''}"
+          f"{', --fsdp_skip_accum_sync' if args.fsdp_skip_accum_sync else ''} (fake tensors, fake process group)")
+    print(f"{'peak GB per rank':<28}{'dry run':>10}{'closed form':>13}")
+    for key in (*DRY_RUN_CATEGORIES, "total"):
+        cf = "(in activations)" if closed[key] is None else f"{closed[key] / GB:.2f}"
+        print(f"{key:<28}{measured[key] / GB:>10.2f}{cf:>13}")
+    gap = closed["total"] / measured["total"] - 1
+    print(f"closed form vs dry run: {gap:+.1%}; headroom on {args.gpu_mem_gb:.0f} GB after ~2 GB for the CUDA context "
+          f"and NCCL: {1 - (measured['total'] + 2 * GB) / (args.gpu_mem_gb * GB):.0%}")
 
 
 # -----------------------------------------------------------------------------
@@ -208,8 +264,13 @@ def main(argv=None):
         config = model_config_from_args(args, PRESETS[args.model]["vocab_size"])
         args.seq_len = args.seq_len or config.max_seq_len
         args.dtype_name = str(dtype).replace("torch.", "")
-        print_estimate(estimate(config, args.batch_size, args.seq_len, args.grad_accum, args.world_size, dtype,
-                                args.gpu, args.mfu, args.gpu_mem_gb), args, config)
+        e = estimate(config, args.batch_size, args.seq_len, args.grad_accum, args.world_size, dtype, args.gpu,
+                     args.mfu, args.gpu_mem_gb, args.fsdp_skip_accum_sync)
+        print_estimate(e, args, config)
+        if args.dry_run:
+            measured = dry_run(config, args, dtype)
+            print_dry_run(measured, e, args)
+            return measured
         return
     if args.data is None:
         fail("--data is required: a directory written by data/prepare.py")

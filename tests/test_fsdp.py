@@ -4,7 +4,7 @@ Two kinds of check:
   * real gloo processes (one fork-started group of 2, FileStore, one thread each; see
     ../shared/CPU_TESTING.md): gradient accumulation under FSDP gives the gradients of the whole
     batch and holds no unsharded gradient between micro-steps; FSDP in bf16 matches DDP in bf16;
-  * the fake-tensor dry run (common.dry_run): the real wrapping and training step of a 7B-wide
+  * the fake-tensor dry run (common.fsdp_dry_run): the real wrapping and training step of a 7B-wide
     model over a fake process group of 8 ranks, whose per-rank memory --estimate must match, and
     which must show a regression (skipping the gradient sync under accumulation) as a memory jump.
 """
@@ -160,3 +160,57 @@ def test_fsdp_bf16_matches_ddp_bf16(two_ranks):
         # rotary table and residual stream reach the blocks in fp32 under both (FSDP's default
         # policy would cast them to bf16)
         assert b["dtypes_seen"] == ["torch.float32"], b
+
+
+# -----------------------------------------------------------------------------
+# The dry run: fake tensors over a fake process group (no values: the numbers are exact
+# functions of the shapes, the same on every CPU)
+
+DRY = ["--estimate", "--dry_run", "--model", "llama1-7b", "--n_layers", "2", "--world_size", "8", "--batch_size", "1",
+       "--seq_len", "2048", "--grad_accum", "2", "--activation_checkpointing"]
+
+
+def test_dry_run_at_7b_width_matches_the_closed_form(capsys):
+    """pretrain.py --estimate --dry_run at the CI size: llama1-7b width, 2 layers, 8 ranks, bf16,
+    activation checkpointing, 2 micro-steps. The closed form stays within the +-15% the README
+    recipes are held to; the AdamW states are exactly two fp32 moments of this rank's shard (and a
+    step counter per tensor)."""
+    measured = pretrain.main(DRY)
+    out = capsys.readouterr().out
+    assert "dry run: FSDP x 8" in out and "closed form vs dry run" in out
+    c = LlamaConfig.from_preset("llama1-7b", n_layers=2, max_seq_len=2048)
+    e = pretrain.estimate(c, 1, 2048, 2, 8, torch.bfloat16)
+    n = e["params"]
+    with torch.device("meta"):
+        n_tensors = len(list(Llama(c).parameters()))
+    assert measured["optimizer"] == 8 * n / 8 + 4 * n_tensors   # + AdamW's fp32 step counter per tensor
+    assert measured["total"] == sum(measured[k] for k in common.DRY_RUN_CATEGORIES)
+    assert abs(e["fsdp"]["total_ckpt"] / measured["total"] - 1) < 0.15, (e["fsdp"], measured)
+
+
+def test_dry_run_shows_skipped_gradient_sync_as_a_memory_jump(capsys):
+    """The regression of issue #18: skipping FSDP's gradient sync on all but the last micro-step
+    (the old grad_sync) makes every rank hold the whole model's unsharded fp32 gradients. The dry
+    run must show it: those 4 bytes per parameter among its gradients and temporaries (where the
+    tracker files FSDP's accumulators), at least 2 bytes per parameter more in total than the
+    default (measured 2.1: at this 2-layer shape the default's peak holds the 262M-parameter
+    embedding and head units' gradients and logits), and the closed form (which counts it under
+    --fsdp_skip_accum_sync) must follow."""
+    default = common.fsdp_dry_run(*_pretrain_step(), world_size=8, grad_accum=2, activation_checkpointing=True)
+    skipped = common.fsdp_dry_run(*_pretrain_step(), world_size=8, grad_accum=2, activation_checkpointing=True,
+                                  skip_accum_sync=True)
+    c = LlamaConfig.from_preset("llama1-7b", n_layers=2, max_seq_len=2048)
+    e = pretrain.estimate(c, 1, 2048, 2, 8, torch.bfloat16, skip_accum_sync=True)
+    n = e["params"]
+    assert skipped["grads"] + skipped["temporaries"] >= 4 * n
+    assert skipped["total"] - default["total"] > 2 * n, (default, skipped)
+    assert abs(e["fsdp"]["total_ckpt"] / skipped["total"] - 1) < 0.15, (e["fsdp"], skipped)
+
+
+def _pretrain_step():
+    c = LlamaConfig.from_preset("llama1-7b", n_layers=2, max_seq_len=2048)
+
+    def micro_step(model):
+        x = torch.randint(0, c.vocab_size, (1, 2048))
+        return model(x, x)[1]
+    return (lambda: Llama(c)), micro_step
