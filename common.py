@@ -60,6 +60,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -106,6 +107,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     and left for its owner to destroy."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    _refuse_bare_srun()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -126,11 +128,31 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         torch.set_num_threads(max(1, cores // local_world))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {}
         if backend == "nccl":
             _warn_small_shm()
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+            # As torchtitan: a hung collective raises on every rank instead of blocking forever
+            # (3 = tear down the process group and the process), and the flight recorder keeps the
+            # last collectives of each rank and dumps them on a timeout, to see which rank hung
+            # where. 300 s allows the first step's slow starts (NCCL setup, compilation). Unset
+            # variables only: an operator's own settings win. Never run on a GPU here (no GPU).
+            for key, value in (("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3"), ("TORCH_NCCL_TRACE_BUFFER_SIZE", "20000"),
+                               ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")):
+                os.environ.setdefault(key, value)
+            kwargs["timeout"] = timedelta(seconds=300)
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None, **kwargs)
         info.owns_group = True
     return info
+
+
+def _refuse_bare_srun():
+    """`srun python pretrain.py` (no torchrun) starts SLURM_NTASKS copies that each see no
+    WORLD_SIZE: N unrelated single-process runs, all on cuda:0, all writing one --out_dir. Refuse."""
+    tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if tasks > 1 and "WORLD_SIZE" not in os.environ and not dist.is_initialized():
+        fail(f"started by srun as {tasks} tasks without torchrun: each would train alone on cuda:0 and write the "
+             f"same --out_dir. Launch one torchrun per node: srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES "
+             f"--nproc_per_node=GPUS --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500 ...")
 
 
 def _warn_small_shm(min_bytes=1 << 30):

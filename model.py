@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
 
@@ -121,7 +122,16 @@ PRESETS = {
 }
 
 # Dense bf16 peak FLOP/s per device, for MFU (spec sheets; sparsity figures excluded).
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "L40S": 362e12,
+              "4090": 165e12}
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """PEAK_FLOPS of a device name as CUDA reports it ("NVIDIA A100-SXM4-80GB", "NVIDIA L40S"), or
+    None. Whole words only: a substring test finds "L4" inside "L40S" (3x too low a peak, MFU 3x
+    too high)."""
+    words = set(re.split(r"[\s_-]+", device_name))
+    return next((f for k, f in PEAK_FLOPS.items() if k in words), None)
 
 # -----------------------------------------------------------------------------
 # Building blocks

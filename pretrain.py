@@ -36,7 +36,7 @@ from common import (DRY_RUN_CATEGORIES, JsonlLogger, add_common_args, all_reduce
                     latest_checkpoint, load_model, lr_at, parse_config, print0, read_checkpoint_meta, resolve_dtype, resolve_parallel,
                     restore_checkpoint, rotate_checkpoints, save_checkpoint, save_config, seed_everything,
                     set_lr, setup_distributed, teardown_distributed, warn_if_low_disk, wrap_model)
-from model import PEAK_FLOPS, PRESETS, Llama, LlamaConfig
+from model import PEAK_FLOPS, PRESETS, Llama, LlamaConfig, peak_flops
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # separate random streams for training and validation windows
 
@@ -370,7 +370,7 @@ def train(args, info):
     logger = JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
     flops_per_token = raw.flops_per_token(args.seq_len)
-    peak = next((f for k, f in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
+    peak = peak_flops(torch.cuda.get_device_name(device)) \
         if device.type == "cuda" else None
     n_params = raw.num_params()
     # resume checkpoints: fp32 weights + 2 AdamW moments = 12 bytes/parameter; best and final: 4 bytes

@@ -214,3 +214,26 @@ def _pretrain_step():
         x = torch.randint(0, c.vocab_size, (1, 2048))
         return model(x, x)[1]
     return (lambda: Llama(c)), micro_step
+
+
+# -----------------------------------------------------------------------------
+# Operations
+
+
+def test_srun_without_torchrun_is_refused(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    with pytest.raises(SystemExit, match="srun as 16 tasks without torchrun"):
+        common.setup_distributed("cpu")
+    monkeypatch.setenv("SLURM_NTASKS", "1")          # a one-task allocation is a plain single process
+    assert common.setup_distributed("cpu").world_size == 1
+
+
+def test_peak_flops_matches_whole_device_names():
+    from model import PEAK_FLOPS, peak_flops
+    assert peak_flops("NVIDIA L40S") == PEAK_FLOPS["L40S"] != PEAK_FLOPS["L4"]   # "L4" is inside "L40S"
+    assert peak_flops("NVIDIA L4") == PEAK_FLOPS["L4"]
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == PEAK_FLOPS["A100"]
+    assert peak_flops("NVIDIA H100 80GB HBM3") == PEAK_FLOPS["H100"]
+    assert peak_flops("NVIDIA GeForce RTX 4090") == PEAK_FLOPS["4090"]
+    assert peak_flops("Tesla T4") is None
