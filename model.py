@@ -315,8 +315,12 @@ class Attention(nn.Module):
         # chunk is shorter than the keys (decoding with a cache), so callers pass a mask then.
         gqa = {}
         if self.n_kv_heads != self.n_heads:
-            if _SDPA_GQA:
-                gqa = {"enable_gqa": True}   # the kernel indexes the shared head: no copies
+            # enable_gqa: the kernel indexes the shared head, no copies. But on CUDA only the flash
+            # kernel takes it, and flash takes no mask: a mask (padding, cached chunks) with
+            # enable_gqa falls back to the O(T^2)-memory math kernel (pytorch#139586). Repeating
+            # k and v there keeps the memory-efficient kernel. (CPU's flash kernel takes both.)
+            if _SDPA_GQA and (mask is None or q.device.type != "cuda"):
+                gqa = {"enable_gqa": True}
             else:
                 k, v = self._repeat_kv(k), self._repeat_kv(v)
         T, S = q.size(-2), k.size(-2)

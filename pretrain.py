@@ -208,10 +208,10 @@ def print_dry_run(measured: dict, e: dict, args):
     print(f"dry run: FSDP x {args.world_size}, {args.dtype_name}, micro-batch {args.batch_size} x {args.seq_len}, "
           f"grad_accum {args.grad_accum}{', act. checkpointing' if ac else ''}"
           f"{', --fsdp_skip_accum_sync' if args.fsdp_skip_accum_sync else ''} (fake tensors, fake process group)")
-    print(f"{'peak GB per rank':<28}{'dry run':>10}{'closed form':>13}")
+    print(f"{'peak GB per rank':<28}{'dry run':>10}{'closed form':>18}")
     for key in (*DRY_RUN_CATEGORIES, "total"):
         cf = "(in activations)" if closed[key] is None else f"{closed[key] / GB:.2f}"
-        print(f"{key:<28}{measured[key] / GB:>10.2f}{cf:>13}")
+        print(f"{key:<28}{measured[key] / GB:>10.2f}{cf:>18}")
     gap = closed["total"] / measured["total"] - 1
     print(f"closed form vs dry run: {gap:+.1%}; headroom on {args.gpu_mem_gb:.0f} GB after ~2 GB for the CUDA context "
           f"and NCCL: {1 - (measured['total'] + 2 * GB) / (args.gpu_mem_gb * GB):.0%}")
