@@ -465,8 +465,53 @@ def eval_mode(model: nn.Module):
 DRY_RUN_CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries")
 
 
+def add_dry_run_args(group):
+    """The dry run's flags, the same in every stage that has one (pretrain, sft, dpo)."""
+    group.add_argument("--dry_run", action="store_true",
+                       help="run this stage's FSDP wrapping and training step on fake tensors over a fake process "
+                            "group of --world_size ranks (no memory, no GPU; seconds to minutes on a CPU) and print "
+                            "the per-rank peak memory by category, then exit")
+    group.add_argument("--world_size", type=int, default=8, help="GPUs to estimate / dry-run for")
+    group.add_argument("--gpu_mem_gb", type=float, default=80.0, help="memory per GPU, GB (1e9 bytes)")
+
+
+def dry_run_config(init_from: str) -> LlamaConfig:
+    """The shape of the model a stage would start from, without reading any weights: a preset name
+    (e.g. llama1-7b: no checkpoint needed to plan a run) or one of our checkpoints / run dirs."""
+    from model import PRESETS
+    if init_from in PRESETS:
+        return LlamaConfig.from_preset(init_from)
+    path = resolve_checkpoint(init_from)
+    if is_hf_dir(path):
+        fail(f"--dry_run reads no HuggingFace config: pass the preset of the same shape as --init_from "
+             f"(one of {sorted(PRESETS)})")
+    meta = read_checkpoint_meta(path)
+    _refuse_other_kind(meta, path)
+    return LlamaConfig.from_dict(meta["model_config"])
+
+
+def dry_run_label(stage: str, args, dtype: torch.dtype, batch: str) -> str:
+    """One line naming what a dry run ran: stage, ranks, dtype, micro-batch, accumulation, flags."""
+    return (f"{stage}, FSDP x {args.world_size}, {str(dtype).replace('torch.', '')}, micro-batch {batch}, "
+            f"grad_accum {args.grad_accum}" + (", act. checkpointing" if args.activation_checkpointing else "")
+            + (", --fsdp_skip_accum_sync" if args.fsdp_skip_accum_sync else ""))
+
+
+def print_dry_run(measured: dict, world_size: int, gpu_mem_gb: float, what: str, closed: dict = None):
+    """The dry run's per-rank peak by category, next to a closed form's numbers if given."""
+    print(f"dry run: {what} (fake tensors, fake process group of {world_size})")
+    print(f"{'peak GB per rank':<28}{'dry run':>10}" + (f"{'closed form':>18}" if closed else ""))
+    for key in (*DRY_RUN_CATEGORIES, "total"):
+        cf = "" if not closed else "(in activations)" if closed.get(key) is None else f"{closed[key] / 1e9:.2f}"
+        print(f"{key:<28}{measured[key] / 1e9:>10.2f}" + (f"{cf:>18}" if closed else ""))
+    if closed:
+        print(f"closed form vs dry run: {closed['total'] / measured['total'] - 1:+.1%}")
+    print(f"headroom on {gpu_mem_gb:.0f} GB after ~2 GB for the CUDA context and NCCL: "
+          f"{1 - (measured['total'] + 2e9) / (gpu_mem_gb * 1e9):.0%}")
+
+
 def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.bfloat16, grad_accum: int = 1,
-            activation_checkpointing: bool = False, skip_accum_sync: bool = False, trainable=None) -> dict:
+                 activation_checkpointing: bool = False, skip_accum_sync: bool = False, frozen=None) -> dict:
     """Per-rank peak memory of a stage's real FSDP training step at any size, on a laptop.
 
     The model is built on the meta device (build() -> nn.Module, called under torch.device("meta")),
@@ -476,8 +521,10 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
     return at once). Two optimizer steps run through grad_sync, autocast, gradient clipping and
     AdamW; the second one's forward and backward passes are tracked by FSDPMemTracker, which
     attributes every live tensor to a category. micro_step(model) -> loss runs one micro-batch's
-    forward (it makes its own inputs, e.g. torch.randint). trainable(model) -> the module whose
-    parameters AdamW trains (default: all of it; a frozen reference model would be left out).
+    forward (it makes its own inputs, e.g. torch.randint). frozen: a second builder, for a frozen
+    model sharded the same way with no gradients and no optimizer (DPO's reference); then
+    micro_step(model, frozen_model). Its sharded weights are added to "params" (the tracker follows
+    the trained model only; the frozen one's gathered weights show up as temporaries).
 
     grad_accum > 2 runs as 2 micro-steps: the third and later ones repeat the second's memory.
     Returns bytes per rank at the peak: DRY_RUN_CATEGORIES plus "total". Not counted (budget
@@ -499,9 +546,17 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
             raw = build()
         model = wrap_model(raw, info, "fsdp", dtype, activation_checkpointing=activation_checkpointing,
                            skip_accum_sync=skip_accum_sync)
+        extra = ()
+        if frozen is not None:
+            with torch.device("meta"):
+                ref = frozen().requires_grad_(False)
+            extra = (wrap_model(ref, info, "fsdp", dtype).eval(),)
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")  # the values do not matter: fake tensors have none
-            optimizer = configure_optimizer(trainable(model) if trainable else model, 1e-4, 0.1)
+            for m in extra:
+                m.to_empty(device="cpu")
+            frozen_bytes = sum(p.to_local().nbytes for m in extra for p in m.parameters())
+            optimizer = configure_optimizer(model, 1e-4, 0.1)
 
             def step(micro_steps, tracker=None):
                 for micro in range(micro_steps):
@@ -509,7 +564,7 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
                         tracker.reset_mod_stats()  # the tracker refuses a second forward otherwise
                     with grad_sync(model, micro == micro_steps - 1):
                         with autocast(info.device, dtype):
-                            loss = micro_step(model)
+                            loss = micro_step(model, *extra)
                         (loss / micro_steps).backward()
 
             step(1)  # step 1 only creates the AdamW states
@@ -529,7 +584,8 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
               "grads": ("SHARDED_GRAD", "UNSHARDED_GRAD", "REDUCE_SCATTER"),
               "optimizer": ("OPT",), "activations": ("ACT", "INP"), "temporaries": ("TEMP",)}
     out = {cat: sum(by_name.get(k, 0) for k in keys) for cat, keys in groups.items()}
-    out["total"] = by_name["Total"]
+    out["params"] += frozen_bytes
+    out["total"] = by_name["Total"] + frozen_bytes
     return out
 
 

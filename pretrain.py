@@ -31,11 +31,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (DRY_RUN_CATEGORIES, JsonlLogger, add_common_args, all_reduce_mean, autocast, barrier,
-                    checkpoint_path, clip_grad_norm, configure_optimizer, eval_mode, fail, fsdp_dry_run, grad_sync,
-                    latest_checkpoint, load_model, lr_at, parse_config, print0, read_checkpoint_meta, resolve_dtype, resolve_parallel,
-                    restore_checkpoint, rotate_checkpoints, save_checkpoint, save_config, seed_everything,
-                    set_lr, setup_distributed, teardown_distributed, warn_if_low_disk, wrap_model)
+from common import (JsonlLogger, add_common_args, add_dry_run_args, all_reduce_mean, autocast, barrier,
+                    checkpoint_path, clip_grad_norm, configure_optimizer, dry_run_label, eval_mode, fail, fsdp_dry_run,
+                    grad_sync,
+                    latest_checkpoint, load_model, lr_at, parse_config, print0, print_dry_run, read_checkpoint_meta,
+                    resolve_dtype, resolve_parallel, restore_checkpoint, rotate_checkpoints, save_checkpoint,
+                    save_config, seed_everything, set_lr, setup_distributed, teardown_distributed, warn_if_low_disk,
+                    wrap_model)
 from model import PEAK_FLOPS, PRESETS, Llama, LlamaConfig, peak_flops
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # separate random streams for training and validation windows
@@ -67,14 +69,9 @@ def get_parser():
                    help="stop after this many consecutive steps with a non-finite loss or gradient")
     e = parser.add_argument_group("--estimate: memory and time before launching anything")
     e.add_argument("--estimate", action="store_true", help="print parameters, memory per GPU and step time, then exit")
-    e.add_argument("--world_size", type=int, default=8, help="GPUs to estimate for")
+    add_dry_run_args(e)
     e.add_argument("--gpu", default="A100", choices=sorted(PEAK_FLOPS), help="GPU kind for the step time")
-    e.add_argument("--gpu_mem_gb", type=float, default=80.0, help="memory per GPU, GB (1e9 bytes)")
     e.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
-    e.add_argument("--dry_run", action="store_true",
-                   help="with --estimate: also run FSDP's real wrapping and training step on fake tensors over a fake "
-                        "process group of --world_size ranks (no memory, no GPU; seconds to a minute) and print its "
-                        "per-rank peak memory by category next to the closed form")
     return parser
 
 
@@ -198,23 +195,12 @@ def dry_run(config: LlamaConfig, args, dtype):
                         args.activation_checkpointing, args.fsdp_skip_accum_sync)
 
 
-def print_dry_run(measured: dict, e: dict, args):
-    """The dry run's per-rank peak by category next to the closed form (the FSDP column of
-    --estimate, with or without activation checkpointing as the flags say)."""
-    f, ac = e["fsdp"], args.activation_checkpointing
-    closed = {"params": f["weights"], "grads": f["grads"], "optimizer": f["adamw"],
-              "activations": e["activations_ckpt" if ac else "activations"], "temporaries": None,
-              "total": f["total_ckpt" if ac else "total"]}
-    print(f"dry run: FSDP x {args.world_size}, {args.dtype_name}, micro-batch {args.batch_size} x {args.seq_len}, "
-          f"grad_accum {args.grad_accum}{', act. checkpointing' if ac else ''}"
-          f"{', --fsdp_skip_accum_sync' if args.fsdp_skip_accum_sync else ''} (fake tensors, fake process group)")
-    print(f"{'peak GB per rank':<28}{'dry run':>10}{'closed form':>18}")
-    for key in (*DRY_RUN_CATEGORIES, "total"):
-        cf = "(in activations)" if closed[key] is None else f"{closed[key] / GB:.2f}"
-        print(f"{key:<28}{measured[key] / GB:>10.2f}{cf:>18}")
-    gap = closed["total"] / measured["total"] - 1
-    print(f"closed form vs dry run: {gap:+.1%}; headroom on {args.gpu_mem_gb:.0f} GB after ~2 GB for the CUDA context "
-          f"and NCCL: {1 - (measured['total'] + 2 * GB) / (args.gpu_mem_gb * GB):.0%}")
+def closed_form_by_category(e: dict, activation_checkpointing: bool) -> dict:
+    """--estimate's FSDP column in the dry run's categories (temporaries are in its activations)."""
+    f, ac = e["fsdp"], activation_checkpointing
+    return {"params": f["weights"], "grads": f["grads"], "optimizer": f["adamw"],
+            "activations": e["activations_ckpt" if ac else "activations"], "temporaries": None,
+            "total": f["total_ckpt" if ac else "total"]}
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +245,7 @@ def open_split(data_dir, split, tokenizer):
 
 def main(argv=None):
     args = parse_config(get_parser(), argv)
-    if args.estimate:
+    if args.estimate or args.dry_run:
         dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16  # GPU training: bf16 unless asked
         config = model_config_from_args(args, PRESETS[args.model]["vocab_size"])
         args.seq_len = args.seq_len or config.max_seq_len
@@ -269,7 +255,9 @@ def main(argv=None):
         print_estimate(e, args, config)
         if args.dry_run:
             measured = dry_run(config, args, dtype)
-            print_dry_run(measured, e, args)
+            print_dry_run(measured, args.world_size, args.gpu_mem_gb,
+                          dry_run_label("pretrain", args, dtype, f"{args.batch_size} x {args.seq_len}"),
+                          closed_form_by_category(e, args.activation_checkpointing))
             return measured
         return
     if args.data is None:

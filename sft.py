@@ -55,6 +55,7 @@ from common import print0
 from data.formats import read_conversations
 from data.prepare import load_tokens
 from data.sft_prepare import FORMAT as SFT_MEMMAP_FORMAT, SFTDataset
+from model import Llama
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -88,10 +89,11 @@ def get_args(argv=None):
     # max_steps 0 means "from --epochs"; eval_steps 0 evaluates on the whole held-out split.
     parser.set_defaults(lr=1e-4, min_lr=1e-5, warmup_steps=20, max_steps=0, weight_decay=0.0, eval_interval=100,
                         eval_steps=0, save_interval=200, out_dir="out/sft", batch_size=16)
+    common.add_dry_run_args(parser.add_argument_group("--dry_run: memory per GPU before launching anything"))
     args = common.parse_config(parser, argv)
     if not args.init_from:
         common.fail("--init_from is required: SFT starts from a pretrained checkpoint, run dir or HF directory")
-    if not args.data:
+    if not args.data and not args.dry_run:
         common.fail("--data is required (conversation files, or a data/sft_prepare.py directory)")
     if not 0 <= args.pretrain_ratio < 1:
         common.fail(f"--pretrain_ratio must be in [0, 1), got {args.pretrain_ratio}")
@@ -290,8 +292,28 @@ def evaluate(model, split, pad_id, args, info, ctx):
 # Main
 
 
+def dry_run(args):
+    """--dry_run: this script's FSDP step on fake tensors (common.fsdp_dry_run) for the model of
+    --init_from (a preset name will do: no checkpoint needed), micro-batches of batch_size x
+    seq_len with the loss on the second half of each sequence (masked targets cost what full ones do)."""
+    config = common.dry_run_config(args.init_from)
+    T = args.seq_len or config.max_seq_len
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16   # GPU training: bf16 unless asked
+
+    def micro_step(model):
+        x = torch.randint(0, config.vocab_size, (args.batch_size, T))
+        return model(x, x.masked_fill(torch.arange(T) < T // 2, -100))[1]
+    measured = common.fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
+                                   args.activation_checkpointing, args.fsdp_skip_accum_sync)
+    common.print_dry_run(measured, args.world_size, args.gpu_mem_gb,
+                         common.dry_run_label("sft", args, dtype, f"{args.batch_size} x {T}"))
+    return measured
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     info = common.setup_distributed(args.device)
     try:
         return train(args, info)

@@ -177,7 +177,7 @@ def test_dry_run_at_7b_width_matches_the_closed_form(capsys):
     step counter per tensor)."""
     measured = pretrain.main(DRY)
     out = capsys.readouterr().out
-    assert "dry run: FSDP x 8" in out and "closed form vs dry run" in out
+    assert "dry run: pretrain, FSDP x 8" in out and "closed form vs dry run: +" in out
     c = LlamaConfig.from_preset("llama1-7b", n_layers=2, max_seq_len=2048)
     e = pretrain.estimate(c, 1, 2048, 2, 8, torch.bfloat16)
     n = e["params"]
@@ -237,3 +237,23 @@ def test_peak_flops_matches_whole_device_names():
     assert peak_flops("NVIDIA H100 80GB HBM3") == PEAK_FLOPS["H100"]
     assert peak_flops("NVIDIA GeForce RTX 4090") == PEAK_FLOPS["4090"]
     assert peak_flops("Tesla T4") is None
+
+
+def test_sft_and_dpo_dry_runs(capsys):
+    """sft.py / dpo.py --dry_run on the tiny preset (no checkpoint needed): SFT's step costs what
+    pretraining's does at the same shape (masked targets change no tensor size); DPO's frozen
+    reference adds exactly its fp32 shards to the parameters and nothing to the gradients or the
+    optimizer, and --precompute_ref takes it away."""
+    import dpo
+    import sft
+    flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16", "--grad_accum", "2"]
+    s = sft.main(["--dry_run", "--init_from", "tiny", "--seq_len", "64", *flags])
+    p = pretrain.main(["--dry_run", "--model", "tiny", "--seq_len", "64", *flags])
+    assert s == p
+    with_ref = dpo.main(["--dry_run", "--init_from", "tiny", "--max_seq_len", "64", *flags])
+    pre = dpo.main(["--dry_run", "--init_from", "tiny", "--max_seq_len", "64", "--precompute_ref", *flags])
+    n = Llama(LlamaConfig.from_preset("tiny")).num_params()
+    assert with_ref["params"] - pre["params"] == 4 * n / 4
+    assert with_ref["grads"] == pre["grads"] and with_ref["optimizer"] == pre["optimizer"]
+    out = capsys.readouterr().out
+    assert "dry run: sft, FSDP x 4" in out and "reference sharded, frozen" in out and "reference precomputed" in out
