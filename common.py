@@ -351,7 +351,7 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
     skip_accum_sync (FSDP only, --fsdp_skip_accum_sync): see grad_sync."""
     if parallel in ("ddp", "fsdp") and not info.distributed:
         fail(f"--parallel {parallel} needs several processes: launch with torchrun --nproc_per_node=N")
-    llama = model if hasattr(model, "layers") else getattr(model, "backbone", model)  # reward.py: .backbone
+    llama = getattr(model, "backbone", model)  # reward.py's RewardModel holds its Llama as .backbone
     blocks = list(getattr(llama, "layers", []))
     if activation_checkpointing:
         for block in blocks:
@@ -386,7 +386,8 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
             fully_shard(llama.tok_embeddings, mesh=mesh, mp_policy=MixedPrecisionPolicy(
                 param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, output_dtype=torch.float32,
                 cast_forward_inputs=False) if bf16 else mp)
-            fully_shard([llama.norm, llama.output], mesh=mesh, mp_policy=mp)
+            # (reward.py's backbone has no head: output is None there)
+            fully_shard([m for m in (llama.norm, llama.output) if m is not None], mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)  # the root unit: whatever is left (tied weights, heads)
         model.skip_accum_sync = skip_accum_sync  # read by grad_sync
         return model
