@@ -151,12 +151,13 @@ def test_fsdp_bf16_matches_ddp_bf16(two_ranks):
         b = out["bf16"]
         # FSDP gathers bf16 parameters, DDP's autocast casts fp32 ones to bf16: the same values
         # except the norm gains (fp32 under DDP); and the reductions run in other orders.
-        # Tolerance: bf16 has 8 mantissa bits (relative rounding 2^-9 ~ 2e-3) and the losses of
-        # the tiny model are ~5.5; measured differences are below 1e-2 on the losses of 3 AdamW
-        # steps at lr 1e-2, and 1e-3 on the first step's gradients (largest |grad| ~ 0.1).
+        # Tolerance: bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 2e-3; the losses are
+        # ~5.5). Measured over ATEN_CPU_CAPABILITY default / avx2 / avx512 and MKL AVX2 (the
+        # workers run one thread each): losses of 3 AdamW steps at lr 1e-2 within 5.5e-4-5.7e-4,
+        # first-step gradients within 3.7e-4 (largest |grad| ~ 0.1). Bounds ~10x those.
         for a, b_ in zip(b["ddp"]["losses"], b["fsdp"]["losses"]):
-            assert abs(a - b_) < 3e-2, b
-        assert b["grad_diff"] < 5e-3, b
+            assert abs(a - b_) < 5e-3, b
+        assert b["grad_diff"] < 3e-3, b
         # rotary table and residual stream reach the blocks in fp32 under both (FSDP's default
         # policy would cast them to bf16)
         assert b["dtypes_seen"] == ["torch.float32"], b
