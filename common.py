@@ -908,6 +908,50 @@ def load_model(path: str, device="cpu"):
     return model.to(device), meta
 
 
+def load_model_sharded(path: str, info: DistInfo, wrap):
+    """--init_from under FSDP with no whole model on any rank -> (wrapped model, meta) as load_model.
+    The Llama is built on the meta device (no memory), wrap(model) shards it (wrap_model with the
+    run's flags), to_empty materialises this rank's shards only, and each rank fills them:
+      our DCP directory   dcp.load reads just the pieces of this rank's shards;
+      our .pt file        torch.load(mmap=True): the file is mapped, not read; copying this rank's
+                          rows of each tensor pages in only those rows (plus the OS's read-ahead);
+      a HuggingFace dir   not sharded yet: read whole on every rank (load_model), then wrapped.
+    load_model instead builds the whole fp32 model on every rank (27 GB at 7B, per rank)."""
+    path = resolve_checkpoint(path)
+    if is_hf_dir(path):
+        model, meta = load_model(path)
+        return wrap(model.to(info.device)), meta
+    meta = read_checkpoint_meta(path)
+    _refuse_other_kind(meta, path)
+    with torch.device("meta"):
+        raw = Llama(LlamaConfig.from_dict(meta["model_config"]))
+    model = wrap(raw)
+    model.to_empty(device=info.device)
+    with torch.no_grad():
+        raw.init_weights()  # for the buffers (rotary table, eps): the weights are overwritten below
+    if os.path.isdir(path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+    else:
+        full = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
+        params = dict(raw.named_parameters())
+        if set(full) != set(params):
+            fail(f"{path}: its weights do not match the model: missing {sorted(set(params) - set(full))[:5]}, "
+                 f"unexpected {sorted(set(full) - set(params))[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                local = p.to_local() if hasattr(p, "to_local") else p
+                # FSDP2 shards dim 0 as torch.chunk does: ceil(rows / W) rows per rank, in rank order
+                start = p.device_mesh.get_local_rank() * -(-full[name].size(0) // info.world_size) \
+                    if local is not p else 0
+                local.copy_(full[name][start:start + local.size(0)])
+    meta["path"] = path
+    return model, meta
+
+
 def _refuse_other_kind(meta: dict, path: str):
     """Language-model checkpoints carry no "kind"; a stage that saves another model (reward.py's
     RewardModel: a backbone plus a scalar head) marks its checkpoints with one. Say so, instead of

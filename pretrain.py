@@ -33,11 +33,10 @@ from tqdm import tqdm
 
 from common import (JsonlLogger, add_common_args, add_dry_run_args, all_reduce_mean, autocast, barrier,
                     checkpoint_path, clip_grad_norm, configure_optimizer, dry_run_label, eval_mode, fail, fsdp_dry_run,
-                    grad_sync,
-                    latest_checkpoint, load_model, lr_at, parse_config, print0, print_dry_run, read_checkpoint_meta,
-                    resolve_dtype, resolve_parallel, restore_checkpoint, rotate_checkpoints, save_checkpoint,
-                    save_config, seed_everything, set_lr, setup_distributed, teardown_distributed, warn_if_low_disk,
-                    wrap_model)
+                    grad_sync, latest_checkpoint, load_model, load_model_sharded, lr_at, parse_config, print0,
+                    print_dry_run, read_checkpoint_meta, resolve_dtype, resolve_parallel, restore_checkpoint,
+                    rotate_checkpoints, save_checkpoint, save_config, seed_everything, set_lr, setup_distributed,
+                    teardown_distributed, warn_if_low_disk, wrap_model)
 from model import PEAK_FLOPS, PRESETS, Llama, LlamaConfig, peak_flops
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # separate random streams for training and validation windows
@@ -297,12 +296,19 @@ def train(args, info):
         print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
 
     # --- model ----------------------------------------------------------------
+    def wrap(m):
+        return wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
+                          args.fsdp_skip_accum_sync)
+
     if resume_path:  # the checkpoint knows the shape; its weights are loaded after wrapping
         resume_meta = read_checkpoint_meta(resume_path)
         config = LlamaConfig.from_dict(resume_meta["model_config"])
         model, src = None, f"resume {resume_path}"
     elif args.init_from:
-        model, init_meta = load_model(args.init_from)
+        if args.parallel == "fsdp":   # built on meta, sharded, each rank reads only its shards
+            model, init_meta = load_model_sharded(args.init_from, info, wrap)
+        else:
+            model, init_meta = load_model(args.init_from)
         config, src = model.config, f"init_from {init_meta['path']}"
         their = (init_meta.get("tokenizer") or {}).get("sha256")
         if their and their != tok.sha256:
@@ -322,15 +328,15 @@ def train(args, info):
                  f"{args.seq_len + 1}; prepare more data or lower --seq_len")
 
     meta_init = model is None and args.parallel == "fsdp" and device.type == "cuda"
+    already_wrapped = model is not None and args.parallel == "fsdp"   # load_model_sharded wrapped it
     if model is None:
         # FSDP on GPUs: build on the meta device (no memory), shard, then materialise and initialise
         # only this rank's shard, so a 65B model never exists whole on one host. (On CPU the DTensor
         # random init would give every rank the same shard values, so CPU builds the whole model.)
         with torch.device("meta" if meta_init else "cpu"):
             model = Llama(config)
-    raw = model if meta_init else model.to(device)
-    model = wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
-                       args.fsdp_skip_accum_sync)
+    raw = model if meta_init or already_wrapped else model.to(device)
+    model = model if already_wrapped else wrap(raw)
     if meta_init:
         model.to_empty(device=device)
         with torch.no_grad():

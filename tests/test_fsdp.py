@@ -109,13 +109,40 @@ def check_bf16_vs_ddp(rank, info):
     return out
 
 
+def check_sharded_load(rank, info, tmp):
+    """load_model_sharded from our .pt file and from a DCP directory against load_model's whole
+    model: every parameter equal, and each rank's parameters are shards (dim 0 split in two)."""
+    torch.manual_seed(0)
+    plain = Llama(LlamaConfig.from_preset("tiny", n_layers=3, vocab_size=255))   # 255: an uneven split
+    for p in plain.parameters():
+        p.data.normal_()   # not the default init, which a bug could reproduce by chance
+    pt = common.save_checkpoint(tmp, "plain", plain, step=0, config={})
+    fsdp = common.wrap_model(Llama(plain.config), info, "fsdp")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(fsdp, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+    dcp_dir = common.save_checkpoint(tmp, "sharded", fsdp, step=0, config={})
+    out = {}
+    for name, path in (("pt", pt), ("dcp", dcp_dir)):
+        model, meta = common.load_model_sharded(path, info, lambda m: common.wrap_model(m, info, "fsdp"))
+        whole = common.load_model(path)[0]
+        local_rows = {n: p.to_local().size(0) for n, p in model.named_parameters()}
+        out[name] = {"diff": max_diff(full_params(model), dict(whole.named_parameters())),
+                     "rows": local_rows["tok_embeddings.weight"], "path": meta["path"] == path}
+    return out
+
+
+def full_params(model) -> dict:
+    return {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+
+
 def _worker(rank, store, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
     try:
         info = common.DistInfo(rank, rank, 2, torch.device("cpu"))
-        queue.put((rank, {"accum": check_accumulation(rank, info), "bf16": check_bf16_vs_ddp(rank, info)}, None))
+        queue.put((rank, {"accum": check_accumulation(rank, info), "bf16": check_bf16_vs_ddp(rank, info),
+                          "load": check_sharded_load(rank, info, os.path.dirname(store))}, None))
     except Exception:
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -258,3 +285,11 @@ def test_sft_and_dpo_dry_runs(capsys):
     assert with_ref["grads"] == pre["grads"] and with_ref["optimizer"] == pre["optimizer"]
     out = capsys.readouterr().out
     assert "dry run: sft, FSDP x 4" in out and "reference sharded, frozen" in out and "reference precomputed" in out
+
+
+def test_sharded_init_from_loads_the_same_weights(two_ranks):
+    for rank, out in two_ranks.items():
+        for kind in ("pt", "dcp"):
+            got = out["load"][kind]
+            assert got["diff"] == 0 and got["path"], (kind, got)
+            assert got["rows"] == (128 if rank == 0 else 127)   # 255 embedding rows: 128 + 127
