@@ -337,9 +337,15 @@ def train(args, info):
         print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
 
     # --- model (ours or HuggingFace) and the tokenizer it was trained with ----------------------
-    # Every rank loads the whole checkpoint on the CPU, then FSDP shards it (simple; for a 7B model
-    # that is ~28 GB of host memory per rank for a moment).
-    model, meta = common.load_model(args.init_from)
+    # FSDP: built on the meta device, sharded, and each rank reads only its own shards of our
+    # checkpoints (common.load_model_sharded); otherwise every rank loads the whole model.
+    def wrap(m):
+        return common.wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
+                                 args.fsdp_skip_accum_sync)
+    if args.parallel == "fsdp":
+        model, meta = common.load_model_sharded(args.init_from, info, wrap)
+    else:
+        model, meta = common.load_model(args.init_from)
     tok_info = meta.get("tokenizer") or {}
     tok_path = args.tokenizer or (tok_info.get("path") if os.path.isfile(tok_info.get("path") or "") else None)
     try:
@@ -393,9 +399,8 @@ def train(args, info):
     max_steps = args.max_steps if args.max_steps > 0 else max(1, round(args.epochs * steps_per_epoch))
 
     # --- wrap, optimizer, resume -------------------------------------------------------------
-    raw = model.to(device)
-    model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
-                              args.fsdp_skip_accum_sync)
+    raw = model if args.parallel == "fsdp" else model.to(device)   # (FSDP: wrapped in place already)
+    model = model if args.parallel == "fsdp" else wrap(raw)
     optimizer = common.configure_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2), device)
     common.seed_everything(args.seed + rank)  # each rank draws its own dropout masks; the data order is shared
     step, best_val, val_loss, skipped = 0, float("inf"), None, 0
