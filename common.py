@@ -67,6 +67,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -115,6 +116,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     and left for its owner to destroy."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    _refuse_bare_srun()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -135,11 +137,31 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         torch.set_num_threads(max(1, cores // local_world))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {}
         if backend == "nccl":
             _warn_small_shm()
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+            # As torchtitan: a hung collective raises on every rank instead of blocking forever
+            # (3 = tear down the process group and the process), and the flight recorder keeps the
+            # last collectives of each rank and dumps them on a timeout, to see which rank hung
+            # where. 300 s allows the first step's slow starts (NCCL setup, compilation). Unset
+            # variables only: an operator's own settings win. Never run on a GPU here (no GPU).
+            for key, value in (("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3"), ("TORCH_NCCL_TRACE_BUFFER_SIZE", "20000"),
+                               ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")):
+                os.environ.setdefault(key, value)
+            kwargs["timeout"] = timedelta(seconds=300)
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None, **kwargs)
         info.owns_group = True
     return info
+
+
+def _refuse_bare_srun():
+    """`srun python pretrain.py` (no torchrun) starts SLURM_NTASKS copies that each see no
+    WORLD_SIZE: N unrelated single-process runs, all on cuda:0, all writing one --out_dir. Refuse."""
+    tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if tasks > 1 and "WORLD_SIZE" not in os.environ and not dist.is_initialized():
+        fail(f"started by srun as {tasks} tasks without torchrun: each would train alone on cuda:0 and write the "
+             f"same --out_dir. Launch one torchrun per node: srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES "
+             f"--nproc_per_node=GPUS --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500 ...")
 
 
 def _warn_small_shm(min_bytes=1 << 30):
@@ -254,6 +276,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     g.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+    g.add_argument("--fsdp_skip_accum_sync", action=argparse.BooleanOptionalAction, default=False,
+                   help="FSDP with --grad_accum > 1: reduce-scatter once per step instead of every micro-step; "
+                        "less communication, but every rank holds unsharded fp32 gradients (4 bytes/parameter)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue from the newest step_* checkpoint in --out_dir (starts fresh if there is none)")
     lo = parser.add_argument_group("LoRA (the same in every stage; see model.py's LoRA section)")
@@ -328,7 +353,8 @@ def resolve_parallel(parallel, info: DistInfo, use: str = "ddp or fsdp") -> str:
 
 
 def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: torch.dtype = torch.float32,
-               compile: bool = False, activation_checkpointing: bool = False) -> nn.Module:
+               compile: bool = False, activation_checkpointing: bool = False,
+               skip_accum_sync: bool = False) -> nn.Module:
     """Prepare a Llama (or anything with .layers) for training; returns the module to call.
 
     The plain model stays reachable with unwrap(); its parameter names never change (no "module."
@@ -339,10 +365,12 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
     The model must already be on info.device (or on the meta device for FSDP, see pretrain.py).
     FSDP2: create the optimizer before any forward (a forward leaves the root's parameters unsharded,
     and AdamW must hold the sharded ones; dpo.py found this), and gather the root's parameters
-    (model.unshard()) or use a whole copy before calling generate() on the wrapped model."""
+    (model.unshard()) or use a whole copy before calling generate() on the wrapped model.
+    skip_accum_sync (FSDP only, --fsdp_skip_accum_sync): see grad_sync."""
     if parallel in ("ddp", "fsdp") and not info.distributed:
         fail(f"--parallel {parallel} needs several processes: launch with torchrun --nproc_per_node=N")
-    blocks = list(getattr(model, "layers", []))
+    llama = getattr(model, "backbone", model)  # reward.py's RewardModel holds its Llama as .backbone
+    blocks = list(getattr(llama, "layers", []))
     if activation_checkpointing:
         for block in blocks:
             _checkpoint_forward(block)
@@ -350,10 +378,15 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(info.device.type, (info.world_size,))
-        # bf16: parameters are all-gathered and used in bf16, gradients reduced in fp32, and the
-        # sharded master weights and AdamW states stay fp32 (FSDP2's MixedPrecisionPolicy).
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if dtype == torch.bfloat16 else MixedPrecisionPolicy()
+        # bf16, one precision scheme for one process, DDP and FSDP: autocast decides which ops run
+        # in bf16 (common.autocast). FSDP's policy only sets the dtype parameters are gathered in
+        # (bf16: half the all-gather and the gathered copies) and gradients are reduced in (fp32);
+        # the sharded master weights and AdamW states stay fp32. cast_forward_inputs=False: FSDP
+        # otherwise casts every floating input of a unit to bf16 -- the rotary table (positions up
+        # to 4k need fp32) and the fp32 residual stream passed from block to block.
+        bf16 = dtype == torch.bfloat16
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+            if bf16 else MixedPrecisionPolicy()
         for block in blocks:
             if compile:
                 # Compile the block's forward, not its __call__: FSDP's all-gather hooks run around
@@ -362,7 +395,19 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
             # One FSDP unit per block: its parameters are gathered just before it runs and freed
             # right after, so only ~2 blocks (current + prefetched) are ever whole on a GPU.
             fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)  # the root unit: embedding, final norm, head
+        tied = getattr(getattr(llama, "config", None), "tie_embeddings", True)
+        if blocks and not tied:
+            # The embedding and [final norm, head] as units of their own: gathered only while they
+            # run, instead of for the whole step as the root's parameters are (2 x 131M parameters
+            # at 7B). (Tied weights must stay in one unit: they are left to the root.) The lookup's
+            # output goes back to fp32, as autocast leaves it in one process (an fp32 residual).
+            fully_shard(llama.tok_embeddings, mesh=mesh, mp_policy=MixedPrecisionPolicy(
+                param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, output_dtype=torch.float32,
+                cast_forward_inputs=False) if bf16 else mp)
+            # (reward.py's backbone has no head: output is None there)
+            fully_shard([m for m in (llama.norm, llama.output) if m is not None], mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # the root unit: whatever is left (tied weights, heads)
+        model.skip_accum_sync = skip_accum_sync  # read by grad_sync
         return model
     if compile:
         model.compile()  # in place: compiles __call__, keeps parameter names
@@ -399,12 +444,19 @@ def is_fsdp(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def grad_sync(model: nn.Module, enabled: bool):
-    """Gradient accumulation: only the last micro-step should pay for the all-reduce. Wrap each
-    micro-step's forward AND backward:  with grad_sync(model, micro == grad_accum - 1): ...
-    DDP: no_sync() skips the all-reduce (gradients accumulate locally). FSDP2: the flag makes the
-    backward keep unsharded gradients instead of reduce-scattering them every micro-step."""
+    """Gradient accumulation: `enabled` is True on the last micro-step of an optimizer step. Wrap
+    each micro-step's forward AND backward:  with grad_sync(model, micro == grad_accum - 1): ...
+    DDP: no_sync() skips the all-reduce on the other micro-steps (gradients accumulate locally, in
+    the gradient buffers DDP holds anyway).
+    FSDP2: reduce-scatter on EVERY micro-step by default (as torchtitan does), so gradients always
+    accumulate into the sharded ones. Skipping the sync (set_requires_gradient_sync(False)) would
+    make each rank keep the unsharded gradients of the whole model in reduce_dtype (fp32) between
+    micro-steps: 4 bytes per parameter on every rank, whatever the world size -- 27 GB per GPU at
+    7B, more than the sharded weights, gradients and AdamW states together on 16 GPUs. It saves
+    communication only (one reduce-scatter per step instead of one per micro-step), so it is an
+    opt-in: wrap_model(..., skip_accum_sync=True), --fsdp_skip_accum_sync; --estimate counts it."""
     if is_fsdp(model):
-        model.set_requires_gradient_sync(enabled)
+        model.set_requires_gradient_sync(enabled or not getattr(model, "skip_accum_sync", False))
         yield
     elif not enabled and hasattr(model, "no_sync"):
         with model.no_sync():
@@ -424,6 +476,136 @@ def eval_mode(model: nn.Module):
         yield model
     finally:
         model.train(was_training)
+
+
+# -----------------------------------------------------------------------------
+# Dry run: the real FSDP training step on fake tensors (--estimate --dry_run)
+
+DRY_RUN_CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries")
+
+
+def add_dry_run_args(group):
+    """The dry run's flags, the same in every stage that has one (pretrain, sft, dpo)."""
+    group.add_argument("--dry_run", action="store_true",
+                       help="run this stage's FSDP wrapping and training step on fake tensors over a fake process "
+                            "group of --world_size ranks (no memory, no GPU; seconds to minutes on a CPU) and print "
+                            "the per-rank peak memory by category, then exit")
+    group.add_argument("--world_size", type=int, default=8, help="GPUs to estimate / dry-run for")
+    group.add_argument("--gpu_mem_gb", type=float, default=80.0, help="memory per GPU, GB (1e9 bytes)")
+
+
+def dry_run_config(init_from: str) -> LlamaConfig:
+    """The shape of the model a stage would start from, without reading any weights: a preset name
+    (e.g. llama1-7b: no checkpoint needed to plan a run) or one of our checkpoints / run dirs."""
+    from model import PRESETS
+    if init_from in PRESETS:
+        return LlamaConfig.from_preset(init_from)
+    path = resolve_checkpoint(init_from)
+    if is_hf_dir(path):
+        fail(f"--dry_run reads no HuggingFace config: pass the preset of the same shape as --init_from "
+             f"(one of {sorted(PRESETS)})")
+    meta = read_checkpoint_meta(path)
+    _refuse_other_kind(meta, path)
+    return LlamaConfig.from_dict(meta["model_config"])
+
+
+def dry_run_label(stage: str, args, dtype: torch.dtype, batch: str) -> str:
+    """One line naming what a dry run ran: stage, ranks, dtype, micro-batch, accumulation, flags."""
+    return (f"{stage}, FSDP x {args.world_size}, {str(dtype).replace('torch.', '')}, micro-batch {batch}, "
+            f"grad_accum {args.grad_accum}" + (", act. checkpointing" if args.activation_checkpointing else "")
+            + (", --fsdp_skip_accum_sync" if args.fsdp_skip_accum_sync else ""))
+
+
+def print_dry_run(measured: dict, world_size: int, gpu_mem_gb: float, what: str, closed: dict = None):
+    """The dry run's per-rank peak by category, next to a closed form's numbers if given."""
+    print(f"dry run: {what} (fake tensors, fake process group of {world_size})")
+    print(f"{'peak GB per rank':<28}{'dry run':>10}" + (f"{'closed form':>18}" if closed else ""))
+    for key in (*DRY_RUN_CATEGORIES, "total"):
+        cf = "" if not closed else "(in activations)" if closed.get(key) is None else f"{closed[key] / 1e9:.2f}"
+        print(f"{key:<28}{measured[key] / 1e9:>10.2f}" + (f"{cf:>18}" if closed else ""))
+    if closed:
+        print(f"closed form vs dry run: {closed['total'] / measured['total'] - 1:+.1%}")
+    print(f"headroom on {gpu_mem_gb:.0f} GB after ~2 GB for the CUDA context and NCCL: "
+          f"{1 - (measured['total'] + 2e9) / (gpu_mem_gb * 1e9):.0%}")
+
+
+def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.bfloat16, grad_accum: int = 1,
+                 activation_checkpointing: bool = False, skip_accum_sync: bool = False, frozen=None) -> dict:
+    """Per-rank peak memory of a stage's real FSDP training step at any size, on a laptop.
+
+    The model is built on the meta device (build() -> nn.Module, called under torch.device("meta")),
+    wrapped by wrap_model exactly as training wraps it, then materialised with FakeTensorMode:
+    tensors with shapes, dtypes and devices but no storage, so 70B costs nothing. The process
+    group is PyTorch's "fake" backend (world_size ranks, this process is rank 0; collectives
+    return at once). Two optimizer steps run through grad_sync, autocast, gradient clipping and
+    AdamW; the second one's forward and backward passes are tracked by FSDPMemTracker, which
+    attributes every live tensor to a category. micro_step(model) -> loss runs one micro-batch's
+    forward (it makes its own inputs, e.g. torch.randint). frozen: a second builder, for a frozen
+    model sharded the same way with no gradients and no optimizer (DPO's reference); then
+    micro_step(model, frozen_model). Its sharded weights are added to "params" (the tracker follows
+    the trained model only; the frozen one's gathered weights show up as temporaries).
+
+    grad_accum > 2 runs as 2 micro-steps: the third and later ones repeat the second's memory.
+    Returns bytes per rank at the peak: DRY_RUN_CATEGORIES plus "total". Not counted (budget
+    2-4 GB per GPU): CUDA context, NCCL buffers, allocator fragmentation. The optimizer step's own
+    temporaries are not tracked either: in fake mode DTensor's sharding propagation materialises
+    global-size temporaries that a real GPU never holds (measured: it inflates the optimizer
+    states); the states themselves are counted, at their local shard size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized():
+        fail("--dry_run runs in one process with a fake process group: launch it with python, not torchrun")
+    if world_size < 2:
+        fail("--dry_run measures FSDP: --world_size must be at least 2")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        info = DistInfo(0, 0, world_size, torch.device("cpu"))
+        with torch.device("meta"):  # outside FakeTensorMode: building inside it fails
+            raw = build()
+        model = wrap_model(raw, info, "fsdp", dtype, activation_checkpointing=activation_checkpointing,
+                           skip_accum_sync=skip_accum_sync)
+        extra = ()
+        if frozen is not None:
+            with torch.device("meta"):
+                ref = frozen().requires_grad_(False)
+            extra = (wrap_model(ref, info, "fsdp", dtype).eval(),)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")  # the values do not matter: fake tensors have none
+            for m in extra:
+                m.to_empty(device="cpu")
+            frozen_bytes = sum(p.to_local().nbytes for m in extra for p in m.parameters())
+            optimizer = configure_optimizer(model, 1e-4, 0.1)
+
+            def step(micro_steps, tracker=None):
+                for micro in range(micro_steps):
+                    if tracker is not None and micro > 0:
+                        tracker.reset_mod_stats()  # the tracker refuses a second forward otherwise
+                    with grad_sync(model, micro == micro_steps - 1):
+                        with autocast(info.device, dtype):
+                            loss = micro_step(model, *extra)
+                        (loss / micro_steps).backward()
+
+            step(1)  # step 1 only creates the AdamW states
+            params = [p for p in model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # (clip_grad_norm's .item() has no value to read)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with FSDPMemTracker(model, optimizer) as tracker:
+                # Two micro-steps show what grad_accum of any size holds: from the second on, each
+                # repeats the one before (gradients accumulate into the same tensors).
+                step(min(grad_accum, 2), tracker)
+            snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    finally:
+        dist.destroy_process_group()
+    by_name = {str(getattr(k, "name", k)): v for k, v in snap.items()}
+    groups = {"params": ("SHARDED_PARAM", "UNSHARDED_PARAM", "BUFFER", "ALL_GATHER"),
+              "grads": ("SHARDED_GRAD", "UNSHARDED_GRAD", "REDUCE_SCATTER"),
+              "optimizer": ("OPT",), "activations": ("ACT", "INP"), "temporaries": ("TEMP",)}
+    out = {cat: sum(by_name.get(k, 0) for k in keys) for cat, keys in groups.items()}
+    out["params"] += frozen_bytes
+    out["total"] = by_name["Total"] + frozen_bytes
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -780,6 +962,50 @@ def load_model(path: str, device="cpu"):
         meta = ckpt
     meta["path"] = path
     return model.to(device), meta
+
+
+def load_model_sharded(path: str, info: DistInfo, wrap):
+    """--init_from under FSDP with no whole model on any rank -> (wrapped model, meta) as load_model.
+    The Llama is built on the meta device (no memory), wrap(model) shards it (wrap_model with the
+    run's flags), to_empty materialises this rank's shards only, and each rank fills them:
+      our DCP directory   dcp.load reads just the pieces of this rank's shards;
+      our .pt file        torch.load(mmap=True): the file is mapped, not read; copying this rank's
+                          rows of each tensor pages in only those rows (plus the OS's read-ahead);
+      a HuggingFace dir   not sharded yet: read whole on every rank (load_model), then wrapped.
+    load_model instead builds the whole fp32 model on every rank (27 GB at 7B, per rank)."""
+    path = resolve_checkpoint(path)
+    if is_hf_dir(path):
+        model, meta = load_model(path)
+        return wrap(model.to(info.device)), meta
+    meta = read_checkpoint_meta(path)
+    _refuse_other_kind(meta, path)
+    with torch.device("meta"):
+        raw = Llama(LlamaConfig.from_dict(meta["model_config"]))
+    model = wrap(raw)
+    model.to_empty(device=info.device)
+    with torch.no_grad():
+        raw.init_weights()  # for the buffers (rotary table, eps): the weights are overwritten below
+    if os.path.isdir(path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+    else:
+        full = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
+        params = dict(raw.named_parameters())
+        if set(full) != set(params):
+            fail(f"{path}: its weights do not match the model: missing {sorted(set(params) - set(full))[:5]}, "
+                 f"unexpected {sorted(set(full) - set(params))[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                local = p.to_local() if hasattr(p, "to_local") else p
+                # FSDP2 shards dim 0 as torch.chunk does: ceil(rows / W) rows per rank, in rank order
+                start = p.device_mesh.get_local_rank() * -(-full[name].size(0) // info.world_size) \
+                    if local is not p else 0
+                local.copy_(full[name][start:start + local.size(0)])
+    meta["path"] = path
+    return model, meta
 
 
 def _refuse_other_kind(meta: dict, path: str):

@@ -77,6 +77,7 @@ prompt, as reward.py does); sampling rounds are not supported under FSDP (genera
 run collectively); the end-of-run evaluation runs on rank 0 from the saved final checkpoint.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -93,6 +94,7 @@ import common
 from common import print0
 from model import lora_disabled
 from data import lab
+from model import Llama
 from reward import epoch_batches, load_groups, load_reward_model, ranked_pairs, reward_scorer, split_groups, \
     tokenizer_for
 
@@ -153,10 +155,11 @@ def get_args(argv=None):
     # models tolerate more), no weight decay (the reference already anchors the policy), 1 epoch.
     parser.set_defaults(lr=5e-6, min_lr=5e-7, warmup_steps=10, max_steps=0, weight_decay=0.0, eval_interval=100,
                         eval_steps=0, save_interval=200, out_dir="out/dpo", batch_size=8)
+    common.add_dry_run_args(parser.add_argument_group("--dry_run: memory per GPU before launching anything"))
     args = common.parse_config(parser, argv)
     if not args.init_from:
         common.fail("--init_from is required: the SFT checkpoint / run dir / HF directory DPO starts from")
-    if not args.data and args.rounds < 1:
+    if not args.data and args.rounds < 1 and not args.dry_run:
         common.fail("nothing to train on: give --data (preference files), or --rounds N with --prompts")
     if args.rounds > 0 and not args.prompts:
         common.fail("--rounds needs --prompts (the prompts to sample answers for)")
@@ -572,8 +575,34 @@ def final_evaluation(args, policy_path, tok, device, extra):
 # Main
 
 
+def dry_run(args):
+    """--dry_run: this script's FSDP step on fake tensors (common.fsdp_dry_run) for the model of
+    --init_from (a preset name will do): batch_size prompt groups of a chosen and a rejected answer,
+    both max_seq_len tokens with the loss on the second half, through dpo_batch's one concatenated
+    forward; the reference is a second FSDP model without gradients or optimizer, or none with
+    --precompute_ref (its log-probs then come with the batch)."""
+    config = common.dry_run_config(args.init_from)
+    T = args.max_seq_len or config.max_seq_len
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16   # GPU training: bf16 unless asked
+    groups = [{"ids": [[1] * (T + 1)] * 2, "resp_len": [T // 2] * 2, "ref_logps": [0.0, 0.0]}
+              for _ in range(args.batch_size)]
+
+    def micro_step(model, ref_model=None):   # autocast is on already (fsdp_dry_run)
+        ref = Reference(ref_model, 0, "cpu", contextlib.nullcontext())
+        return dpo_batch(model, ref, groups, args, 0, "cpu", contextlib.nullcontext())[0]
+    measured = common.fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
+                                   args.activation_checkpointing, args.fsdp_skip_accum_sync,
+                                   frozen=None if args.precompute_ref else (lambda: Llama(config)))
+    common.print_dry_run(measured, args.world_size, args.gpu_mem_gb, common.dry_run_label(
+        "dpo", args, dtype, f"{args.batch_size} pairs x {T}, reference "
+        + ("precomputed" if args.precompute_ref else "sharded, frozen")))
+    return measured
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     info = common.setup_distributed(args.device)
     try:
         return train(args, info)
@@ -628,7 +657,8 @@ def train(args, info):
     rounds = ([0] if offline else []) + list(range(1, args.rounds + 1))
 
     raw = model.to(device)
-    model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
+    model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
+                              args.fsdp_skip_accum_sync)
     rm_fn = None
     if args.rounds > 0 and args.reward_model:
         rm_fn = reward_scorer(reward_model(args.reward_model, tok, device), tok, device, ctx, args.missing_eos_penalty)

@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
 
@@ -123,7 +124,16 @@ PRESETS = {
 }
 
 # Dense bf16 peak FLOP/s per device, for MFU (spec sheets; sparsity figures excluded).
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "L40S": 362e12,
+              "4090": 165e12}
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """PEAK_FLOPS of a device name as CUDA reports it ("NVIDIA A100-SXM4-80GB", "NVIDIA L40S"), or
+    None. Whole words only: a substring test finds "L4" inside "L40S" (3x too low a peak, MFU 3x
+    too high)."""
+    words = set(re.split(r"[\s_-]+", device_name))
+    return next((f for k, f in PEAK_FLOPS.items() if k in words), None)
 
 # -----------------------------------------------------------------------------
 # Building blocks
@@ -312,8 +322,12 @@ class Attention(nn.Module):
         # chunk is shorter than the keys (decoding with a cache), so callers pass a mask then.
         gqa = {}
         if self.n_kv_heads != self.n_heads:
-            if _SDPA_GQA:
-                gqa = {"enable_gqa": True}   # the kernel indexes the shared head: no copies
+            # enable_gqa: the kernel indexes the shared head, no copies. But on CUDA only the flash
+            # kernel takes it, and flash takes no mask: a mask (padding, cached chunks) with
+            # enable_gqa falls back to the O(T^2)-memory math kernel (pytorch#139586). Repeating
+            # k and v there keeps the memory-efficient kernel. (CPU's flash kernel takes both.)
+            if _SDPA_GQA and (mask is None or q.device.type != "cuda"):
+                gqa = {"enable_gqa": True}
             else:
                 k, v = self._repeat_kv(k), self._repeat_kv(v)
         T, S = q.size(-2), k.size(-2)

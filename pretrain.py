@@ -8,6 +8,8 @@ pretrain.py -- pretrain a LLaMA on token memmaps, from one laptop CPU to several
         pretrain.py --data /shared/fs/pretrain --model llama1-7b --parallel fsdp --out_dir /shared/fs/run1
     python pretrain.py ... --resume            # continue from the newest step_* checkpoint in --out_dir
     python pretrain.py --model llama1-7b --estimate --world_size 8 --batch_size 4 --seq_len 2048
+    python pretrain.py --model llama1-7b --estimate --dry_run --world_size 16 --batch_size 1 --seq_len 2048 \
+        --grad_accum 16 --activation_checkpointing     # + the real FSDP step on fake tensors (no GPU needed)
 
 Reads top to bottom: config -> distributed setup -> data -> model -> optimizer -> loop -> save.
 The plumbing every stage shares (process groups, DDP/FSDP wrapping, checkpoints, logging) is in
@@ -29,12 +31,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (JsonlLogger, add_common_args, all_reduce_mean, autocast, barrier, checkpoint_path,
-                    clip_grad_norm, configure_optimizer, eval_mode, fail, grad_sync, latest_checkpoint,
-                    load_model, lr_at, parse_config, print0, read_checkpoint_meta, resolve_dtype, resolve_parallel,
-                    restore_checkpoint, rotate_checkpoints, save_checkpoint, save_config, seed_everything,
-                    set_lr, setup_distributed, teardown_distributed, warn_if_low_disk, wrap_model)
-from model import LORA_TARGETS, PEAK_FLOPS, PRESETS, Llama, LlamaConfig, apply_lora
+from common import (JsonlLogger, add_common_args, add_dry_run_args, all_reduce_mean, autocast, barrier,
+                    checkpoint_path, clip_grad_norm, configure_optimizer, dry_run_label, eval_mode, fail, fsdp_dry_run,
+                    grad_sync, latest_checkpoint, load_model, load_model_sharded, lr_at, parse_config, print0,
+                    print_dry_run, read_checkpoint_meta, resolve_dtype, resolve_parallel, restore_checkpoint,
+                    rotate_checkpoints, save_checkpoint, save_config, seed_everything, set_lr, setup_distributed,
+                    teardown_distributed, warn_if_low_disk, wrap_model)
+from model import LORA_TARGETS, PEAK_FLOPS, PRESETS, Llama, LlamaConfig, apply_lora, peak_flops
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # separate random streams for training and validation windows
 
@@ -65,9 +68,8 @@ def get_parser():
                    help="stop after this many consecutive steps with a non-finite loss or gradient")
     e = parser.add_argument_group("--estimate: memory and time before launching anything")
     e.add_argument("--estimate", action="store_true", help="print parameters, memory per GPU and step time, then exit")
-    e.add_argument("--world_size", type=int, default=8, help="GPUs to estimate for")
+    add_dry_run_args(e)
     e.add_argument("--gpu", default="A100", choices=sorted(PEAK_FLOPS), help="GPU kind for the step time")
-    e.add_argument("--gpu_mem_gb", type=float, default=80.0, help="memory per GPU, GB (1e9 bytes)")
     e.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
     return parser
 
@@ -91,22 +93,31 @@ GB = 1e9
 
 def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int, world_size: int,
              dtype: torch.dtype = torch.bfloat16, gpu: str = "A100", mfu: float = 0.4, gpu_mem_gb: float = 80.0,
-             lora_rank: int = 0, lora_targets=LORA_TARGETS, lora_embeddings: bool = False):
+             lora_rank: int = 0, lora_targets=LORA_TARGETS, lora_embeddings: bool = False,
+             skip_accum_sync: bool = False):
     """Bytes per GPU for DDP and for FSDP, FLOPs per step and the time per step at `mfu`.
 
     Parameters are counted on the meta device (no memory). The bytes, with N parameters, W GPUs,
     p = bytes per compute-dtype element (2 for bf16, 4 for fp32):
       DDP   weights 4N (fp32 masters) + grads 4N + AdamW 8N (exp_avg, exp_avg_sq)
             + autocast's bf16 weight copies 2N (kept from forward to backward; 0 in fp32)
-      FSDP  (4N + 4N + 8N) / W sharded
-            + gathered params p * (root + 2 * block): the root unit (embedding, norm, head) stays
-              gathered, and a block is gathered while the previous one is freed / the next prefetched
-            + unsharded gradients before the reduce-scatter: (p + 4) * max(root, block)
+      FSDP  (4N + 4N + 8N) / W sharded, plus the units common.wrap_model gathers (U = the largest
+            unit: a block, or the embedding / [norm, head] units of an untied model):
+            + gathered params 2 * p * U: the running unit and the prefetched next one
+            + unsharded gradients before their reduce-scatter: 4 * U (fp32, reduce_dtype)
+            tied embeddings stay in the root unit, gathered for the whole step: p * root instead
+            --fsdp_skip_accum_sync with grad_accum > 1: every rank holds the whole model's
+            unsharded fp32 gradients between micro-steps, 4N, whatever W is
+            grad_accum 1: the sharded gradients grow as the activations shrink during backward,
+            so the total counts the larger of the two, not their sum
+      These FSDP terms are fitted to the dry run (common.fsdp_dry_run, --dry_run): within a few % at
+      7B-70B (README).
     Activations per micro-batch of B*T tokens (measured by counting the tensors autograd saves,
     tests/test_pretrain.py; fused SDPA attention, so no T x T score matrix):
       per block and token: 26*dim + 8*hidden_dim bytes in bf16 autocast (40*dim + 16*hidden in fp32),
       exact for multi-head attention, a little high for GQA (smaller k and v)
-      outside the blocks: 8*vocab bytes per token (fp32 log-probabilities kept for the backward + their gradient)
+      outside the blocks: 4*vocab bytes per token (the fp32 logits the loss keeps for the backward; the
+      dry run shows the peak holding them but never their gradient as well)
       with activation checkpointing a block keeps only its fp32 input (4*dim per token) and one
       block's activations exist at a time, during its recomputation.
     LoRA (lora_rank > 0, the fine-tuning stages' --lora_*; A adapter parameters): the frozen N are
@@ -116,7 +127,8 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
             AdamW 8A / W
     Activations and FLOPs are left as for full training (the adapters keep their inputs anyway; the
     backward skips the frozen weights' gradients, ~1/3 of the FLOPs, which is not subtracted).
-    Not counted: the CUDA context and allocator slack (budget ~2 GB), temporary buffers of kernels."""
+    Not counted: the CUDA context, NCCL buffers and allocator slack (budget ~2 GB), temporary buffers of
+    kernels."""
     with torch.device("meta"):
         m = Llama(config)
     n = m.num_params()
@@ -128,18 +140,25 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
         per_block_token = 26 * config.dim + 8 * config.hidden_dim
     else:
         per_block_token = 40 * config.dim + 16 * config.hidden_dim
-    act_full = tokens * (config.n_layers * per_block_token + 8 * config.vocab_size)
-    act_ckpt = tokens * (config.n_layers * 4 * config.dim + per_block_token + 8 * config.vocab_size)
+    act_full = tokens * (config.n_layers * per_block_token + 4 * config.vocab_size)
+    act_ckpt = tokens * (config.n_layers * 4 * config.dim + per_block_token + 4 * config.vocab_size)
     ddp = {"weights": 4 * n + (2 * n if p == 2 else 0), "grads": 4 * n, "adamw": 8 * n}
-    fsdp = {"weights": 4 * n / W + p * (root + 2 * block), "grads": 4 * n / W + (p + 4) * max(root, block),
-            "adamw": 8 * n / W}
+    if config.tie_embeddings:
+        gathered, unsharded_grads = p * (root + 2 * block), (p + 4) * max(root, block)
+    else:
+        unit = max(block, config.vocab_size * config.dim + config.dim)   # a block, or [norm, head]
+        gathered, unsharded_grads = 2 * p * unit, 4 * unit
+    grads = 4 * n / W + unsharded_grads
+    if skip_accum_sync and grad_accum > 1:
+        grads = 4 * n   # (the sharded ones only appear as the last micro-step frees these)
+    fsdp = {"weights": 4 * n / W + gathered, "grads": grads, "adamw": 8 * n / W}
     flops_per_token = m.flops_per_token(seq_len)
     if lora_rank > 0:
         apply_lora(m, lora_rank, 2.0 * lora_rank, targets=lora_targets, embeddings=lora_embeddings)   # on meta
         a = sum(q.numel() for q in m.parameters() if q.requires_grad)
         a_block = sum(q.numel() for q in m.layers[0].parameters() if q.requires_grad)
         ddp = {"weights": p * n + 4 * a + (2 * a if p == 2 else 0), "grads": 4 * a, "adamw": 8 * a}
-        fsdp = {"weights": (p * n + 4 * a) / W + p * (root + 2 * block), "grads": 4 * a / W + (p + 4) * a_block,
+        fsdp = {"weights": (p * n + 4 * a) / W + gathered, "grads": 4 * a / W + (p + 4) * a_block,
                 "adamw": 8 * a / W}
     flops_per_step = flops_per_token * tokens * grad_accum * W
     peak = PEAK_FLOPS[gpu]
@@ -148,10 +167,15 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
            "tokens_per_step": tokens * grad_accum * W, "activations": act_full, "activations_ckpt": act_ckpt,
            "lora_params": a if lora_rank > 0 else 0}
     for name, states in (("ddp", ddp), ("fsdp", fsdp)):
-        static = sum(states.values())
-        out[name] = {**states, "total": static + act_full, "total_ckpt": static + act_ckpt,
-                     "fits": static + act_full + 2 * GB <= gpu_mem_gb * GB,
-                     "fits_ckpt": static + act_ckpt + 2 * GB <= gpu_mem_gb * GB}
+        for suffix, act in (("", act_full), ("_ckpt", act_ckpt)):
+            total = sum(states.values()) + act
+            if name == "fsdp" and grad_accum == 1:
+                # One micro-step: the backward frees activations block by block while the sharded
+                # gradients appear (set_to_none left none from the last step), so the peak holds
+                # the larger of the two, not both. (DDP's gradient buckets exist all along.)
+                total -= min(act, 4 * n / W)
+            out.setdefault(name, dict(states))["total" + suffix] = total
+            out[name]["fits" + suffix] = total + 2 * GB <= gpu_mem_gb * GB
     return out
 
 
@@ -178,6 +202,24 @@ def print_estimate(e, args, config):
     print(f"FLOPs per step {e['flops_per_step']:.3e} ({e['tokens_per_step']:,} tokens, 6N + attention per token); "
           f"at {args.mfu:.0%} MFU on {args.world_size} x {args.gpu}: {e['step_time_s']:.2f} s/step, "
           f"{e['tokens_per_step'] / e['step_time_s'] / args.world_size:,.0f} tokens/s per GPU")
+
+
+def dry_run(config: LlamaConfig, args, dtype):
+    """--estimate --dry_run: this script's FSDP wrapping and training step (next-token loss on a
+    B x T micro-batch, grad_accum micro-steps, AdamW) on fake tensors; common.fsdp_dry_run says how."""
+    def micro_step(model):
+        x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
+        return model(x, x)[1]
+    return fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
+                        args.activation_checkpointing, args.fsdp_skip_accum_sync)
+
+
+def closed_form_by_category(e: dict, activation_checkpointing: bool) -> dict:
+    """--estimate's FSDP column in the dry run's categories (temporaries are in its activations)."""
+    f, ac = e["fsdp"], activation_checkpointing
+    return {"params": f["weights"], "grads": f["grads"], "optimizer": f["adamw"],
+            "activations": e["activations_ckpt" if ac else "activations"], "temporaries": None,
+            "total": f["total_ckpt" if ac else "total"]}
 
 
 # -----------------------------------------------------------------------------
@@ -222,15 +264,22 @@ def open_split(data_dir, split, tokenizer):
 
 def main(argv=None):
     args = parse_config(get_parser(), argv)
-    if args.estimate:
+    if args.estimate or args.dry_run:
         dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16  # GPU training: bf16 unless asked
         config = model_config_from_args(args, PRESETS[args.model]["vocab_size"])
         args.seq_len = args.seq_len or config.max_seq_len
         args.dtype_name = str(dtype).replace("torch.", "")
         targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-        print_estimate(estimate(config, args.batch_size, args.seq_len, args.grad_accum, args.world_size, dtype,
-                                args.gpu, args.mfu, args.gpu_mem_gb, args.lora_rank, targets, args.lora_embeddings),
-                       args, config)
+        e = estimate(config, args.batch_size, args.seq_len, args.grad_accum, args.world_size, dtype, args.gpu,
+                     args.mfu, args.gpu_mem_gb, args.lora_rank, targets, args.lora_embeddings,
+                     args.fsdp_skip_accum_sync)
+        print_estimate(e, args, config)
+        if args.dry_run:
+            measured = dry_run(config, args, dtype)
+            print_dry_run(measured, args.world_size, args.gpu_mem_gb,
+                          dry_run_label("pretrain", args, dtype, f"{args.batch_size} x {args.seq_len}"),
+                          closed_form_by_category(e, args.activation_checkpointing))
+            return measured
         return
     if args.lora_rank:
         fail("--lora_rank adapts a pretrained model: use it with sft.py, reward.py, dpo.py (or --estimate here)")
@@ -271,12 +320,19 @@ def train(args, info):
         print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
 
     # --- model ----------------------------------------------------------------
+    def wrap(m):
+        return wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
+                          args.fsdp_skip_accum_sync)
+
     if resume_path:  # the checkpoint knows the shape; its weights are loaded after wrapping
         resume_meta = read_checkpoint_meta(resume_path)
         config = LlamaConfig.from_dict(resume_meta["model_config"])
         model, src = None, f"resume {resume_path}"
     elif args.init_from:
-        model, init_meta = load_model(args.init_from)
+        if args.parallel == "fsdp":   # built on meta, sharded, each rank reads only its shards
+            model, init_meta = load_model_sharded(args.init_from, info, wrap)
+        else:
+            model, init_meta = load_model(args.init_from)
         config, src = model.config, f"init_from {init_meta['path']}"
         their = (init_meta.get("tokenizer") or {}).get("sha256")
         if their and their != tok.sha256:
@@ -296,14 +352,15 @@ def train(args, info):
                  f"{args.seq_len + 1}; prepare more data or lower --seq_len")
 
     meta_init = model is None and args.parallel == "fsdp" and device.type == "cuda"
+    already_wrapped = model is not None and args.parallel == "fsdp"   # load_model_sharded wrapped it
     if model is None:
         # FSDP on GPUs: build on the meta device (no memory), shard, then materialise and initialise
         # only this rank's shard, so a 65B model never exists whole on one host. (On CPU the DTensor
         # random init would give every rank the same shard values, so CPU builds the whole model.)
         with torch.device("meta" if meta_init else "cpu"):
             model = Llama(config)
-    raw = model if meta_init else model.to(device)
-    model = wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
+    raw = model if meta_init or already_wrapped else model.to(device)
+    model = model if already_wrapped else wrap(raw)
     if meta_init:
         model.to_empty(device=device)
         with torch.no_grad():
@@ -331,7 +388,7 @@ def train(args, info):
     logger = JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
     flops_per_token = raw.flops_per_token(args.seq_len)
-    peak = next((f for k, f in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
+    peak = peak_flops(torch.cuda.get_device_name(device)) \
         if device.type == "cuda" else None
     n_params = raw.num_params()
     # resume checkpoints: fp32 weights + 2 AdamW moments = 12 bytes/parameter; best and final: 4 bytes
@@ -387,7 +444,8 @@ def train(args, info):
         loss_sum = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
             x, y = batch
-            # no_sync / no reduce-scatter on all but the last micro-step: one all-reduce per step
+            # DDP: no all-reduce on all but the last micro-step; FSDP: reduce-scatter every micro-step
+            # (common.grad_sync says why)
             with grad_sync(model, micro == args.grad_accum - 1):
                 with autocast(device, dtype):
                     loss = model(x, y)[1]  # [1]: let the (B, T, vocab) logits go now, not after backward

@@ -712,7 +712,8 @@ def train(args, info, dtype, ctx):
            f"{max_steps} steps")
 
     # --- wrap, optimizer, resume
-    model = common.wrap_model(model.to(info.device), info, parallel, dtype, args.compile, args.activation_checkpointing)
+    model = common.wrap_model(model.to(info.device), info, parallel, dtype, args.compile, args.activation_checkpointing,
+                              args.fsdp_skip_accum_sync)
     raw = common.unwrap(model)
     optimizer = common.configure_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2), info.device)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -57,6 +57,7 @@ from common import print0
 from data.formats import read_conversations
 from data.prepare import load_tokens
 from data.sft_prepare import FORMAT as SFT_MEMMAP_FORMAT, SFTDataset
+from model import Llama
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -91,10 +92,11 @@ def get_args(argv=None):
     # max_steps 0 means "from --epochs"; eval_steps 0 evaluates on the whole held-out split.
     parser.set_defaults(lr=1e-4, min_lr=1e-5, warmup_steps=20, max_steps=0, weight_decay=0.0, eval_interval=100,
                         eval_steps=0, save_interval=200, out_dir="out/sft", batch_size=16)
+    common.add_dry_run_args(parser.add_argument_group("--dry_run: memory per GPU before launching anything"))
     args = common.parse_config(parser, argv)
     if not args.init_from:
         common.fail("--init_from is required: SFT starts from a pretrained checkpoint, run dir or HF directory")
-    if not args.data:
+    if not args.data and not args.dry_run:
         common.fail("--data is required (conversation files, or a data/sft_prepare.py directory)")
     if not 0 <= args.pretrain_ratio < 1:
         common.fail(f"--pretrain_ratio must be in [0, 1), got {args.pretrain_ratio}")
@@ -308,8 +310,28 @@ def evaluate(model, split, pad_id, args, info, ctx):
 # Main
 
 
+def dry_run(args):
+    """--dry_run: this script's FSDP step on fake tensors (common.fsdp_dry_run) for the model of
+    --init_from (a preset name will do: no checkpoint needed), micro-batches of batch_size x
+    seq_len with the loss on the second half of each sequence (masked targets cost what full ones do)."""
+    config = common.dry_run_config(args.init_from)
+    T = args.seq_len or config.max_seq_len
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16   # GPU training: bf16 unless asked
+
+    def micro_step(model):
+        x = torch.randint(0, config.vocab_size, (args.batch_size, T))
+        return model(x, x.masked_fill(torch.arange(T) < T // 2, -100))[1]
+    measured = common.fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
+                                   args.activation_checkpointing, args.fsdp_skip_accum_sync)
+    common.print_dry_run(measured, args.world_size, args.gpu_mem_gb,
+                         common.dry_run_label("sft", args, dtype, f"{args.batch_size} x {T}"))
+    return measured
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     info = common.setup_distributed(args.device)
     try:
         return train(args, info)
@@ -333,10 +355,18 @@ def train(args, info):
         print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
 
     # --- model (ours or HuggingFace) and the tokenizer it was trained with ----------------------
-    # Every rank loads the whole checkpoint on the CPU, then FSDP shards it (simple; for a 7B model
-    # that is ~28 GB of host memory per rank for a moment).
-    model, meta = common.load_model(args.init_from)
-    model = common.setup_lora(model, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
+    # FSDP: built on the meta device, sharded, and each rank reads only its own shards of our
+    # checkpoints (common.load_model_sharded). Otherwise, and with LoRA (its adapters go on before
+    # sharding), every rank loads the whole model.
+    def wrap(m):
+        return common.wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
+                                 args.fsdp_skip_accum_sync)
+    sharded = args.parallel == "fsdp" and not args.lora_rank
+    if sharded:
+        model, meta = common.load_model_sharded(args.init_from, info, wrap)
+    else:
+        model, meta = common.load_model(args.init_from)
+        model = common.setup_lora(model, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
     tok_info = meta.get("tokenizer") or {}
     tok_path = args.tokenizer or (tok_info.get("path") if os.path.isfile(tok_info.get("path") or "") else None)
     try:
@@ -388,8 +418,8 @@ def train(args, info):
     max_steps = args.max_steps if args.max_steps > 0 else max(1, round(args.epochs * steps_per_epoch))
 
     # --- wrap, optimizer, resume -------------------------------------------------------------
-    raw = model.to(device)
-    model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
+    raw = model if sharded else model.to(device)   # (sharded FSDP: wrapped in place already)
+    model = model if sharded else wrap(raw)
     optimizer = common.configure_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2), device)
     common.seed_everything(args.seed + rank)  # each rank draws its own dropout masks; the data order is shared
     step, best_val, val_loss, skipped = 0, float("inf"), None, 0

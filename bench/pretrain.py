@@ -41,7 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import pretrain  # noqa: E402
 from common import autocast, configure_optimizer, resolve_dtype  # noqa: E402
-from model import PEAK_FLOPS, Llama  # noqa: E402
+from model import Llama, peak_flops  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,7 +207,7 @@ parts = time_loop_parts()
 b, f, d = statistics.median(bare), statistics.median(full), statistics.median(data_in_loop)
 b_best, f_best = max(bare_best), max(full_best)
 step_ms = 1000 * tokens_per_step / f
-peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
+peak = peak_flops(torch.cuda.get_device_name(device)) \
     if device.type == "cuda" else None
 print()
 print(f"{args.model} preset, batch {args.batch_size} x {args.seq_len} = {tokens_per_step:,} tokens/step, {device}, "

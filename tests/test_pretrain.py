@@ -132,12 +132,22 @@ def test_estimate_equals_hand_arithmetic(capsys):
     e = pretrain.estimate(c, B, T, accum, W, torch.bfloat16, gpu="A100", mfu=0.5, gpu_mem_gb=80)
     assert (e["params"], e["block_params"], e["root_params"]) == (n, block, root)
     assert e["ddp"]["weights"] == 4 * n + 2 * n and e["ddp"]["grads"] == 4 * n and e["ddp"]["adamw"] == 8 * n
-    assert e["fsdp"]["weights"] == 4 * n / W + 2 * (root + 2 * block)
-    assert e["fsdp"]["grads"] == 4 * n / W + 6 * max(root, block)
+    # untied: the largest FSDP unit is a block (the [norm, head] unit has 256 * 64 + 64); two gathered
+    # in bf16, one's unsharded fp32 gradients
+    unit = max(block, 256 * 64 + 64)
+    assert e["fsdp"]["weights"] == 4 * n / W + 2 * 2 * unit
+    assert e["fsdp"]["grads"] == 4 * n / W + 4 * unit
     assert e["fsdp"]["adamw"] == 8 * n / W
     per_block = 26 * 64 + 8 * 192
-    assert e["activations"] == B * T * (2 * per_block + 8 * 256)
-    assert e["activations_ckpt"] == B * T * (2 * 4 * 64 + per_block + 8 * 256)
+    assert e["activations"] == B * T * (2 * per_block + 4 * 256)
+    assert e["activations_ckpt"] == B * T * (2 * 4 * 64 + per_block + 4 * 256)
+    assert e["fsdp"]["total"] == sum(e["fsdp"][k] for k in ("weights", "grads", "adamw")) + e["activations"]
+    # one micro-step: sharded gradients and activations peak at different times, the larger counts
+    one = pretrain.estimate(c, B, T, 1, W, torch.bfloat16)
+    assert one["fsdp"]["total"] == e["fsdp"]["total"] - min(e["activations"], 4 * n / W)
+    # --fsdp_skip_accum_sync: the whole model's unsharded fp32 gradients on every rank
+    skip = pretrain.estimate(c, B, T, accum, W, torch.bfloat16, skip_accum_sync=True)
+    assert skip["fsdp"]["grads"] == 4 * n
     n_matmul = n - 256 * 64 - (2 * 2 * 64 + 64)                      # no embedding lookup, no norm gains
     flops_token = 6 * n_matmul + 12 * 2 * 4 * hd * T                   # PaLM: 6N (matmul weights) + attention
     assert e["flops_per_step"] == flops_token * B * T * accum * W
@@ -232,7 +242,12 @@ def test_ddp_fsdp_accumulation_match_single_process(tmp_path, random_data, tok_p
     ref, accum = tmp_path / "ref", tmp_path / "accum"
     pretrain.main(tiny_args(random_data, tok_path, ref, *common_flags, "--batch_size", 4))
     pretrain.main(tiny_args(random_data, tok_path, accum, *common_flags, "--batch_size", 2, "--grad_accum", 2))
-    runs = [(str(tmp_path / "ddp"), [*common_flags, "--parallel", "ddp", "--batch_size", 2]),
+    # --init_from under FSDP (common.load_model_sharded: meta build, each rank reads its rows of the
+    # mmap'd file) against one process starting from the same file
+    init_flags = ["--init_from", str(ref / "final.pt"), "--max_steps", 2, "--eval_interval", 2, "--save_interval", 0]
+    pretrain.main(tiny_args(random_data, tok_path, tmp_path / "init_ref", *init_flags, "--batch_size", 4))
+    runs = [(str(tmp_path / "fsdp_init"), [*init_flags, "--parallel", "fsdp", "--batch_size", 2]),
+            (str(tmp_path / "ddp"), [*common_flags, "--parallel", "ddp", "--batch_size", 2]),
             (str(tmp_path / "ddp_accum"), [*common_flags, "--parallel", "ddp", "--batch_size", 1, "--grad_accum", 2]),
             (str(tmp_path / "fsdp"), [*common_flags, "--parallel", "fsdp", "--batch_size", 1, "--grad_accum", 2])]
     consolidate_dir = tmp_path / "consolidate"
@@ -249,6 +264,9 @@ def test_ddp_fsdp_accumulation_match_single_process(tmp_path, random_data, tok_p
         assert max(abs(got[s] - ref_losses[s]) for s in got) < 1e-5, (name, got, ref_losses)
         final = tmp_path / name / ("final" if name == "fsdp" else "final.pt")
         assert max_diff(weights(final), ref_w) < 1e-5, name
+    init_ref, init_fsdp = losses(tmp_path / "init_ref"), losses(tmp_path / "fsdp_init")
+    assert init_ref.keys() == init_fsdp.keys() == {1, 2}
+    assert max(abs(init_fsdp[s] - init_ref[s]) for s in init_ref) < 1e-5, (init_fsdp, init_ref)
     # the val loss is the same evaluation whatever the split over ranks
     evals = {n: [r for r in read_jsonl(tmp_path / n / "log.jsonl") if r.get("event") == "eval"][-1]["val_loss"]
              for n in ("ddp", "fsdp")}
