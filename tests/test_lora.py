@@ -114,7 +114,7 @@ def test_estimate_counts_lora_states_only_for_adapters():
     c = LlamaConfig.from_preset("tiny")
     full = pretrain.estimate(c, 4, 64, 1, 2, torch.bfloat16)
     e = pretrain.estimate(c, 4, 64, 1, 2, torch.bfloat16, lora_rank=4)
-    n, root, block, W = full["params"], full["root_params"], full["block_params"], 2
+    n, W = full["params"], 2
     model, _ = lora_tiny(rank=4, embeddings=False)
     opt = common.configure_optimizer(model, 1e-3, 0.0)
     model(IDX, IDX)[1].backward()
@@ -123,7 +123,9 @@ def test_estimate_counts_lora_states_only_for_adapters():
     assert e["lora_params"] == a and sum(t.numel() for s in opt.state.values() for t in s.values() if t.dim()) == 2 * a
     a_block = a // c.n_layers
     assert e["ddp"]["weights"] == 2 * n + 4 * a + 2 * a and e["ddp"]["grads"] == 4 * a and e["ddp"]["adamw"] == 8 * a
-    assert e["fsdp"]["weights"] == (2 * n + 4 * a) / W + 2 * (root + 2 * block)
+    # the frozen bf16 shards plus the fp32 adapters, and the same gathered units as full training
+    # (bf16 either way): full training's FSDP weights are its fp32 shards 4N / W plus those units
+    assert e["fsdp"]["weights"] == (2 * n + 4 * a) / W + (full["fsdp"]["weights"] - 4 * n / W)
     assert e["fsdp"]["grads"] == 4 * a / W + 6 * a_block and e["fsdp"]["adamw"] == 8 * a / W
     assert e["activations"] == full["activations"]
     with pytest.raises(SystemExit, match="pretrained"):
