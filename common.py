@@ -15,10 +15,13 @@ a stage in one place. What lives here is only what would otherwise be copied fiv
                 clip_grad_norm (plain tensors and DTensors alike)
   checkpoints   save_checkpoint (atomic; sharded DCP directory under FSDP), restore_checkpoint
                 (resume), latest_checkpoint, rotate_checkpoints (keep last k), load_model (any of
-                our checkpoints, a run directory, or a HuggingFace directory), consolidate
+                our checkpoints, a run directory, or a HuggingFace directory), load_model_sharded
+                (the same under FSDP, each rank reading only its shards), consolidate
   lora          setup_lora (--lora_* flags -> adapters on a frozen base), adapter-only checkpoints
                 (trainable_state, load_lora_checkpoint: the base's sha256 checked), export_peft
   logging       JsonlLogger -> RUN/log.jsonl
+  dry run       fsdp_dry_run (a stage's real FSDP step on fake tensors over a fake process group:
+                per-rank peak memory by category at 7B-70B, on a CPU), add_dry_run_args, print_dry_run
 
 Run directory layout:
     RUN/config.json          the effective configuration (every flag, also usable as --config)

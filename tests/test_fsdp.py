@@ -274,7 +274,7 @@ def test_sft_and_dpo_dry_runs(capsys):
     optimizer, and --precompute_ref takes it away."""
     import dpo
     import sft
-    flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16", "--grad_accum", "2"]
+    flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16"]
     s = sft.main(["--dry_run", "--init_from", "tiny", "--seq_len", "64", *flags])
     p = pretrain.main(["--dry_run", "--model", "tiny", "--seq_len", "64", *flags])
     assert s == p
