@@ -44,7 +44,9 @@ What is lm-eval's convention here (read from its task YAMLs and its HF backend):
   * stderr: sample standard deviation / sqrt(n) (lm-eval's mean_stderr).
   * perplexity: lm-eval's rolling windows of max_seq_len tokens (the first one after a BOS prefix);
     word_perplexity, byte_perplexity and bits_per_byte = -sum(log p) / (bytes * ln 2), so models with
-    different tokenizers compare.
+    different tokenizers compare. Scored: log p(document | BOS). (lm-eval 0.4.13 with a tokenizer that
+    adds BOS also scores log p(BOS | BOS) into every document; its add_bos_token=False matches us.)
+    No stderr for these (lm-eval bootstraps one).
 
 Simplifications on purpose: one sequential pass per task (no request cache between tasks); shared
 prompt prefixes are computed once only where two requests feed the model exactly the same tokens (the
