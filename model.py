@@ -482,7 +482,7 @@ class Llama(nn.Module):
         return h if self.lora is None else lora_add(h, idx, self.lora, "embed")
 
     def _head(self, h):
-        logits = F.linear(h, self.output.weight)
+        logits = self.output(h)   # the module call: under FSDP its unit gathers the weight in a pre-forward hook
         if self.lora is not None and self.config.tie_embeddings and self.lora["embed"].active:
             # A tied embedding adapter changes the shared matrix, so the head gets it too (as merging does).
             logits = logits + self.lora["embed"].head(h)
