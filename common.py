@@ -1278,6 +1278,7 @@ def split_by_prompt(keys, val_frac: float, seed: int):
 # (TRL's missing_eos_penalty; "The N+ implementation details of RLHF with PPO", Huang et al. 2024),
 # in training and in evaluation alike, so both give the same reward to the same answer.
 
+MISSING_EOS_PENALTY = 1.0   # the default of DPO rounds, PPO and the lab evaluation alike
 MISSING_EOS_HELP = ("subtracted from the raw reward-model score (or the checker's score) of an answer cut at "
                     "--max_new_tokens without a stop token, in training and evaluation alike (0 = off)")
 

@@ -139,7 +139,7 @@ def get_args(argv=None):
     r.add_argument("--top_k", type=int, default=None)
     r.add_argument("--top_p", type=float, default=None)
     r.add_argument("--max_new_tokens", type=int, default=64, help="answer length limit when sampling")
-    r.add_argument("--missing_eos_penalty", type=float, default=1.0,
+    r.add_argument("--missing_eos_penalty", type=float, default=common.MISSING_EOS_PENALTY,
                    help=common.MISSING_EOS_HELP + "; such an answer is never the chosen one")
     r.add_argument("--rank_by", default="auto", choices=["auto", "reward", "checker"],
                    help="rank samples by the reward model or the lab checker (auto: reward model if given)")

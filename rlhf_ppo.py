@@ -116,7 +116,8 @@ def get_args(argv=None):
     r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0); log-probs use it too")
     r.add_argument("--top_k", type=int, default=None, help="(makes the KL estimate meaningless, see the docstring)")
     r.add_argument("--top_p", type=float, default=None, help="(makes the KL estimate meaningless, see the docstring)")
-    r.add_argument("--missing_eos_penalty", type=float, default=1.0, help=common.MISSING_EOS_HELP)
+    r.add_argument("--missing_eos_penalty", type=float, default=common.MISSING_EOS_PENALTY,
+                   help=common.MISSING_EOS_HELP)
     o = parser.add_argument_group("ppo: objective")
     o.add_argument("--kl_coef", type=float, default=0.05,
                    help="beta of the per-token KL penalty (the initial value if adaptive)")

@@ -504,7 +504,7 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
     import chat
     import common
     from data import lab
-    from reward import encode_group, load_reward_model, score_groups
+    from reward import load_reward_model, reward_scorer
 
     d = lambda *p: os.path.join(run_dir, *p)   # noqa: E731
     device, t0 = torch.device(device), time.time()
@@ -515,25 +515,23 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
     paths = {k: p for k, p in paths.items() if os.path.exists(p)}   # a stage that did not run: its column is n/a
     _, tok = chat.load_chat_model(paths["base"], device)   # every stage records (and checks) this same tokenizer
 
-    # the reward model scores every policy's answers (raw scores, as reward.py --score writes them)
+    # the reward model scores every policy's answers (raw scores, as reward.py --score writes them), with
+    # the stages' one rule for answers cut at the length limit: no end marker rendered, and the same
+    # missing-EOS penalty DPO and PPO train and evaluate with (common.penalize_missing_eos)
     rm, _ = load_reward_model(d("reward", "final.pt"), device)
-    rm_ctx, local = common.autocast(device, common.resolve_dtype("auto", device)), common.DistInfo(device=device)
-
-    def reward_fn(conversations, replies):
-        groups = [encode_group(tok, {"messages": c, "responses": [a]}, rm.config.max_seq_len)
-                  for c, a in zip(conversations, replies)]
-        if any(g is None for g in groups):
-            raise ValueError(f"a question + answer does not fit the reward model's context ({rm.config.max_seq_len})")
-        return [s[0] for s in score_groups(rm, groups, batch_size, tok.pad_id, local, rm_ctx)]
+    rm_ctx = common.autocast(device, common.resolve_dtype("auto", device))
+    reward_fn = reward_scorer(rm, tok, device, rm_ctx, common.MISSING_EOS_PENALTY, batch_size)
 
     out = {"n_eval_qa": len(qa), "n_probes": len(probes), "max_new_tokens": max_new_tokens, "models": {},
            "kinds": [r["kind"] for r in qa]}
-    answers, base_show, show = {}, {}, [i for i, r in enumerate(qa) if r.get("showcase")]
+    answers, ended, base_show, show = {}, {}, {}, [i for i, r in enumerate(qa) if r.get("showcase")]
     for name, path in paths.items():
         model, _ = chat.load_chat_model(path, device, tok)
-        answers[name] = chat.generate_answers(model, tok, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        answers[name], ids = chat.generate_answers(model, tok, convs, max_new_tokens=max_new_tokens,
+                                                   batch_size=batch_size, return_ids=True)
+        ended[name] = [common.ended(i, tok.stop_ids) for i in ids]
         graded = chat.evaluate_lab(None, tok, qa, answers=answers[name])
-        rewards = reward_fn(convs, answers[name])
+        rewards = reward_fn(convs, answers[name], ended[name])
         m = {"accuracy": graded["accuracy"], "by_kind": graded["by_kind"],
              "oks": [int(row["ok"]) for row in graded["records"]],   # per question: CIs and paired gains
              "by_lang": by_group([row["ok"] for row in graded["records"]], [r["truth"]["lang"] for r in qa]),
@@ -558,7 +556,8 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
 
     for name in ("dpo", "ppo", "grpo"):   # head to head against SFT: win rates under the checker and the reward model
         if name in answers and "sft" in answers:
-            h = chat.head_to_head(answers[name], answers["sft"], qa, reward_fn=reward_fn)
+            h = chat.head_to_head(answers[name], answers["sft"], qa, reward_fn=reward_fn, ended_a=ended[name],
+                                  ended_b=ended["sft"])
             out["models"][name]["vs_sft"] = {"win_rate_checker": h["checker"]["win_rate"],
                                              "win_rate_reward": h["reward"]["win_rate"], **h}
     out["showcase"] = [{"id": qa[i]["id"], "kind": qa[i]["kind"], "question": qa[i]["messages"][-1]["content"],
