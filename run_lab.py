@@ -78,6 +78,10 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 #     right one: see its per-kind accuracy). PPO-ptx on the pretraining text (InstructGPT's fix) with
 #     a KL coefficient of 0.1 kept accuracy at SFT's (+-2 answers) with the reward still up; ptx on
 #     the SFT conversations held it less well.
+#   - GRPO with the checker (8 prompts x 8 answers per iteration, no KL): lr 1e-4 for 30 iterations gained
+#     +6.5 points on eval_qa (95% CI +2.4..+10.6), 60 iterations +13.1 (+7.7..+18.5); lr 2e-4 for 40 iterations
+#     +22.6 (+16.3..+29.0; seed 1: +23.2), facts and follow-ups both up, in 64-74 CPU-s (PPO: 188). The same
+#     run against the reward model (--reward model) lost 3.0 points (facts 26% -> 20%).
 
 SIZES = {
     "tiny": dict(
@@ -110,7 +114,7 @@ SIZES = {
                  round_prompts=256, samples=4, eval_interval=50, log_interval=10, eval_limit=64),
         ppo=dict(max_steps=40, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.1,
                  ptx_coef=1.0, eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
-        grpo=dict(max_steps=30, prompts_per_step=8, group_size=8, batch_size=16, lr=1e-4, min_lr=1e-5,
+        grpo=dict(max_steps=40, prompts_per_step=8, group_size=8, batch_size=16, lr=2e-4, min_lr=2e-5,
                   eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
         eval=dict(max_new_tokens=48),
     ),

@@ -311,7 +311,9 @@ def _dist_worker(rank, world, store, tokpath, argv, queue):
                 logp, _ = common.response_logprobs(ddp, idx[half], attn[half], P, 1.0)
                 lt, _ = grpo.token_loss(logp, logp_old[half], None, adv[half], mask[half], 0.2, 0.2)
                 grpo.aggregate(lt, mask[half], norm, denom).backward()
-                out[norm, distributed] = [p.grad.clone() for p in model.parameters()]
+                # numpy copies: torch tensors cross a multiprocessing queue as shared-memory handles, which
+                # race with this worker's exit
+                out[norm, distributed] = [p.grad.numpy().copy() for p in model.parameters()]
         queue.put((rank, out, None))
         ok = grpo.main(argv)["weights_in_sync"]                        # the real script, rollouts on both ranks
         queue.put((rank, ok, None))
@@ -347,11 +349,11 @@ def test_ddp_gradients_equal_one_process(tok, tmp_path, one_thread, lab_sets):
         single = [p.grad for p in model.parameters()]
         for rank in (0, 1):
             g = grads_by_rank[rank][norm, True]
-            err = max((a - b).abs().max().item() for a, b in zip(g, single))
+            err = max((torch.from_numpy(a) - b).abs().max().item() for a, b in zip(g, single))
             assert err < 1e-6, (norm, rank, err)
         if norm == "token":   # dividing by the local token count instead would be wrong
             g = grads_by_rank[0][norm, False]
-            assert max((a - b).abs().max().item() for a, b in zip(g, single)) > 1e-5
+            assert max((torch.from_numpy(a) - b).abs().max().item() for a, b in zip(g, single)) > 1e-5
     assert all(v is True for _, v, _ in results if not isinstance(v, dict))
     log = [r for r in common.read_jsonl(str(tmp_path / "ddp" / "log.jsonl")) if "reward" in r]
     assert len(log) == 2 and log[0]["groups"] == 4 and all(r["ratio_dev"] < 1e-4 for r in log)
