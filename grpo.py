@@ -250,9 +250,12 @@ def usable_record(names):
 
 def group_advantages(rewards, group_size, method, eps=1e-4):
     """rewards (N * G,) -> advantages (N * G,), one per answer, from its own group only:
-        grpo    (r_i - mean) / (std + eps)      std with Bessel's correction (DeepSeekMath's code, TRL)
-        drgrpo   r_i - mean                     (Dr. GRPO: dividing by std up-weights near-uniform groups)
-        rloo     r_i - mean_{j != i} r_j  = G / (G - 1) * (r_i - mean)
+        grpo    (r_i - mean) / (std + eps)      Shao et al. 2024 (DeepSeekMath), eq. for outcome supervision;
+                                                std with Bessel's correction, as in their code and TRL
+        drgrpo   r_i - mean                     Liu et al. 2025 (Dr. GRPO): dividing by std up-weights groups
+                                                that are nearly all right or all wrong (a difficulty bias)
+        rloo     r_i - mean_{j != i} r_j        Ahmadian et al. 2024 (RLOO): the other answers' mean is an
+                 = G / (G - 1) * (r_i - mean)   unbiased baseline (it does not include r_i itself)
     A group whose rewards are all equal gets advantages of exactly 0 (r - mean can round to 1e-17)."""
     r = rewards.double().view(-1, group_size)
     mean = r.mean(1, keepdim=True)

@@ -80,7 +80,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 #     the SFT conversations held it less well.
 #   - GRPO with the checker (8 prompts x 8 answers per iteration, no KL): lr 1e-4 for 30 iterations gained
 #     +6.5 points on eval_qa (95% CI +2.4..+10.6), 60 iterations +13.1 (+7.7..+18.5); lr 2e-4 for 40 iterations
-#     +22.6 (+16.3..+29.0; seed 1: +23.2), facts and follow-ups both up, in 64-74 CPU-s (PPO: 188). The same
+#     +22.6 (+16.3..+29.0; seed 1: +23.2), facts and follow-ups both up, in 56 s wall (PPO: 159 s). The same
 #     run against the reward model (--reward model) lost 3.0 points (facts 26% -> 20%).
 
 SIZES = {
