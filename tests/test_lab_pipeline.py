@@ -136,7 +136,7 @@ sys.path.insert(0, {repo!r})
 import dpo
 right = dpo.preference_loss
 dpo.preference_loss = lambda pc, pr, rc, rr, *a, **k: right(pr, pc, rr, rc, *a, **k)   # chosen <-> rejected
-sys.exit(dpo.main(sys.argv[1:]))
+dpo.main(sys.argv[1:])   # (returns the metrics dict: not an exit status)
 """
 
 
