@@ -266,7 +266,8 @@ def test_ddp_and_fsdp_with_lora_match_one_process(tmp_path, tiny_init, one_threa
     assert max((one[k] - base[k]).abs().max().item() for k in one) > 1e-4      # the adapters trained
     for p in ("ddp", "fsdp"):
         other = final(p)
-        assert max((one[k] - other[k]).abs().max().item() for k in one) < 1e-5, p
+        # < 1e-5 in 5 cells of the perturbation matrix; 1.4e-5 with MKL_ENABLE_INSTRUCTIONS=AVX2 (DDP)
+        assert max((one[k] - other[k]).abs().max().item() for k in one) < 3e-5, p
     starts = [r for r in common.read_jsonl(str(tmp_path / "fsdp" / "log.jsonl")) if r.get("event") == "start"]
     assert starts[-1]["source"].startswith("resume") and starts[-1]["step"] == 3
 
