@@ -972,7 +972,7 @@ def load_model_sharded(path: str, info: DistInfo, wrap):
     The Llama is built on the meta device (no memory), wrap(model) shards it (wrap_model with the
     run's flags), to_empty materialises this rank's shards only, and each rank fills them:
       our DCP directory   dcp.load reads just the pieces of this rank's shards;
-      our .pt file        torch.load(mmap=True): the file is mapped, not read; copying this rank's
+      our .pt file        load_file(..., mmap=True): the file is mapped, not read; copying this rank's
                           rows of each tensor pages in only those rows (plus the OS's read-ahead);
       a HuggingFace dir   not sharded yet: read whole on every rank (load_model), then wrapped.
     load_model instead builds the whole fp32 model on every rank (27 GB at 7B, per rank)."""
@@ -995,7 +995,7 @@ def load_model_sharded(path: str, info: DistInfo, wrap):
         dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model, state["model"])
     else:
-        full = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
+        full = load_file(path, mmap=True)["model"]   # (a corrupt file: one line naming it)
         params = dict(raw.named_parameters())
         if set(full) != set(params):
             fail(f"{path}: its weights do not match the model: missing {sorted(set(params) - set(full))[:5]}, "
