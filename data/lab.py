@@ -569,8 +569,8 @@ def _pretrain_doc(world, rng, qa_frac):
     if r < 0.52:  # the workhorse: one person's facts, a random subset in a random order
         return _bio(world, rng.choice(people), lang, rng)
     if r < 0.66:  # two friends in one document
-        p = rng.choice(people)
-        return _bio(world, p, lang, rng) + "\n" + _bio(world, people[p["friend"]], lang, rng)
+        p = rng.choice(people)   # one line: a name after "\n" would be another token than after " " (see tokenizer/train.py)
+        return _bio(world, p, lang, rng) + (" " if lang == "en" else "") + _bio(world, people[p["friend"]], lang, rng)
     if r < 0.75:  # stories: the same facts in running text (longer, so fewer of them)
         p = rng.choice(people)
         return rng.choice(STORIES[lang]).format(**_fields(world, p, lang))
@@ -588,7 +588,7 @@ def _pretrain_doc(world, rng, qa_frac):
         p = rng.choice(people)
         fe, fz = _fields(world, p, "en"), _fields(world, p, "zh")
         attrs = rng.sample(ATTRS, 3)
-        return "\n".join(ANSWERS["en"][a].format(**fe) + " " + ANSWERS["zh"][a].format(**fz) for a in attrs)
+        return " ".join(ANSWERS["en"][a].format(**fe) + " " + ANSWERS["zh"][a].format(**fz) for a in attrs)
     city = rng.choice(CITIES)  # who lives where: the same facts seen from the city's side
     ci = 0 if lang == "en" else 1
     who = [p["name"][lang] for p in people if p["city"]["en"] == city[0]]

@@ -88,13 +88,15 @@ def get_args(argv=None):
                    help="learn pieces made of spaces only, like '▁▁▁▁' (indentation)")
     p.add_argument("--split_han", action="store_true",
                    help="no piece may hold two Chinese characters (each is its own token); see 'Choices' above")
+    p.add_argument("--dummy_prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="encode adds a space before each text, as LLaMA's tokenizer does; see 'Choices' above")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_threads", type=int, default=2)
     return p.parse_args(argv)
 
 
-# a CJK ideograph followed by another one (basic block, extension A, compatibility ideographs)
-HAN_PAIR = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])(?=[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
+# a CJK ideograph (basic block, extension A, compatibility ideographs)
+HAN = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
 DELIMITER = "\x1f"  # ASCII unit separator, absent from normal text
 
 
@@ -213,7 +215,7 @@ def train(args):
         for path in args.inputs:
             for doc in iter_documents(path, fields, stats):
                 if args.split_han:  # a delimiter sentencepiece never merges across, dropped before counting
-                    doc = HAN_PAIR.sub("\\1" + DELIMITER, doc)
+                    doc = HAN.sub(DELIMITER + "\\1" + DELIMITER, doc)
                 yield from chunk_document(doc, args.max_chars)
 
     t0 = time.time()
@@ -239,7 +241,7 @@ def train(args):
             vocab_size=args.vocab_size, character_coverage=args.character_coverage,
                 pretokenization_delimiter=DELIMITER if args.split_han else "",
             byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False,
+            remove_extra_whitespaces=False, add_dummy_prefix=args.dummy_prefix,
             allow_whitespace_only_pieces=args.allow_whitespace_only_pieces,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=specials,
             input_sentence_size=0, shuffle_input_sentence=False,  # we sampled already
