@@ -6,6 +6,7 @@ run_lab.py -- the lab: one command from nothing to an aligned chat model, with a
     python run_lab.py --device cuda             # a larger model on one GPU (size "gpu")
     python run_lab.py --force_from sft          # re-run SFT (and, because its output changes, all after it)
     python run_lab.py --train_tokenizer         # train a tokenizer on the lab data instead of the shipped one
+    python run_lab.py --knowledge single --stop_after sft --out_dir lab_single   # Physics of LMs 3.1 exercise
     python run_lab.py --dry_run                 # print every stage's command, run nothing
     python run_lab.py --size tiny --golden tests/golden_lab_tiny.json   # does my modified code still behave?
 Two stages of the pipeline live in this file and run alone too (the pipeline runs exactly these lines):
@@ -166,6 +167,9 @@ def get_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads per stage (OMP_NUM_THREADS; 0 = torch's default). 1 is deterministic and, for "
                         "models this small, as fast as 2 on a busy machine (idle OpenMP threads spin)")
+    p.add_argument("--knowledge", default=None, choices=["single", "multi", "multi_permute", "mixed", "mixed_all"],
+                   help="how pretraining states the facts (data/lab.py; default: the size's, mixed): the "
+                        "'Physics of LMs 3.1 on a laptop' exercise in the README")
     p.add_argument("--train_tokenizer", action="store_true",
                    help="train a sentencepiece tokenizer on the lab data (default: reuse tokenizer/lab.model)")
     p.add_argument("--force", action="store_true", help="re-run every stage")
@@ -220,7 +224,7 @@ def build_stages(args):
     j = lambda *parts: os.path.join(R, *parts)   # noqa: E731  (a path inside the run directory)
     data, common_flags = j("data"), ["--device", args.device, "--seed", str(args.seed)]
     lab_knobs = []
-    for k, v in S["data"].items():
+    for k, v in {**S["data"], **({"knowledge": args.knowledge} if args.knowledge else {})}.items():
         lab_knobs += [f"--{k.replace('_', '-')}", str(v)]
     stages = [Stage("data", "the lab world (bilingual synthetic facts, conversations, preferences, evals)",
                     ["data/lab.py", "--out", data, "--seed", str(args.seed)] + lab_knobs,

@@ -246,7 +246,9 @@ MAX_WORDS = 40
 FILES = {k: k + ".jsonl" for k in ("pretrain", "sft_train", "sft_val", "eval_qa", "showcase", "eval_pretrain",
                                    "prefs_train", "prefs_val", "rank_train", "rl_prompts", "rl_eval")}
 REJECTED_KINDS = ("wrong_fact", "wrong_language", "rude", "rambling")
+KNOWLEDGE = ("single", "multi", "multi_permute", "mixed", "mixed_all")
 DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pretrain_docs=24000, qa_frac=0.15,
+                knowledge="mixed",
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
                 eval_extra=40, eval_followups=220, showcase=8)
 
@@ -255,7 +257,12 @@ KNOB_HELP = {
     "eval_people": "people of the eval group (held out from every training set)",
     "max_num": "+ and - use operands 0..max_num", "max_mul": "x uses operands 1..max_mul",
     "pretrain_docs": "pretraining documents (~55 tokens each with tokenizer/lab.model)",
-    "qa_frac": "share of pretraining documents in plain-text Q/A form", "sft_train": "SFT conversations",
+    "qa_frac": "share of pretraining documents in plain-text Q/A form (knowledge mixed, mixed_all)",
+    "knowledge": "how pretraining states the facts (Physics of LMs 3.1): single (one fixed biography per person), "
+                 "multi (varied phrasings, fixed order), multi_permute (varied phrasings and orders, stories, "
+                 "parallel text), mixed (multi_permute + Q/A documents about the sft and rl people, never the eval "
+                 "group), mixed_all (Q/A documents about everyone)",
+    "sft_train": "SFT conversations",
     "sft_val": "SFT validation conversations (rl group)", "prefs_train": "preference pairs (rl group)",
     "prefs_val": "held-out preference pairs (eval group; a multiple of 4: each prompt with each rejected kind)",
     "rank_train": "ranked lists of 5 answers", "rl_prompts": "RL training prompts (rl group)",
@@ -554,15 +561,34 @@ def _bio(world, p, lang, rng):
     return (" " if lang == "en" else "").join(out)
 
 
-def _pretrain_doc(world, rng, qa_frac):
+def _fixed_bio(world, p, lang, rng, vary):
+    """Every fact of one person in ATTRS order: the first phrasing of each (knowledge=single, the same
+    text every time) or a random one (knowledge=multi)."""
+    f = _fields(world, p, lang)
+    out = [(rng.choice(STATEMENTS[lang][a]) if vary else STATEMENTS[lang][a][0]).format(**f) for a in ATTRS]
+    return (" " if lang == "en" else "").join(out)
+
+
+def _pretrain_doc(world, rng, qa_frac, knowledge="mixed"):
     people = world["people"]
     lang = rng.choice(LANGS)
-    r = rng.random()
-    if r < qa_frac:  # plain-text Q/A about anyone (no chat template): "mixed training" helps extraction
+    if knowledge in ("single", "multi"):   # biographies only (plus the arithmetic drill below)
+        qa_frac = 0.0
+        if rng.random() < 0.75:
+            return _fixed_bio(world, rng.choice(people), lang, rng, vary=knowledge == "multi")
+        r = 0.8   # -> the arithmetic drill
+    else:
+        if knowledge == "multi_permute":
+            qa_frac = 0.0
+        r = rng.random()
+    if r < qa_frac:  # plain-text Q/A (no chat template): "mixed training" (Physics 3.1) helps extraction.
+        # mixed: about the sft and rl groups only, so the eval group's facts are known from biographies
+        # alone and the held-out questions measure knowledge extraction, not a memorised Q/A pair
+        asked = people if knowledge == "mixed_all" else [p for p in people if p["group"] != "eval"]
         q, a = QA_MARKS[lang]
         lines = []
         for _ in range(rng.randint(3, 6)):
-            item = _fact_item(world, rng.choice(people), rng.choice(ATTRS), lang, rng)
+            item = _fact_item(world, rng.choice(asked), rng.choice(ATTRS), lang, rng)
             lines.append(f"{q}{item['q']}\n{a}{item['a']}")
         return "\n".join(lines)
     r = (r - qa_frac) / (1 - qa_frac)  # the rest of the mix, whatever qa_frac is
@@ -772,7 +798,9 @@ def generate(seed=0, **knobs):
     world = build_world(seed, **k)
     out = {"world": world}
     rng = _rng(seed, "pretrain")
-    out["pretrain"] = [{"text": _pretrain_doc(world, rng, k["qa_frac"])} for _ in range(k["pretrain_docs"])]
+    if k["knowledge"] not in KNOWLEDGE:
+        raise ValueError(f"knowledge={k['knowledge']!r}: expected one of {', '.join(KNOWLEDGE)}")
+    out["pretrain"] = [{"text": _pretrain_doc(world, rng, k["qa_frac"], k["knowledge"])} for _ in range(k["pretrain_docs"])]
     rng = _rng(seed, "sft")
     out["sft_train"] = [_sft_conversation(world, "sft", rng) for _ in range(k["sft_train"])]
     out["sft_val"] = [_sft_conversation(world, "rl", rng) for _ in range(k["sft_val"])]
