@@ -153,10 +153,10 @@ class Tokenizer:
         self._anchor_text = sp.decode([self._anchor_id])
 
         # _encode_content encodes the text after a split marker with a copy of the model whose
-        # normalizer_spec.add_dummy_prefix is false (HF's slow LlamaTokenizer does the same after a
-        # special token). No protobuf needed: a parser merges a message field that occurs twice, so
-        # appending ModelProto field 3 (normalizer_spec) = {field 3 (add_dummy_prefix): 0} changes
-        # only that flag.
+        # normalizer_spec.add_dummy_prefix is false (transformers' sentencepiece-backed LlamaTokenizer
+        # with legacy=False did the same). No protobuf needed: a parser merges a message field that
+        # occurs twice, so appending ModelProto field 3 (normalizer_spec) = {field 3
+        # (add_dummy_prefix): 0} changes only that flag.
         self._sp_no_prefix = sp
         if self.add_dummy_prefix and self.has_chat_markers:
             self._sp_no_prefix = spm.SentencePieceProcessor()
