@@ -102,7 +102,8 @@ def generate_answers(model, tok, conversations, max_new_tokens=64, temperature=0
     of answer strings in input order (and, if return_ids, the ids as sampled: the stop token that ended
     an answer is kept -- <|end|> or </s>, whichever it was -- and an answer without one was cut at
     max_new_tokens; common.ended tells them apart).
-    raw: the conversations are plain texts to continue (raw_prompt), not chats.
+    raw: the conversations are plain texts to continue (raw_prompt), not chats; an answer is then the
+    continuation with its leading space (text + answer is the whole text).
 
     Prompts are rendered with tok.render_prompt, dropping the oldest whole exchanges when a prompt
     plus max_new_tokens would not fit the context; batches are grouped by prompt length (less
@@ -129,7 +130,8 @@ def generate_answers(model, tok, conversations, max_new_tokens=64, temperature=0
                                  top_k=top_k, top_p=top_p, eos_id=tok.stop_ids, generator=generator)
             for i, ids in zip(chunk, new):
                 out_ids[i] = ids
-    answers = [tok.decode(strip_stop(ids, tok.stop_ids)) for ids in out_ids]
+    # a continuation's first space is real text ("fox" + " jumps"), an answer's is the dummy prefix
+    answers = [tok.decode(strip_stop(ids, tok.stop_ids), continuation=raw) for ids in out_ids]
     return (answers, out_ids) if return_ids else answers
 
 
@@ -279,7 +281,7 @@ def chat_loop(model, tok, args, inp=input, out=sys.stdout):
                 print(f"(context full: forgot the oldest {dropped} exchange(s))", file=out, flush=True)
         # Stream: the callback sees every new token; StreamDecoder holds back the bytes of a
         # half-finished UTF-8 character (a Chinese character is 3 byte tokens in byte fallback).
-        decoder = tok.stream_decoder()
+        decoder = tok.stream_decoder(continuation=args.raw)
 
         def show(_, token):
             if token not in tok.stop_ids:

@@ -165,11 +165,12 @@ def completion_prompt(tok, body):
 class TextStream:
     """Token ids in, text pieces out: whole UTF-8 characters only (StreamDecoder), nothing after a stop
     token or a `stop` string, and a tail that could still grow into a stop string is held back, so a
-    streamed answer never shows text a non-streamed one would cut."""
+    streamed answer never shows text a non-streamed one would cut. continuation: a raw prompt's
+    continuation (/v1/completions), whose first space is real text, not the dummy prefix."""
 
-    def __init__(self, tok, stop_strings):
+    def __init__(self, tok, stop_strings, continuation=False):
         self.tok, self.stops = tok, stop_strings
-        self.decoder = tok.stream_decoder()
+        self.decoder = tok.stream_decoder(continuation)
         self.text, self.sent = "", 0
         self.finish_reason = None  # "stop" once a stop token or stop string ended the answer
 
@@ -474,7 +475,7 @@ class Answer:
 
     def __init__(self, handler, chat, params):
         self.h, self.chat, self.params = handler, chat, params
-        self.text = TextStream(handler.server.tok, params["stop"])
+        self.text = TextStream(handler.server.tok, params["stop"], continuation=not chat)
         self.pieces = []
         self.env = handler.envelope(chat, ("chat.completion" if chat else "text_completion")
                                     + (".chunk" if chat and params["stream"] else ""))

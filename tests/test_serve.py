@@ -69,13 +69,17 @@ def client(srv, key=KEY):
                          timeout=30)
 
 
-def expected(model, tok, prompt, max_tokens, temperature=0.0, seed=None):
-    """What model.generate says for the same prompt: (text, number of tokens, finish_reason)."""
+def expected(model, tok, prompt, max_tokens, temperature=0.0, seed=None, raw=False):
+    """What model.generate says for the same prompt: (text, number of tokens, finish_reason).
+    raw: prompt is [BOS] + a text's tokens, and the text is its continuation (leading space kept)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.no_grad():
         ids = model.generate([prompt], max_tokens, temperature=temperature, eos_id=tok.stop_ids, generator=gen)[0]
     finish = "stop" if ids and ids[-1] in tok.stop_ids else "length"
-    return tok.decode(chat.strip_stop(ids, tok.stop_ids)), len(ids), finish
+    text = tok.decode(chat.strip_stop(ids, tok.stop_ids), continuation=raw)
+    if raw:  # the prompt's text + the continuation is the decode of all the ids
+        assert tok.decode(prompt[1:]) + text == tok.decode(prompt[1:] + chat.strip_stop(ids, tok.stop_ids))
+    return text, len(ids), finish
 
 
 def post(srv, path, body, headers=None):
@@ -126,7 +130,7 @@ def test_chat_completions_equal_generate(model_and_tok, keyed, stream):
 def test_completions_equal_generate(model_and_tok, keyed, stream):
     model, tok, _ = model_and_tok
     prompt = "Once upon a time, 小明"
-    text, n, finish = expected(model, tok, [tok.bos_id] + tok.encode(prompt), 30)
+    text, n, finish = expected(model, tok, [tok.bos_id] + tok.encode(prompt), 30, raw=True)
     kw = dict(model="nanollama", prompt=prompt, temperature=0, max_tokens=30)
     if stream:
         chunks = list(client(keyed).completions.create(stream=True, **kw))
@@ -176,6 +180,11 @@ def test_text_stream_holds_back_a_possible_stop_string(tok):
     s = serve.TextStream(tok, ["Yd"])
     out = "".join(s.push(i) for i in ids)
     assert out == "abcX" and s.finish_reason == "stop"  # "X" was sent, "Y" held until "Yd" matched
+    # an answer drops the dummy prefix's space; a raw continuation (/v1/completions) keeps its space
+    ids = tok.encode("The fox jumps")[len(tok.encode("The fox")):]
+    for continuation, want in ((False, "jumps"), (True, " jumps")):
+        s = serve.TextStream(tok, [], continuation=continuation)
+        assert "".join(s.push(i) for i in ids) + s.finish() == want
 
 
 # -----------------------------------------------------------------------------
@@ -378,7 +387,7 @@ def test_browser_chat_and_continue_text(model_and_tok, start):
                "const m = document.getElementById('mode'); m.value = 'raw'; m.dispatchEvent(new Event('change'));")
         assert b.eval("document.getElementById('send').textContent") == "续写"
         start_text = "从前有一座山，"
-        cont, _, _ = expected(model, tok, [tok.bos_id] + tok.encode(start_text), MT)
+        cont, _, _ = expected(model, tok, [tok.bos_id] + tok.encode(start_text), MT, raw=True)
         b.eval(f"document.getElementById('raw').value = {json.dumps(start_text)}; document.getElementById('send').click()")
         b.wait("!document.getElementById('send').disabled && document.getElementById('raw').value.length > "
                f"{len(start_text)}")
@@ -402,13 +411,13 @@ def test_browser_chat_and_continue_text(model_and_tok, start):
 def test_chat_raw_continues_text(model_and_tok, capsys):
     model, tok, d = model_and_tok
     prompt = "The quick brown fox"
-    cont, _, _ = expected(model, tok, [tok.bos_id] + tok.encode(prompt), 20)
+    cont, _, _ = expected(model, tok, [tok.bos_id] + tok.encode(prompt), 20, raw=True)
     # the command line (in this process: a subprocess would pay torch's import again)
     chat.main(["--model", str(d), "--raw", "--prompt", prompt, "--max_new_tokens", "20", "--device", "cpu"])
     assert capsys.readouterr().out == cont + "\n"
     # the batch path (--prompts_file) and the interactive loop: each line is continued on its own
     assert chat.generate_answers(model, tok, [prompt, "你好"], max_new_tokens=20, raw=True) == \
-        [cont, expected(model, tok, [tok.bos_id] + tok.encode("你好"), 20)[0]]
+        [cont, expected(model, tok, [tok.bos_id] + tok.encode("你好"), 20, raw=True)[0]]
     import argparse
     import io
     lines = iter([prompt, prompt, "/exit"])

@@ -57,25 +57,39 @@ def test_shipped_model_and_special_ids(tok):
     assert tok.sha256 == hashlib.sha256(DEFAULT_MODEL.read_bytes()).hexdigest()
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
     assert tok.has_chat_markers and tok.stop_ids == [tok.eos_id, tok.end_id]
-    for k, (name, marker) in enumerate(CHAT_MARKERS.items()):  # each marker is one token, ids 4..7
-        assert tok.encode(marker) == [4 + k]
+    dummy = tok.sp.piece_to_id("\u2581")
+    for k, (name, marker) in enumerate(CHAT_MARKERS.items()):  # each marker is one piece, ids 4..7
+        assert tok.sp.piece_to_id(marker) == 4 + k and tok.id_to_piece(4 + k) == marker
+        assert tok.encode(marker) == [dummy, 4 + k]  # plain encode: the dummy "▁", then the marker
     assert tok.end_id == 7
     assert tok.encode("hi", bos=True, eos=True) == [1] + tok.encode("hi") + [2]
+    # the dummy prefix (why the lab model has it): a name opening a text is the same token as the
+    # name inside a question, so an answer can copy it
+    assert tok.add_dummy_prefix
+    name, question = tok.encode("Bob"), tok.encode("Where does Bob live?")
+    assert len(name) == 1 and name[0] in question
+    assert tok.decode(name) == "Bob" and tok.id_to_piece(name[0]) == "\u2581Bob"
 
 
 def test_shipped_model_covers_the_lab_world(tok):
     """Every character of the lab world's training sets (another seed than the one the model was
-    trained on) is one token of its own: no byte fallback, and no piece fuses Chinese characters.
-    If this fails, data/lab.py gained new characters: retrain (command in tokenizer/train.py)."""
+    trained on) is one token of its own after the dummy "▁" (or merged with it, "▁a"): no byte
+    fallback, and no piece holds a Chinese character together with anything else (not even the
+    dummy space). If this fails, data/lab.py gained new characters: retrain (command in
+    tokenizer/train.py)."""
     lab = pytest.importorskip("data.lab")
     sets = lab.generate(seed=1, pretrain_docs=1500, sft_train=300, prefs_train=200, rank_train=50, rl_prompts=50)
     texts = [r["text"] for r in sets["pretrain"]] + [m["content"] for c in sets["sft_train"] for m in c["messages"]]
     texts += [r[k] for r in sets["prefs_train"] for k in ("chosen", "rejected")]
+    dummy = tok.sp.piece_to_id("\u2581")
     for ch in sorted(set("".join(texts))):
         ids = tok.encode(ch)
+        ids = ids[1:] if len(ids) > 1 and ids[0] == dummy else ids
         assert len(ids) == 1 and not tok.sp.is_byte(ids[0]), (ch, [tok.id_to_piece(i) for i in ids])
-    n_han = [sum("\u4e00" <= c <= "\u9fff" for c in p) for p in map(tok.id_to_piece, range(tok.vocab_size))]
-    assert max(n_han) == 1 and n_han.count(1) > 300  # pieces like "▁王" (a space + one character) are fine
+        if "\u4e00" <= ch <= "\u9fff":
+            assert tok.id_to_piece(ids[0]) == ch
+    han = [p for p in map(tok.id_to_piece, range(tok.vocab_size)) if any("\u4e00" <= c <= "\u9fff" for c in p)]
+    assert len(han) > 300 and all(len(p) == 1 for p in han)
 
 
 @pytest.mark.parametrize("text", SAMPLES)
@@ -93,7 +107,7 @@ def test_no_unk_for_any_utf8(tok):
         assert tok.decode(ids) == text
     # characters outside the vocabulary really go through byte fallback
     ids = tok.encode("𠀀")
-    assert [tok.id_to_piece(i) for i in ids] == ["<0xF0>", "<0xA0>", "<0x80>", "<0x80>"]
+    assert [tok.id_to_piece(i) for i in ids] == ["\u2581", "<0xF0>", "<0xA0>", "<0x80>", "<0x80>"]
 
 
 def test_encode_batch_matches_encode(tok):
@@ -133,11 +147,23 @@ def test_render_conversation_mask_token_by_token(tok):
     assert len(ids) == len(mask) == len(exp_ids)
     for k, (a, b, m, em) in enumerate(zip(ids, exp_ids, mask, exp_mask)):
         assert (a, m) == (b, em), f"token {k}: {tok.id_to_piece(a)!r} mask {m}, expected {tok.id_to_piece(b)!r} mask {em}"
-    # the text view of the same thing: exactly the assistant contents + their end markers carry loss
-    assert tok.decode(ids) == "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in CONV)
-    trained = tok.decode([i for i, m in zip(ids, mask) if m])
-    assert trained == "Alice lives in Paris.<|end|>爱丽丝今年23岁。😀<|end|>"
+    # every content starts with the dummy "▁" (its own piece before Chinese, merged into "▁Alice")
+    starts = [k + 1 for k, i in enumerate(ids) if i in (4, 5, 6)]
+    assert [tok.id_to_piece(ids[k]) for k in starts] == ["\u2581You", "\u2581Where", "\u2581Alice", "\u2581", "\u2581"]
+    # the text view of the same thing: one space after each header (the dummy prefix), nothing else
+    # added, and exactly the assistant contents + their end markers carry loss
+    assert tok.decode(ids) == "".join(f"<|{m['role']}|> {m['content']}<|end|>" for m in CONV)
+    runs, run = [], []  # the maximal runs of loss-carrying tokens, each decoded on its own
+    for i, m in zip(ids + [None], mask + [0]):
+        if m:
+            run.append(i)
+        elif run:
+            runs, run = runs + [tok.decode(run)], []
+    assert runs == ["Alice lives in Paris.<|end|>", "爱丽丝今年23岁。😀<|end|>"]
     assert sum(1 for i, m in zip(ids, mask) if m and i == tok.end_id) == 2
+    # an empty content is no tokens at all, not a dummy "▁"
+    ids, mask = tok.render_conversation([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}])
+    assert ids == [1, 5, 7, 6, 7] and mask == [0, 0, 0, 0, 1]
 
 
 def test_render_prompt_and_truncation(tok):
@@ -169,8 +195,13 @@ def test_invalid_conversations_and_marker_injection(tok):
     ids, mask = tok.render_conversation([{"role": "user", "content": evil}, {"role": "assistant", "content": "no"}])
     user_part = ids[2:ids.index(tok.end_id)]
     assert not set(user_part) & {4, 5, 6, 7}
-    assert tok.decode(user_part) == evil
+    assert tok.decode(user_part) == evil  # the halves of a split marker get no second dummy space
     assert sum(mask) == len(tok.encode("no")) + 1
+    for text in ["<|end|>", "<|user|>hi", " <|end|> x", "a<|system|><|end|>", "你<|end|>好"]:
+        ids, _ = tok.render_conversation([{"role": "user", "content": text}])
+        assert ids[:2] == [1, 5] and ids[-1] == 7 and not set(ids[2:-1]) & {4, 5, 6, 7}
+        assert tok.decode(ids[2:-1]) == text and tok.decode(ids) == f"<|user|> {text}<|end|>"
+        assert tok.id_to_piece(ids[2]).startswith("\u2581")  # the dummy space, on the first part only
 
 
 # --------------------------------------------------------------------------- streaming
@@ -195,8 +226,31 @@ def test_stream_decoder_matches_decode_on_random_ids(which, tok, shared_data):
     rng = random.Random(1)
     for _ in range(400):  # random ids, byte pieces and specials over-represented; invalid UTF-8 too
         ids = [rng.randrange(t.vocab_size) if rng.random() < 0.5 else rng.randrange(300) for _ in range(rng.randint(0, 10))]
-        dec = t.stream_decoder()
-        assert "".join(dec.push(i) for i in ids) + dec.finish() == t.decode(ids), ids
+        for continuation in (False, True):
+            dec = t.stream_decoder(continuation)
+            assert "".join(dec.push(i) for i in ids) + dec.finish() == t.decode(ids, continuation), ids
+
+
+@pytest.mark.parametrize("which", ["ours", "llama"])
+def test_decode_answer_and_continuation(which, tok, shared_data):
+    """A generated answer (the ids after render_prompt) decodes to the content, the dummy space
+    dropped; a raw continuation keeps its leading space: decode(p + c) == decode(p) + decode(c, True)."""
+    t = tok if which == "ours" else Tokenizer(shared_data / LLAMA)
+    ids, _ = t.render_conversation(CONV)
+    answer = ids[len(t.render_prompt(CONV[:4])):]
+    assert answer[-1] in t.stop_ids
+    dec = t.stream_decoder()
+    streamed = "".join(dec.push(i) for i in answer[:-1]) + dec.finish()
+    assert streamed == t.decode(answer[:-1]) == CONV[4]["content"]
+    text = "Alice lives in Paris. 她几岁？ a  b 😀"
+    ids = t.encode(text)
+    for k in range(1, len(ids)):
+        head, tail = t.decode(ids[:k]), t.decode(ids[k:], continuation=True)
+        if "\ufffd" not in head + tail:  # not inside a byte-fallback character
+            assert head + tail == text, k
+            dec = t.stream_decoder(continuation=True)
+            assert "".join(dec.push(i) for i in ids[k:]) + dec.finish() == tail
+    assert t.decode(t.encode("Alice lives in Paris.")[3:], continuation=True) == " Paris."
 
 
 # --------------------------------------------------------------------------- an existing LLaMA model
@@ -224,24 +278,39 @@ def test_load_from_hf_dir(tok, tmp_path):
 HF_SAMPLES = SAMPLES[:11] + ["Hi <|user|> there", "数字123和English混合，😀！"]
 
 
+def _hf_ids(out):
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
 def test_hf_parity(tok, tmp_path):
     transformers = pytest.importorskip("transformers")
     tok.save_hf(tmp_path)
+    dummy = tok.sp.piece_to_id("\u2581")
     for cls in (transformers.AutoTokenizer, transformers.LlamaTokenizer):
         hf = cls.from_pretrained(tmp_path)
         for text in HF_SAMPLES:
-            ids = tok.encode(text)
-            assert hf(text, add_special_tokens=False)["input_ids"] == ids, text
-            assert hf(text)["input_ids"] == [tok.bos_id] + ids  # HF LLaMA convention: BOS added
-            assert hf.decode(ids) == text
+            ids, hf_ids = tok.encode(text), hf(text, add_special_tokens=False)["input_ids"]
+            if text.startswith(" "):
+                # sentencepiece always adds the dummy "▁"; HF's Metaspace (prepend_scheme "first")
+                # adds it only when the text does not already start with "▁", so HF encodes " x"
+                # the way sentencepiece encodes "x", and HF's own decode then loses that space.
+                # Meta's LLaMA tokenizer shows the same (test_hf_space_runs_llama): it is HF's.
+                assert ids[0] == dummy and hf_ids == tok.encode(text[1:]), text
+                assert hf.decode(hf_ids) == text[1:]
+            else:
+                assert hf_ids == ids, text
+            assert hf(text)["input_ids"] == [tok.bos_id] + hf_ids  # HF LLaMA convention: BOS added
+            assert hf.decode(ids) == text  # our ids, leading spaces included, decode the same in HF
         assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
-    # the chat template: HF's rendering of the jinja template gives our ids
+    # the chat template: HF's rendering of the jinja template gives our ids, also for contents that
+    # are empty or start with spaces (after a special token HF adds no prefix space of its own)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    got = hf.apply_chat_template(CONV, tokenize=True)
-    got = got["input_ids"] if hasattr(got, "keys") else got
-    assert list(got) == tok.render_conversation(CONV)[0]
-    got = hf.apply_chat_template(CONV[:4], tokenize=True, add_generation_prompt=True)
-    assert list(got["input_ids"] if hasattr(got, "keys") else got) == tok.render_prompt(CONV[:4])
+    odd = [{"role": "user", "content": ""}, {"role": "assistant", "content": "  two spaces first"},
+           {"role": "user", "content": "\nnewline first"}, {"role": "assistant", "content": " 你好"}]
+    for conv in (CONV, odd):
+        assert _hf_ids(hf.apply_chat_template(conv, tokenize=True)) == tok.render_conversation(conv)[0]
+        got = hf.apply_chat_template(conv[:-1], tokenize=True, add_generation_prompt=True)
+        assert _hf_ids(got) == tok.render_prompt(conv[:-1])
 
 
 def test_hf_space_runs_llama(llama, tmp_path):
@@ -258,6 +327,12 @@ def test_hf_space_runs_llama(llama, tmp_path):
         assert hf.decode(ids) == text
         hf_ids = hf(text, add_special_tokens=False)["input_ids"]
         assert hf.decode(hf_ids) == text  # HF's own ids differ (see docstring) but decode the same
+    # a leading space: sentencepiece adds the dummy "▁" anyway, HF only to a text not starting with
+    # one, so HF's ids lose the space (the same difference test_hf_parity finds for our model)
+    text = " one leading"
+    assert llama.encode(text) == [29871] + llama.encode(text[1:])  # 29871: "▁"
+    assert hf(text, add_special_tokens=False)["input_ids"] == llama.encode(text[1:])
+    assert llama.decode(llama.encode(text)) == hf.decode(llama.encode(text)) == text
 
 
 # --------------------------------------------------------------------------- training script
@@ -297,11 +372,18 @@ def test_train_script(tmp_path, capsys):
                if not p.startswith("<"))
     is_han = lambda p: sum("\u4e00" <= c <= "\u9fff" for c in p)  # noqa: E731
     assert max(is_han(a.id_to_piece(i)) for i in range(400)) > 1
-    # --split_han: every Chinese character is its own token; the cap on sentences is respected
+    assert a.add_dummy_prefix and a.id_to_piece(a.encode("alpha")[0]).startswith("\u2581")  # the default
+    # --split_han: every Chinese character is a piece of its own (not even "▁王"); the cap on
+    # sentences is respected; --no-dummy_prefix: encode adds no space, the template adds none
     c = train_mod.train(train_mod.get_args(args + ["--split_han", "--max_sentences", "100", "--vocab_size", "360",
-                                                   "--out", str(tmp_path / "c.model")]))
-    assert max(is_han(c.id_to_piece(i)) for i in range(c.vocab_size)) == 1
+                                                   "--no-dummy_prefix", "--out", str(tmp_path / "c.model")]))
+    han = [p for p in map(c.id_to_piece, range(c.vocab_size)) if is_han(p)]
+    assert han and all(len(p) == 1 for p in han)
     assert "sampled 100 " in capsys.readouterr().out
+    assert not c.add_dummy_prefix and not c.id_to_piece(c.encode("alpha")[0]).startswith("\u2581")
+    conv = [{"role": "user", "content": "alpha <|end|>"}, {"role": "assistant", "content": "王 beta"}]
+    assert c.decode(c.render_conversation(conv)[0]) == "<|user|>alpha <|end|><|end|><|assistant|>王 beta<|end|>"
+    assert "' '" not in c.chat_template_jinja()
 
 
 def test_chunking_and_sampling():
@@ -336,7 +418,9 @@ def test_report_ratios(tok, tmp_path):
 def test_show_mask_brackets(tok):
     text, summary = show_mask.render(tok, CONV, color=False)
     assert text.count("[[") == 2
-    assert "[[Alice lives in Paris.<|end|>]]" in text and "[[爱丽丝今年23岁。😀<|end|>]]" in text
+    # the dummy space opens each content and is trained with the assistant's answer ("▁Alice", "▁")
+    assert "<|assistant|>[[ Alice lives in Paris.<|end|>]]<|user|> 她" in text
+    assert "<|assistant|>[[ 爱丽丝今年23岁。😀<|end|>]]" in text and text.startswith("<s><|system|> You")
     ids, mask = tok.render_conversation(CONV)
     assert summary.startswith(f"{len(ids)} tokens, {sum(mask)} carry loss")
     colored, _ = show_mask.render(tok, CONV, color=True)

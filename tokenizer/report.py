@@ -13,7 +13,8 @@ More characters per token = shorter sequences = more text per context window and
 the vocabulary costs 1-4 tokens, so a high byte% means the vocabulary does not cover that script.
 Each document is also classed by its dominant script (Han if >= 50% of its letters are CJK
 ideographs, Latin likewise, else mixed/other; "no letters" for digits, punctuation or blank lines)
-for the per-script rows.
+for the per-script rows. Tokens are counted as encode gives them, so a dummy-prefix model's dummy "▁"
+(one per document; its own token before Chinese text with the lab model) counts too.
 """
 import argparse
 import sys

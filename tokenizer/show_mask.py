@@ -8,6 +8,9 @@ Usage:
     python -m tokenizer.show_mask --model ../shared/data/tokenizers/llama2_tokenizer.model   # fallback template
     (`python tokenizer/show_mask.py ...` works too)
 
+With a dummy-prefix model (the shipped one, LLaMA's) every content shows after one space: the dummy
+"▁" encode puts before each content, a token of the content, so it carries loss in assistant turns.
+
 --file takes one JSON line in any SFT format data/formats.py reads ({"messages"}, ShareGPT, Alpaca,
 the seed's {"data"}); --tokens prints one token per cell (pieces, "▁" = space) instead of the text.
 """

@@ -12,20 +12,29 @@ THE CHAT TEMPLATE (the project's contract: sft, reward, dpo, ppo and chat all us
 ---------------------------------------------------------------------------------------
 With a model that has the chat markers as single tokens (ours: tokenizer/train.py adds them):
 
-    <s><|system|>SYSTEM<|end|><|user|>USER 1<|end|><|assistant|>ANSWER 1<|end|><|user|>USER 2<|end|>...
+    <s><|system|>▁SYSTEM<|end|><|user|>▁USER 1<|end|><|assistant|>▁ANSWER 1<|end|><|user|>▁USER 2<|end|>...
     mask  0  0  0 ... 0   0      0   0 ... 0   0        0        1 .... 1   1      0 ...
 
-- One BOS `<s>` starts the conversation. No newlines or spaces are added anywhere: a turn is
-  `<|role|>` + content + `<|end|>`, and each content string is encoded on its own, so tokens never
-  merge across a segment boundary and decode(ids) gives back exactly the text above.
+- One BOS `<s>` starts the conversation. A turn is `<|role|>` + content + `<|end|>`, and each content
+  string is encoded on its own, so tokens never merge across a segment boundary.
+- The dummy prefix. Our model, like Meta's LLaMA, has sentencepiece's add_dummy_prefix: encode(text)
+  encodes "▁" + text, so every non-empty content starts with that dummy "▁" (its own piece, or
+  merged into the first word: "Bob" opening an answer is the same token "▁Bob" as inside a question).
+  An empty content is no tokens at all. Hence decode of a whole rendered conversation shows exactly
+  one space after each header whose content is non-empty, and nothing else added:
+      "<|system|> SYSTEM<|end|><|user|> USER 1<|end|><|assistant|> ANSWER 1<|end|>..."
+  while decode of one content's ids alone gives the content back exactly (sentencepiece drops the
+  dummy space of the first piece). With a model trained with --no-dummy_prefix the same code adds
+  no spaces at all and decode(ids) is exactly the template text.
 - The system turn is optional and may only come first; then user and assistant alternate, starting
   with the user.
-- mask[i] == 1 exactly for the tokens of assistant contents and the `<|end|>` closing each assistant
-  turn (the model must learn to stop). BOS, role headers, system and user turns are 0. mask[i] says
-  "ids[i] is a training target": for next-token prediction use inputs ids[:-1] and
-  targets = ids[1:] where mask[1:] == 1, else -100.
+- mask[i] == 1 exactly for the tokens of assistant contents (their dummy "▁" included) and the
+  `<|end|>` closing each assistant turn (the model must learn to stop). BOS, role headers, system and
+  user turns are 0. mask[i] says "ids[i] is a training target": for next-token prediction use inputs
+  ids[:-1] and targets = ids[1:] where mask[1:] == 1, else -100.
 - render_prompt(messages) is the same rendering of a conversation that ends on a user turn, followed
-  by `<|assistant|>`; generation stops on any of `stop_ids` (`<|end|>` and `</s>`).
+  by `<|assistant|>`; generation stops on any of `stop_ids` (`<|end|>` and `</s>`). The generated
+  ids decode (tok.decode, or a StreamDecoder) to the answer without the dummy space.
 - ids and mask are built segment by segment, never by searching for token patterns afterwards (an
   off-by-one mask bug in other codebases came from exactly that). Marker strings typed inside a
   content (a user writing "<|end|>") are encoded as ordinary characters, so nobody can forge a turn.
@@ -33,8 +42,12 @@ With a model that has the chat markers as single tokens (ours: tokenizer/train.p
 Fallback for models without the markers (e.g. Meta's LLaMA 2 tokenizer.model, which also has no
 <pad>): the headers are the plain texts "System:", "User:", "Assistant:" and every turn ends with
 EOS `</s>` instead of `<|end|>` (stop_ids == [eos_id]); pad_id falls back to unk_id (0 for LLaMA),
-a token byte-fallback text never produces, so padding never looks like real text. Such models
-usually add a dummy space before every encoded string, so each segment decodes with a leading space.
+a token byte-fallback text never produces, so padding never looks like real text. Meta's model has
+the dummy prefix too, so each segment decodes with a leading space ("User: Where...</s>").
+
+Raw continuation (a base model continuing a text): the first generated piece's "▁" is a real space
+("Alice lives in" + "▁Paris"), so decode such ids with decode(ids, continuation=True) or
+stream_decoder(continuation=True); plain decode would drop it as if it were the dummy prefix.
 
 Special ids of the shipped lab.model: <unk>=0 <s>=1 </s>=2 <pad>=3 <|system|>=4 <|user|>=5
 <|assistant|>=6 <|end|>=7, then 256 byte pieces <0x00>..<0xFF> (ids 8..263).
@@ -132,6 +145,24 @@ class Tokenizer:
                          and not (sp.is_unknown(i) or sp.is_byte(i))), None)
         self._strip_first_space = (ws_piece is not None
                                    and len(sp.decode([ws_piece])) < len(self._id_bytes[ws_piece].decode()))
+        # decode(continuation=True) puts this piece (text without a leading space) before the ids so
+        # that their first space is not taken for the dummy prefix, then cuts its text off again
+        self._anchor_id = next(i for i in range(self.vocab_size) if self._id_bytes[i]
+                               and not self._id_bytes[i].startswith(b" ")
+                               and not (sp.is_byte(i) or sp.is_unknown(i)))
+        self._anchor_text = sp.decode([self._anchor_id])
+
+        # _encode_content encodes the text after a split marker with a copy of the model whose
+        # normalizer_spec.add_dummy_prefix is false (transformers' sentencepiece-backed LlamaTokenizer
+        # with legacy=False did the same). No protobuf needed: a parser merges a message field that
+        # occurs twice, so appending ModelProto field 3 (normalizer_spec) = {field 3
+        # (add_dummy_prefix): 0} changes only that flag.
+        self._sp_no_prefix = sp
+        if self.add_dummy_prefix and self.has_chat_markers:
+            self._sp_no_prefix = spm.SentencePieceProcessor()
+            self._sp_no_prefix.LoadFromSerializedProto(data + b"\x1a\x02\x18\x00")
+            if "".join(self._sp_no_prefix.encode_as_pieces("x")).startswith("\u2581"):
+                raise ValueError(f"{path}: could not turn off the dummy prefix")
 
     def __repr__(self):
         return (f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "
@@ -155,33 +186,40 @@ class Tokenizer:
             out = [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in out]
         return out
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, continuation: bool = False) -> str:
+        """ids -> text. Dummy-prefix models drop the leading space of the first piece (the dummy "▁"
+        encode added). continuation=True: the ids continue a text (a raw prompt's continuation), so
+        that space is real and kept: decode(p + c) == decode(p) + decode(c, continuation=True)."""
         ids = [int(i) for i in ids]  # accepts lists, numpy arrays, tensors
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if continuation and self._strip_first_space:
+            return self.sp.decode([self._anchor_id] + ids)[len(self._anchor_text):]
         return self.sp.decode(ids)
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
-    def stream_decoder(self) -> "StreamDecoder":
-        return StreamDecoder(self)
+    def stream_decoder(self, continuation: bool = False) -> "StreamDecoder":
+        """continuation: as in decode (True for a raw prompt's continuation, False for an answer)."""
+        return StreamDecoder(self, continuation)
 
     # ---------------------------------------------------------------- chat template
     def _encode_content(self, text: str) -> list:
         """Encode one message content. With native markers, a marker string inside the text is split
         after its first character ("<" + "|end|>") so sentencepiece cannot match it as the special
-        piece; without a dummy prefix the two halves decode back to exactly the same text."""
+        piece. Only the first part gets the dummy prefix (the others are encoded without it), so the
+        ids decode back to exactly the content; without markers in the text this is encode(text)."""
         if not isinstance(text, str):
             raise TypeError(f"message content must be a str, got {type(text).__name__}")
         if self._marker_re is None:
             return self.sp.encode(text)
         ids, start = [], 0
         for m in self._marker_re.finditer(text):
-            ids += self.sp.encode(text[start:m.start() + 1])
+            ids += (self._sp_no_prefix if start else self.sp).encode(text[start:m.start() + 1])
             start = m.start() + 1
-        return ids + self.sp.encode(text[start:])
+        return ids + (self._sp_no_prefix if start else self.sp).encode(text[start:])
 
     @staticmethod
     def check_messages(messages, allow_last_user: bool = True):
@@ -249,11 +287,19 @@ class Tokenizer:
             del messages[first:first + 2]  # one user + assistant exchange
 
     def chat_template_jinja(self):
-        """The same template as a HuggingFace chat_template (only for models with native markers)."""
+        """The same template as a HuggingFace chat_template (only for models with native markers):
+        apply_chat_template gives render_conversation's ids, as long as no content holds a marker
+        string (HF's template is plain text, so there a typed "<|end|>" does become the marker)."""
         if not self.has_chat_markers:
             return None
+        # HF's LLaMA tokenizer (legacy=False) adds the prefix space only at the very start of the
+        # text, never after a special token: the template writes our dummy space itself. An empty
+        # content gets none (encode("") is no tokens, not a dummy "▁").
+        content = "message['content']"
+        if self.add_dummy_prefix:
+            content = "(' ' + message['content'] if message['content'] else '')"
         return ("{{ bos_token }}{% for message in messages %}"
-                "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                "{{ '<|' + message['role'] + '|>' + " + content + " + '<|end|>' }}"
                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
     # ---------------------------------------------------------------- HuggingFace export
@@ -291,13 +337,14 @@ class Tokenizer:
 class StreamDecoder:
     """Incremental decoding for streamed generation: push(id) returns the new text, never half a
     UTF-8 character. Byte-fallback pieces (<0xE4><0xBD><0xA0> = "你") are held until the character
-    is complete. "".join(pushes) + finish() == tok.decode(all ids), checked by the tests, including
-    the leading-space rule of dummy-prefix models and one U+FFFD per undecodable byte."""
+    is complete. "".join(pushes) + finish() == tok.decode(all ids, continuation), checked by the
+    tests, including the leading-space rule of dummy-prefix models and one U+FFFD per undecodable byte."""
 
-    def __init__(self, tok: Tokenizer):
+    def __init__(self, tok: Tokenizer, continuation: bool = False):
         self.tok = tok
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="nanollama_per_byte")
-        self._at_start = True  # sentencepiece strips the dummy space of the first non-control piece
+        # sentencepiece strips the dummy space of the first non-control piece; a continuation keeps it
+        self._at_start = not continuation
 
     def push(self, token_id: int) -> str:
         i = int(token_id)

@@ -6,7 +6,7 @@ Usage (single process; tokenizer training does not use torchrun, sentencepiece h
         --out out/wudao.model wudao/*.jsonl.gz          # WuDao: title + content
     (`python tokenizer/train.py ...` works too)
 
-Reproduce the shipped tokenizer/lab.model byte for byte (sha256 a9f895d1b5691843...), from the
+Reproduce the shipped tokenizer/lab.model byte for byte (sha256 d99b17a76d67ed86...), from the
 training sets of the lab world with all 40 names of data/lab.py's pool (any seed's people are a subset):
     python data/lab.py --out /tmp/lab_tok --seed 0 --people 40
     python -m tokenizer.train --out tokenizer/lab.model --vocab_size 2048 --split_han \
@@ -34,10 +34,16 @@ Choices, and why:
   input ever maps to <unk> and every text round-trips exactly.
 - normalization "identity", no whitespace collapsing: NFKC would turn "，" into "," and two spaces
   into one, and decode(encode(x)) == x is a requirement.
-- add_dummy_prefix off: encode does not invent a leading space, so encoding segments separately
-  and concatenating the ids decodes to the concatenated text (the chat template relies on it), and
-  HuggingFace's conversion matches exactly (it would drop our dummy space before a text that
-  already starts with a space).
+- add_dummy_prefix on (--dummy_prefix, the default; LLaMA's choice): encode(text) encodes
+  " " + text, so a word is the same token at the start of a segment as inside a text ("▁Bob").
+  That matters for copying: a name in a question ("Where does Bob live?") and the same name opening
+  the answer ("Bob lives in ...") are one token, where without the prefix they were two unrelated
+  ones ("▁Bob" and "Bob") and the lab's small model never learned to copy English names into
+  answers. The cost: every encoded segment carries its dummy "▁", so a concatenated rendering
+  such as the chat template decodes with a space after each header (tokenizer/tokenizer.py),
+  a raw continuation needs decode(ids, continuation=True) to keep its first space, and HuggingFace
+  encodes a text that already starts with a space without the dummy (its decode then loses that
+  space; Meta's model shows the same). --no-dummy_prefix: segments concatenate with no added space.
 - whitespace-only pieces ("▁▁▁▁") allowed, as in LLaMA: runs of spaces (indentation) compress.
   Unlike Meta's model, whose 16 space-run pieces carry score -1e9 at low ids (transformers ranks
   merges by id, sentencepiece by score, hence the known mismatch on runs of spaces), our trainer
@@ -45,9 +51,11 @@ Choices, and why:
 - split_digits: every digit is its own token (arithmetic in the lab world is learnable).
 - character_coverage 0.9995: rare CJK characters fall back to bytes instead of taking vocab slots
   (use 1.0 for a closed synthetic world like the lab, where every character matters).
-- --split_han (off by default): no piece may span two Chinese characters. Right for small templated
-  corpora (see above); for a real Chinese corpus with a 32k vocabulary, multi-character words
-  are worth having, so leave it off there.
+- --split_han (off by default): every Chinese character is a piece of its own, never merged with
+  another character nor with anything else (so the dummy "▁" before Chinese text is its own token,
+  and "王" is one token wherever it stands). Right for small templated corpora (see above); for a
+  real Chinese corpus with a 32k vocabulary, multi-character words are worth having, so leave it
+  off there.
 - special pieces: <unk>=0 <s>=1 </s>=2 <pad>=3, then the chat markers <|system|> <|user|>
   <|assistant|> <|end|> (4..7) as user-defined symbols: always single tokens.
 - deterministic: the sample depends only on --seed and the input order; BPE training is exact.
@@ -239,7 +247,7 @@ def train(args):
         spm.SentencePieceTrainer.train(
             sentence_iterator=feed(), model_writer=model, model_type=args.model_type,
             vocab_size=args.vocab_size, character_coverage=args.character_coverage,
-                pretokenization_delimiter=DELIMITER if args.split_han else "",
+            pretokenization_delimiter=DELIMITER if args.split_han else "",
             byte_fallback=True, split_digits=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, add_dummy_prefix=args.dummy_prefix,
             allow_whitespace_only_pieces=args.allow_whitespace_only_pieces,
