@@ -105,7 +105,7 @@ SIZES = {
     "lab": dict(
         data=dict(),
         model=dict(model="lab", seq_len=256),
-        pretrain=dict(max_steps=250, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_interval=50,
+        pretrain=dict(max_steps=500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_interval=100,
                       eval_steps=10, log_interval=10),
         sft=dict(max_steps=400, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=30, eval_interval=100,
                  log_interval=10, pretrain_ratio=0.5),
@@ -467,7 +467,7 @@ def complete(model, tok, texts, max_new_tokens, batch_size):
         for i in range(0, len(texts), batch_size):
             ids = [tok.encode(t, bos=True) for t in texts[i:i + batch_size]]
             new = model.generate(ids, max_new_tokens, temperature=0.0, eos_id=[tok.eos_id])
-            out += [tok.decode(chat.strip_stop(n, [tok.eos_id])) for n in new]
+            out += [tok.decode(chat.strip_stop(n, [tok.eos_id]), continuation=True) for n in new]
     return out
 
 

@@ -147,11 +147,17 @@ HOPS = {  # after "who is X's best friend?": a question about that friend, witho
     "zh": {"city": "那这位朋友住在哪里？", "job": "这位朋友是做什么工作的？",
            "pet": "这位朋友养了什么宠物？", "age": "这位朋友今年多大？"},
 }
+# An answer names its person with a pronoun, as a person would ("Where does Jack live?" "He lives in
+# Nanjing."), and so does the Q/A text in pretraining. Measured: with the name first ("Jack lives in
+# Nanjing."), SFT taught the small model to open answers with the names it had seen answered (the sft
+# and rl groups), and about people only pretraining knows it wrote another name ("Sam lives in
+# Nanjing.") and then that person's facts: 41% of English held-out answers right against 78% in
+# Chinese, where the name sits first in the question and is copied by position.
 ANSWERS = {
-    "en": {"city": "{name} lives in {city}.", "job": "{name} is {a_job}.", "pet": "{name} has {a_pet}.",
-           "age": "{name} is {age} years old.", "friend": "{name}'s best friend is {friend}."},
-    "zh": {"city": "{name}住在{city}。", "job": "{name}是一名{job}。", "pet": "{name}养了一{m}{pet}。",
-           "age": "{name}今年{age}岁。", "friend": "{name}最好的朋友是{friend}。"},
+    "en": {"city": "{She} lives in {city}.", "job": "{She} is {a_job}.", "pet": "{She} has {a_pet}.",
+           "age": "{She} is {age} years old.", "friend": "{Her} best friend is {friend}."},
+    "zh": {"city": "{ta}住在{city}。", "job": "{ta}是一名{job}。", "pet": "{ta}养了一{m}{pet}。",
+           "age": "{ta}今年{age}岁。", "friend": "{ta}最好的朋友是{friend}。"},
 }
 PROFILE = {
     "en": (["Tell me about {name}.", "Who is {name}?"],
@@ -488,11 +494,15 @@ def _fact_item(world, p, attr, lang, rng, question=None):
 def _arith_item(problem, lang, rng):
     op, a, b = problem
     c = a + b if op == "+" else (a - b if op == "-" else a * b)
-    wrong = rng.choice([w for w in range(max(0, c - 3), c + 4) if w != c])
     other = "zh" if lang == "en" else "en"
-    ans = lambda l, v: ARITH_A[l].format(a=a, b=b, c=v, op=op, op_zh=OP_ZH[op])  # noqa: E731
+    ans = lambda l, x, y, v: ARITH_A[l].format(a=x, b=y, c=v, op=op, op_zh=OP_ZH[op])  # noqa: E731
+    if a != b and rng.random() < 0.5:   # the small chat model's own slip: the first operand copied
+        aa = a + a if op == "+" else (0 if op == "-" else a * a)   # twice, then computed right ("4 + 4 = 8")
+        wrong = ans(lang, a, a, aa)
+    else:
+        wrong = ans(lang, a, b, rng.choice([w for w in range(max(0, c - 3), c + 4) if w != c]))
     return {"task": "arith", "lang": lang, "q": rng.choice(ARITH_Q[lang][op]).format(a=a, b=b),
-            "a": ans(lang, c), "a_other": ans(other, c), "a_wrong": ans(lang, wrong),
+            "a": ans(lang, a, b, c), "a_other": ans(other, a, b, c), "a_wrong": wrong,
             "truth": {"type": "arith", "lang": lang, "op": op, "operands": [str(a), str(b)], "answer": str(c),
                       "max_words": MAX_WORDS}}
 
@@ -584,11 +594,16 @@ def _pretrain_doc(world, rng, qa_frac, knowledge="mixed"):
     if r < qa_frac:  # plain-text Q/A (no chat template): "mixed training" (Physics 3.1) helps extraction.
         # mixed: about the sft and rl groups only, so the eval group's facts are known from biographies
         # alone and the held-out questions measure knowledge extraction, not a memorised Q/A pair
-        asked = people if knowledge == "mixed_all" else [p for p in people if p["group"] != "eval"]
+        groups = ("sft", "rl", "eval") if knowledge == "mixed_all" else ("sft", "rl")
+        asked = [p for p in people if p["group"] in groups]
+        sums = [x for g in groups for x in world["arith"][g]]
         q, a = QA_MARKS[lang]
         lines = []
         for _ in range(rng.randint(3, 6)):
-            item = _fact_item(world, rng.choice(asked), rng.choice(ATTRS), lang, rng)
+            # a quarter are sums: "What is 4 + 8?" -> "4 + 8 = 12." copies both operands from the question,
+            # a skill SFT's few hundred sums did not teach the small model (it answered "4 + 4 = 8")
+            item = (_arith_item(rng.choice(sums), lang, rng) if rng.random() < 0.25
+                    else _fact_item(world, rng.choice(asked), rng.choice(ATTRS), lang, rng))
             lines.append(f"{q}{item['q']}\n{a}{item['a']}")
         return "\n".join(lines)
     r = (r - qa_frac) / (1 - qa_frac)  # the rest of the mix, whatever qa_frac is
@@ -614,7 +629,7 @@ def _pretrain_doc(world, rng, qa_frac, knowledge="mixed"):
         p = rng.choice(people)
         fe, fz = _fields(world, p, "en"), _fields(world, p, "zh")
         attrs = rng.sample(ATTRS, 3)
-        return " ".join(ANSWERS["en"][a].format(**fe) + " " + ANSWERS["zh"][a].format(**fz) for a in attrs)
+        return " ".join(STATEMENTS["en"][a][0].format(**fe) + " " + STATEMENTS["zh"][a][0].format(**fz) for a in attrs)
     city = rng.choice(CITIES)  # who lives where: the same facts seen from the city's side
     ci = 0 if lang == "en" else 1
     who = [p["name"][lang] for p in people if p["city"]["en"] == city[0]]
@@ -675,7 +690,7 @@ def _sft_conversation(world, group, rng):
 
 
 def _prompt_record(item):
-    return {"prompt": item["q"], "messages": [{"role": "user", "content": item["q"]}]}
+    return {"prompt": item["q"], "messages": item.get("context", []) + [{"role": "user", "content": item["q"]}]}
 
 
 def _eval_record(item, kind):
@@ -770,16 +785,34 @@ def _rank_record(item, rng):
             "task": item["task"], "truth": item["truth"]}
 
 
+# The alignment sets (preference pairs, rankings, RL prompts) ask what a chat model gets wrong after
+# SFT, measured: sums and follow-ups (a pronoun that points back a turn), rarely a plain fact.
+ALIGN_TASKS = {"fact": 0.3, "followup": 0.3, "arith": 0.3, "identity": 0.05, "refusal": 0.05}
+
+
+def _align_item(world, group, rng):
+    """One prompt of an alignment set: a single-turn item, or the last turn of a follow-up
+    conversation (item["context"]: the earlier turns, answered right)."""
+    task = rng.choices(list(ALIGN_TASKS), weights=list(ALIGN_TASKS.values()))[0]
+    if task != "followup":
+        weights = [ALIGN_TASKS[t] if t == task else 0.0 for t in ("fact", "arith", "identity", "refusal")]
+        return _single_item(world, group, rng, weights=weights)
+    turns = _followup_turns(world, rng.choice([p for p in world["people"] if p["group"] == group]),
+                            rng.choice(LANGS), rng, 2)
+    return {**turns[-1], "task": "followup", "context": _messages(turns[:-1])}
+
+
 def _items(world, group, rng, n, distinct):
-    """n single-turn items. Training sets sample freely (a prompt may repeat, with another rejected
+    """n alignment items. Training sets sample freely (a prompt may repeat, with another rejected
     answer); held-out sets take distinct prompts (drawn with the same task mix until n are found)."""
     if not distinct:
-        return [_single_item(world, group, rng) for _ in range(n)]
+        return [_align_item(world, group, rng) for _ in range(n)]
     pool, seen = [], set()
     for _ in range(n * 50):
-        it = _single_item(world, group, rng)
-        if it["q"] not in seen:
-            seen.add(it["q"])
+        it = _align_item(world, group, rng)
+        key = json.dumps(_prompt_record(it)["messages"], ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
             pool.append(it)
         if len(pool) >= n:
             break
@@ -808,7 +841,9 @@ def generate(seed=0, **knobs):
     out["showcase"] = [r for r in out["eval_qa"] if r["showcase"]]
     out["eval_pretrain"] = _probe_sets(world, _rng(seed, "probe"), k["eval_extra"])
     rng = _rng(seed, "prefs")
-    out["prefs_train"] = [_pref_record(it, REJECTED_KINDS[i % 4], rng)
+    # half the training pairs reject a wrong fact or sum (the mistakes a chat model makes after SFT);
+    # the other half spread over the style kinds
+    out["prefs_train"] = [_pref_record(it, "wrong_fact" if i % 2 == 0 else REJECTED_KINDS[1 + (i // 2) % 3], rng)
                           for i, it in enumerate(_items(world, "rl", rng, k["prefs_train"], False))]
     out["prefs_val"] = [_pref_record(it, kind, rng) for it in _items(world, "eval", rng, k["prefs_val"] // 4, True)
                         for kind in REJECTED_KINDS]

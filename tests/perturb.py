@@ -9,11 +9,12 @@ an RL run goes elsewhere. These switches reproduce that on one machine:
     MKL_ENABLE_INSTRUCTIONS=AVX2              MKL's matrix-multiply code path
     OMP_NUM_THREADS=1|2                       how reductions are split between threads
 
-Two uses:
+Uses:
 
     python tests/perturb.py suite [PYTEST ARGS]   # the test suite in every cell (~6 x 7 min on 2 cores)
     python tests/perturb.py suite -m trajectory   # only the float-sensitive tests (~6 x 4 min)
     python tests/perturb.py golden                # regenerate tests/golden_lab_tiny.json (~6 tiny labs, 2 at a time)
+    python tests/perturb.py spread --out DIR      # the lab size over seeds 0-2 and 3 more cells: mean +- spread
 
 `suite` prints one row per cell (passed / failed / minutes) and exits 1 if any cell failed. Run it
 before regenerating golden values or changing a threshold, and put its table in the commit message.
@@ -136,6 +137,68 @@ def run_golden(out, keep, jobs, size):
     return 0
 
 
+GAINS = [("dpo", "sft"), ("ppo", "sft"), ("grpo", "sft")]   # (stage, baseline): accuracy gains the lab claims
+
+
+def run_spread(out, seeds, cell_names, jobs, size):
+    """The lab at `size` for every seed in the default cell, and for seed 0 in every other cell: the
+    numbers the README states as mean +- spread. Each run's report.json stays in out/."""
+    cells = {"native": ({}, 1), **{name: (env, threads) for name, env, threads in golden_cells()}}
+    unknown = [c for c in cell_names if c not in cells]
+    if unknown:
+        raise SystemExit(f"unknown cell(s) {unknown}; known: {list(cells)}")
+    todo = [(seed, cell_names[0]) for seed in seeds] + [(seeds[0], c) for c in cell_names[1:]]
+
+    def one(job):
+        seed, name = job
+        env, threads = cells[name]
+        run_dir = os.path.join(out, f"s{seed}_" + name.replace("=", "_").replace(",", "+"))
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "run_lab.py", "--size", size, "--seed", str(seed), "--threads", str(threads),
+                            "--out_dir", run_dir], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"seed {seed} {name}: run_lab.py failed\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        print(f"  seed {seed} {name}: {(time.time() - t0) / 60:.1f} min", flush=True)
+        return run_dir
+
+    os.makedirs(out, exist_ok=True)
+    print(f"{len(todo)} {size} lab runs in {out}, {jobs} at a time")
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, todo))
+    return summarize_spread(out)
+
+
+def summarize_spread(out):
+    """Mean, spread (max - min) and min..max of every card value over the runs in out/, and of each
+    stage's accuracy gain over SFT with its ratio to its own spread (the lab calls a gain real at >= 3)."""
+    cards = {}
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name, "report.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                cards[name] = json.load(f)["card"]
+    if not cards:
+        raise SystemExit(f"no finished runs (report.json) in {out}")
+    keys = [k for k in next(iter(cards.values())) if all(isinstance(c.get(k), (int, float)) for c in cards.values())]
+    rows = {k: [c[k] for c in cards.values()] for k in keys}
+    for stage, base in GAINS:
+        if f"{stage}.accuracy" in rows and f"{base}.accuracy" in rows:
+            rows[f"{stage}.gain_over_{base}"] = [a - b for a, b in zip(rows[f"{stage}.accuracy"], rows[f"{base}.accuracy"])]
+    summary = {}
+    print(f"\n{len(cards)} runs: {', '.join(cards)}\n")
+    print(f"| value | mean | spread (max - min) | min .. max | gain / spread |\n|---|---|---|---|---|")
+    for k, v in rows.items():
+        mean, spread = statistics.fmean(v), max(v) - min(v)
+        ratio = (mean / spread if spread > 0 else float("inf")) if ".gain_over_" in k else None
+        summary[k] = {"mean": round(mean, 4), "spread": round(spread, 4), "min": round(min(v), 4),
+                      "max": round(max(v), 4), "runs": [round(x, 4) for x in v], **({"ratio": ratio} if ratio else {})}
+        print(f"| `{k}` | {mean:.4f} | {spread:.4f} | {min(v):.4f} .. {max(v):.4f} | "
+              + (f"{ratio:.1f}" if ratio is not None else "") + " |")
+    run_lab.atomic_write(os.path.join(out, "spread.json"), json.dumps({"runs": list(cards), "values": summary}, indent=1) + "\n")
+    print(f"\nwritten to {os.path.join(out, 'spread.json')}")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -147,7 +210,20 @@ def main(argv=None):
     g.add_argument("--keep", default=None, metavar="DIR", help="run directories here (default: a temporary one)")
     g.add_argument("--jobs", type=int, default=2, help="lab runs at a time")
     g.add_argument("--size", default="tiny")
+    sp = sub.add_parser("spread", help="the lab over seeds and cells: mean +- spread of every number")
+    sp.add_argument("--out", required=True, help="run directories go here (kept)")
+    sp.add_argument("--size", default="lab")
+    sp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="each in the first cell")
+    sp.add_argument("--cells", nargs="+", default=["native", "aten=default", "aten=avx2", "mkl=AVX2", "threads=2"],
+                    help="the first runs every seed; the others run the first seed")
+    sp.add_argument("--jobs", type=int, default=2)
+    sp.add_argument("--summarize", action="store_true", help="only summarise the finished runs in --out")
     args, rest = p.parse_known_args(argv)
+    if args.cmd == "spread":
+        if rest:
+            p.error(f"unknown arguments: {rest}")
+        return summarize_spread(args.out) if args.summarize else run_spread(args.out, args.seeds, args.cells,
+                                                                              args.jobs, args.size)
     if args.cmd == "suite":
         return run_suite(rest or ["tests"], args.jobs)
     if rest:

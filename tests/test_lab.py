@@ -197,7 +197,12 @@ def test_records_are_well_formed(sets):
         assert set(r) == {"id", "messages", "reference", "truth", "kind", "showcase"}
     for key in ("prefs_train", "prefs_val", "rank_train", "rl_prompts", "rl_eval"):
         for r in sets[key]:
-            assert r["messages"] == [{"role": "user", "content": r["prompt"]}]
+            # a single-turn prompt, or a follow-up: earlier turns answered right, then the prompt
+            assert r["messages"][-1] == {"role": "user", "content": r["prompt"]}
+            _check_conversation(r["messages"], "user")
+            if len(r["messages"]) > 1:
+                assert r["task"] == "followup" and lab.check(r["messages"][-2]["content"], r["truth"]) is False
+
     assert all(set(r) == {"prompt", "messages", "chosen", "rejected", "kind", "task", "truth"}
                for r in sets["prefs_train"] + sets["prefs_val"])
     assert all(len(r["responses"]) == 5 for r in sets["rank_train"])
@@ -333,11 +338,18 @@ def test_checker_rejects_every_rejected_answer_for_its_labelled_reason(sets):
         assert failed == [expect[r["kind"]]], (r, parts)  # wrong in exactly the labelled way
         seen[(r["kind"], r["task"], r["truth"]["lang"])] = seen.get((r["kind"], r["task"], r["truth"]["lang"]), 0) + 1
     for kind in lab.REJECTED_KINDS:
-        for task in ("fact", "arith", "identity", "refusal"):
+        for task in ("fact", "followup", "arith", "identity", "refusal"):
             for lang in lab.LANGS:
                 assert seen.get((kind, task, lang), 0) > 0, (kind, task, lang)
-    counts = [sum(v for (k, _, _), v in seen.items() if k == kind) for kind in lab.REJECTED_KINDS]
-    assert max(counts) - min(counts) <= 1  # balanced kinds
+    def count(kind, key):
+        return sum(1 for r in sets[key] if r["kind"] == kind)
+    # prefs_val: every prompt once with each kind; prefs_train: half wrong facts, the rest balanced
+    assert len({count(k, "prefs_val") for k in lab.REJECTED_KINDS}) == 1
+    style = [count(k, "prefs_train") for k in lab.REJECTED_KINDS[1:]]
+    assert abs(count("wrong_fact", "prefs_train") - len(sets["prefs_train"]) / 2) <= 1 and max(style) - min(style) <= 1
+    # the arithmetic slip SFT makes ("4 + 4 = 8" for 4 + 8) is among the wrong sums
+    assert any(r["task"] == "arith" and lab._NUM.findall(r["rejected"])[:2] == [r["truth"]["operands"][0]] * 2
+               for r in sets["prefs_train"] if r["kind"] == "wrong_fact")
 
 
 def test_ranked_lists_are_ordered_by_score(sets):
