@@ -242,23 +242,30 @@ def test_bilingual_and_answer_in_the_question_language(sets):
 
 
 def test_multi_turn_followups_refer_to_the_previous_turn(sets):
+    """A follow-up names nobody ("And his job?"); its answer (a pronoun and a value) must be a fact of
+    somebody named earlier in the conversation."""
     world = sets["world"]
     names = _names(world, ("sft", "rl", "eval"))
+
+    def values(p):
+        friend = world["people"][p["friend"]]["name"]
+        return [str(p["age"])] + [v for a in ("city", "job", "pet") for v in p[a].values()] + list(friend.values())
+
     followups = 0
     for r in sets["sft_train"]:
-        users = [m for m in r["messages"] if m["role"] == "user"]
-        if len(users) < 2 or r["kind"] != "multi_turn":
+        if r["kind"] != "multi_turn":
             continue
         msgs = [m for m in r["messages"] if m["role"] != "system"]
         for i in range(2, len(msgs), 2):
             q, a = msgs[i]["content"], msgs[i + 1]["content"]
-            if not any(lab._has(q, n) for n in names) and any(lab._has(a, n) for n in names):
-                # the question names nobody; the answer's person was named in an earlier turn
-                person = min((n for n in names if lab._has(a, n)), key=a.find)  # the answer's subject
-                p = next(p for p in world["people"] if person in p["name"].values())
-                earlier = " ".join(m["content"] for m in msgs[:i])
-                assert any(lab._has(earlier, v) for v in p["name"].values())
-                followups += 1
+            pronoun = any(c in q for c in "她他") or "这位朋友" in q or any(
+                lab._has(q, w) for w in ("she", "he", "her", "his", "that friend"))
+            if any(lab._has(q, n) for n in names) or not pronoun:
+                continue   # a named question, or a topic switch
+            earlier = " ".join(m["content"] for m in msgs[:i])
+            named = [p for p in world["people"] if any(lab._has(earlier, n) for n in p["name"].values())]
+            assert named and any(any(lab._has(a, v) for v in values(p)) for p in named), (msgs[:i + 2])
+            followups += 1
     assert followups > 50
     kinds = {r["kind"] for r in sets["eval_qa"]}
     assert kinds == {"fact", "followup", "arith", "identity", "refusal"}
