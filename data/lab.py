@@ -13,13 +13,13 @@ help?" is a number, not an impression. This file makes that data from nothing:
 
 The world: a few dozen people, each with a city, a job, a pet, an age and a best friend, named in
 both languages (Alice / 爱丽丝, Wang Xiaoming / 王小明). People are split into three groups:
-  sft   their facts are asked in SFT conversations;
-  rl    facts only in pretraining; used for preference pairs, RL prompts and SFT validation;
-  eval  facts only in pretraining; used only by the held-out evaluation sets.
+  sft   their facts are asked in SFT conversations (and in preference pairs);
+  rl    not in SFT; used for preference pairs, RL prompts and SFT validation;
+  eval  facts only in pretraining biographies; used only by the held-out evaluation sets.
 So a fine-tuned model can answer an eval question only by reaching into what pretraining stored
 (the setting of Allen-Zhu & Li, "Physics of Language Models 3.1": knowledge becomes extractable
-when pretraining states each fact in many phrasings and orders; that is why the corpus below
-rephrases and shuffles every fact). Arithmetic questions and the identity/refusal phrasings are
+when pretraining states each fact in many phrasings and orders, and with "mixed training", Q/A
+text about other people in pretraining; --knowledge picks which, see bench/knowledge.py). Arithmetic questions and the identity/refusal phrasings are
 split the same way. Files (JSON Lines, UTF-8, one record per line):
 
   pretrain.jsonl     {"text"}                                          pretraining documents
@@ -802,14 +802,15 @@ def _align_item(world, group, rng):
     return {**turns[-1], "task": "followup", "context": _messages(turns[:-1])}
 
 
-def _items(world, group, rng, n, distinct):
-    """n alignment items. Training sets sample freely (a prompt may repeat, with another rejected
-    answer); held-out sets take distinct prompts (drawn with the same task mix until n are found)."""
+def _items(world, groups, rng, n, distinct):
+    """n alignment items about people of `groups` (a tuple; one group drawn per item). Training sets
+    sample freely (a prompt may repeat, with another rejected answer); held-out sets take distinct
+    prompts (drawn with the same task mix until n are found)."""
     if not distinct:
-        return [_align_item(world, group, rng) for _ in range(n)]
+        return [_align_item(world, rng.choice(groups), rng) for _ in range(n)]
     pool, seen = [], set()
     for _ in range(n * 50):
-        it = _align_item(world, group, rng)
+        it = _align_item(world, rng.choice(groups), rng)
         key = json.dumps(_prompt_record(it)["messages"], ensure_ascii=False)
         if key not in seen:
             seen.add(key)
@@ -844,15 +845,15 @@ def generate(seed=0, **knobs):
     # half the training pairs reject a wrong fact or sum (the mistakes a chat model makes after SFT);
     # the other half spread over the style kinds
     out["prefs_train"] = [_pref_record(it, "wrong_fact" if i % 2 == 0 else REJECTED_KINDS[1 + (i // 2) % 3], rng)
-                          for i, it in enumerate(_items(world, "rl", rng, k["prefs_train"], False))]
-    out["prefs_val"] = [_pref_record(it, kind, rng) for it in _items(world, "eval", rng, k["prefs_val"] // 4, True)
+                          for i, it in enumerate(_items(world, ("sft", "rl"), rng, k["prefs_train"], False))]
+    out["prefs_val"] = [_pref_record(it, kind, rng) for it in _items(world, ("eval",), rng, k["prefs_val"] // 4, True)
                         for kind in REJECTED_KINDS]
-    out["rank_train"] = [_rank_record(it, rng) for it in _items(world, "rl", rng, k["rank_train"], False)]
+    out["rank_train"] = [_rank_record(it, rng) for it in _items(world, ("sft", "rl"), rng, k["rank_train"], False)]
     rng = _rng(seed, "rl")
     out["rl_prompts"] = [{**_prompt_record(it), "reference": it["a"], "truth": it["truth"], "task": it["task"]}
-                         for it in _items(world, "rl", rng, k["rl_prompts"], False)]
+                         for it in _items(world, ("rl",), rng, k["rl_prompts"], False)]
     out["rl_eval"] = [{**_prompt_record(it), "reference": it["a"], "truth": it["truth"], "task": it["task"]}
-                      for it in _items(world, "eval", rng, k["rl_eval"], True)]
+                      for it in _items(world, ("eval",), rng, k["rl_eval"], True)]
     world["knobs"] = k
     world["counts"] = {name: len(out[name]) for name in FILES}
     world["groups"] = {g: [p["name"]["en"] for p in world["people"] if p["group"] == g] for g in ("sft", "rl", "eval")}

@@ -6,7 +6,7 @@ Usage (single process; tokenizer training does not use torchrun, sentencepiece h
         --out out/wudao.model wudao/*.jsonl.gz          # WuDao: title + content
     (`python tokenizer/train.py ...` works too)
 
-Reproduce the shipped tokenizer/lab.model byte for byte (sha256 acb009f70a2abba9...), from the
+Reproduce the shipped tokenizer/lab.model byte for byte (sha256 60ae042641c8f4aa...), from the
 training sets of the lab world with all 40 names of data/lab.py's pool (any seed's people are a subset):
     python data/lab.py --out /tmp/lab_tok --seed 0 --people 40
     python -m tokenizer.train --out tokenizer/lab.model --vocab_size 2048 --split_han \
