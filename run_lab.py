@@ -36,8 +36,11 @@ that failed; `rm -r lab_run/sft` (or editing sft.py -- the class exercises) re-r
 downstream of it, and nothing upstream. Downstream means "reads its output": PPO does not read DPO's,
 so deleting dpo/ re-runs dpo and eval only.
 
-Timing: wall-clock and CPU time (resource.getrusage(RUSAGE_CHILDREN), the stage and its workers) per
-stage are recorded in its state file and reported; on a shared machine the CPU time is the honest one.
+Timing: wall-clock and CPU time per stage (os.wait4's rusage: the stage and the workers it waited
+for, exact even while stages run side by side) are recorded in its state file and reported; on a
+shared machine the CPU time is the honest one. --jobs 2 (the default on a machine with 2 or more
+cores) runs a stage as soon as its inputs are done, two at a time: after SFT, the reward model and
+GRPO together, then DPO and PPO; every stage keeps one thread, so the numbers do not change.
 
 Simplifications on purpose: a stage that fails is re-run from its start (the stages support --resume,
 but at lab sizes a stage takes a minute or two, and a half-written run directory is easier to delete
@@ -51,7 +54,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shlex
 import shutil
 import subprocess
@@ -164,6 +166,9 @@ def get_args(argv=None):
                    help="hyper-parameter set; auto = gpu with --device cuda, else lab")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="passed to every stage")
     p.add_argument("--seed", type=int, default=0, help="one seed for the world, the data split and every stage")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="stages at a time once their inputs are done (reward with GRPO, then DPO with PPO); "
+                        "each stage's output then goes to OUT_DIR/logs/STAGE.log")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads per stage (OMP_NUM_THREADS; 0 = torch's default). 1 is deterministic and, for "
                         "models this small, as fast as 2 on a busy machine (idle OpenMP threads spin)")
@@ -372,31 +377,46 @@ def show(cmd, env=None):
     return "".join(f"{k}={v} " for k, v in (env or {}).items()) + "python " + shlex.join(cmd)
 
 
-def cpu_seconds_children():
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def run_stage(stage, by_name):
-    """Run one stage as a subprocess; on success write its state file. Returns (wall_s, cpu_s)."""
+def start_stage(stage, by_name, log_path=None):
+    """Start one stage as a subprocess (its output to the terminal, or to log_path when stages run
+    side by side). Returns what finish_stage needs."""
     if os.path.isdir(stage.out):   # a stale or half-written run: the stage scripts refuse to overwrite one
         shutil.rmtree(stage.out)
     want = expected_state(stage, by_name)   # before the run: the inputs it was started with
-    t0, c0 = time.time(), cpu_seconds_children()
-    rc = subprocess.call([sys.executable] + stage.cmd, cwd=REPO, env={**os.environ, **stage.env})
-    wall, cpu = time.time() - t0, cpu_seconds_children() - c0
+    log = open(log_path, "w") if log_path else None
+    proc = subprocess.Popen([sys.executable] + stage.cmd, cwd=REPO, env={**os.environ, **stage.env},
+                            stdout=log, stderr=subprocess.STDOUT if log else None)
+    return {"stage": stage, "proc": proc, "want": want, "t0": time.time(), "log": log, "log_path": log_path}
+
+
+def finish_stage(job, status, usage):
+    """A stage's process ended (os.wait4's status and rusage: the CPU time of this stage and the
+    workers it waited for, even while other stages run). On success write its state file."""
+    stage, wall = job["stage"], time.time() - job["t0"]
+    cpu = usage.ru_utime + usage.ru_stime
+    if job["log"]:
+        job["log"].close()
+    rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
-        raise SystemExit(f"\nstage {stage.name} failed (exit {rc}) after {wall:.0f}s. Fix it and run the same "
+        tail = ""
+        if job["log_path"]:
+            with open(job["log_path"], errors="replace") as f:
+                tail = "".join(f.readlines()[-25:])
+            tail = f"\n--- the last lines of {job['log_path']} ---\n{tail}"
+        raise SystemExit(f"{tail}\nstage {stage.name} failed (exit {rc}) after {wall:.0f}s. Fix it and run the same "
                          f"run_lab.py command again: finished stages are skipped. The stage alone:\n  {show(stage.cmd, stage.env)}")
     if not os.path.exists(stage.artefact):
         raise SystemExit(f"stage {stage.name} exited 0 but did not write {stage.artefact}")
-    state = {"stage": stage.name, **want, "artefact": fingerprint(stage), "wall_s": round(wall, 2),
+    state = {"stage": stage.name, **job["want"], "artefact": fingerprint(stage), "wall_s": round(wall, 2),
              "cpu_s": round(cpu, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write(os.path.join(stage.out, STATE_FILE), json.dumps(state, indent=1) + "\n")
     return wall, cpu
 
 
 def run_pipeline(args):
+    """Run the stages in order; with --jobs N > 1, up to N at a time once their inputs are done (after
+    SFT: reward and GRPO side by side, then DPO and PPO). Each stage keeps its one thread, so the
+    numbers are those of a sequential run; only the wall time shrinks (on a 2-core machine, ~1/3)."""
     stages = build_stages(args)
     by_name = {s.name: s for s in stages}
     for opt in ("force_from", "stop_after"):
@@ -404,31 +424,58 @@ def run_pipeline(args):
             raise SystemExit(f"--{opt} {getattr(args, opt)}: no such stage; stages: {', '.join(by_name)}")
     if args.force_from and by_name[args.force_from].cmd is None:
         raise SystemExit(f"--force_from {args.force_from}: that stage has nothing to run")
+    if args.stop_after:   # the stage list is in dependency order: what comes after is never needed
+        stages = stages[:[s.name for s in stages].index(args.stop_after) + 1]
     os.makedirs(args.out_dir, exist_ok=True)
-    print(f"nanollama lab: size {args.size}, device {args.device}, seed {args.seed}, run dir {args.out_dir}")
+    jobs = 1 if args.dry_run else max(1, args.jobs)
+    print(f"nanollama lab: size {args.size}, device {args.device}, seed {args.seed}, run dir {args.out_dir}, "
+          f"{jobs} stage(s) at a time")
     if os.path.abspath(os.getcwd()) != REPO:
         print(f"(stage commands below run from the repository root {REPO})")
-    t_start, c_start, ran = time.time(), cpu_seconds_children(), {}
-    for stage in stages:
-        ok, why = up_to_date(stage, by_name)
-        forced = stage.cmd is not None and (args.force or args.force_from == stage.name)
-        if ok and not forced:
-            print(f"\n[skip] {stage.name}: {why}")
-            ran[stage.name] = "skipped"
-        elif args.dry_run:
-            print(f"\n[would run] {stage.name}: {'forced' if forced else why}\n  {show(stage.cmd, stage.env)}")
-            ran[stage.name] = "would run"
-        else:
-            print(f"\n[run] {stage.name}: {'forced' if forced else why}\n$ {show(stage.cmd, stage.env)}", flush=True)
-            wall, cpu = run_stage(stage, by_name)
-            print(f"[done] {stage.name}: {wall:.1f}s wall, {cpu:.1f}s CPU", flush=True)
-            ran[stage.name] = "ran"
-        if args.stop_after == stage.name:
-            print(f"\n--stop_after {stage.name}: stopping here")
-            return None
+    t_start, ran, pending, running = time.time(), {}, list(stages), {}
+    cpu_total = 0.0
+    while pending or running:
+        for stage in list(pending):   # start every stage whose inputs are done, in order, while there is room
+            if len(running) >= jobs:
+                break
+            if any(n not in ran for n in stage.needs):
+                continue
+            pending.remove(stage)
+            ok, why = up_to_date(stage, by_name)
+            forced = stage.cmd is not None and (args.force or args.force_from == stage.name)
+            if ok and not forced:
+                print(f"\n[skip] {stage.name}: {why}")
+                ran[stage.name] = "skipped"
+            elif args.dry_run:
+                print(f"\n[would run] {stage.name}: {'forced' if forced else why}\n  {show(stage.cmd, stage.env)}")
+                ran[stage.name] = "would run"
+            else:
+                log = os.path.join(args.out_dir, "logs", f"{stage.name}.log") if jobs > 1 else None
+                if log:
+                    os.makedirs(os.path.dirname(log), exist_ok=True)
+                print(f"\n[run] {stage.name}: {'forced' if forced else why}\n$ {show(stage.cmd, stage.env)}"
+                      + (f"\n  (output: {log})" if log else ""), flush=True)
+                job = start_stage(stage, by_name, log)
+                running[job["proc"].pid] = job
+            if stage.name in ran:
+                break   # a skipped stage may unblock an earlier-listed one: rescan from the top
+        if not running:
+            if pending and not any(all(n in ran for n in st.needs) for st in pending):
+                raise SystemExit(f"stages {[st.name for st in pending]} wait for inputs that never come")
+            continue
+        pid, status, usage = os.wait4(-1, 0)
+        job = running.pop(pid)
+        job["proc"].returncode = os.waitstatus_to_exitcode(status)   # reaped here, not by Popen
+        wall, cpu = finish_stage(job, status, usage)
+        cpu_total += cpu
+        print(f"[done] {job['stage'].name}: {wall:.1f}s wall, {cpu:.1f}s CPU", flush=True)
+        ran[job["stage"].name] = "ran"
+    if args.stop_after:
+        print(f"\n--stop_after {args.stop_after}: stopping here")
+        return None
     if args.dry_run:
         return None
-    this_run = {"wall_s": round(time.time() - t_start, 2), "cpu_s": round(cpu_seconds_children() - c_start, 2)}
+    this_run = {"wall_s": round(time.time() - t_start, 2), "cpu_s": round(cpu_total, 2), "jobs": jobs}
     print(f"\n$ python run_lab.py --report {args.out_dir}")
     return write_report(args.out_dir, ran, this_run, announce=True)
 

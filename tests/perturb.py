@@ -96,7 +96,7 @@ def run_golden(out, keep, jobs, size):
         name, env, threads = cell
         run_dir = os.path.join(work, name.replace("=", "_").replace(",", "+"))
         t0 = time.time()
-        r = subprocess.run([sys.executable, "run_lab.py", "--size", size, "--seed", "0", "--threads", str(threads),
+        r = subprocess.run([sys.executable, "run_lab.py", "--size", size, "--seed", "0", "--threads", str(threads), "--jobs", "1",
                             "--out_dir", run_dir], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"{name}: run_lab.py failed\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -154,7 +154,7 @@ def run_spread(out, seeds, cell_names, jobs, size):
         env, threads = cells[name]
         run_dir = os.path.join(out, f"s{seed}_" + name.replace("=", "_").replace(",", "+"))
         t0 = time.time()
-        r = subprocess.run([sys.executable, "run_lab.py", "--size", size, "--seed", str(seed), "--threads", str(threads),
+        r = subprocess.run([sys.executable, "run_lab.py", "--size", size, "--seed", str(seed), "--threads", str(threads), "--jobs", "1",
                             "--out_dir", run_dir], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"seed {seed} {name}: run_lab.py failed\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")

@@ -265,3 +265,54 @@ def test_confidence_intervals():
     assert g == pytest.approx(0.3) and lo == pytest.approx(0.3 - 0.090, abs=0.02) and hi == pytest.approx(0.39, abs=0.02)
     # correlated errors: a paired interval is tighter than one from two independent accuracies
     assert hi - lo < 2 * 1.96 * math.sqrt(0.4 * 0.6 / 100 + 0.1 * 0.9 / 100)
+
+
+def test_scheduler_runs_independent_stages_side_by_side(tmp_path, monkeypatch):
+    """--jobs 2: a stage starts once its inputs are done and two run at once; --jobs 1: one after the
+    other. Per-stage CPU time comes from that stage's own process (os.wait4), even side by side."""
+    events = tmp_path / "events.txt"
+
+    def stage(name, needs, burn):
+        out = tmp_path / "run" / name
+        body = (f"import os, time\nopen({str(events)!r}, 'a').write('start {name} %f\\n' % time.time())\n"
+                f"t = time.process_time()\nwhile time.process_time() - t < {burn}: pass\ntime.sleep(0.4)\n"
+                f"os.makedirs({str(out)!r}, exist_ok=True)\nopen({str(out / 'done')!r}, 'w').write('x')\n"
+                f"open({str(events)!r}, 'a').write('end {name} %f\\n' % time.time())\n")
+        return run_lab.Stage(name, "", ["-c", body], str(out), str(out / "done"), needs, [])
+
+    def run(jobs):
+        events.write_text("")
+        fake = [stage("a", [], 0.0), stage("b", ["a"], 0.3), stage("c", ["a"], 0.0), stage("d", ["b", "c"], 0.0)]
+        monkeypatch.setattr(run_lab, "build_stages", lambda args: fake)
+        got = {}
+        monkeypatch.setattr(run_lab, "write_report", lambda out, ran, this_run, announce: got.update(ran=ran, run=this_run))
+        args = run_lab.get_args(["--out_dir", str(tmp_path / "run"), "--jobs", str(jobs), "--force"])
+        run_lab.run_pipeline(args)
+        t = {}
+        for line in events.read_text().split("\n"):
+            if line:
+                what, name, when = line.split()
+                t[(what, name)] = float(when)
+        cpu = {n: json.loads(Path(st.out, run_lab.STATE_FILE).read_text())["cpu_s"] for n, st in zip("abcd", fake)}
+        return t, cpu, got
+
+    t, cpu, got = run(2)
+    assert got["ran"] == {n: "ran" for n in "abcd"} and got["run"]["jobs"] == 2
+    assert t[("start", "b")] >= t[("end", "a")] and t[("start", "c")] >= t[("end", "a")]
+    assert t[("start", "c")] < t[("end", "b")] and t[("start", "b")] < t[("end", "c")]   # side by side
+    assert t[("start", "d")] >= max(t[("end", "b")], t[("end", "c")])
+    assert cpu["b"] >= 0.25 and cpu["c"] < 0.2   # each stage's own CPU, not its neighbour's
+    t, cpu, got = run(1)
+    order = sorted(t, key=t.get)
+    assert [n for what, n in order if what == "start"] == list("abcd")
+    assert all(order[2 * i][1] == order[2 * i + 1][1] for i in range(4))   # each ends before the next starts
+
+
+def test_scheduler_failure_shows_the_log(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    bad = run_lab.Stage("bad", "", ["-c", "print('the reason it broke'); raise SystemExit(3)"], str(out / "bad"),
+                        str(out / "bad" / "x"), [], [])
+    monkeypatch.setattr(run_lab, "build_stages", lambda args: [bad])
+    with pytest.raises(SystemExit) as e:
+        run_lab.run_pipeline(run_lab.get_args(["--out_dir", str(out), "--jobs", "2"]))
+    assert "the reason it broke" in str(e.value) and "stage bad failed (exit 3)" in str(e.value)
