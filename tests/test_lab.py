@@ -365,3 +365,34 @@ def test_ranked_lists_are_ordered_by_score(sets):
         assert scores == r["scores"] == sorted(scores, reverse=True)
         assert len(set(scores)) == len(scores)  # strict order: no ties to guess about
         assert lab.check(r["responses"][0], r["truth"]) and not any(lab.check(a, r["truth"]) for a in r["responses"][1:])
+
+
+def test_knowledge_knob_states_the_facts_as_named():
+    """--knowledge (Physics of LMs 3.1): single = one fixed text per person and language; multi = every
+    fact in ATTRS order, phrasings varied; mixed = Q/A only about the sft and rl groups; mixed_all = Q/A
+    about everyone; multi_permute = no Q/A at all."""
+    def docs(knowledge):
+        s = lab.generate(seed=3, **dict(SMALL, pretrain_docs=1500, knowledge=knowledge))
+        return s["world"], [r["text"] for r in s["pretrain"]]
+
+    def asked(world, texts):   # the groups of the people named in Q/A questions
+        names = {n: p["group"] for p in world["people"] for n in p["name"].values()}
+        qs = [line for t in texts for line in t.split("\n") if line.startswith(("Q: ", "问："))]
+        return {g for q in qs for n, g in names.items() if lab._has(q, n)}, len(qs)
+
+    world, single = docs("single")
+    for p in world["people"]:
+        for lang in lab.LANGS:
+            mine = {t for t in single if t.startswith(p["name"][lang])}   # (the other documents are sums)
+            assert len(mine) == 1, (p["name"][lang], mine)   # the same biography every time
+    _, multi = docs("multi")
+    by_person = [t for t in multi if t.startswith(world["people"][0]["name"]["en"] + " ")]
+    assert len(set(by_person)) > 1   # phrasings vary ...
+    # ... the order does not: the city (first in ATTRS) always comes before the best friend (last)
+    assert all(t.index(world["people"][0]["city"]["en"]) < t.index(" best friend") for t in by_person)
+    assert asked(*docs("multi_permute"))[1] == 0 and asked(world, single)[1] == 0
+    groups, n = asked(*docs("mixed"))
+    assert n > 100 and groups == {"sft", "rl"}
+    assert asked(*docs("mixed_all"))[0] == {"sft", "rl", "eval"}
+    with pytest.raises(ValueError, match="knowledge"):
+        lab.generate(seed=0, **dict(SMALL, knowledge="everything"))
