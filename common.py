@@ -78,8 +78,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (LORA_TARGETS, Llama, LlamaConfig, apply_lora, load_state_dict_checked, lora_adapters,
-                   strip_lora)
+from lora import LORA_TARGETS, apply_lora, lora_adapters, strip_lora
+from model import Llama, LlamaConfig, load_state_dict_checked
 
 CKPT_FORMAT = "nanollama.ckpt.v1"
 STEP_RE = re.compile(r"^step_(\d{7,})(\.pt)?$")
@@ -284,7 +284,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "less communication, but every rank holds unsharded fp32 gradients (4 bytes/parameter)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue from the newest step_* checkpoint in --out_dir (starts fresh if there is none)")
-    lo = parser.add_argument_group("LoRA (the same in every stage; see model.py's LoRA section)")
+    lo = parser.add_argument_group("LoRA (the same in every stage; see lora.py)")
     lo.add_argument("--lora_rank", type=int, default=0,
                     help="train rank-r adapters on a frozen base instead of every weight (0 = full fine-tuning)")
     lo.add_argument("--lora_alpha", type=float, default=16.0, help="the update is scaled by alpha / rank")
@@ -1055,7 +1055,7 @@ def consolidate(src: str, out_path: str, hf_dir: str = None, base: str = None) -
 
 # -----------------------------------------------------------------------------
 # LoRA: flags -> adapters on a frozen base, adapter-only checkpoints, PEFT export
-# (the adapters themselves, merge and the switch-off are in model.py's LoRA section)
+# (the adapters themselves, merge and the switch-off are in lora.py)
 #
 # A LoRA run's checkpoints hold only what trains (the adapters; reward.py's head too) plus the
 # sha256 of the base checkpoint they were trained on: megabytes for a 7B model, not 14 GB. The

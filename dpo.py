@@ -92,7 +92,7 @@ import torch.nn.functional as F
 import chat
 import common
 from common import print0
-from model import lora_disabled
+from lora import lora_disabled
 from data import lab
 from model import Llama
 from reward import epoch_batches, load_groups, load_reward_model, ranked_pairs, reward_scorer, split_groups, \
@@ -320,7 +320,7 @@ class Reference:
     """The frozen reference pi_ref: a live model (requires_grad False, eval mode, no_grad), or the
     log-probs precomputed with it (then the model is gone from memory), or -- LoRA, lora_off=True --
     the policy itself with its adapters switched off: the frozen base IS the reference, so no
-    second copy of the model is held (model.lora_disabled)."""
+    second copy of the model is held (lora.lora_disabled)."""
 
     def __init__(self, model=None, pad_id=0, device="cpu", ctx=None, lora_off=False):
         self.model, self.pad_id, self.device, self.ctx, self.lora_off = model, pad_id, device, ctx, lora_off

@@ -37,7 +37,8 @@ from common import (JsonlLogger, add_common_args, add_dry_run_args, all_reduce_m
                     print_dry_run, read_checkpoint_meta, resolve_dtype, resolve_parallel, restore_checkpoint,
                     rotate_checkpoints, save_checkpoint, save_config, seed_everything, set_lr, setup_distributed,
                     teardown_distributed, warn_if_low_disk, wrap_model)
-from model import LORA_TARGETS, PEAK_FLOPS, PRESETS, Llama, LlamaConfig, apply_lora, peak_flops
+from lora import LORA_TARGETS, apply_lora
+from model import PEAK_FLOPS, PRESETS, Llama, LlamaConfig, peak_flops
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # separate random streams for training and validation windows
 

@@ -89,7 +89,7 @@ import sft
 from common import (check_kl_at_start, check_ratio, frozen, kl_estimates, kl_to_model, load_prompts,  # RL helpers
                     masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
 from data import lab
-from model import BaseView
+from lora import BaseView
 from reward import load_reward_model, reward_scorer, tokenizer_for
 
 # -----------------------------------------------------------------------------

@@ -142,7 +142,7 @@ SIZES = {
 
 # The source files each stage's result depends on (besides its own script): editing one re-runs the
 # stage. model.py and common.py are everywhere; the tokenizer and the checker where they are used.
-CORE = ["model.py", "common.py", "tokenizer/tokenizer.py"]
+CORE = ["model.py", "lora.py", "common.py", "tokenizer/tokenizer.py"]
 CODE = {
     "data": ["data/lab.py"],
     "tokenizer": ["tokenizer/train.py"],

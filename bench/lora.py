@@ -39,7 +39,8 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from model import Llama, LlamaConfig, apply_lora  # noqa: E402
+from lora import apply_lora  # noqa: E402
+from model import Llama, LlamaConfig  # noqa: E402
 
 MB = 2**20
 

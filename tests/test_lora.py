@@ -1,4 +1,4 @@
-"""LoRA (model.py's LoRA section, common.py's checkpoints and export, the stage scripts' --lora_*):
+"""LoRA (lora.py, common.py's checkpoints and export, the stage scripts' --lora_*):
 B = 0 is the base model, merged == unmerged, switched off == the base exactly, only adapters (and
 the reward head) train, adapter-only checkpoints that refuse another base, exact resume, PEFT
 loads our adapters, DDP agrees with one process, DPO's reference for free (step-0 loss ln 2)."""
@@ -11,8 +11,8 @@ import torch
 
 import common
 import sft
-from model import (Llama, LlamaConfig, apply_lora, lora_adapters, lora_disabled, merge_lora, strip_lora,
-                   unmerge_lora)
+from lora import apply_lora, lora_adapters, lora_disabled, merge_lora, strip_lora, unmerge_lora
+from model import Llama, LlamaConfig
 from test_sft import _dist_worker, sft_argv, tiny_init  # noqa: F401  (tiny_init: a fixture)
 
 
