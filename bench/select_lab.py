@@ -11,11 +11,12 @@ Steps (all on the lab run in --lab_dir, nothing there is modified):
             answers: the lab's own rejected answers of kind "rambling" and "wrong_language"
             (prefs_train.jsonl), turned into SFT examples of their prompts. The planted file is
             OUT/sft_planted.jsonl; which lines were planted is in OUT/planted.json (never shown to the selector).
-  2. select python -m data.select on it, scored with the lab's SFT model (IFD, embeddings) and reward
-            model (quality); the selected half is OUT/select/selected.jsonl. Printed: the share of planted
-            duplicates and low-quality answers it left out (a random half leaves out 50% of each).
-  3. train  sft.py from the lab's pretrained model, with the lab's SFT flags (equal steps), on all, the
-            selected half, and a random half (a new random half per seed), once per --seeds.
+  2. select python -m data.select on it once per --configs (its flags), scored with the lab's SFT model (IFD,
+            embeddings) and reward model (quality); selected half j is OUT/select_j/selected.jsonl. Printed:
+            the share of planted copies, planted pairs and low-quality answers it left out (a random half
+            leaves out 50% of the copies and low-quality answers, and breaks 75% of the pairs).
+  3. train  sft.py from the lab's pretrained model, with the lab's SFT flags (equal steps), on all, a
+            random half (a new one per seed), and each selected half, once per --seeds.
   4. eval   held-out lab accuracy (chat.evaluate_lab on eval_qa.jsonl) and the SFT validation loss.
 A table per condition (mean, standard deviation and every seed) goes to stdout and OUT/lab_table.json.
 """
@@ -55,13 +56,17 @@ def plant(lab_dir, out, n_dup, n_bad, seed):
              if r.get("kind") in ("rambling", "wrong_language")]
     items = [(r, "clean") for r in clean]
     for i in rng.sample(range(len(clean)), n_dup):
-        items.append(({"messages": variant(clean[i]["messages"], rng)[0]}, "dup"))
+        items.append(({"messages": variant(clean[i]["messages"], rng)[0]}, ("dup", i)))
     for r in rng.sample(prefs, n_bad):
         items.append(({"messages": r["messages"] + [{"role": "assistant", "content": r["rejected"]}]}, r["kind"]))
-    rng.shuffle(items)
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    items = [items[j] for j in order]
     write_jsonl(os.path.join(out, "sft_planted.jsonl"), [r for r, _ in items])
-    tags = [t for _, t in items]
+    tags = [t[0] if isinstance(t, tuple) else t for _, t in items]
+    line_of_clean = {j: p for p, j in enumerate(order) if j < len(clean)}   # clean record j -> its line
     planted = {"dup": [i for i, t in enumerate(tags) if t == "dup"],
+               "dup_original": [line_of_clean[t[1]] for _, t in items if isinstance(t, tuple)],
                "bad": [i for i, t in enumerate(tags) if t in ("rambling", "wrong_language")],
                "kinds": {k: tags.count(k) for k in set(tags)}}
     with open(os.path.join(out, "planted.json"), "w") as f:
@@ -103,43 +108,54 @@ def main(argv=None):
     p.add_argument("--n_dup", type=int, default=150)
     p.add_argument("--n_bad", type=int, default=150)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--select_args", default="", help="extra flags for data.select, e.g. '--weights ifd=1,quality=2'")
+    p.add_argument("--configs", nargs="+", default=["--weights ifd=1,quality=1",
+                                                     "--dedup_threshold 0.99 --weights ifd=1,quality=1",
+                                                     "--dedup_threshold 0.99 --weights ifd=-1,quality=1"],
+                   help="data.select flags, one selected condition each")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     data, planted, n = plant(a.lab_dir, a.out, a.n_dup, a.n_bad, seed=0)
-    summary = select.main(["--data", data, "--out_dir", os.path.join(a.out, "select"), "--model",
-                           os.path.join(a.lab_dir, "sft"), "--reward_model", os.path.join(a.lab_dir, "reward"),
-                           "--tokenizer", a.tokenizer, "--select_frac", "0.5"] + a.select_args.split())
-    status = [json.loads(line)["status"] for line in open(os.path.join(a.out, "select", "scores.jsonl"), encoding="utf-8")]
-    left_out = {k: float(np.mean([status[i] != "selected" for i in planted[k]])) for k in ("dup", "bad")}
-    by_reason = {k: {s: sum(status[i] == s for i in planted[k]) for s in set(status)} for k in ("dup", "bad")}
-    print(f"[plant] {n} examples ({planted['kinds']}); selected {summary['selected']}; left out: "
-          f"{left_out['dup']:.3f} of planted duplicates, {left_out['bad']:.3f} of planted low-quality answers "
-          f"(a random half: 0.5); why: {by_reason}")
+    selections, removal = [], {}
+    for j, config in enumerate(a.configs):
+        out = os.path.join(a.out, f"select_{j}")
+        summary = select.main(["--data", data, "--out_dir", out, "--model", os.path.join(a.lab_dir, "sft"),
+                               "--reward_model", os.path.join(a.lab_dir, "reward"), "--tokenizer", a.tokenizer,
+                               "--select_frac", "0.5"] + config.split())
+        status = [json.loads(line)["status"] for line in open(os.path.join(out, "scores.jsonl"), encoding="utf-8")]
+        sel = [s == "selected" for s in status]
+        r = {"copies_left_out": float(np.mean([not sel[i] for i in planted["dup"]])),
+             "pairs_not_both_kept": float(np.mean([not (sel[i] and sel[o]) for i, o in
+                                                   zip(planted["dup"], planted["dup_original"])])),
+             "bad_left_out": float(np.mean([not sel[i] for i in planted["bad"]])),
+             "why_bad": {s: sum(status[i] == s for i in planted["bad"]) for s in sorted(set(status))},
+             "selected": summary["selected"], "duplicates": summary["duplicates"], "ifd_filtered": summary["ifd_filtered"]}
+        removal[config] = r
+        selections.append((f"selected[{config}]", os.path.join(out, "selected.jsonl")))
+        print(f"[select {config}] {n} examples ({planted['kinds']}): {r['selected']} selected, "
+              f"{r['duplicates']} semantic duplicates, {r['ifd_filtered']} IFD >= 1. Left out: planted copies "
+              f"{r['copies_left_out']:.3f} (a random half: 0.5), planted pairs not both kept {r['pairs_not_both_kept']:.3f} "
+              f"(random: 0.75), planted low-quality answers {r['bad_left_out']:.3f} (random: 0.5; why: {r['why_bad']})")
     rows = read_jsonl(data)
     flags = sft_flags(a.lab_dir)
     results = []
     for seed in a.seeds:
         rnd = random.Random(1000 + seed).sample(range(len(rows)), summary["selected"])
         write_jsonl(os.path.join(a.out, f"random_s{seed}.jsonl"), [rows[i] for i in sorted(rnd)])
-        for name, path in (("all", data), ("selected", os.path.join(a.out, "select", "selected.jsonl")),
-                           ("random", os.path.join(a.out, f"random_s{seed}.jsonl"))):
+        for name, path in [("all", data), ("random", os.path.join(a.out, f"random_s{seed}.jsonl"))] + selections:
             results.append(train_and_eval(a, path, name, seed, flags))
             r = results[-1]
             print(f"  {name:8s} seed {seed}: accuracy {r['accuracy']:.3f}, val loss {r['val_loss']:.4f}", file=sys.stderr)
     table = {}
-    for name in ("all", "selected", "random"):
+    for name in ["all", "random"] + [name for name, _ in selections]:
         rs = [r for r in results if r["condition"] == name]
         acc = [r["accuracy"] for r in rs]
         val = [r["val_loss"] for r in rs]
         table[name] = {"accuracy_mean": float(np.mean(acc)), "accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
                        "accuracies": acc, "val_loss_mean": float(np.mean(val)), "val_losses": val}
-        print(f"[lab] {name:8s}: accuracy {np.mean(acc):.3f} (per seed {', '.join(f'{x:.3f}' for x in acc)}), "
+        print(f"[lab] {name}: accuracy {np.mean(acc):.3f} (per seed {', '.join(f'{x:.3f}' for x in acc)}), "
               f"val loss {np.mean(val):.4f} (per seed {', '.join(f'{x:.4f}' for x in val)})")
     with open(os.path.join(a.out, "lab_table.json"), "w", encoding="utf-8") as f:
-        json.dump({"planted": planted["kinds"], "left_out": left_out, "why": by_reason, "table": table,
-                   "runs": results, "select": {k: summary[k] for k in ("n", "selected", "duplicates", "ifd_filtered")}},
-                  f, indent=2)
+        json.dump({"planted": planted["kinds"], "selection": removal, "table": table, "runs": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ import shlex
 import sys
 import time
 import unicodedata
+from array import array
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     # Replace sys.path[0] (this file's directory) instead of prepending: from there, this file would
@@ -185,12 +186,12 @@ def answer_losses(model, seqs, n_answer, pad_id, layer=-1, ctx=None):
     pos = torch.arange(idx.size(1), device=device)[None, :]
     n = torch.tensor(n_answer, device=device)[:, None]
     target = (pos + 1 >= lengths[:, None] - n) & (pos + 1 < lengths[:, None])   # (B, T) bool
-    rows, cols = target.nonzero(as_tuple=True)
+    b, t = target.nonzero(as_tuple=True)
     # The head only where a target is read: the full (B, T, vocab) logits of a 32k vocabulary would
     # dominate memory. _head is the model's own LM head (tied/untied, adapters), kept in float32.
-    logits = model._head(h[rows, cols]).float()
-    tok_loss = F.cross_entropy(logits, idx[rows, cols + 1], reduction="none").double()
-    losses = torch.zeros(idx.size(0), dtype=torch.float64, device=device).index_add_(0, rows, tok_loss)
+    logits = model._head(h[b, t]).float()
+    tok_loss = F.cross_entropy(logits, idx[b, t + 1], reduction="none").double()
+    losses = torch.zeros(idx.size(0), dtype=torch.float64, device=device).index_add_(0, b, tok_loss)
     losses = losses / torch.tensor(n_answer, dtype=torch.float64, device=device)
     hs = captured.get("h", h).float() * mask[..., None]
     emb = F.normalize(hs.sum(1) / lengths[:, None], dim=-1)
@@ -555,7 +556,10 @@ def score_pass(args, model, tok, rm, rm_tok, ctx, emb_path):
     scored in buffers of 16 batches, sorted by length inside a buffer (less padding), order kept."""
     max_len = args.max_len or model.config.max_seq_len
     report = Report()
-    cols = {k: [] for k in ("where", "loss_cond", "loss_alone", "ifd", "n_tokens", "truncated", "quality")}
+    # Numbers in typed arrays (8 bytes a value, not a Python float object each): at 1M examples the
+    # columns and the "file:line" strings are ~150 MB, the only other state that grows with N.
+    cols = {k: array("d") for k in ("loss_cond", "loss_alone", "ifd", "n_tokens", "truncated", "quality")}
+    cols["where"] = []
     t0, buf = time.time(), []
 
     def flush(f):
@@ -610,7 +614,7 @@ def run(args):
     dim = os.path.getsize(emb_path) // (4 * N)
     X = np.memmap(emb_path, dtype=np.float32, mode="r", shape=(N, dim))
     timing["score"] = (time.time() - t, peak_rss_mb())
-    cols["ppl"] = np.exp(np.asarray(cols["loss_cond"])).tolist()
+    cols["ppl"] = np.exp(np.asarray(cols["loss_cond"]))
 
     t = time.time()
     k = min(N, args.k or min(100, max(1, round(math.sqrt(N / 2)))))
@@ -626,8 +630,8 @@ def run(args):
 
     ifd = np.asarray(cols["ifd"])
     is_dup = dup_of.numpy() >= 0
-    too_easy = (ifd >= args.max_ifd) if args.max_ifd > 0 else np.zeros(N, dtype=bool)
-    eligible = ~is_dup & ~too_easy
+    no_help = (ifd >= args.max_ifd) if args.max_ifd > 0 else np.zeros(N, dtype=bool)
+    eligible = ~is_dup & ~no_help
     budget = args.select_n or round(args.select_frac * N)
     selected, table = select(score, assign.numpy(), eligible, budget, args.quota)
 
@@ -635,14 +639,14 @@ def run(args):
     mapped = make_map(args, X, assign.numpy(), selected) if args.map != "none" else None
     timing["map"] = (time.time() - t, peak_rss_mb())
 
-    status = np.where(selected, "selected", np.where(is_dup, "duplicate", np.where(too_easy, "ifd_filtered",
+    status = np.where(selected, "selected", np.where(is_dup, "duplicate", np.where(no_help, "ifd_filtered",
                                                                                         "below_quota")))
     t = time.time()
     texts = write_outputs(args, N, cols, assign.numpy(), score, status, dup_of.numpy(), dup_cos.numpy(),
                           want=example_indices(dup_of.numpy(), ifd, selected))
     timing["write"] = (time.time() - t, peak_rss_mb())
     summary = {"n": N, "dim": dim, "k": k, "max_len": max_len, "budget": budget, "selected": int(selected.sum()),
-               "duplicates": int(is_dup.sum()), "ifd_filtered": int((too_easy & ~is_dup).sum()),
+               "duplicates": int(is_dup.sum()), "ifd_filtered": int((no_help & ~is_dup).sum()),
                "truncated": int(sum(cols["truncated"])), "embedding_bytes": N * dim * 4,
                "kmeans": km_hist, "clusters": table, "timing": timing, "total_s": time.time() - t_start,
                "quality_missing": int(np.isnan(np.asarray(cols["quality"])).sum()) if rm is not None else None,
@@ -711,7 +715,8 @@ def write_outputs(args, N, cols, assign, score, status, dup_of, dup_cos, want):
             if status[i] == "selected":
                 fs.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
             row = {"i": i, "where": where, "status": str(status[i]), "cluster": int(assign[i]), "score": float(score[i])}
-            row.update({k: cols[k][i] for k in ("ifd", "loss_cond", "loss_alone", "ppl", "quality", "n_tokens", "truncated")})
+            row.update({k: float(cols[k][i]) for k in ("ifd", "loss_cond", "loss_alone", "ppl", "quality")})
+            row.update(n_tokens=int(cols["n_tokens"][i]), truncated=bool(cols["truncated"][i]))
             if dup_of[i] >= 0:
                 row.update(dup_of=int(dup_of[i]), dup_cos=float(dup_cos[i]))
             fo.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -721,8 +726,8 @@ def write_outputs(args, N, cols, assign, score, status, dup_of, dup_cos, want):
     return texts
 
 
-def first_turn(messages, role):
-    return next((m["content"] for m in messages if m["role"] == role), "")
+def last_question(messages):
+    return messages[-2]["content"]   # the user turn the scored answer replies to
 
 
 def write_report(args, summary, cols, assign, status, dup_of, dup_cos, texts, mapped):
@@ -786,7 +791,7 @@ def write_report(args, summary, cols, assign, status, dup_of, dup_cos, texts, ma
           "| removed | kept instead | cosine | removed text | kept text |", "|---|---|---:|---|---|"]
     for i in np.nonzero(dup_of >= 0)[0][:8]:
         j = int(dup_of[i])
-        show = lambda m: cut(first_turn(m, "user") + " → " + m[-1]["content"])   # noqa: E731
+        show = lambda m: cut(last_question(m) + " → " + m[-1]["content"])   # noqa: E731
         L.append(f"| {cut(cols['where'][i], 50)} | {cut(cols['where'][j], 50)} | {dup_cos[i]:.4f} | "
                  f"{show(texts[i]) if i in texts else ''} | {show(texts[j]) if j in texts else ''} |")
     sel = np.nonzero(status == "selected")[0]
@@ -795,7 +800,7 @@ def write_report(args, summary, cols, assign, status, dup_of, dup_cos, texts, ma
     for i in list(by_ifd[:4]) + list(by_ifd[-4:]):
         if i in texts:
             L.append(f"| {ifd[i]:.3f} | {cut(cols['where'][i], 50)} | "
-                     f"{cut(first_turn(texts[i], 'user') + ' → ' + texts[i][-1]['content'])} |")
+                     f"{cut(last_question(texts[i]) + ' → ' + texts[i][-1]['content'])} |")
     if mapped:
         st = mapped["stats"]
         L += ["", "## Map", "", f"{st['points']} sampled examples (seed {args.seed}); a point keeps its place in both "
