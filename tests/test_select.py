@@ -239,8 +239,28 @@ def test_end_to_end_is_deterministic_reports_bad_lines_and_drops_the_near_copy(t
     assert "duplicate" in pair and pair != {"duplicate"}
     dup, kept = (copy_row, orig_row) if copy_row["status"] == "duplicate" else (orig_row, copy_row)
     assert dup["dup_of"] == kept["i"] and kept["score"] >= dup["score"]   # the better-scored one stays
-    for name in ("report.json", "map.jsonl", "plots/map_tsne.svg", "plots/map_pca.svg", "plots/ifd_hist.svg"):
-        assert (tmp_path / "a" / name).is_file()
+    assert (tmp_path / "a" / "report.json").is_file() and (tmp_path / "a" / "plots" / "ifd_hist.svg").is_file()
+    # The maps: every sampled point once in "before", the selected ones again in "after".
+    mapped = [json.loads(line) for line in (tmp_path / "a" / "map.jsonl").read_text().splitlines()]
+    assert len(mapped) == 20 and all(len(m["tsne"]) == len(m["pca"]) == 2 for m in mapped)
+    for name in ("map_tsne.svg", "map_pca.svg"):
+        svg = (tmp_path / "a" / "plots" / name).read_text()
+        assert svg.count("<circle") == 20 + sum(m["selected"] for m in mapped)
+
+
+def test_a_huggingface_directory_scores_like_our_checkpoint(tiny, tok, tmp_path, one_thread):
+    common.save_checkpoint(str(tmp_path / "m"), "final", tiny, step=0, config={}, tokenizer=tok)
+    tiny.save_hf(str(tmp_path / "hf"), bos_id=tok.bos_id, eos_id=tok.eos_id)
+    tok.save_hf(str(tmp_path / "hf"))
+    data = tmp_path / "set.jsonl"
+    write_set(data, with_bad_lines=False)
+    rows = {}
+    for name in ("m", "hf"):
+        select.main(["--data", str(data), "--model", str(tmp_path / name), "--out_dir", str(tmp_path / f"out_{name}"),
+                     "--k", "2", "--map", "none"])
+        rows[name] = [json.loads(line) for line in (tmp_path / f"out_{name}" / "scores.jsonl").read_text().splitlines()]
+    for a, b in zip(rows["m"], rows["hf"]):
+        assert a["ifd"] == pytest.approx(b["ifd"], abs=1e-5) and a["loss_cond"] == pytest.approx(b["loss_cond"], abs=1e-5)
 
 
 def test_bad_flags_and_files_fail_with_one_line(tmp_path, tiny, tok):
