@@ -217,13 +217,14 @@ def ifd_scores(model, tok, convs, max_len, layer=-1, ctx=None, embed_text="canon
     """IFD of a batch of conversations in one padded forward: B conditioned rows, B answer-alone rows,
     and, with embed_text="canonical", one more row per conversation whose canonical text differs.
     -> dict of lists (loss_cond, loss_alone, ifd, n_tokens, truncated), and the (B, dim) embeddings of
-    the whole conversation, instruction and answer together (what SemDeDup embeds), cut to max_len."""
+    the conversation, instruction and answer together (what SemDeDup embeds), cut to max_len as IFD is."""
     B = len(convs)
     pairs = [ifd_pair(tok, m, max_len) for m in convs]
     canon = convs if embed_text == "raw" else [[{**m, "content": canonical(m["content"])} for m in c] for c in convs]
     extra = [i for i in range(B) if canon[i] != convs[i]]
-    seqs = [p[0] for p in pairs] + [p[1] for p in pairs] + [tok.render_conversation(canon[i])[0][:max_len]
-                                                             for i in extra]
+    # The extra rows are cut like the conditioned ones (the instruction's end, the answer's start): a
+    # plain prefix would make every long passage (exam questions, multi-turn branches) look the same.
+    seqs = [p[0] for p in pairs] + [p[1] for p in pairs] + [ifd_pair(tok, canon[i], max_len)[0] for i in extra]
     n = [p[2] for p in pairs] * 2 + [1] * len(extra)   # (the extra rows' loss is not used)
     losses, emb = answer_losses(model, seqs, n, tok.pad_id, layer, ctx)
     cond, alone = losses[:B], losses[B:2 * B]

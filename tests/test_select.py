@@ -82,6 +82,21 @@ def test_canonical_text_makes_whitespace_and_punctuation_variants_one_text():
     assert select.canonical("line one\nline two") == "line one\nline two"   # line structure kept
 
 
+def test_canonical_embedding_reads_the_same_window_as_the_raw_canonical_text(tiny, tok, one_thread):
+    """A variant with doubled spaces embeds exactly like its canonical text, also when both are cut (the
+    long shared passage is cut from the left, so two questions about it do not look the same)."""
+    passage = "The river flows past the old mill and the long bridge. " * 6
+    messy = [{"role": "user", "content": passage + "Question:  what  flows past the mill?"},
+             {"role": "assistant", "content": "The  river."}]
+    clean = [{"role": m["role"], "content": select.canonical(m["content"])} for m in messy]
+    other = [{"role": "user", "content": select.canonical(passage) + " Question: what is long?"},
+             {"role": "assistant", "content": "The bridge."}]
+    _, e_messy = select.ifd_scores(tiny, tok, [messy], max_len=40, embed_text="canonical")
+    _, e_clean = select.ifd_scores(tiny, tok, [clean, other], max_len=40, embed_text="raw")
+    assert torch.allclose(e_messy[0], e_clean[0], atol=1e-5)
+    assert float(e_clean[0] @ e_clean[1]) < 0.999
+
+
 def blobs(n_per, k, dim, seed, spread=0.05):
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(k, dim, generator=g) * 3
