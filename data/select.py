@@ -17,8 +17,9 @@ The pipeline, each step a function below that a test checks against a hand compu
            it does not help at all, and the paper drops those as noise (--max_ifd).
        quality: a reward.py model's score of the answer (--reward_model), and the model's own
            perplexity of the answer given the instruction (exp of the loss above).
-       embedding: the mean over real tokens of one layer's hidden states (--layer), L2-normalised,
-           appended to embeddings.f32 on disk as it is computed, so RAM stays flat in N.
+       embedding: the mean over real tokens of one layer's hidden states (--layer), L2-normalised, of
+           the conversation's canonical text (canonical(): whitespace and punctuation variants read
+           the same), appended to embeddings.f32 on disk as it is computed, so RAM stays flat in N.
   2. cluster  k-means (Lloyd) in torch with k-means++ seeding, seeded; every pass streams the
               embedding file in --chunk rows, so 1M x 4096 never has to fit in memory at once.
   3. dedup    SemDeDup (Abbas et al. 2023): inside each cluster, rank members by quality and drop a
@@ -36,8 +37,8 @@ context when the prompt is long) and the end of the prompt (counted as "truncate
 model reads what fits its context and an example too long for it gets no quality score (counted;
 its quality term is 0 after z-scoring). k-means keeps a centroid that lost all its points where it
 was (rare after k-means++). t-SNE is the exact O(n^2) algorithm: that is why the map is a sample.
-Memory: the per-example scores are a few floats per example; everything else that grows with N is
-the embedding file (N x dim x 4 bytes, memory-mapped) and one int per example for its cluster.
+Memory: what grows with N in RAM is a few numbers per example (scores, cluster) and its "file:line";
+the embedding matrix (N x dim x 4 bytes) is a file on disk, memory-mapped.
 """
 import argparse
 import json
@@ -263,6 +264,12 @@ def rows(X, a, b, device):
     return t.to(device=device, dtype=torch.float32)
 
 
+def take(X, index, device):
+    """Rows at the (sorted: a memmap reads fastest in order) integer array `index`, as rows() does."""
+    t = X[torch.from_numpy(index)] if isinstance(X, torch.Tensor) else torch.from_numpy(np.array(X[index]))
+    return t.to(device=device, dtype=torch.float32)
+
+
 def sq_dists(x, c):
     """Squared Euclidean distances (n, k) between rows of x and rows of c, clamped at 0."""
     return (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(1)[None, :]).clamp_min_(0)
@@ -297,8 +304,7 @@ def kmeans(X, k, iters=30, seed=0, chunk=8192, init_sample=20000, device="cpu"):
         raise ValueError(f"k={k} clusters need 1 <= k <= number of examples ({N})")
     gen = torch.Generator().manual_seed(seed)
     sample = torch.randperm(N, generator=gen)[:min(N, init_sample)].sort().values.numpy()
-    S = torch.from_numpy(np.ascontiguousarray(X[sample])).float().to(device) if not isinstance(X, torch.Tensor) \
-        else X[torch.from_numpy(sample)].float().to(device)
+    S = take(X, sample, device)
     C = kmeans_pp(S, k, gen)
     assign = torch.full((N,), -1, dtype=torch.long)
     history = []
@@ -332,8 +338,9 @@ def semdedup(X, assign, keep_key, threshold, chunk_elems=1 << 24, device="cpu"):
     member whose cosine similarity to ANY better-ranked member is > threshold (the rows of X are
     L2-normalised, so cosine = dot product). That is SemDeDup's rule (max over the upper triangle
     of the similarity matrix); the best member of every near-duplicate group always survives.
-    -> (dup_of (N,) int64: -1 kept, else the index of the best-ranked member it duplicates,
-        cos (N,) float32: that similarity). Memory: a block of rows x cluster size at a time."""
+    -> (dup_of (N,) int64: -1 kept, else the better-ranked member it is most similar to,
+        cos (N,) float32: that similarity). Memory: one cluster's embeddings and a block of
+        similarities (chunk_elems floats) at a time."""
     N = X.shape[0]
     dup_of = torch.full((N,), -1, dtype=torch.long)
     cos = torch.zeros(N)
@@ -341,15 +348,13 @@ def semdedup(X, assign, keep_key, threshold, chunk_elems=1 << 24, device="cpu"):
     key = torch.where(torch.isnan(key), torch.full_like(key, -math.inf), key)
     for c in torch.unique(assign).tolist():
         members = (assign == c).nonzero(as_tuple=True)[0]
-        # Rank: stable sort by index first, then by key descending, so ties keep index order.
+        # Rank: members come in index order, and a stable sort by -key keeps that order among ties.
         members = members[torch.sort(-key[members], stable=True).indices]
         m = len(members)
         if m < 2:
             continue
-        order = members.sort().values.numpy()               # memmaps read fastest in index order
-        E = torch.from_numpy(np.ascontiguousarray(X[order])).float().to(device) if not isinstance(X, torch.Tensor) \
-            else X[torch.from_numpy(order)].float().to(device)
-        E = E[torch.searchsorted(torch.from_numpy(order), members).to(device)]   # back to rank order
+        order = members.sort().values.numpy()
+        E = take(X, order, device)[torch.searchsorted(torch.from_numpy(order), members).to(device)]   # in rank order
         block = max(1, chunk_elems // m)
         for a in range(1, m, block):
             b = min(m, a + block)
@@ -666,7 +671,7 @@ def make_map(args, X, assign, selected):
     N = X.shape[0]
     gen = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(N, generator=gen)[:min(N, args.map_points)].sort().values.numpy()
-    S = torch.from_numpy(np.ascontiguousarray(X[idx])).double()
+    S = take(X, idx, "cpu").double()
     out = {"index": idx, "pca": pca(S)[0].numpy(), "stats": {"points": len(idx)}}
     stats = out["stats"]
     stats["pca_explained"] = pca(S)[1].tolist()
