@@ -29,7 +29,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
-import resource  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -112,11 +111,13 @@ def bench_recall(a, name):
     by_kind = {}
     for (_, _, kind), ok in zip(pairs, found):
         by_kind.setdefault(kind, []).append(ok)
-    res = {"set": name, "embed_text": a.embed_text, "threshold": a.threshold, "layer": a.layer, "examples": n, "planted": len(pairs), "recall": float(np.mean(found)),
+    res = {"set": name, "embed_text": a.embed_text, "threshold": a.threshold, "layer": a.layer, "examples": n,
+           "planted": len(pairs), "recall": float(np.mean(found)),
            "recall_strict": float(np.mean(strict)), "by_kind": {k: float(np.mean(v)) for k, v in by_kind.items()},
            "removed_not_planted": sum(1 for i in dup_of if i not in planted), "wall_s": wall,
            "timing": summary["timing"], "k": summary["k"], "map": summary["map"]}
-    print(f"[recall] {name} (--embed_text {a.embed_text}, threshold {a.threshold}): {n} examples, {len(pairs)} planted copies: recall {res['recall']:.3f} "
+    print(f"[recall] {name} (--embed_text {a.embed_text}, threshold {a.threshold}): {n} examples, "
+          f"{len(pairs)} planted copies: recall {res['recall']:.3f} "
           f"(strict {res['recall_strict']:.3f}; by kind {res['by_kind']}), {res['removed_not_planted']} other "
           f"removals; total {wall:.1f} s: " + ", ".join(f"{p} {s:.1f} s ({n / max(s, 1e-9):.0f} ex/s)"
                                                      for p, (s, _) in summary["timing"].items()))
@@ -171,7 +172,8 @@ def bench_kmeans(a):
     anon, file_mb = rss_parts()
     res = {"n": a.kmeans_n, "dim": a.kmeans_dim, "k": a.k, "iters": len(hist), "seconds": sec,
            "rows_per_s_per_iter": a.kmeans_n * len(hist) / sec, "anon_before_mb": anon0, "anon_after_mb": anon,
-           "file_backed_mb": file_mb, "matrix_mb": a.kmeans_n * a.kmeans_dim * 4 / 2**20, "threads": torch.get_num_threads()}
+           "file_backed_mb": file_mb, "matrix_mb": a.kmeans_n * a.kmeans_dim * 4 / 2**20,
+           "threads": torch.get_num_threads()}
     print(f"[kmeans] {a.kmeans_n} x {a.kmeans_dim} (memmap, {res['matrix_mb']:.0f} MiB), k={a.k}: {len(hist)} "
           f"iterations in {sec:.1f} s = {res['rows_per_s_per_iter']:.0f} rows/s per iteration; anonymous RSS "
           f"{anon0:.0f} -> {anon:.0f} MiB (file-backed, the mapped matrix: {file_mb:.0f} MiB)")

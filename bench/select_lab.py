@@ -3,7 +3,7 @@ The lab test of data/select.py: does SFT on the selected half beat SFT on all of
 when the SFT data carries planted duplicates and low-quality answers?
 
     python run_lab.py --size tiny --out_dir /tmp/lab_tiny --stop_after reward   # data, pretrain, sft, reward
-    python bench/select_lab.py --lab_dir /tmp/lab_tiny --out /tmp/select_lab --seeds 0 1 2
+    python bench/select_lab.py --lab_dir /tmp/lab_tiny --out /tmp/select_lab        # seeds 0-9, ~20 CPU-minutes
 
 Steps (all on the lab run in --lab_dir, nothing there is modified):
   1. plant  into the lab's sft_train.jsonl: --n_dup near-copies of its examples (bench/select.py's
@@ -102,12 +102,13 @@ def train_and_eval(a, data, name, seed, flags):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lab_dir", required=True, help="a run_lab.py run directory with data/, tokens/, pretrain/, sft/, reward/")
+    p.add_argument("--lab_dir", required=True,
+                   help="a run_lab.py run directory with data/, tokens/, pretrain/, sft/, reward/")
     p.add_argument("--out", default="/tmp/select_lab")
     p.add_argument("--tokenizer", default=os.path.join(REPO, "tokenizer", "lab.model"))
     p.add_argument("--n_dup", type=int, default=150)
     p.add_argument("--n_bad", type=int, default=150)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)), help="a single run is not a result")
     p.add_argument("--configs", nargs="+", default=["--weights ifd=1,quality=1",
                                                      "--dedup_threshold 0.99 --weights ifd=1,quality=1",
                                                      "--dedup_threshold 0.99 --weights ifd=-1,quality=1"],
@@ -128,12 +129,14 @@ def main(argv=None):
                                                    zip(planted["dup"], planted["dup_original"])])),
              "bad_left_out": float(np.mean([not sel[i] for i in planted["bad"]])),
              "why_bad": {s: sum(status[i] == s for i in planted["bad"]) for s in sorted(set(status))},
-             "selected": summary["selected"], "duplicates": summary["duplicates"], "ifd_filtered": summary["ifd_filtered"]}
+             "selected": summary["selected"], "duplicates": summary["duplicates"],
+             "ifd_filtered": summary["ifd_filtered"]}
         removal[config] = r
         selections.append((f"selected[{config}]", os.path.join(out, "selected.jsonl")))
         print(f"[select {config}] {n} examples ({planted['kinds']}): {r['selected']} selected, "
               f"{r['duplicates']} semantic duplicates, {r['ifd_filtered']} IFD >= 1. Left out: planted copies "
-              f"{r['copies_left_out']:.3f} (a random half: 0.5), planted pairs not both kept {r['pairs_not_both_kept']:.3f} "
+              f"{r['copies_left_out']:.3f} (a random half: 0.5), planted pairs not both kept "
+              f"{r['pairs_not_both_kept']:.3f} "
               f"(random: 0.75), planted low-quality answers {r['bad_left_out']:.3f} (random: 0.5; why: {r['why_bad']})")
     rows = read_jsonl(data)
     flags = sft_flags(a.lab_dir)
@@ -144,13 +147,15 @@ def main(argv=None):
         for name, path in [("all", data), ("random", os.path.join(a.out, f"random_s{seed}.jsonl"))] + selections:
             results.append(train_and_eval(a, path, name, seed, flags))
             r = results[-1]
-            print(f"  {name:8s} seed {seed}: accuracy {r['accuracy']:.3f}, val loss {r['val_loss']:.4f}", file=sys.stderr)
+            print(f"  {name:8s} seed {seed}: accuracy {r['accuracy']:.3f}, val loss {r['val_loss']:.4f}",
+                  file=sys.stderr)
     table = {}
     for name in ["all", "random"] + [name for name, _ in selections]:
         rs = [r for r in results if r["condition"] == name]
         acc = [r["accuracy"] for r in rs]
         val = [r["val_loss"] for r in rs]
-        table[name] = {"accuracy_mean": float(np.mean(acc)), "accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
+        table[name] = {"accuracy_mean": float(np.mean(acc)),
+                       "accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
                        "accuracies": acc, "val_loss_mean": float(np.mean(val)), "val_losses": val}
         print(f"[lab] {name}: accuracy {np.mean(acc):.3f} (per seed {', '.join(f'{x:.3f}' for x in acc)}), "
               f"val loss {np.mean(val):.4f} (per seed {', '.join(f'{x:.4f}' for x in val)})")

@@ -70,16 +70,20 @@ SCORE_KEYS = ("ifd", "quality", "ppl")   # what --weights may weigh
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", required=True, help="SFT files/globs/dirs, 'path:weight' mixes (data/formats.py)")
+    g.add_argument("--data", nargs="+", required=True,
+                   help="SFT files/globs/dirs, 'path:weight' mixes (data/formats.py)")
     g.add_argument("--out_dir", required=True)
     g.add_argument("--limit", type=int, default=0, help="score only the first N examples (0 = all)")
     g = p.add_argument_group("scoring")
-    g.add_argument("--model", required=True, help="LM for IFD, perplexity and embeddings: our checkpoint/run dir or an HF LLaMA dir")
+    g.add_argument("--model", required=True,
+                   help="LM for IFD, perplexity and embeddings: our checkpoint/run dir or an HF LLaMA dir")
     g.add_argument("--tokenizer", default=None, help="override the tokenizer the checkpoint names")
     g.add_argument("--reward_model", default=None, help="a reward.py checkpoint or run dir (quality score)")
-    g.add_argument("--layer", type=int, default=-1, help="embedding layer: block index 0..n_layers-1, -1 = the final norm")
+    g.add_argument("--layer", type=int, default=-1,
+                   help="embedding layer: block index 0..n_layers-1, -1 = the final norm")
     g.add_argument("--embed_text", default="canonical", choices=["canonical", "raw"],
-                   help="embed the text after canonical() (whitespace, full-width and CJK punctuation normalised) or as is")
+                   help="embed the text after canonical() (whitespace, full-width and CJK punctuation "
+                        "normalised) or as is")
     g.add_argument("--max_len", type=int, default=0, help="tokens per scored sequence (0 = the model's max_seq_len)")
     g.add_argument("--batch_size", type=int, default=16)
     g.add_argument("--device", default="cpu")
@@ -94,11 +98,13 @@ def get_args(argv=None):
     g = p.add_argument_group("selection")
     g.add_argument("--weights", default="ifd=1,quality=1,ppl=0",
                    help="weighted z-scores: ifd (harder = higher), quality (reward), ppl (lower perplexity = higher)")
-    g.add_argument("--max_ifd", type=float, default=1.0, help="drop IFD >= this (the instruction does not help); 0 = keep all")
+    g.add_argument("--max_ifd", type=float, default=1.0,
+                   help="drop IFD >= this (the instruction does not help); 0 = keep all")
     g.add_argument("--select_frac", type=float, default=0.5)
     g.add_argument("--select_n", type=int, default=0, help="select this many instead of --select_frac")
     g.add_argument("--quota", default="proportional", choices=["proportional", "equal"],
-                   help="per-cluster budget: proportional to the cluster's eligible size, or equal shares (water-filled)")
+                   help="per-cluster budget: proportional to the cluster's eligible size, or equal shares "
+                        "(water-filled)")
     g = p.add_argument_group("map")
     g.add_argument("--map", default="both", choices=["both", "pca", "none"])
     g.add_argument("--map_points", type=int, default=2000)
@@ -200,7 +206,8 @@ def answer_losses(model, seqs, n_answer, pad_id, layer=-1, ctx=None):
 
 
 # CJK punctuation that NFKC leaves alone, mapped to its ASCII counterpart.
-CJK_PUNCT = str.maketrans({"。": ".", "、": ",", "「": '"', "」": '"', "『": '"', "』": '"', "《": "<", "》": ">"})
+CJK_PUNCT = str.maketrans({"。": ".", "、": ",", "「": '"', "」": '"', "『": '"', "』": '"',
+                           "《": "<", "》": ">"})
 
 
 def canonical(text):
@@ -260,7 +267,8 @@ def peak_rss_mb():
 
 def rows(X, a, b, device):
     """Rows a..b of an array (numpy memmap or tensor) as a float32 tensor on `device`."""
-    t = X[a:b] if isinstance(X, torch.Tensor) else torch.from_numpy(np.array(X[a:b]))   # a copy: memmap pages are read-only
+    # np.array: a copy, because memmap pages are read-only and torch wants writable memory
+    t = X[a:b] if isinstance(X, torch.Tensor) else torch.from_numpy(np.array(X[a:b]))
     return t.to(device=device, dtype=torch.float32)
 
 
@@ -657,7 +665,8 @@ def run(args):
                "kmeans": km_hist, "clusters": table, "timing": timing, "total_s": time.time() - t_start,
                "quality_missing": int(np.isnan(np.asarray(cols["quality"])).sum()) if rm is not None else None,
                "keep_by": "quality" if have_quality else "weighted score", "map": mapped and mapped["stats"],
-               "read": read_report.to_dict(), "read_summary": read_report.summary(), "args": {k: v for k, v in vars(args).items() if k != "weight_of"}}
+               "read": read_report.to_dict(), "read_summary": read_report.summary(),
+               "args": {k: v for k, v in vars(args).items() if k != "weight_of"}}
     write_report(args, summary, cols, assign.numpy(), status, dup_of.numpy(), dup_cos.numpy(), texts, mapped)
     print(f"{N} examples -> {summary['selected']} selected ({summary['duplicates']} duplicates, "
           f"{summary['ifd_filtered']} IFD >= {args.max_ifd}); report: {os.path.join(args.out_dir, 'report.md')}",
@@ -702,7 +711,8 @@ def example_indices(dup_of, ifd, selected, n=8):
     dups = np.nonzero(dup_of >= 0)[0][:n]
     sel = np.nonzero(selected)[0]
     by_ifd = sel[np.argsort(ifd[sel], kind="stable")]
-    return set(dups.tolist()) | set(dup_of[dups].tolist()) | set(by_ifd[:n // 2].tolist()) | set(by_ifd[-n // 2:].tolist())
+    return (set(dups.tolist()) | set(dup_of[dups].tolist()) | set(by_ifd[:n // 2].tolist())
+            | set(by_ifd[-n // 2:].tolist()))
 
 
 def write_outputs(args, N, cols, assign, score, status, dup_of, dup_cos, want):
@@ -720,7 +730,8 @@ def write_outputs(args, N, cols, assign, score, status, dup_of, dup_cos, want):
                 texts[i] = msgs
             if status[i] == "selected":
                 fs.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
-            row = {"i": i, "where": where, "status": str(status[i]), "cluster": int(assign[i]), "score": float(score[i])}
+            row = {"i": i, "where": where, "status": str(status[i]), "cluster": int(assign[i]),
+                   "score": float(score[i])}
             row.update({k: float(cols[k][i]) for k in ("ifd", "loss_cond", "loss_alone", "ppl", "quality")})
             row.update(n_tokens=int(cols["n_tokens"][i]), truncated=bool(cols["truncated"][i]))
             if dup_of[i] >= 0:
@@ -747,11 +758,12 @@ def write_report(args, summary, cols, assign, status, dup_of, dup_cos, texts, ma
          "## Choices", "",
          f"- scoring model `{args.model}`, sequences cut to {summary['max_len']} tokens "
          f"({summary['truncated']} of {N} pairs truncated); embeddings: layer {args.layer} "
-         f"({'final norm' if args.layer < 0 else 'block output'}) of the {args.embed_text} text, mean over real tokens, "
+         f"({'final norm' if args.layer < 0 else 'block output'}) of the {args.embed_text} text, "
+         f"mean over real tokens, "
          f"L2-normalised, "
          f"dim {summary['dim']}, {summary['embedding_bytes'] / 2**20:.1f} MiB on disk",
-         f"- quality: {'reward model `' + args.reward_model + '`' if args.reward_model else 'no reward model (quality not scored)'}"
-         + (f", {summary['quality_missing']} example(s) too long for it (no quality score)" if args.reward_model else ""),
+         (f"- quality: reward model `{args.reward_model}`, {summary['quality_missing']} example(s) too long for it "
+          "(no quality score)" if args.reward_model else "- quality: no reward model (quality not scored)"),
          f"- k-means: k = {summary['k']}, k-means++ seeded on <= {args.init_sample} rows, seed {args.seed}, "
          f"{len(summary['kmeans'])} iteration(s), final inertia {summary['kmeans'][-1]['inertia']:.4g}, "
          f"last change {summary['kmeans'][-1]['changed']} assignment(s)",
@@ -759,7 +771,7 @@ def write_report(args, summary, cols, assign, status, dup_of, dup_cos, texts, ma
          f"{summary['keep_by']}: {summary['duplicates']} removed",
          f"- IFD filter: IFD >= {args.max_ifd} dropped: {summary['ifd_filtered']} (0 = filter off)" if args.max_ifd > 0
          else "- IFD filter: off",
-         f"- score = " + " + ".join(f"{w:g} x z({k})" for k, w in args.weight_of.items() if w)
+         "- score = " + " + ".join(f"{w:g} x z({k})" for k, w in args.weight_of.items() if w)
          + " (z over the set; ppl enters as -log ppl, so lower perplexity scores higher)",
          f"- budget {summary['budget']} ({'--select_n' if args.select_n else f'{args.select_frac:g} of {N}'}), "
          f"{args.quota} per-cluster quotas, top score within each quota: {summary['selected']} selected", "",
@@ -781,7 +793,8 @@ def write_report(args, summary, cols, assign, status, dup_of, dup_cos, texts, ma
     run_lab.svg_plot(os.path.join(args.out_dir, "plots", "ifd_hist.svg"), "IFD histogram", series, xlabel="IFD",
                      ylabel="examples")
     L += ["", "![IFD histogram](plots/ifd_hist.svg)", "", "## Clusters", "",
-          "| cluster | size | duplicates | IFD-filtered | eligible | quota | selected | mean IFD | min selected score | e.g. |",
+          "| cluster | size | duplicates | IFD-filtered | eligible | quota | selected | mean IFD | min selected score "
+          "| e.g. |",
           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     ifd = np.asarray(cols["ifd"])
     for row in summary["clusters"]:
@@ -802,7 +815,8 @@ def write_report(args, summary, cols, assign, status, dup_of, dup_cos, texts, ma
                  f"{show(texts[i]) if i in texts else ''} | {show(texts[j]) if j in texts else ''} |")
     sel = np.nonzero(status == "selected")[0]
     by_ifd = sel[np.argsort(ifd[sel], kind="stable")]
-    L += ["", "## Selected examples at both ends of IFD", "", "| IFD | where | instruction → answer |", "|---:|---|---|"]
+    L += ["", "## Selected examples at both ends of IFD", "", "| IFD | where | instruction → answer |",
+          "|---:|---|---|"]
     for i in list(by_ifd[:4]) + list(by_ifd[-4:]):
         if i in texts:
             L.append(f"| {ifd[i]:.3f} | {cut(cols['where'][i], 50)} | "

@@ -130,7 +130,7 @@ def test_kmeans_recovers_separable_clusters_exactly(tmp_path):
 
 
 def brute_semdedup(X, assign, key, thr):
-    """The rule written as a double loop: a member goes when a better-ranked member of its cluster is closer than thr."""
+    """The rule as a double loop: a member goes when a better-ranked member of its cluster is closer than thr."""
     dup = [-1] * len(X)
     for c in set(assign.tolist()):
         members = sorted((i for i in range(len(X)) if assign[i] == c), key=lambda i: (-key[i], i))
@@ -147,7 +147,7 @@ def test_semdedup_removes_planted_near_copies_and_keeps_the_better_one():
     copies = nn.functional.normalize(base[:10] + 0.01 * torch.randn(10, 32, generator=g), dim=-1)
     X = torch.cat([base, copies])
     quality = torch.rand(50, generator=g).numpy()
-    assign = torch.tensor([i % 3 for i in range(40)] + [i % 3 for i in range(10)])   # a copy shares its original's cluster
+    assign = torch.tensor([i % 3 for i in range(40)] + [i % 3 for i in range(10)])   # a copy joins its original
     dup_of, cos = select.semdedup(X, assign, quality, threshold=0.95, chunk_elems=40)   # several row blocks
     for i in range(10):
         better, worse = (i, 40 + i) if quality[i] >= quality[40 + i] else (40 + i, i)
@@ -225,7 +225,8 @@ def write_set(path, with_bad_lines=True):
         q = f"Question {i}: what is {i} plus {i * 3}?" if i % 2 else f"第{i}题：{i}加{i * 2}等于多少？"
         rows.append(json.dumps({"instruction": q, "input": "", "output": f"It is {i + i * (3 if i % 2 else 2)}."},
                                ensure_ascii=False))
-    rows.insert(5, json.dumps({"instruction": "  Question 3:  what is 3 plus 9? ", "output": "It is  12.\n"}))  # a near-copy
+    near_copy = {"instruction": "  Question 3:  what is 3 plus 9? ", "output": "It is  12.\n"}
+    rows.insert(5, json.dumps(near_copy))
     if with_bad_lines:
         rows.insert(9, "{not json")
         rows.insert(12, json.dumps({"instruction": "no output field"}))
@@ -241,7 +242,8 @@ def test_end_to_end_is_deterministic_reports_bad_lines_and_drops_the_near_copy(t
         argv = ["--data", str(data), "--model", str(tmp_path / "m"), "--out_dir", str(tmp_path / run), "--k", "3",
                 "--map_points", "20", "--tsne_iters", "50", "--seed", "1", "--max_ifd", "0"]
         summary = select.main(argv)
-        outs.append([(tmp_path / run / name).read_text(encoding="utf-8") for name in ("scores.jsonl", "selected.jsonl")])
+        outs.append([(tmp_path / run / name).read_text(encoding="utf-8")
+                     for name in ("scores.jsonl", "selected.jsonl")])
     assert outs[0] == outs[1]                                       # same seed, same bytes
     rows = [json.loads(line) for line in outs[0][0].splitlines()]
     assert summary["n"] == 25 and summary["selected"] == 12 == len(outs[0][1].splitlines())
@@ -275,7 +277,8 @@ def test_a_huggingface_directory_scores_like_our_checkpoint(tiny, tok, tmp_path,
                      "--k", "2", "--map", "none"])
         rows[name] = [json.loads(line) for line in (tmp_path / f"out_{name}" / "scores.jsonl").read_text().splitlines()]
     for a, b in zip(rows["m"], rows["hf"]):
-        assert a["ifd"] == pytest.approx(b["ifd"], abs=1e-5) and a["loss_cond"] == pytest.approx(b["loss_cond"], abs=1e-5)
+        assert a["ifd"] == pytest.approx(b["ifd"], abs=1e-5)
+        assert a["loss_cond"] == pytest.approx(b["loss_cond"], abs=1e-5)
 
 
 def test_bad_flags_and_files_fail_with_one_line(tmp_path, tiny, tok):
@@ -284,4 +287,5 @@ def test_bad_flags_and_files_fail_with_one_line(tmp_path, tiny, tok):
     (tmp_path / "bad.jsonl").write_text("{oops\n[1]\n", encoding="utf-8")
     common.save_checkpoint(str(tmp_path / "m"), "final", tiny, step=0, config={}, tokenizer=tok)
     with pytest.raises(SystemExit, match="every one of its 2 lines failed"):
-        select.main(["--data", str(tmp_path / "bad.jsonl"), "--model", str(tmp_path / "m"), "--out_dir", str(tmp_path / "o")])
+        select.main(["--data", str(tmp_path / "bad.jsonl"), "--model", str(tmp_path / "m"),
+                     "--out_dir", str(tmp_path / "o")])
