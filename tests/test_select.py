@@ -65,6 +65,14 @@ def test_ifd_matches_a_hand_computation(tiny, tok, one_thread):
     assert torch.allclose(emb0[1], h / h.norm(), atol=1e-5)
 
 
+def test_ifd_under_bf16_autocast_stays_close_to_float32(tiny, tok, one_thread):
+    """The mixed-precision path a GPU takes (--dtype auto -> bf16), run on the CPU."""
+    ref, e_ref = select.ifd_scores(tiny, tok, CONVS, max_len=256)
+    bf, e_bf = select.ifd_scores(tiny, tok, CONVS, max_len=256, ctx=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert bf["ifd"] == pytest.approx(ref["ifd"], abs=2e-2) and e_bf.dtype == torch.float32
+    assert torch.allclose(e_bf, e_ref, atol=2e-2)
+
+
 def test_ifd_pair_truncation_scores_the_same_answer_tokens(tok):
     msgs = CONVS[2]
     cond, alone, n, truncated = select.ifd_pair(tok, msgs, max_len=40)
