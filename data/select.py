@@ -324,7 +324,9 @@ def kmeans(X, k, iters=30, seed=0, chunk=8192, init_sample=20000, device="cpu"):
             x = rows(X, a, min(N, a + chunk), device)
             d2 = sq_dists(x, C)
             best = d2.argmin(1)
-            inertia += float(d2.gather(1, best[:, None]).sum())
+            # The distance to the chosen centre directly: the expansion in sq_dists loses digits to
+            # cancellation when points sit close to their centre (fine for the argmin, not for the sum).
+            inertia += float((x - C[best]).pow(2).sum())
             changed += int((assign[a:a + len(x)] != best.cpu()).sum())
             assign[a:a + len(x)] = best.cpu()
             sums.index_add_(0, best, x.double())
