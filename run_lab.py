@@ -712,6 +712,38 @@ def svg_plot(path, title, series, xlabel="step", ylabel="", logy=False):
     return path
 
 
+def svg_scatter(path, title, panels, size=320):
+    """panels: [(subtitle, xs, ys, groups), ...] -> one SVG with the panels side by side, each point a
+    dot coloured by its integer group (data/select.py: clusters, "before | after"). All panels share
+    one scale (the union of their points), so the same example sits at the same place in each."""
+    xs_all = [x for _, xs, _, _ in panels for x in xs]
+    ys_all = [y for _, _, ys, _ in panels for y in ys]
+    if not xs_all:
+        return None
+    x0, x1, y0, y1 = min(xs_all), max(xs_all), min(ys_all), max(ys_all)
+    pad, top = 10, 40
+    W, H = len(panels) * (size + pad) + pad, size + top + pad
+    sx = (size - 2 * pad) / ((x1 - x0) or 1)
+    sy = (size - 2 * pad) / ((y1 - y0) or 1)
+    # Beyond the 6-colour palette, hues step by the golden angle so neighbouring ids stay distinct.
+    color = lambda g: PALETTE[g] if g < len(PALETTE) else f"hsl({g * 137.508 % 360:.0f},65%,45%)"   # noqa: E731
+    e = html.escape
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+           f'font-family="sans-serif" font-size="11">', f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{pad}" y="16" font-size="13" font-weight="bold">{e(title)}</text>']
+    for p, (sub, xs, ys, groups) in enumerate(panels):
+        ox = pad + p * (size + pad)
+        out.append(f'<rect x="{ox}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#444"/>')
+        out.append(f'<text x="{ox + 4}" y="{top - 6}">{e(sub)} ({len(xs)} points)</text>')
+        for x, y, g in zip(xs, ys, groups):
+            out.append(f'<circle cx="{ox + pad + (x - x0) * sx:.1f}" cy="{top + size - pad - (y - y0) * sy:.1f}" '
+                       f'r="2" fill="{color(int(g))}" fill-opacity="0.75"/>')
+    out.append("</svg>")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, "\n".join(out) + "\n")
+    return path
+
+
 # -----------------------------------------------------------------------------
 # The report (python run_lab.py --report RUN_DIR)
 
