@@ -250,6 +250,11 @@ def flawed_sft(tmp_path_factory, module_one_thread):
     d = tmp_path_factory.mktemp("dpo_lab")
     sets = lab.generate(seed=0, pretrain_docs=1, sft_train=1, sft_val=1, rank_train=1, rl_prompts=1, rl_eval=1)
     tok = Tokenizer()
+    # single-turn prompts (the flaw below is planted in one answer per conversation) about the 8 people
+    # of the rl group, so that held-out phrasings ask facts the fixture's SFT has seen in other ones
+    rl = {p["name"]["en"] for p in sets["world"]["people"] if p["group"] == "rl"}
+    sets["prefs_train"] = [r for r in sets["prefs_train"] if r["task"] in ("identity", "refusal") or
+                           (r["task"] == "fact" and r["truth"]["subject"]["en"] in rl)]
     prompts = sorted({r["prompt"] for r in sets["prefs_train"]})
     random.Random(0).shuffle(prompts)
     held = set(prompts[:len(prompts) // 5])
@@ -307,8 +312,9 @@ def test_lab_dpo_beats_sft(flawed_sft):
     assert m["pref_accuracy"] >= 0.75
     assert m["pref_logp_accuracy"] >= m["pref_logp_accuracy_init"] + 0.03
     assert m["pref_accuracy_by_kind"]["rude"] >= 0.9
-    # ground truth on held-out prompts: measured SFT 0.447 -> DPO 0.632 (38 prompts; 0.227 -> 0.659 on
-    # another version of the lab world with 44); asserted: at least +0.10
+    # ground truth on held-out prompts: measured SFT 0.081 -> DPO 0.243 (37 prompts; identical with ATen
+    # default/avx2/avx512 and MKL AVX2, one thread; earlier lab worlds: 0.447 -> 0.632, 0.227 -> 0.659);
+    # asserted: at least +0.10
     assert m["accuracy"] >= m["accuracy_sft"] + 0.10
     assert m["win_rate_checker"] > 0.55 and m["mean_score"] > m["mean_score_sft"]
     assert 0 < m["kl_to_sft"] < 2.0 and m["win_rate_reward"] is None

@@ -237,7 +237,10 @@ def test_ddp_and_fsdp_match_one_process(tmp_path, tiny_init, one_thread):
     for p in ("ddp", "fsdp"):
         other = final_weights(tmp_path / p)
         diff = max((one[k] - other[k]).abs().max().item() for k in one)
-        assert diff < 1e-5, (p, diff)
+        # another summation order (all-reduce of 2 ranks vs accumulating 2 micro-batches) moves a weight by
+        # ~1e-5 after a few AdamW steps (1.4e-5 measured with the dummy-prefix tokenizer's data: Adam divides
+        # tiny gradients by their tiny RMS); a batch drawn differently moves weights by ~lr = 1e-3
+        assert diff < 5e-5, (p, diff)
         logs = common.read_jsonl(str(tmp_path / p / "log.jsonl"))
         ref = common.read_jsonl(str(tmp_path / "one" / "log.jsonl"))
         assert [r["val_loss"] for r in logs if r.get("event") == "eval"] == pytest.approx(

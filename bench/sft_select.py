@@ -1,14 +1,14 @@
 """
-Benchmark and measurements for data/select.py on the real Chinese and English SFT sets of ../shared/data/sft.
+Benchmark and measurements for data/sft_select.py on the real Chinese and English SFT sets of ../shared/data/sft.
 
-    python bench/select.py --model RUN/sft --reward_model RUN/reward            # everything below
-    python bench/select.py --model RUN/sft --only recall --sets en_alpaca_5000  # one measurement
+    python bench/sft_select.py --model RUN/sft --reward_model RUN/reward            # everything below
+    python bench/sft_select.py --model RUN/sft --only recall --sets en_alpaca_5000  # one measurement
 
 What it measures (each printed as one line, and written to OUT/bench.json):
   recall   semantic-dedup recall on planted paraphrase duplicates: --plant examples of each set get a
            copy whose answer is re-templated ("Answer: ...", "答：..."), or whose whitespace or
            punctuation is changed (full-width <-> ASCII, doubled spaces, a trailing newline...), inserted
-           at a random place; the full data/select.py run (scores, clusters, dedup, selection, map) then
+           at a random place; the full data/sft_select.py run (scores, clusters, dedup, selection, map) then
            runs on the planted file, timed per phase. Recall = share of planted pairs of which one
            member was removed as a duplicate; "strict" also asks that it was removed in favour of its partner.
   memory   peak RSS of the scoring pass (a fresh process each) at N and 4N examples: flat in N apart from
@@ -21,9 +21,7 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Replace, not prepend, and before any other import: sys.path[0] is this file's directory, where this
-# file would shadow the standard library's `select` module (subprocess and multiprocessing import it).
-sys.path[0] = REPO
+sys.path.insert(0, REPO)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -35,7 +33,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from data import select  # noqa: E402
+from data import sft_select as select  # noqa: E402
 from data.formats import read_conversations  # noqa: E402
 
 SFT = Path(REPO).parent / "shared" / "data" / "sft"
@@ -129,7 +127,7 @@ def bench_memory(a, name, sizes):
     res = []
     for n in sizes:
         out = os.path.join(a.out, f"mem_{n}")
-        cmd = [sys.executable, "-m", "data.select", "--data", str(SFT / f"{name}.jsonl.gz"), "--out_dir", out,
+        cmd = [sys.executable, "-m", "data.sft_select", "--data", str(SFT / f"{name}.jsonl.gz"), "--out_dir", out,
                "--limit", str(n), "--map", "none"] + model_flags(a)
         subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
         with open(os.path.join(out, "report.json"), encoding="utf-8") as f:

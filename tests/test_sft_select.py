@@ -1,4 +1,4 @@
-"""data/select.py: IFD against a hand computation, k-means recovering separable clusters, SemDeDup
+"""data/sft_select.py: IFD against a hand computation, k-means recovering separable clusters, SemDeDup
 against a brute-force reference, quotas by hand, PCA against numpy, t-SNE's perplexity calibration and
 cluster separation, and one small end-to-end run (determinism for a seed, malformed lines with file:line,
 planted near-copies removed)."""
@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import common
 import reward
-from data import select
+from data import sft_select as select
 from model import Llama, LlamaConfig
 
 CONVS = [

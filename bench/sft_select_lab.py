@@ -1,17 +1,17 @@
 """
-The lab test of data/select.py: does SFT on the selected half beat SFT on all of it, and on a random half,
+The lab test of data/sft_select.py: does SFT on the selected half beat SFT on all of it, and on a random half,
 when the SFT data carries planted duplicates and low-quality answers?
 
     python run_lab.py --size tiny --out_dir /tmp/lab_tiny --stop_after reward   # data, pretrain, sft, reward
-    python bench/select_lab.py --lab_dir /tmp/lab_tiny --out /tmp/select_lab        # seeds 0-9, ~20 CPU-minutes
+    python bench/sft_select_lab.py --lab_dir /tmp/lab_tiny --out /tmp/select_lab        # seeds 0-9, ~20 CPU-minutes
 
 Steps (all on the lab run in --lab_dir, nothing there is modified):
-  1. plant  into the lab's sft_train.jsonl: --n_dup near-copies of its examples (bench/select.py's
+  1. plant  into the lab's sft_train.jsonl: --n_dup near-copies of its examples (bench/sft_select.py's
             variant(): re-templated answers, whitespace and punctuation edits) and --n_bad low-quality
             answers: the lab's own rejected answers of kind "rambling" and "wrong_language"
             (prefs_train.jsonl), turned into SFT examples of their prompts. The planted file is
             OUT/sft_planted.jsonl; which lines were planted is in OUT/planted.json (never shown to the selector).
-  2. select python -m data.select on it once per --configs (its flags), scored with the lab's SFT model (IFD,
+  2. select python -m data.sft_select on it once per --configs (its flags), scored with the lab's SFT model (IFD,
             embeddings) and reward model (quality); selected half j is OUT/select_j/selected.jsonl. Printed:
             the share of planted copies, planted pairs and low-quality answers it left out (a random half
             leaves out 50% of the copies and low-quality answers, and breaks 75% of the pairs).
@@ -24,7 +24,7 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[0] = REPO   # replace this directory (see bench/select.py: select.py there would shadow `select`)
+sys.path.insert(0, REPO)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -35,7 +35,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.select import variant  # noqa: E402
-from data import select  # noqa: E402
+from data import sft_select as select  # noqa: E402
 
 
 def read_jsonl(path):
@@ -112,7 +112,7 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", default=["--weights ifd=1,quality=1",
                                                      "--dedup_threshold 0.99 --weights ifd=1,quality=1",
                                                      "--dedup_threshold 0.99 --weights ifd=-1,quality=1"],
-                   help="data.select flags, one selected condition each")
+                   help="data.sft_select flags, one selected condition each")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     data, planted, n = plant(a.lab_dir, a.out, a.n_dup, a.n_bad, seed=0)

@@ -1,9 +1,9 @@
 """
 SFT data selection: difficulty and quality scores, embedding clusters, semantic dedup, a map of the data.
 
-    python -m data.select --data ../shared/data/sft/en_alpaca_5000.jsonl.gz --model runs/sft \\
+    python -m data.sft_select --data ../shared/data/sft/en_alpaca_5000.jsonl.gz --model runs/sft \\
         --reward_model runs/reward --out_dir select_out --select_frac 0.5
-    python -m data.select --data 'a.jsonl:2' b.json --model hf_llama_dir/ --device cuda --k 200
+    python -m data.sft_select --data 'a.jsonl:2' b.json --model hf_llama_dir/ --device cuda --k 200
     # out_dir/: scores.jsonl (one line per example: scores, cluster, what happened to it), selected.jsonl
     # (the subset, {"messages": [...]} lines any stage reads), report.md + report.json + plots/*.svg,
     # map.jsonl (2-D coordinates), embeddings.f32 (the N x dim float32 matrix, row i = example i)
@@ -53,9 +53,7 @@ import unicodedata
 from array import array
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
-    # Replace sys.path[0] (this file's directory) instead of prepending: from there, this file would
-    # shadow the standard library's `select` module, which subprocess and multiprocessing import.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -94,7 +92,7 @@ def get_args(argv=None):
     g.add_argument("--init_sample", type=int, default=20000, help="k-means++ seeds from this many sampled rows")
     g.add_argument("--chunk", type=int, default=8192, help="rows per block in k-means and dedup (memory bound)")
     g.add_argument("--dedup_threshold", type=float, default=0.98,
-                   help="cosine above which a worse member is a duplicate (re-tune per model with bench/select.py)")
+                   help="cosine above which a worse member is a duplicate (re-tune per model with bench/sft_select.py)")
     g = p.add_argument_group("selection")
     g.add_argument("--weights", default="ifd=1,quality=1,ppl=0",
                    help="weighted z-scores: ifd (harder = higher), quality (reward), ppl (lower perplexity = higher)")
@@ -755,7 +753,7 @@ def write_report(args, summary, cols, assign, status, dup_of, dup_cos, texts, ma
     cell, N = run_lab.cell, summary["n"]
     cut = lambda text, n=120: cell(text if len(text) <= n else text[:n] + "…")   # noqa: E731
     L = [f"# SFT data selection: {N} examples -> {summary['selected']} selected", "",
-         "Command: `python -m data.select " + shlex.join(args.argv) + "`", "",
+         "Command: `python -m data.sft_select " + shlex.join(args.argv) + "`", "",
          "## Input", "", "```", summary["read_summary"], "```", "",
          "## Choices", "",
          f"- scoring model `{args.model}`, sequences cut to {summary['max_len']} tokens "
