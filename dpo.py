@@ -420,20 +420,6 @@ def reward_model(path, tok, device):
     return rm
 
 
-def read_prompts(path):
-    """Round prompts: records with "messages" (ending on a user turn) or a "prompt" string; "truth"
-    (lab checker) optional."""
-    out = []
-    for r in chat.read_records(path):
-        if "messages" not in r and isinstance(r.get("prompt"), str):
-            r = {**r, "messages": [{"role": "user", "content": r["prompt"]}]}
-        if "messages" in r:
-            out.append(r)
-    if not out:
-        common.fail(f"{path}: no prompt records (need 'messages' or 'prompt')")
-    return out
-
-
 def sample_pairs(policy, tok, prompts, args, rnd, info, reward_fn):
     """One round's data: --samples answers for each of --round_prompts prompts (this rank's share),
     scored by the reward model or the lab checker's graded score, minus --missing_eos_penalty for an
@@ -653,7 +639,8 @@ def train(args, info):
         keep = np.random.default_rng([args.seed, 8]).permutation(len(val_groups))[:n_keep]
         val_groups = [val_groups[i] for i in sorted(keep)]
         print0(f"val: evaluating a fixed random subset of {len(val_groups)} groups (--eval_steps {args.eval_steps})")
-    prompts = read_prompts(args.prompts) if args.rounds > 0 else None
+    # round prompts ("messages" ending on a user turn, or a "prompt"); unusable lines skipped with path:line
+    prompts = common.load_prompts(args.prompts, tok, seq_len - args.max_new_tokens)[0] if args.rounds > 0 else None
     rounds = ([0] if offline else []) + list(range(1, args.rounds + 1))
 
     raw = model.to(device)
