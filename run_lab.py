@@ -21,7 +21,7 @@ stage can be re-run alone by copying that line (run from the repository root):
     pretrain   pretrain.py        a LLaMA from scratch on the memmaps
     sft        sft.py             chat-template fine-tuning, assistant-only loss, pretraining batches mixed in
     reward     reward.py          the reward model (Bradley-Terry on pairs and rankings), from SFT
-    dpo        dpo.py             DPO from SFT on the preference pairs, then one round on its own samples
+    dpo        dpo.py             DPO from SFT on the preference pairs (size tiny: + one round on its own samples)
     ppo        rlhf_ppo.py        PPO against the reward model, from SFT, KL-penalised to SFT
     eval       run_lab.py --evaluate   every model on the held-out questions, side by side
     report     run_lab.py --report     report.md (GitHub-readable, SVG curves) + report.json
