@@ -19,8 +19,9 @@ both languages (Alice / 爱丽丝, Wang Xiaoming / 王小明). People are split 
 So a fine-tuned model can answer an eval question only by reaching into what pretraining stored
 (the setting of Allen-Zhu & Li, "Physics of Language Models 3.1": knowledge becomes extractable
 when pretraining states each fact in many phrasings and orders, and with "mixed training", Q/A
-text about other people in pretraining; --knowledge picks which, see bench/knowledge.py). Arithmetic questions and the identity/refusal phrasings are
-split the same way. Files (JSON Lines, UTF-8, one record per line):
+text about other people in pretraining; --knowledge picks which, see bench/knowledge.py).
+Arithmetic questions and the identity/refusal phrasings are split the same way.
+Files (JSON Lines, UTF-8, one record per line):
 
   pretrain.jsonl     {"text"}                                          pretraining documents
   sft_train.jsonl    {"messages": [{"role","content"}...], "kind"}     optional system turn first
