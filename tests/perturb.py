@@ -186,7 +186,7 @@ def summarize_spread(out):
             rows[f"{stage}.gain_over_{base}"] = [a - b for a, b in zip(rows[f"{stage}.accuracy"], rows[f"{base}.accuracy"])]
     summary = {}
     print(f"\n{len(cards)} runs: {', '.join(cards)}\n")
-    print(f"| value | mean | spread (max - min) | min .. max | gain / spread |\n|---|---|---|---|---|")
+    print("| value | mean | spread (max - min) | min .. max | gain / spread |\n|---|---|---|---|---|")
     for k, v in rows.items():
         mean, spread = statistics.fmean(v), max(v) - min(v)
         ratio = (mean / spread if spread > 0 else float("inf")) if ".gain_over_" in k else None
