@@ -239,7 +239,8 @@ def test_ddp_and_fsdp_match_one_process(tmp_path, tiny_init, one_thread):
         diff = max((one[k] - other[k]).abs().max().item() for k in one)
         # another summation order (all-reduce of 2 ranks vs accumulating 2 micro-batches) moves a weight by
         # ~1e-5 after a few AdamW steps (1.4e-5 measured with the dummy-prefix tokenizer's data: Adam divides
-        # tiny gradients by their tiny RMS); a batch drawn differently moves weights by ~lr = 1e-3
+        # tiny gradients by their tiny RMS; passes in ATen default/avx2/avx512, MKL AVX2, 1 and 2 threads);
+        # a batch drawn differently moves weights by ~lr = 1e-3
         assert diff < 5e-5, (p, diff)
         logs = common.read_jsonl(str(tmp_path / p / "log.jsonl"))
         ref = common.read_jsonl(str(tmp_path / "one" / "log.jsonl"))
