@@ -29,6 +29,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 import common
 from data import lab
@@ -108,8 +109,9 @@ def generate_answers(model, tok, conversations, max_new_tokens=64, temperature=0
     Prompts are rendered with tok.render_prompt, dropping the oldest whole exchanges when a prompt
     plus max_new_tokens would not fit the context; batches are grouped by prompt length (less
     padding) and left-padded by model.generate; each answer stops at any of tok.stop_ids.
-    seed makes sampling (temperature > 0) reproducible; greedy ignores it. model: the plain Llama
-    (common.unwrap(model) of a DDP-wrapped one), in any mode: it runs in eval mode and is put back."""
+    seed makes sampling (temperature > 0) reproducible; greedy ignores it. model: the plain Llama, a
+    DDP-wrapped one, or an FSDP-sharded one (then every rank calls this, see common.generate), in any
+    mode: it runs in eval mode and is put back."""
     ctx = model.config.max_seq_len
     if max_new_tokens >= ctx:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of {ctx}")
@@ -123,11 +125,16 @@ def generate_answers(model, tok, conversations, max_new_tokens=64, temperature=0
         generator = torch.Generator(device=device).manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out_ids = [None] * len(prompts)
+    starts = list(range(0, len(order), batch_size))
+    if common.is_fsdp(common.unwrap(model)):   # every rank generates as many batches (common.generate)
+        n = torch.tensor([len(starts)])
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        starts += [len(order)] * (int(n) - len(starts))   # empty batches: a dummy prompt, no answers
     with common.eval_mode(model), _autocast(model):  # eval: no dropout while answering
-        for start in range(0, len(order), batch_size):
+        for start in starts:
             chunk = order[start:start + batch_size]
-            new = model.generate([prompts[i] for i in chunk], max_new_tokens, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, eos_id=tok.stop_ids, generator=generator)
+            new = common.generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, eos_id=tok.stop_ids, generator=generator)
             for i, ids in zip(chunk, new):
                 out_ids[i] = ids
     # a continuation's first space is real text ("fox" + " jumps"), an answer's is the dummy prefix

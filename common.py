@@ -282,6 +282,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--fsdp_skip_accum_sync", action=argparse.BooleanOptionalAction, default=False,
                    help="FSDP with --grad_accum > 1: reduce-scatter once per step instead of every micro-step; "
                         "less communication, but every rank holds unsharded fp32 gradients (4 bytes/parameter)")
+    g.add_argument("--fsdp_gather_rollout", action=argparse.BooleanOptionalAction, default=True,
+                   help="FSDP generation (rlhf_ppo.py, grpo.py, dpo.py rounds): gather the whole model once per "
+                        "rollout (one bf16 copy per GPU) instead of every block at every token (common.gathered)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue from the newest step_* checkpoint in --out_dir (starts fresh if there is none)")
     lo = parser.add_argument_group("LoRA (the same in every stage; see lora.py)")
@@ -367,8 +370,8 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
       - FSDP2's fully_shard changes the model's class in place (parameters become DTensors).
     The model must already be on info.device (or on the meta device for FSDP, see pretrain.py).
     FSDP2: create the optimizer before any forward (a forward leaves the root's parameters unsharded,
-    and AdamW must hold the sharded ones; dpo.py found this), and gather the root's parameters
-    (model.unshard()) or use a whole copy before calling generate() on the wrapped model.
+    and AdamW must hold the sharded ones; dpo.py found this), and generate through common.generate
+    (on every rank), not model.generate.
     skip_accum_sync (FSDP only, --fsdp_skip_accum_sync): see grad_sync."""
     if parallel in ("ddp", "fsdp") and not info.distributed:
         fail(f"--parallel {parallel} needs several processes: launch with torchrun --nproc_per_node=N")
@@ -479,6 +482,95 @@ def eval_mode(model: nn.Module):
         yield model
     finally:
         model.train(was_training)
+
+
+# -----------------------------------------------------------------------------
+# Generation under FSDP (rollouts of rlhf_ppo.py / grpo.py, dpo.py's rounds, evaluations).
+# model.generate runs the model's pieces (embedding, blocks, head), never the root's forward, and
+# under FSDP each piece's forward is a collective: its unit all-gathers its weights from every rank.
+
+
+def _fsdp_units(raw):
+    return [m for m in raw.modules() if is_fsdp(m)]
+
+
+def _ready_for_generation(raw):
+    """Under FSDP: the root is identified (FSDP does it lazily in the first root forward; a block
+    running first would make itself a root) and every unit has gathered once OUTSIDE inference mode.
+    FSDP allocates its gathered-weight buffers on the first all-gather; inside generate's
+    torch.inference_mode they would be inference tensors, and the next training forward fails
+    ("Inplace update to inference tensor outside InferenceMode"). Once per model: one extra gather."""
+    raw._get_fsdp_state()._lazy_init()
+    if not getattr(raw, "_generation_ready", False):
+        with torch.no_grad():
+            for m in _fsdp_units(raw):
+                m.unshard()
+            for m in _fsdp_units(raw):
+                m.reshard()
+        raw._generation_ready = True
+
+
+def generate(model, prompts, max_new_tokens: int, **kwargs) -> list:
+    """model.generate (KV cache, left padding; same arguments) for a plain, DDP-wrapped or
+    FSDP-sharded Llama. Under FSDP EVERY rank must call it, each with its own prompts:
+      - the root unit's weights (a tied embedding/head, the norm) are gathered for the call;
+      - each forward gathers its block, so a rank whose answers all ended keeps stepping (padded,
+        without sampling) until every rank's have: one all-reduce of a flag per token. A rank that
+        stopped alone would leave the others waiting in an all-gather forever;
+      - a rank with no prompts steps along with a one-token dummy prompt and returns [];
+      - inside `with gathered(model)` every unit is whole already: no collective per step, and no
+        lock-step either.
+    The tokens are a lone run's: the same prompts, generator and weights give the same answers."""
+    raw = unwrap(model)
+    if not is_fsdp(raw):
+        return raw.generate(prompts, max_new_tokens, **kwargs)
+    _ready_for_generation(raw)
+    held = getattr(raw, "_held_whole", False)
+    device = next(raw.parameters()).device
+
+    def all_done(stopping: bool) -> bool:
+        flag = torch.tensor([int(not stopping)], device=device)
+        dist.all_reduce(flag)   # the number of ranks still going
+        return flag.item() == 0
+
+    if not held:
+        raw.unshard()
+    try:
+        out = raw.generate(prompts if len(prompts) else [[0]], max_new_tokens,
+                           all_done=None if held else all_done, **kwargs)
+    finally:
+        if not held:
+            raw.reshard()
+    return out if len(prompts) else []
+
+
+@contextlib.contextmanager
+def gathered(model, enabled: bool = True):
+    """Hold every FSDP unit of `model` whole (in the parameter dtype) for the block, e.g. a rollout:
+    one all-gather per unit for the whole block instead of one per unit per decoding step.
+    Chosen for the rollouts (--fsdp_gather_rollout, on by default): a decoding step reads every
+    weight once to produce one token per sequence, so gathering the weights at every step would
+    move the whole model over the network per token (at 7B ~14 GB in bf16, ~10x the step's own
+    time even on NVLink). The price is one whole bf16 copy per GPU during the rollout (14 GB at 7B;
+    at 70B, 140 GB does not fit an 80 GB GPU: --no-fsdp_gather_rollout gathers block by block,
+    ~2 blocks at a time, in lock-step). No-op for plain and DDP models, and if not enabled."""
+    raw = unwrap(model)
+    if not enabled or not is_fsdp(raw) or getattr(raw, "_held_whole", False):
+        yield model
+        return
+    _ready_for_generation(raw)
+    raw.set_reshard_after_forward(False)   # forwards inside the block keep their unit whole
+    for m in _fsdp_units(raw):
+        m.unshard()
+    raw._held_whole = True
+    try:
+        yield model
+    finally:
+        raw._held_whole = False
+        raw.set_reshard_after_forward(True)
+        raw.set_reshard_after_forward(False, recurse=False)   # FSDP's default for the root, set at lazy init
+        for m in _fsdp_units(raw):
+            m.reshard()
 
 
 # -----------------------------------------------------------------------------
@@ -1301,15 +1393,24 @@ def penalize_missing_eos(scores, ended_flags, penalty: float):
 # tokens (its stop token included: stopping is an action), 0 after it.
 
 
-def frozen(model, dtype, device):
+def frozen(model, dtype, device, info: DistInfo = None, parallel: str = "none"):
     """A frozen model: no gradients, eval mode (no dropout), on `device`; when the run computes in
     bf16, the weights of the blocks' linear layers are stored in bf16 (most of the memory). Only those:
     autocast rounds exactly these weights to bf16 for the actor anyway, so the frozen copy computes the
     same function bit for bit (KL at iteration 0 is exactly 0). Embeddings, norms and the LM head stay
     fp32: a bf16 embedding would make the residual stream start (and accumulate) in bf16 while the
-    actor's is fp32 -- a different function, max |log-prob difference| ~4e-2 on the lab model."""
+    actor's is fp32 -- a different function, max |log-prob difference| ~4e-2 on the lab model.
+    parallel "fsdp": sharded like the trained model (wrap_model: 1/W of its fp32 weights per rank, no
+    gradients, no optimizer), and gathered in the same parameter dtype as the actor's, so again the
+    same function bit for bit. Its forwards are collectives: every rank must run the same number."""
     model.requires_grad_(False)
     model.eval()
+    if parallel == "fsdp":
+        model = wrap_model(model.to(device), info, "fsdp", dtype)
+        # FSDP keeps the root unit's weights gathered after a forward, for the backward that follows in
+        # training; a frozen model has none, and would hold them until its next forward
+        model.set_reshard_after_forward(True)
+        return model
     if dtype == torch.bfloat16:
         for block in model.layers:
             for m in block.modules():
@@ -1345,8 +1446,9 @@ def check_kl_at_start(logp, logp_ref, mask, same_model):
 
 def weights_in_sync(models, info):
     """After a data-parallel run every process must hold the same weights (DDP averaged every gradient;
-    calling .module instead of the wrapper would let them drift). Compares checksums; prints; -> bool."""
-    if not info.distributed:
+    calling .module instead of the wrapper would let them drift). Compares checksums; prints; -> bool.
+    FSDP holds one sharded copy: nothing to compare (True)."""
+    if not info.distributed or any(is_fsdp(unwrap(m)) for m in models):
         return True
     checksum = torch.tensor([sum(p.double().sum().item() for p in m.parameters()) for m in models], dtype=torch.float64)
     every = [torch.zeros_like(checksum) for _ in range(info.world_size)]

@@ -599,9 +599,6 @@ def main(argv=None):
 def train(args, info):
     device, world, rank = info.device, info.world_size, info.rank
     args.parallel = common.resolve_parallel(args.parallel, info)
-    if args.rounds > 0 and args.parallel == "fsdp":
-        common.fail("--rounds samples with model.generate, which does not run on an FSDP-sharded model; "
-                    "use --parallel ddp (or one process) for sampling rounds")
     dtype = common.resolve_dtype(args.dtype, device)
     ctx = common.autocast(device, dtype)
     # step-0 check tolerances: a precomputed reference ran with other batch shapes (other rounding),
@@ -693,7 +690,8 @@ def train(args, info):
             pairs_file = os.path.join(args.out_dir, f"round_{rnd:02d}_pairs.jsonl")
             if not os.path.isfile(pairs_file):
                 t0 = time.time()
-                records, stats = sample_pairs(raw, tok, prompts, args, rnd, info, rm_fn)
+                with common.gathered(raw, args.fsdp_gather_rollout):   # fsdp: whole while sampling
+                    records, stats = sample_pairs(raw, tok, prompts, args, rnd, info, rm_fn)
                 if info.is_main:
                     write_jsonl(pairs_file, records)
                 common.barrier()

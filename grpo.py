@@ -13,6 +13,7 @@ Usage (single process; CPU or one GPU):
     python grpo.py ... --dynamic_sampling            # DAPO: refill groups whose answers all scored the same
 Distributed (DDP; every process samples its own prompts and groups, gradients are averaged):
     torchrun --standalone --nproc_per_node=2 grpo.py --init_from runs/sft --prompts ... --reward checker
+    torchrun ... grpo.py ... --parallel fsdp   # policy, reference and reward model sharded (common.generate)
 Resume an interrupted run (same flags + --resume): policy, optimizer, iteration, history. Prompts,
 sampling and minibatch order are pure functions of (seed, iteration, rank, refill round).
 
@@ -158,9 +159,6 @@ def get_args(argv=None):
         common.fail("--overlong_buffer must be smaller than --max_new_tokens")
     args.loss_norm = args.loss_norm or ("constant" if args.advantage == "drgrpo" else "seq")
     args.clip_range_high = args.clip_range if args.clip_range_high is None else args.clip_range_high
-    if args.parallel == "fsdp":
-        common.fail("--parallel fsdp is not supported by grpo.py: every process generates with the whole model "
-                    "(use ddp; sharded generation is the FSDP path's work)")
     return args
 
 
@@ -398,9 +396,9 @@ def sample_groups(actor, records, prompt_ids, args, it, rank, rnd, n_prompts, ct
         len(records), size=n_prompts, replace=len(records) < n_prompts)
     prompts = [prompt_ids[i] for i in pick for _ in range(args.group_size)]
     gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + it * 1009 + rank * 97 + rnd)
-    with ctx:
-        responses = actor.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, eos_id=tok.stop_ids, generator=gen)
+    with ctx, common.gathered(actor, args.fsdp_gather_rollout):   # fsdp: whole for the rollout
+        responses = common.generate(actor, prompts, args.max_new_tokens, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, eos_id=tok.stop_ids, generator=gen)
     return [int(i) for i in pick for _ in range(args.group_size)], prompts, responses
 
 
@@ -419,7 +417,7 @@ def main(argv=None):
 
 def train(args, info):
     device, world, rank = info.device, info.world_size, info.rank
-    args.parallel = common.resolve_parallel(args.parallel, info, use="ddp")   # fsdp: refused in get_args
+    args.parallel = common.resolve_parallel(args.parallel, info)
     common.seed_everything(args.seed + rank)
     dtype = common.resolve_dtype(args.dtype, device)
     ctx = common.autocast(device, dtype)
@@ -436,13 +434,13 @@ def train(args, info):
     from reward import load_reward_model, tokenizer_for
     actor, meta = common.load_model(args.init_from)
     tok = tokenizer_for(meta, args)
-    ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device)
+    ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device, info, args.parallel)
     rm = None
     if args.reward_model and any(n == "model" for n, _ in args.rewards):
         rm, rm_meta = load_reward_model(args.reward_model)
         if (rm_meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
             common.fail(f"the reward model ({rm_meta['path']}) was trained with another tokenizer than the policy")
-        rm = frozen(rm, dtype, device)
+        rm = frozen(rm, dtype, device, info, args.parallel)   # fsdp: sharded, no optimizer (so is ref)
     if actor.config.dropout > 0:
         print0("note: dropout is off for GRPO (eval mode): rollout and training must see the same network")
     actor.eval()
@@ -489,7 +487,7 @@ def train(args, info):
     def run_eval():
         """Greedy answers to the first --eval_sample held-out prompts, graded by the checker (rank 0)."""
         out = [None]
-        if info.is_main:
+        if info.is_main or args.parallel == "fsdp":   # fsdp: every rank takes part in every forward
             recs = eval_records[:args.eval_sample]
             answers = chat.generate_answers(raw_actor, tok, [r["messages"] for r in recs], args.eval_max_new_tokens)
             out[0] = {"accuracy": sum(lab.check(a, r["truth"]) for a, r in zip(answers, recs)) / len(recs),
@@ -519,10 +517,14 @@ def train(args, info):
         zero_var, refilled = zero_variance_groups(rewards, G), 0
         for rnd in range(1, args.max_refill + 1 if args.dynamic_sampling else 1):
             flat = [g for g in range(args.prompts_per_step) if zero_variance_groups(rewards[g * G:(g + 1) * G], G)]
-            if not flat:
+            n_flat = torch.tensor([len(flat)], device=device)
+            if args.parallel == "fsdp":   # generating and scoring are collectives: all ranks refill, or none
+                dist.all_reduce(n_flat, op=dist.ReduceOp.MAX)
+            if not n_flat.item():
                 break
-            p2, pr2, re2 = sample_groups(raw_actor, records, prompt_ids, args, it, rank, rnd, len(flat), ctx, device,
-                                         tok)
+            # (a rank without flat groups samples one group along and drops it)
+            p2, pr2, re2 = sample_groups(raw_actor, records, prompt_ids, args, it, rank, rnd, max(len(flat), 1), ctx,
+                                         device, tok)
             a2, r2, s2, o2 = score_fn([records[i] for i in p2], pr2, re2)
             for k, g in enumerate(flat):   # a new group takes the flat one's place only if it has signal
                 new = slice(k * G, (k + 1) * G)
@@ -661,7 +663,8 @@ def train(args, info):
     if info.is_main:
         if eval_records:
             t0 = time.time()
-            out.update(final_evaluation(args, raw_actor, tok, eval_records, device, ctx))
+            policy = common.load_model(final, device)[0].eval() if args.parallel == "fsdp" else raw_actor  # whole
+            out.update(final_evaluation(args, policy, tok, eval_records, device, ctx))
             print0(f"end evaluation on {out['n_eval']} prompts ({time.time() - t0:.0f}s): lab accuracy "
                    f"{out['accuracy']:.1%} (SFT {out['accuracy_sft']:.1%}); win rate vs SFT (checker) "
                    f"{out['win_rate_checker']:.3f}; KL to SFT {out['kl_to_sft']:.3f} nats")

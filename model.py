@@ -577,13 +577,18 @@ class Llama(nn.Module):
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, eos_id=None, callback: Optional[Callable[[int, int], None]] = None,
-                 generator: Optional[torch.Generator] = None) -> list[list[int]]:
+                 generator: Optional[torch.Generator] = None,
+                 all_done: Optional[Callable[[bool], bool]] = None) -> list[list[int]]:
         """Sample continuations for a batch of prompts of different lengths.
 
         prompts: a list of id lists, or a (B, T) / (T,) tensor. temperature=0 is greedy.
         eos_id: an id or a list of ids that end a sequence (kept as its last token).
         callback(i, token): called for every new token of sequence i (streaming).
         generator: a torch.Generator for reproducible sampling.
+        all_done(stopping_here) -> stop: whether every process stops now (common.generate under FSDP,
+        where each forward all-gathers weights with the other processes and none may stop alone). A
+        process whose answers all ended keeps stepping without sampling (its generator stays where a
+        lone run's would).
         Returns the new tokens of each sequence (prompt excluded).
 
         Batch-1 decoding is bound by memory and per-token overhead, not FLOPs: every weight is read
@@ -607,14 +612,16 @@ class Llama(nn.Module):
         out = [[] for _ in range(B)]
         done = [False] * B
         for step in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, top_p, generator)       # (B,)
-            for b, t in enumerate(token.tolist()):
-                if not done[b]:
-                    out[b].append(t)
-                    if callback is not None:
-                        callback(b, t)
-                    done[b] = t in stop
-            if all(done) or step == max_new_tokens - 1:
+            if not all(done):
+                token = sample_next(logits, temperature, top_k, top_p, generator)   # (B,)
+                for b, t in enumerate(token.tolist()):
+                    if not done[b]:
+                        out[b].append(t)
+                        if callback is not None:
+                            callback(b, t)
+                        done[b] = t in stop
+            stopping = all(done) or step == max_new_tokens - 1
+            if stopping if all_done is None else all_done(stopping):
                 break   # (no forward for a token nobody will sample from)
             # Finished rows keep decoding (their tokens are ignored): the batch stays rectangular.
             logits = self._decode_step(token[:, None], cache, next_pos)

@@ -10,6 +10,7 @@ Usage (single process; CPU or one GPU):
     python rlhf_ppo.py ... --lora_rank 16 --lr 1e-3   # LoRA actor and critic; reference = actor, adapters off
 Distributed (DDP; every process samples its own rollouts, gradients are averaged):
     torchrun --standalone --nproc_per_node=2 rlhf_ppo.py --init_from runs/sft --reward_model runs/rm ...
+    torchrun ... rlhf_ppo.py ... --parallel fsdp --save_interval 0   # all four models sharded (common.generate)
 Resume an interrupted run (same flags + --resume): actor, critic, both optimizers, KL coefficient,
 iteration. Prompts, sampling and minibatch order are pure functions of (seed, iteration, rank).
 
@@ -166,8 +167,10 @@ def get_args(argv=None):
                     f"({args.batch_size} x {args.grad_accum})")
     if args.ptx_coef > 0 and not args.ptx_data:
         common.fail("--ptx_coef > 0 needs --ptx_data")
-    if args.parallel == "fsdp":
-        common.fail("--parallel fsdp is not supported: generation needs whole models (use ddp)")
+    if args.parallel == "fsdp" and (args.offload or args.save_interval > 0):
+        # (resume checkpoints would need the critic and its optimizer sharded as well: not done yet)
+        common.fail("--parallel fsdp shards the frozen models instead of --offload, and writes no resume checkpoints "
+                    "yet: pass --no-offload --save_interval 0")
     return args
 
 
@@ -406,7 +409,7 @@ def main(argv=None):
 
 def train(args, info):
     device, world, rank = info.device, info.world_size, info.rank
-    args.parallel = common.resolve_parallel(args.parallel, info, use="ddp")   # fsdp: refused in get_args
+    args.parallel = common.resolve_parallel(args.parallel, info)
     common.seed_everything(args.seed + rank)   # (every random draw below also has its own explicit seed)
     dtype = common.resolve_dtype(args.dtype, device)
     ctx = common.autocast(device, dtype)
@@ -425,14 +428,14 @@ def train(args, info):
     if args.lora_rank > 0 and not args.ref_model:
         ref = BaseView(actor)   # LoRA: the reference is the actor with its adapters off, no second copy
     else:
-        ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device)
+        ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device, info, args.parallel)
     rm, rm_meta = load_reward_model(args.reward_model)
     critic, _ = load_reward_model(args.critic_from or args.reward_model)
     # LoRA: the critic (its own model, started from the reward model) trains adapters and its head
     critic = common.setup_lora(critic, args, common.resolve_checkpoint(args.critic_from or args.reward_model), dtype)
     if (rm_meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
         common.fail(f"the reward model ({rm_meta['path']}) was trained with another tokenizer than the actor")
-    rm = frozen(rm, dtype, device)
+    rm = frozen(rm, dtype, device, info, args.parallel)   # fsdp: sharded, no optimizer (so is ref)
     if actor.config.dropout > 0 or critic.config.dropout > 0:
         print0("note: dropout is switched off for PPO (actor and critic stay in eval mode): with dropout the "
                "rollout and the training forward would see different networks and the ratio would not start at 1")
@@ -440,7 +443,8 @@ def train(args, info):
     critic.eval()
     # Nothing shared by accident: four separate sets of storage (a critic built as a view of the actor
     # would silently train the actor with the value loss).
-    storages = [{p.untyped_storage().data_ptr() for p in m.parameters()} for m in (actor, critic, ref, rm)]
+    storages = [{getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in m.parameters()}
+                for m in (actor, critic, ref, rm)]   # (_local_tensor: the shard of a frozen FSDP model)
     if any(storages[i] & storages[j] for i in range(4) for j in range(i + 1, 4)):
         common.fail("actor, critic, reference and reward model share parameter storage")
     stats_ok = not (rm.reward_mean.item() == 0.0 and rm.reward_std.item() == 1.0)
@@ -501,7 +505,7 @@ def train(args, info):
     def run_eval():
         """Greedy answers to the first --eval_sample held-out prompts: checker accuracy and reward (rank 0)."""
         out = [None]
-        if info.is_main:
+        if info.is_main or args.parallel == "fsdp":   # fsdp: every rank takes part in every forward
             recs = eval_records[:args.eval_sample]
             answers, ids = chat.generate_answers(raw_actor, tok, [r["messages"] for r in recs],
                                                  args.eval_max_new_tokens, return_ids=True)
@@ -534,9 +538,9 @@ def train(args, info):
             len(records), size=args.rollout_batch, replace=len(records) < args.rollout_batch)
         prompts = [prompt_ids[i] for i in pick]
         gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + it * 1009 + rank)
-        with ctx:
-            responses = raw_actor.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                           top_p=args.top_p, eos_id=tok.stop_ids, generator=gen)
+        with ctx, common.gathered(actor, args.fsdp_gather_rollout):   # fsdp: whole for the rollout
+            responses = common.generate(actor, prompts, args.max_new_tokens, temperature=args.temperature,
+                                        top_k=args.top_k, top_p=args.top_p, eos_id=tok.stop_ids, generator=gen)
         t1 = clock()
 
         # 2. experience: old/reference log-probs, reward, values, KL-penalised rewards, GAE
@@ -680,6 +684,9 @@ def train(args, info):
     if info.is_main:
         if eval_records:
             t0 = time.time()
+            if args.parallel == "fsdp":   # rank 0 alone: the saved actor and reward model, whole
+                raw_actor, rm = common.load_model(final, device)[0].eval(), load_reward_model(args.reward_model, device)[0]
+                reward_fn = reward_scorer(rm, tok, device, ctx, args.missing_eos_penalty)
             out.update(final_evaluation(args, raw_actor, rm, reward_fn, tok, eval_records, device, ctx))
             print0(f"end evaluation on {out['n_eval']} prompts ({time.time() - t0:.0f}s): lab accuracy "
                    f"{out['accuracy']:.1%} (SFT {out['accuracy_sft']:.1%}); mean reward {out['mean_reward']:+.3f} "
