@@ -78,6 +78,7 @@ from common import (check_kl_at_start, check_ratio, ended, frozen, kl_estimates,
                     load_prompts, masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
 from data import lab
 from data.formats import parse_weighted
+from model import Llama
 
 REWARDS = ("checker", "math", "model")
 
@@ -138,8 +139,9 @@ def get_args(argv=None):
     e.add_argument("--eval_sample", type=int, default=64, help="prompts answered by the evaluations during training")
     parser.set_defaults(lr=1e-5, min_lr=1e-6, warmup_steps=2, max_steps=100, weight_decay=0.0, eval_interval=20,
                         log_interval=1, save_interval=50, out_dir="out/grpo", batch_size=16)
+    common.add_dry_run_args(parser.add_argument_group("--dry_run: memory per GPU before launching anything"))
     args = common.parse_config(parser, argv)
-    if not (args.init_from and args.prompts):
+    if not (args.init_from and (args.prompts or args.dry_run)):
         common.fail("--init_from (SFT model) and --prompts are required")
     args.rewards = [parse_weighted(s) for s in args.reward]
     unknown = [n for n, _ in args.rewards if n not in REWARDS]
@@ -406,8 +408,44 @@ def sample_groups(actor, records, prompt_ids, args, it, rank, rnd, n_prompts, ct
 # Main
 
 
+def dry_run(args):
+    """--dry_run: this script's FSDP training step on fake tensors (common.fsdp_dry_run) for the model of
+    --init_from (a preset name will do): micro-batches of batch_size answers of --max_new_tokens after
+    prompts that fill the rest of the context, and the reference as a second FSDP model without
+    gradients or optimizer. The rollout is a separate phase, not in the dry run: with
+    --fsdp_gather_rollout it adds the whole model in bf16 and the KV cache (printed, closed form)."""
+    config = common.dry_run_config(args.init_from)
+    T, R, B = config.max_seq_len, args.max_new_tokens, args.batch_size
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16   # GPU training: bf16 unless asked
+
+    def micro_step(model, ref):   # autocast is on already (fsdp_dry_run)
+        idx = torch.randint(0, config.vocab_size, (B, T))
+        attn, mask = torch.ones_like(idx), torch.ones(B, R)
+        logp, _ = response_logprobs(model, idx, attn, T - R, args.temperature)
+        with torch.no_grad():
+            logp_ref, _ = response_logprobs(ref, idx, attn, T - R, args.temperature)
+        lt, _ = token_loss(logp, logp.detach(), logp_ref, torch.ones(B), mask, args.clip_range, args.clip_range_high,
+                           args.kl_coef)
+        return aggregate(lt, mask, args.loss_norm, float(B))
+    measured = common.fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
+                                   args.activation_checkpointing, args.fsdp_skip_accum_sync,
+                                   frozen=lambda: Llama(config))
+    common.print_dry_run(measured, args.world_size, args.gpu_mem_gb, common.dry_run_label(
+        "grpo", args, dtype, f"{B} answers x {T} ({R} answer tokens), reference sharded, frozen"))
+    n = args.prompts_per_step * args.group_size
+    kv = 2 * config.n_layers * n * T * config.n_kv_heads * config.head_dim * 2
+    with torch.device("meta"):   # (shapes only)
+        whole = 2 * Llama(config).num_params() if args.fsdp_gather_rollout else 0
+    print(f"rollout phase (closed form, not in the dry run): KV cache of {n} answers x {T} tokens in bf16 "
+          f"{kv / 1e9:.2f} GB" + (f" + the whole model gathered in bf16 {whole / 1e9:.2f} GB" if whole else "")
+          + " per rank, next to the sharded weights and AdamW states")
+    return {**measured, "rollout_kv_cache": kv, "rollout_gathered": whole}
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     info = common.setup_distributed(args.device)
     try:
         return train(args, info)

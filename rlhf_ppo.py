@@ -685,7 +685,8 @@ def train(args, info):
         if eval_records:
             t0 = time.time()
             if args.parallel == "fsdp":   # rank 0 alone: the saved actor and reward model, whole
-                raw_actor, rm = common.load_model(final, device)[0].eval(), load_reward_model(args.reward_model, device)[0]
+                raw_actor = common.load_model(final, device)[0].eval()
+                rm = load_reward_model(args.reward_model, device)[0]
                 reward_fn = reward_scorer(rm, tok, device, ctx, args.missing_eos_penalty)
             out.update(final_evaluation(args, raw_actor, rm, reward_fn, tok, eval_records, device, ctx))
             print0(f"end evaluation on {out['n_eval']} prompts ({time.time() - t0:.0f}s): lab accuracy "

@@ -204,7 +204,8 @@ def test_fsdp_generation_gives_the_tokens_of_one_process(two_ranks):
             lengths = [len(a) for a in g[gather, temp]["got"]]
             # rank 1 ended after one token, rank 0 ran to the limit: lock-step did not hang or cut either
             assert lengths == ([12, 12] if rank == 0 else [1]), (rank, gather, temp, lengths)
-        assert g["empty"]["got"] == ([] if rank == 1 else g["empty"]["want"]) and len(g["answers"]["got"]) == 3 - 2 * rank
+        assert g["empty"]["got"] == ([] if rank == 1 else g["empty"]["want"])
+        assert len(g["answers"]["got"]) == 3 - 2 * rank
         # fp32: FSDP's reduce-scatter averages in another order than all_reduce + / 2 (~1e-9 measured)
         assert g["train_grad_diff"] < 1e-6, g["train_grad_diff"]
 
@@ -233,9 +234,11 @@ def test_frozen_models_are_sharded_without_gradients(two_ranks):
 def test_ppo_and_grpo_under_fsdp_match_ddp(two_ranks):
     """Two iterations of each script, DDP (whole models) vs FSDP (actor, critic, reference and reward
     model sharded), same seeds: the same rollouts, the same losses and weights up to the order of
-    float sums (fp32; DDP all-reduces, FSDP reduce-scatters). Measured: weights after 2 AdamW steps
-    at lr 1e-3 within 9.8e-7 (PPO) and 2.1e-7 (GRPO), losses within 4.9e-7, rollouts identical;
-    the same in the ATEN_CPU_CAPABILITY=default and avx2 cells (the workers run one thread each)."""
+    float sums (fp32; DDP all-reduces, FSDP reduce-scatters). Measured with ATEN_CPU_CAPABILITY
+    default and avx2 (OMP_NUM_THREADS 1 and 2) and avx512 (1; the workers run one thread each): weights after
+    2 AdamW steps at lr 1e-3 within 1.03e-6 (PPO) and 2.1e-7 (GRPO); losses and statistics within
+    7.2e-7, or 3.5e-7 relative (GRPO's policy loss of ~1e3 differs by 3.7e-4 in the avx2 cell);
+    rollouts identical in every cell."""
     d, results = two_ranks
     for stage, key in (("ppo", "reward_raw"), ("grpo", "reward")):
         a, b = rows(d / f"{stage}_ddp", key), rows(d / f"{stage}_fsdp", key)
@@ -244,8 +247,10 @@ def test_ppo_and_grpo_under_fsdp_match_ddp(two_ranks):
             # the same answers (lengths, stops, rewards of a frozen reward model) ...
             assert (x["length"], x["eos_frac"]) == (y["length"], y["eos_frac"]) and abs(x[key] - y[key]) < 1e-6, (x, y)
             # ... and the same losses and statistics
-            for k in ("kl", "kl_k3", "policy_loss", "entropy", "approx_kl") + (("value_loss",) if stage == "ppo" else ()):
-                assert abs(x[k] - y[k]) < 1e-5, (stage, k, x[k], y[k])
+            for k in ("kl", "kl_k3", "policy_loss", "entropy", "approx_kl", "value_loss"):
+                if k not in x:   # (GRPO has no critic)
+                    continue
+                assert abs(x[k] - y[k]) < 1e-5 * max(1.0, abs(x[k])), (stage, k, x[k], y[k])
         assert max_diff(final_weights(d / f"{stage}_ddp"), final_weights(d / f"{stage}_fsdp")) < 1e-5, stage
         for rank in (0, 1):
             inv = results[rank]["scripts"][stage, "fsdp"]["invariants"]
@@ -272,3 +277,22 @@ def test_dpo_sampling_round_under_fsdp_matches_ddp(two_ranks):
     pairs = [open(d / f"dpo_{p}" / "round_01_pairs.jsonl", encoding="utf-8").read() for p in ("ddp", "fsdp")]
     assert pairs[0] == pairs[1] and pairs[0].count("\n") >= 2   # the same sampled answers made the same pairs
     assert max_diff(final_weights(d / "dpo_ddp"), final_weights(d / "dpo_fsdp")) < 1e-6
+
+
+def test_grpo_dry_run(capsys):
+    """grpo.py --dry_run on the tiny preset (no checkpoint needed): the policy's FSDP step with the
+    reference sharded beside it; the reference has no optimizer state (AdamW's is SFT's at the same
+    model) and its fp32 shards are counted; the rollout's closed-form line is printed."""
+    import sft
+    flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16"]
+    g = grpo.main(["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16", *flags])
+    s = sft.main(["--dry_run", "--init_from", "tiny", "--seq_len", "64", *flags])
+    n = Llama(LlamaConfig.from_preset("tiny")).num_params()
+    assert g["optimizer"] == s["optimizer"] and g["params"] >= 4 * n / 4
+    out = capsys.readouterr().out
+    assert "dry run: grpo, FSDP x 4" in out and "reference sharded, frozen" in out
+    # the rollout's KV cache is what model.generate allocates for 8 x 8 answers of a whole context, in bf16
+    from model import KVCache
+    cache = KVCache(LlamaConfig.from_preset("tiny"), 64, 64, "cpu", torch.bfloat16)
+    assert g["rollout_kv_cache"] == sum(t.nbytes for t in cache.k + cache.v) and g["rollout_gathered"] == 2 * n
+    assert "rollout phase" in out

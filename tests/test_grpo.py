@@ -235,8 +235,6 @@ def test_prompt_file_errors(tok, tmp_path, capsys):
         grpo.get_args(["--init_from", "x", "--prompts", str(path), "--reward", "vibes"])
     with pytest.raises(SystemExit, match="group_size"):
         grpo.get_args(["--init_from", "x", "--prompts", str(path), "--group_size", "1"])
-    with pytest.raises(SystemExit, match="fsdp"):
-        grpo.get_args(["--init_from", "x", "--prompts", str(path), "--parallel", "fsdp"])
 
 
 # -----------------------------------------------------------------------------
