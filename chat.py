@@ -127,7 +127,7 @@ def generate_answers(model, tok, conversations, max_new_tokens=64, temperature=0
     out_ids = [None] * len(prompts)
     starts = list(range(0, len(order), batch_size))
     if common.is_fsdp(common.unwrap(model)):   # every rank generates as many batches (common.generate)
-        n = torch.tensor([len(starts)])
+        n = torch.tensor([len(starts)], device=device)   # (NCCL reduces GPU tensors only)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         starts += [len(order)] * (int(n) - len(starts))   # empty batches: a dummy prompt, no answers
     with common.eval_mode(model), _autocast(model):  # eval: no dropout while answering

@@ -878,7 +878,7 @@ def train(args, info):
             summary["rounds"].append(row)
         row.update({"steps": max_steps, "end_step": global_step,
                     **({f"val_{k}": v for k, v in val_metrics.items()} if val_metrics else {})})
-        if args.eval_data and rnd != rounds[-1] and info.is_main and args.parallel != "fsdp":
+        if args.eval_data and rnd != rounds[-1] and (info.is_main or args.parallel == "fsdp"):   # fsdp: all ranks
             res = chat.evaluate_lab(raw, tok, args.eval_data, max_new_tokens=args.eval_max_new_tokens,
                                     limit=args.eval_limit or None)
             row["eval_accuracy"] = res["accuracy"]

@@ -527,7 +527,8 @@ def train(args, info):
         out = [None]
         if info.is_main or args.parallel == "fsdp":   # fsdp: every rank takes part in every forward
             recs = eval_records[:args.eval_sample]
-            answers = chat.generate_answers(raw_actor, tok, [r["messages"] for r in recs], args.eval_max_new_tokens)
+            with common.gathered(raw_actor, args.fsdp_gather_rollout):
+                answers = chat.generate_answers(raw_actor, tok, [r["messages"] for r in recs], args.eval_max_new_tokens)
             out[0] = {"accuracy": sum(lab.check(a, r["truth"]) for a, r in zip(answers, recs)) / len(recs),
                       "n": len(recs)}
         if info.distributed:

@@ -507,8 +507,9 @@ def train(args, info):
         out = [None]
         if info.is_main or args.parallel == "fsdp":   # fsdp: every rank takes part in every forward
             recs = eval_records[:args.eval_sample]
-            answers, ids = chat.generate_answers(raw_actor, tok, [r["messages"] for r in recs],
-                                                 args.eval_max_new_tokens, return_ids=True)
+            with common.gathered(raw_actor, args.fsdp_gather_rollout):
+                answers, ids = chat.generate_answers(raw_actor, tok, [r["messages"] for r in recs],
+                                                     args.eval_max_new_tokens, return_ids=True)
             rewards = reward_fn([r["messages"] for r in recs], answers, [common.ended(a, tok.stop_ids) for a in ids])
             out[0] = {"accuracy": sum(lab.check(a, r["truth"]) for a, r in zip(answers, recs)) / len(recs),
                       "reward": sum(rewards) / len(rewards), "n": len(recs)}

@@ -147,8 +147,9 @@ def grpo_argv(d, out, parallel, *extra):
 
 def dpo_argv(d, out, parallel):
     return ["--init_from", str(d / "init"), "--prompts", str(d / "prompts.jsonl"), "--out_dir", str(out),
-            "--parallel", parallel, "--rounds", "1", "--round_prompts", "5", "--samples", "3", "--rank_by", "reward",
+            "--parallel", parallel, "--rounds", "2", "--round_prompts", "5", "--samples", "3", "--rank_by", "reward",
             "--reward_model", str(d / "rm"), "--max_new_tokens", "8", "--max_steps", "1", "--batch_size", "1",
+            "--eval_data", str(d / "eval.jsonl"), "--eval_limit", "3", "--eval_max_new_tokens", "8",
             "--val_frac", "0", "--eval_interval", "0", "--log_interval", "1000", "--save_interval", "0", "--seed", "1"]
 
 
@@ -272,11 +273,18 @@ def test_grpo_block_by_block_generation_matches_the_gathered_rollout(two_ranks):
     assert max_diff(final_weights(d / "grpo_fsdp_block"), final_weights(d / "grpo_fsdp")) < 1e-6
 
 
-def test_dpo_sampling_round_under_fsdp_matches_ddp(two_ranks):
+def test_dpo_sampling_rounds_under_fsdp_match_ddp(two_ranks):
+    """Two rounds: the same sampled pairs in both (the second sampled by the policy the first trained),
+    the same weights, and the between-rounds lab evaluation (every rank generates under FSDP)."""
     d, _ = two_ranks
-    pairs = [open(d / f"dpo_{p}" / "round_01_pairs.jsonl", encoding="utf-8").read() for p in ("ddp", "fsdp")]
-    assert pairs[0] == pairs[1] and pairs[0].count("\n") >= 2   # the same sampled answers made the same pairs
+    for rnd in (1, 2):
+        pairs = [open(d / f"dpo_{p}" / f"round_{rnd:02d}_pairs.jsonl", encoding="utf-8").read()
+                 for p in ("ddp", "fsdp")]
+        assert pairs[0] == pairs[1] and pairs[0].count("\n") >= 2, rnd   # the same answers made the same pairs
     assert max_diff(final_weights(d / "dpo_ddp"), final_weights(d / "dpo_fsdp")) < 1e-6
+    summary = [json.load(open(d / f"dpo_{p}" / "rounds.json")) for p in ("ddp", "fsdp")]
+    accuracy = [[r.get("eval_accuracy") for r in s["rounds"]] for s in summary]
+    assert accuracy[0] == accuracy[1] and accuracy[0][0] is not None, accuracy
 
 
 def test_grpo_dry_run(capsys):
