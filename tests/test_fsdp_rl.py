@@ -12,7 +12,7 @@ One fork-started group of 2 ranks (FileStore, one thread each; ../shared/CPU_TES
 """
 import copy
 import json
-import os
+import shutil
 import traceback
 from datetime import timedelta
 
@@ -157,8 +157,15 @@ def run_scripts(rank, d):
     out = {}
     for parallel in ("ddp", "fsdp"):
         out["ppo", parallel] = rlhf_ppo.main(ppo_argv(d, d / f"ppo_{parallel}", parallel))
-        out["grpo", parallel] = grpo.main(grpo_argv(d, d / f"grpo_{parallel}", parallel))
+        # (a resume checkpoint after iteration 1: sharded under fsdp)
+        out["grpo", parallel] = grpo.main(grpo_argv(d, d / f"grpo_{parallel}", parallel, "--save_interval", "1"))
         dpo.main(dpo_argv(d, d / f"dpo_{parallel}", parallel))
+    # GRPO under FSDP resumed from its sharded checkpoint of iteration 1
+    if rank == 0:
+        shutil.copytree(d / "grpo_fsdp" / "step_0000001", d / "grpo_fsdp_resume" / "step_0000001")
+    dist.barrier()
+    out["grpo", "fsdp_resume"] = grpo.main(grpo_argv(d, d / "grpo_fsdp_resume", "fsdp", "--save_interval", "1",
+                                                     "--resume"))
     # block-by-block generation in lock-step, in a whole run
     out["grpo", "fsdp_block"] = grpo.main(grpo_argv(d, d / "grpo_fsdp_block", "fsdp", "--no-fsdp_gather_rollout"))
     return {k: {"weights_in_sync": v["weights_in_sync"], "invariants": v["invariants"]} for k, v in out.items()}
@@ -271,6 +278,17 @@ def test_grpo_block_by_block_generation_matches_the_gathered_rollout(two_ranks):
     assert [r["reward"] for r in rows(d / "grpo_fsdp_block", "reward")] == \
         [r["reward"] for r in rows(d / "grpo_fsdp", "reward")]
     assert max_diff(final_weights(d / "grpo_fsdp_block"), final_weights(d / "grpo_fsdp")) < 1e-6
+
+
+def test_grpo_under_fsdp_resumes_exactly(two_ranks):
+    """Iteration 2 again from the sharded resume checkpoint of iteration 1 (weights, AdamW, RNG):
+    the same rollout, loss and final weights, bit for bit."""
+    d, _ = two_ranks
+    a, b = final_weights(d / "grpo_fsdp"), final_weights(d / "grpo_fsdp_resume")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    keys = lambda r: (r["reward"], r["policy_loss"], r["kl"])   # noqa: E731
+    assert [keys(r) for r in rows(d / "grpo_fsdp", "reward")[1:]] == [keys(r) for r in rows(d / "grpo_fsdp_resume",
+                                                                                              "reward")]
 
 
 def test_dpo_sampling_rounds_under_fsdp_match_ddp(two_ranks):
