@@ -166,6 +166,9 @@ def run_scripts(rank, d):
     dist.barrier()
     out["grpo", "fsdp_resume"] = grpo.main(grpo_argv(d, d / "grpo_fsdp_resume", "fsdp", "--save_interval", "1",
                                                      "--resume"))
+    # bf16 autocast: the sharded reference gathers the policy's bf16 weights (KL exactly 0 at the start)
+    out["grpo", "fsdp_bf16"] = grpo.main(grpo_argv(d, d / "grpo_fsdp_bf16", "fsdp", "--dtype", "bfloat16",
+                                                   "--max_steps", "1"))
     # block-by-block generation in lock-step, in a whole run
     out["grpo", "fsdp_block"] = grpo.main(grpo_argv(d, d / "grpo_fsdp_block", "fsdp", "--no-fsdp_gather_rollout"))
     return {k: {"weights_in_sync": v["weights_in_sync"], "invariants": v["invariants"]} for k, v in out.items()}
@@ -269,6 +272,13 @@ def test_ppo_and_grpo_under_fsdp_match_ddp(two_ranks):
     assert ma["accuracy"] == mb["accuracy"] and abs(ma["mean_reward"] - mb["mean_reward"]) < 1e-4
     assert [r["accuracy"] for r in rows(d / "ppo_ddp", "accuracy") if r.get("event") == "eval"] == \
         [r["accuracy"] for r in rows(d / "ppo_fsdp", "accuracy") if r.get("event") == "eval"]
+
+
+def test_grpo_under_fsdp_in_bf16_starts_at_kl_zero(two_ranks):
+    _, results = two_ranks
+    for rank in (0, 1):
+        inv = results[rank]["scripts"]["grpo", "fsdp_bf16"]["invariants"]
+        assert inv["kl_at_start"] == 0.0 and inv["ratio_failures"] == 0 and inv["iterations"] == 1, inv
 
 
 def test_grpo_block_by_block_generation_matches_the_gathered_rollout(two_ranks):
