@@ -934,9 +934,7 @@ def load_model(path: str, device="cpu"):
     path = resolve_checkpoint(path)
     if os.path.isdir(path) and is_hf_dir(path):
         model = Llama.from_hf(path)
-        tok = os.path.join(path, "tokenizer.model")
-        meta = {"format": "hf", "model_config": model.config.to_dict(), "step": 0, "config": {}, "metrics": {},
-                "tokenizer": {"path": tok, "sha256": None} if os.path.isfile(tok) else None}
+        meta = _hf_meta(path, model.config)
     elif os.path.isdir(path):  # sharded DCP checkpoint: read the shards straight into a whole model
         import torch.distributed.checkpoint as dcp
         meta = read_checkpoint_meta(path)
@@ -967,48 +965,148 @@ def load_model(path: str, device="cpu"):
     return model.to(device), meta
 
 
-def load_model_sharded(path: str, info: DistInfo, wrap):
+def load_start_model(args, info: DistInfo, dtype: torch.dtype, wrap):
+    """The model a fine-tuning stage starts from (--init_from) -> (model, meta, wrapped). FSDP without
+    LoRA: built on the meta device, sharded by wrap, each rank reading only its shards
+    (load_model_sharded); wrapped is True. Otherwise (LoRA's adapters go on before sharding) the
+    whole model on every rank with the --lora_* adapters added (setup_lora), not yet wrapped."""
+    if args.parallel == "fsdp" and not args.lora_rank:
+        return (*load_model_sharded(args.init_from, info, wrap), True)
+    model, meta = load_model(args.init_from)
+    return setup_lora(model, args, meta["path"], dtype), meta, False
+
+
+def _hf_meta(path: str, config: LlamaConfig) -> dict:
+    tok = os.path.join(path, "tokenizer.model")
+    return {"format": "hf", "model_config": config.to_dict(), "step": 0, "config": {}, "metrics": {},
+            "tokenizer": {"path": tok, "sha256": None} if os.path.isfile(tok) else None}
+
+
+def load_model_sharded(path: str, info: DistInfo, wrap, make=Llama, prefix: str = "", kind: str = None):
     """--init_from under FSDP with no whole model on any rank -> (wrapped model, meta) as load_model.
-    The Llama is built on the meta device (no memory), wrap(model) shards it (wrap_model with the
-    run's flags), to_empty materialises this rank's shards only, and each rank fills them:
+    make(config) is built on the meta device (no memory), wrap(model) shards it (wrap_model with the
+    run's flags), to_empty materialises this rank's shards only, init_weights() sets the buffers,
+    and each rank fills its shards from the checkpoint:
       our DCP directory   dcp.load reads just the pieces of this rank's shards;
       our .pt file        load_file(..., mmap=True): the file is mapped, not read; copying this rank's
                           rows of each tensor pages in only those rows (plus the OS's read-ahead);
-      a HuggingFace dir   not sharded yet: read whole on every rank (load_model), then wrapped.
-    load_model instead builds the whole fp32 model on every rank (27 GB at 7B, per rank)."""
+      a HuggingFace dir   its safetensors mapped the same way (model.read_safetensors); our fused
+                          wqkv / w13 rows and the rotary row order come from rows of HF's q/k/v and
+                          gate/up tensors (_hf_rows), so a rank reads only the HF rows it needs.
+    meta["bytes_read"]: bytes this rank copied out of a .pt / HF file (its shard, in the file's dtype).
+    make, prefix: the checkpoint's tensors fill prefix + name of make(config), e.g. reward.py's
+    RewardModel with prefix "backbone." (what the checkpoint lacks keeps init_weights' values; an
+    LM head the model has no place for is dropped, as RewardModel.from_llama does). kind: the
+    checkpoint "kind" accepted (None: language models only). load_model instead builds the whole
+    fp32 model on every rank (27 GB at 7B, per rank). LoRA adapter-only checkpoints (their base
+    must be merged in whole) go through load_model."""
     path = resolve_checkpoint(path)
-    if is_hf_dir(path):
-        model, meta = load_model(path)
-        return wrap(model.to(info.device)), meta
-    meta = read_checkpoint_meta(path)
-    _refuse_other_kind(meta, path)
+    hf = is_hf_dir(path)
+    if hf:
+        from model import hf_config
+        meta = _hf_meta(path, hf_config(path))
+    else:
+        meta = read_checkpoint_meta(path)
+        if meta.get("kind") != kind:
+            _refuse_other_kind(meta, path)
+            fail(f"{path} is not a {kind!r} checkpoint")
+        if "lora" in meta and kind is None:
+            model, meta = load_model(path)
+            return wrap(model.to(info.device)), meta
     with torch.device("meta"):
-        raw = Llama(LlamaConfig.from_dict(meta["model_config"]))
+        raw = make(LlamaConfig.from_dict(meta["model_config"]))
     model = wrap(raw)
     model.to_empty(device=info.device)
     with torch.no_grad():
-        raw.init_weights()  # for the buffers (rotary table, eps): the weights are overwritten below
-    if os.path.isdir(path):
+        raw.init_weights()   # the buffers (rotary table, eps), and what the checkpoint does not hold
+    if os.path.isdir(path) and not hf:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-        state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(model, state["model"])
+        state = get_model_state_dict(model)
+        mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}   # the same tensors
+        dcp.load({"model": mine}, checkpoint_id=path)
+        set_model_state_dict(model, state)
     else:
-        full = load_file(path, mmap=True)["model"]   # (a corrupt file: one line naming it)
-        params = dict(raw.named_parameters())
-        if set(full) != set(params):
-            fail(f"{path}: its weights do not match the model: missing {sorted(set(params) - set(full))[:5]}, "
-                 f"unexpected {sorted(set(full) - set(params))[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                local = p.to_local() if hasattr(p, "to_local") else p
-                # FSDP2 shards dim 0 as torch.chunk does: ceil(rows / W) rows per rank, in rank order
-                start = p.device_mesh.get_local_rank() * -(-full[name].size(0) // info.world_size) \
-                    if local is not p else 0
-                local.copy_(full[name][start:start + local.size(0)])
+        own = {k[len(prefix):]: v for k, v in raw.state_dict(keep_vars=True).items() if k.startswith(prefix)}
+        rows = _hf_rows(path, raw.config) if hf else _pt_rows(path)
+        missing, unexpected = sorted(set(own) - set(rows)), sorted(set(rows) - set(own))
+        if missing or (unexpected and not prefix):
+            fail(f"{path}: its weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        meta["bytes_read"] = _copy_shards(own, rows, path)
     meta["path"] = path
     return model, meta
+
+
+def _shard_start(t: torch.Tensor) -> int:
+    """First global row of this rank's part of `t`: FSDP2 splits dim 0 as torch.chunk does, ceil(rows /
+    shards) rows per rank in rank order, over the mesh dimension that shards (HSDP's second); 0 for a
+    tensor FSDP does not shard (a buffer)."""
+    for mesh_dim, placement in enumerate(getattr(t, "placements", ())):
+        if placement.is_shard(0):
+            return t.device_mesh.get_local_rank(mesh_dim) * -(-t.size(0) // t.device_mesh.size(mesh_dim))
+    return 0
+
+
+def _copy_shards(own: dict, rows: dict, path: str) -> int:
+    """Fill each tensor of `own` (name -> parameter or buffer; DTensor shards under FSDP) with its rows
+    from `rows` (name -> (global shape, read(start, stop) -> those rows)). Returns the bytes read."""
+    total, seen = 0, set()
+    with torch.no_grad():
+        for name, t in own.items():
+            if id(t) in seen:
+                continue   # a tied weight (embedding = head): read once
+            seen.add(id(t))
+            shape, read = rows[name]
+            if tuple(shape) != tuple(t.shape):
+                fail(f"{path}: tensor {name!r} has shape {tuple(shape)} but the model's config expects "
+                     f"{tuple(t.shape)}")
+            local = t.to_local() if hasattr(t, "to_local") else t
+            if local.dim() and not local.size(0):
+                continue   # more ranks than rows: this rank holds none of this tensor
+            start = _shard_start(t)
+            part = read(start, start + local.size(0)) if local.dim() else read(None, None)
+            total += part.numel() * part.element_size()
+            local.copy_(part)
+    return total
+
+
+def _pt_rows(path: str) -> dict:
+    """Our .pt file, mapped: name -> (shape, read) where read slices rows of the mapped tensor (a view:
+    only the rows copied out are ever paged in)."""
+    full = load_file(path, mmap=True)["model"]   # (a corrupt file: one line naming it)
+    return {k: (v.shape, lambda s, e, v=v: v[s:e] if v.dim() else v) for k, v in full.items()}
+
+
+def _hf_rows(path: str, config: LlamaConfig) -> dict:
+    """A HuggingFace directory, mapped: name (ours) -> (shape, read(start, stop)). Our wqkv is
+    cat(q, k, v) with q/k rows reordered for our rotary layout, w13 is cat(gate, up): a row of ours
+    is one row of one HF tensor. Which one comes from model.from_hf_state_dict itself, run on row
+    labels instead of weights (tensor number << 32 | row, one column), so the sharded load can never
+    disagree with the whole load; a read then gathers the labelled rows from the mapped HF tensors."""
+    from model import from_hf_state_dict, read_hf_weights
+    hf = read_hf_weights(path)
+    names = list(hf)
+    labels = {}
+    for i, (n, t) in enumerate(hf.items()):
+        label = (i << 32) + torch.arange(t.size(0))
+        labels[n] = label.view(-1, 1) if t.dim() > 1 else label   # a column: rows move, as the weights' would
+    try:
+        ours = from_hf_state_dict(labels, config)
+    except ValueError as e:
+        fail(f"{path}: {e}")
+
+    def reader(label):
+        def read(start, stop):
+            which, row = label[start:stop] >> 32, label[start:stop] & 0xFFFFFFFF
+            runs, counts = torch.unique_consecutive(which, return_counts=True)   # rows of one HF tensor each
+            parts = zip(runs.tolist(), row.split(counts.tolist()))
+            return torch.cat([hf[names[i]].index_select(0, r) for i, r in parts])
+        return read
+    out = {}
+    for k, label in ours.items():
+        label = label.reshape(-1)
+        out[k] = ((label.size(0), *hf[names[label[0].item() >> 32]].shape[1:]), reader(label))
+    return out
 
 
 def _refuse_other_kind(meta: dict, path: str):

@@ -618,8 +618,19 @@ def train(args, info):
                     f"another --out_dir (nothing was changed)")
 
     # --- policy, tokenizer, prompts and held-out pairs ------------------------------------------
-    model, meta = common.load_model(args.init_from)
-    model = common.setup_lora(model, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
+    def wrap(m):
+        return common.wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
+                                 args.fsdp_skip_accum_sync)
+
+    def load_reference(path):
+        """A frozen model: under FSDP sharded like the policy (no gradients, no optimizer)."""
+        if args.parallel == "fsdp":
+            return common.load_model_sharded(
+                path, info, lambda m: common.wrap_model(m.requires_grad_(False), info, "fsdp", dtype))[0]
+        return common.load_model(path)[0].to(device).requires_grad_(False)
+
+    # FSDP (without LoRA): built on the meta device, sharded, each rank reading only its own shards
+    model, meta, sharded = common.load_start_model(args, info, dtype, wrap)
     tok = tokenizer_for(meta, args)
     seq_len = min(args.max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
     for name in ("max_new_tokens", "eval_max_new_tokens"):   # answers must leave room for the prompt
@@ -643,9 +654,8 @@ def train(args, info):
     prompts = common.load_prompts(args.prompts, tok, seq_len - args.max_new_tokens)[0] if args.rounds > 0 else None
     rounds = ([0] if offline else []) + list(range(1, args.rounds + 1))
 
-    raw = model.to(device)
-    model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
-                              args.fsdp_skip_accum_sync)
+    raw = common.unwrap(model) if sharded else model.to(device)
+    model = model if sharded else wrap(raw)
     rm_fn = None
     if args.rounds > 0 and args.reward_model:
         rm_fn = reward_scorer(reward_model(args.reward_model, tok, device), tok, device, ctx, args.missing_eos_penalty)
@@ -737,9 +747,7 @@ def train(args, info):
                 train_ref, val_ref = cached["train"], cached["val"]
             else:
                 # The policy before its first update IS the reference: no second model needed.
-                src = model if same_as_start else common.wrap_model(
-                    common.load_model(ref_path(rnd))[0].to(device), info,
-                    "fsdp" if args.parallel == "fsdp" else "none", dtype)
+                src = model if same_as_start else load_reference(ref_path(rnd))
                 t0 = time.time()
                 train_ref = reference_logps(src, groups, args.batch_size, tok.pad_id, info, ctx)
                 val_ref = reference_logps(src, val_groups, args.batch_size, tok.pad_id, info, ctx)
@@ -756,11 +764,7 @@ def train(args, info):
         elif args.lora_rank > 0 and args.ref_model is None and (rnd == rounds[0] or args.round_ref == "init"):
             ref = Reference(model, tok.pad_id, device, ctx, lora_off=True)   # the base under the adapters
         else:
-            ref_model = common.load_model(ref_path(rnd))[0].to(device)
-            ref_model.requires_grad_(False)
-            if args.parallel == "fsdp":   # shard the frozen copy like the policy (no optimizer, no grads)
-                ref_model = common.wrap_model(ref_model, info, "fsdp", dtype)
-            ref = Reference(ref_model, tok.pad_id, device, ctx)
+            ref = Reference(load_reference(ref_path(rnd)), tok.pad_id, device, ctx)
 
         round_start = global_step - step
         print0(f"round {rnd}: {len(groups)} prompt groups, {steps_per_epoch} steps per epoch, {max_steps} steps")

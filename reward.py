@@ -203,6 +203,14 @@ class RewardModel(nn.Module):
         self.register_buffer("reward_mean", torch.zeros(()))
         self.register_buffer("reward_std", torch.ones(()))
 
+    @torch.no_grad()
+    def init_weights(self):
+        """__init__'s values again, for a model built on the meta device and materialised shard by shard
+        (common.load_model_sharded): the backbone's init, a zero head, statistics mean 0 / std 1."""
+        self.backbone.init_weights()
+        nn.init.zeros_(self.head.weight)
+        self.set_stats(0.0, 1.0)
+
     @classmethod
     def from_llama(cls, llama: Llama) -> "RewardModel":
         """Wrap a (SFT) language model: its weights become the backbone; the head starts at zero."""
@@ -281,17 +289,28 @@ def load_reward_model(path: str, device="cpu"):
     return model.to(device).eval(), meta
 
 
-def init_reward_model(path: str):
+def init_reward_model(path: str, info=None, wrap=None):
     """The starting point of training -> (RewardModel, meta, was_reward_model). A reward checkpoint
     continues as it is; a language model (our SFT checkpoint or run dir, or a HuggingFace LLaMA
     directory, via common.load_model) becomes the backbone under a fresh zero head -- InstructGPT and
-    DeepSpeed-Chat start the reward model from the SFT model, which already reads the chat format."""
+    DeepSpeed-Chat start the reward model from the SFT model, which already reads the chat format.
+    wrap (FSDP: common.wrap_model with the run's flags): the model comes back wrapped, built on the
+    meta device and sharded, each rank reading only its shards (common.load_model_sharded); LoRA
+    adapter-only checkpoints are read whole (their base must be merged in) and then wrapped."""
     resolved = common.resolve_checkpoint(path)
-    if not common.is_hf_dir(resolved) and common.read_checkpoint_meta(resolved).get("kind") == REWARD_KIND:
+    meta = {} if common.is_hf_dir(resolved) else common.read_checkpoint_meta(resolved)
+    was_rm = meta.get("kind") == REWARD_KIND
+    if wrap is not None and not meta.get("lora"):
+        model, meta = common.load_model_sharded(resolved, info, wrap, RewardModel, "" if was_rm else "backbone.",
+                                                REWARD_KIND if was_rm else None)
+        return model, meta, was_rm
+    if was_rm:
         model, meta = load_reward_model(resolved)
-        return model.train(), meta, True
-    llama, meta = common.load_model(resolved)
-    return RewardModel.from_llama(llama), meta, False
+        model.train()
+    else:
+        llama, meta = common.load_model(resolved)
+        model = RewardModel.from_llama(llama)
+    return (model if wrap is None else wrap(model.to(info.device))), meta, was_rm
 
 
 # -----------------------------------------------------------------------------
@@ -687,7 +706,13 @@ def train(args, info, dtype, ctx):
                     + ". Choose another --out_dir (nothing was changed).")
 
     # --- model: the SFT model under a zero head (or a reward model to continue); its tokenizer
-    model, meta, was_rm = init_reward_model(args.init_from)
+    def wrap(m):
+        return common.wrap_model(m, info, parallel, dtype, args.compile, args.activation_checkpointing,
+                                 args.fsdp_skip_accum_sync)
+    # FSDP (without LoRA, whose adapters go on before sharding): built on the meta device, sharded,
+    # and each rank reads only its own shards. Otherwise every rank loads the whole model.
+    sharded = parallel == "fsdp" and not args.lora_rank
+    model, meta, was_rm = init_reward_model(args.init_from, info, wrap if sharded else None)
     # --lora_rank > 0: adapters on the frozen backbone; the scalar head stays fully trainable
     model = common.setup_lora(model, args, meta["path"], dtype)
     tok = tokenizer_for(meta, args)
@@ -712,8 +737,8 @@ def train(args, info, dtype, ctx):
            f"{max_steps} steps")
 
     # --- wrap, optimizer, resume
-    model = common.wrap_model(model.to(info.device), info, parallel, dtype, args.compile, args.activation_checkpointing,
-                              args.fsdp_skip_accum_sync)
+    if not sharded:
+        model = wrap(model.to(info.device))
     raw = common.unwrap(model)
     optimizer = common.configure_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2), info.device)
     os.makedirs(args.out_dir, exist_ok=True)

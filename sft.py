@@ -355,18 +355,13 @@ def train(args, info):
         print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
 
     # --- model (ours or HuggingFace) and the tokenizer it was trained with ----------------------
-    # FSDP: built on the meta device, sharded, and each rank reads only its own shards of our
-    # checkpoints (common.load_model_sharded). Otherwise, and with LoRA (its adapters go on before
-    # sharding), every rank loads the whole model.
+    # FSDP: built on the meta device, sharded, and each rank reads only its own shards of the
+    # checkpoint, ours or HuggingFace's (common.load_start_model). Otherwise, and with LoRA (its
+    # adapters go on before sharding), every rank loads the whole model.
     def wrap(m):
         return common.wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
                                  args.fsdp_skip_accum_sync)
-    sharded = args.parallel == "fsdp" and not args.lora_rank
-    if sharded:
-        model, meta = common.load_model_sharded(args.init_from, info, wrap)
-    else:
-        model, meta = common.load_model(args.init_from)
-        model = common.setup_lora(model, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
+    model, meta, sharded = common.load_start_model(args, info, dtype, wrap)
     tok_info = meta.get("tokenizer") or {}
     tok_path = args.tokenizer or (tok_info.get("path") if os.path.isfile(tok_info.get("path") or "") else None)
     try:

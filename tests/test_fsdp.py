@@ -110,10 +110,17 @@ def check_bf16_vs_ddp(rank, info):
 
 
 def check_sharded_load(rank, info, tmp):
-    """load_model_sharded from our .pt file and from a DCP directory against load_model's whole
-    model: every parameter equal, and each rank's parameters are shards (dim 0 split in two)."""
+    """load_model_sharded from our .pt file, a DCP directory and HuggingFace directories (fp32 and
+    bf16 safetensors) against load_model's whole model: every parameter equal, each rank's
+    parameters are shards (dim 0 split in two), and from a file a rank reads exactly the bytes of
+    its own shard. reward.py's sharded start: an LM under a zero head, and a reward checkpoint with
+    its head and statistics."""
+    import reward
     torch.manual_seed(0)
-    plain = Llama(LlamaConfig.from_preset("tiny", n_layers=3, vocab_size=255))   # 255: an uneven split
+    # 255 embedding rows: an uneven split; 3 query heads + 1 KV head of 16 dims: wqkv's 80 rows split
+    # at row 40, inside query head 2 (whose rows HF orders differently); untied: a head of its own
+    plain = Llama(LlamaConfig.from_preset("tiny", n_layers=3, vocab_size=255, dim=48, n_heads=3, n_kv_heads=1,
+                                          tie_embeddings=False))
     for p in plain.parameters():
         p.data.normal_()   # not the default init, which a bug could reproduce by chance
     pt = common.save_checkpoint(tmp, "plain", plain, step=0, config={})
@@ -121,13 +128,33 @@ def check_sharded_load(rank, info, tmp):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     set_model_state_dict(fsdp, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
     dcp_dir = common.save_checkpoint(tmp, "sharded", fsdp, step=0, config={})
+    rm_plain = reward.RewardModel.from_llama(Llama(plain.config))
+    rm_plain.load_state_dict({**plain.state_dict(), "head.weight": torch.randn(1, 48), "reward_mean": torch.tensor(0.3),
+                              "reward_std": torch.tensor(2.0)}, strict=False)
+    rm_pt = common.save_checkpoint(tmp, "rm", rm_plain, step=0, config={}, kind=reward.REWARD_KIND)
+    if rank == 0:
+        plain.save_hf(os.path.join(tmp, "hf32"))
+        plain.save_hf(os.path.join(tmp, "hf16"), dtype=torch.bfloat16)
+    dist.barrier()
+    wrap = lambda m: common.wrap_model(m, info, "fsdp")   # noqa: E731
     out = {}
-    for name, path in (("pt", pt), ("dcp", dcp_dir)):
-        model, meta = common.load_model_sharded(path, info, lambda m: common.wrap_model(m, info, "fsdp"))
+    for name, path, size in (("pt", pt, 4), ("dcp", dcp_dir, None), ("hf32", os.path.join(tmp, "hf32"), 4),
+                             ("hf16", os.path.join(tmp, "hf16"), 2)):
+        model, meta = common.load_model_sharded(path, info, wrap)
         whole = common.load_model(path)[0]
-        local_rows = {n: p.to_local().size(0) for n, p in model.named_parameters()}
+        local = {n: p.to_local() for n, p in model.named_parameters()}
         out[name] = {"diff": max_diff(full_params(model), dict(whole.named_parameters())),
-                     "rows": local_rows["tok_embeddings.weight"], "path": meta["path"] == path}
+                     "rows": local["tok_embeddings.weight"].size(0), "path": meta["path"] == path,
+                     "shard_bytes": size and sum(t.numel() for t in local.values()) * size,
+                     "bytes_read": meta.get("bytes_read"), "whole_bytes": size and whole.num_params() * size}
+    lm, _, was_rm = reward.init_reward_model(pt, info, wrap)
+    rm, meta, is_rm = reward.init_reward_model(rm_pt, info, wrap)
+    want_lm = reward.RewardModel.from_llama(common.load_model(pt)[0])
+    every = lambda m: {**dict(m.named_parameters()), **dict(m.named_buffers())}   # noqa: E731
+    got = lambda m: {**every(m), **full_params(m)}   # noqa: E731
+    out["reward"] = {"lm_diff": max_diff(every(want_lm), got(lm)), "was_rm": [was_rm, is_rm],
+                     "rm_diff": max_diff(every(rm_plain), got(rm)),
+                     "stats": [rm.reward_mean.item(), rm.reward_std.item()], "kind": meta.get("kind")}
     return out
 
 
@@ -289,7 +316,15 @@ def test_sft_and_dpo_dry_runs(capsys):
 
 def test_sharded_init_from_loads_the_same_weights(two_ranks):
     for rank, out in two_ranks.items():
-        for kind in ("pt", "dcp"):
+        for kind in ("pt", "dcp", "hf32", "hf16"):
             got = out["load"][kind]
             assert got["diff"] == 0 and got["path"], (kind, got)
             assert got["rows"] == (128 if rank == 0 else 127)   # 255 embedding rows: 128 + 127
+            if kind != "dcp":
+                # from a file, each rank reads exactly its shard (in the file's dtype): about half
+                # the model here, never a whole tensor more
+                assert got["bytes_read"] == got["shard_bytes"] < 0.6 * got["whole_bytes"], (kind, got)
+        r = out["load"]["reward"]
+        assert r["was_rm"] == [False, True] and r["kind"] == "reward_model"
+        assert r["lm_diff"] == 0 and r["rm_diff"] == 0, r   # backbone, head (zero / saved), buffers
+        assert r["stats"] == pytest.approx([0.3, 2.0])
