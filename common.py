@@ -277,8 +277,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--keep_last", type=int, default=2, help="resume checkpoints to keep (0 = all)")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
-    g.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+    g.add_argument("--activation_checkpointing", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="recompute blocks' activations in the backward pass (less memory, ~1/3 more compute): "
+                        "every block, or with K every K-th one (selective: blocks 0, K, 2K, ...; 0 = off)")
     g.add_argument("--fsdp_skip_accum_sync", action=argparse.BooleanOptionalAction, default=False,
                    help="FSDP with --grad_accum > 1: reduce-scatter once per step instead of every micro-step; "
                         "less communication, but every rank holds unsharded fp32 gradients (4 bytes/parameter)")
@@ -356,7 +357,7 @@ def resolve_parallel(parallel, info: DistInfo, use: str = "ddp or fsdp") -> str:
 
 
 def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: torch.dtype = torch.float32,
-               compile: bool = False, activation_checkpointing: bool = False,
+               compile: bool = False, activation_checkpointing: int = 0,
                skip_accum_sync: bool = False) -> nn.Module:
     """Prepare a Llama (or anything with .layers) for training; returns the module to call.
 
@@ -369,14 +370,18 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
     FSDP2: create the optimizer before any forward (a forward leaves the root's parameters unsharded,
     and AdamW must hold the sharded ones; dpo.py found this), and gather the root's parameters
     (model.unshard()) or use a whole copy before calling generate() on the wrapped model.
+    activation_checkpointing (--activation_checkpointing [K]): 0 / False off, 1 / True every block,
+    K every K-th block (blocks 0, K, 2K, ...; torchtitan's per-layer "selective" AC): memory between
+    none and full, recomputing only those blocks in the backward pass.
     skip_accum_sync (FSDP only, --fsdp_skip_accum_sync): see grad_sync."""
     if parallel in ("ddp", "fsdp") and not info.distributed:
         fail(f"--parallel {parallel} needs several processes: launch with torchrun --nproc_per_node=N")
     llama = getattr(model, "backbone", model)  # reward.py's RewardModel holds its Llama as .backbone
     blocks = list(getattr(llama, "layers", []))
     if activation_checkpointing:
-        for block in blocks:
-            _checkpoint_forward(block)
+        for i, block in enumerate(blocks):
+            if i % int(activation_checkpointing) == 0:   # (True counts as 1: every block)
+                _checkpoint_forward(block)
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -488,7 +493,7 @@ DRY_RUN_CATEGORIES = ("params", "grads", "optimizer", "activations", "temporarie
 
 
 def add_dry_run_args(group):
-    """The dry run's flags, the same in every stage that has one (pretrain, sft, dpo)."""
+    """The dry run's flags, the same in every stage that has one (pretrain, sft, reward, dpo)."""
     group.add_argument("--dry_run", action="store_true",
                        help="run this stage's FSDP wrapping and training step on fake tensors over a fake process "
                             "group of --world_size ranks (no memory, no GPU; seconds to minutes on a CPU) and print "
@@ -497,9 +502,10 @@ def add_dry_run_args(group):
     group.add_argument("--gpu_mem_gb", type=float, default=80.0, help="memory per GPU, GB (1e9 bytes)")
 
 
-def dry_run_config(init_from: str) -> LlamaConfig:
+def dry_run_config(init_from: str, kind: str = None) -> LlamaConfig:
     """The shape of the model a stage would start from, without reading any weights: a preset name
-    (e.g. llama1-7b: no checkpoint needed to plan a run) or one of our checkpoints / run dirs."""
+    (e.g. llama1-7b: no checkpoint needed to plan a run) or one of our checkpoints / run dirs
+    (language models, or also checkpoints of `kind`: reward.py's own)."""
     from model import PRESETS
     if init_from in PRESETS:
         return LlamaConfig.from_preset(init_from)
@@ -508,7 +514,8 @@ def dry_run_config(init_from: str) -> LlamaConfig:
         fail(f"--dry_run reads no HuggingFace config: pass the preset of the same shape as --init_from "
              f"(one of {sorted(PRESETS)})")
     meta = read_checkpoint_meta(path)
-    _refuse_other_kind(meta, path)
+    if kind is None or meta.get("kind") != kind:
+        _refuse_other_kind(meta, path)
     return LlamaConfig.from_dict(meta["model_config"])
 
 
@@ -516,6 +523,7 @@ def dry_run_label(stage: str, args, dtype: torch.dtype, batch: str) -> str:
     """One line naming what a dry run ran: stage, ranks, dtype, micro-batch, accumulation, flags."""
     return (f"{stage}, FSDP x {args.world_size}, {str(dtype).replace('torch.', '')}, micro-batch {batch}, "
             f"grad_accum {args.grad_accum}" + (", act. checkpointing" if args.activation_checkpointing else "")
+            + (f" of every {args.activation_checkpointing}th block" if args.activation_checkpointing > 1 else "")
             + (", --fsdp_skip_accum_sync" if args.fsdp_skip_accum_sync else ""))
 
 
@@ -533,7 +541,7 @@ def print_dry_run(measured: dict, world_size: int, gpu_mem_gb: float, what: str,
 
 
 def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.bfloat16, grad_accum: int = 1,
-                 activation_checkpointing: bool = False, skip_accum_sync: bool = False, frozen=None) -> dict:
+                 activation_checkpointing: int = 0, skip_accum_sync: bool = False, frozen=None) -> dict:
     """Per-rank peak memory of a stage's real FSDP training step at any size, on a laptop.
 
     The model is built on the meta device (build() -> nn.Module, called under torch.device("meta")),
@@ -1099,8 +1107,8 @@ def _hf_rows(path: str, config: LlamaConfig) -> dict:
         def read(start, stop):
             which, row = label[start:stop] >> 32, label[start:stop] & 0xFFFFFFFF
             runs, counts = torch.unique_consecutive(which, return_counts=True)   # rows of one HF tensor each
-            parts = zip(runs.tolist(), row.split(counts.tolist()))
-            return torch.cat([hf[names[i]].index_select(0, r) for i, r in parts])
+            parts = [hf[names[i]].index_select(0, r) for i, r in zip(runs.tolist(), row.split(counts.tolist()))]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)   # (cat would copy a lone part again)
         return read
     out = {}
     for k, label in ours.items():

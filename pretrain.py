@@ -95,7 +95,7 @@ GB = 1e9
 def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int, world_size: int,
              dtype: torch.dtype = torch.bfloat16, gpu: str = "A100", mfu: float = 0.4, gpu_mem_gb: float = 80.0,
              lora_rank: int = 0, lora_targets=LORA_TARGETS, lora_embeddings: bool = False,
-             skip_accum_sync: bool = False):
+             skip_accum_sync: bool = False, ac_every: int = 1):
     """Bytes per GPU for DDP and for FSDP, FLOPs per step and the time per step at `mfu`.
 
     Parameters are counted on the meta device (no memory). The bytes, with N parameters, W GPUs,
@@ -120,7 +120,8 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
       outside the blocks: 4*vocab bytes per token (the fp32 logits the loss keeps for the backward; the
       dry run shows the peak holding them but never their gradient as well)
       with activation checkpointing a block keeps only its fp32 input (4*dim per token) and one
-      block's activations exist at a time, during its recomputation.
+      block's activations exist at a time, during its recomputation; ac_every K (selective: every
+      K-th block) checkpoints ceil(n_layers / K) blocks, the others keep all their activations.
     LoRA (lora_rank > 0, the fine-tuning stages' --lora_*; A adapter parameters): the frozen N are
     stored in the compute dtype and never get gradients or AdamW states (common.setup_lora):
       DDP   weights pN + 4A (+ 2A bf16 copies), grads 4A, AdamW 8A
@@ -142,7 +143,9 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
     else:
         per_block_token = 40 * config.dim + 16 * config.hidden_dim
     act_full = tokens * (config.n_layers * per_block_token + 4 * config.vocab_size)
-    act_ckpt = tokens * (config.n_layers * 4 * config.dim + per_block_token + 4 * config.vocab_size)
+    n_ckpt = -(-config.n_layers // ac_every)
+    act_ckpt = tokens * (n_ckpt * 4 * config.dim + (config.n_layers - n_ckpt + 1) * per_block_token
+                         + 4 * config.vocab_size)
     ddp = {"weights": 4 * n + (2 * n if p == 2 else 0), "grads": 4 * n, "adamw": 8 * n}
     if config.tie_embeddings:
         gathered, unsharded_grads = p * (root + 2 * block), (p + 4) * max(root, block)
@@ -215,7 +218,7 @@ def dry_run(config: LlamaConfig, args, dtype):
                         args.activation_checkpointing, args.fsdp_skip_accum_sync)
 
 
-def closed_form_by_category(e: dict, activation_checkpointing: bool) -> dict:
+def closed_form_by_category(e: dict, activation_checkpointing: int) -> dict:
     """--estimate's FSDP column in the dry run's categories (temporaries are in its activations)."""
     f, ac = e["fsdp"], activation_checkpointing
     return {"params": f["weights"], "grads": f["grads"], "optimizer": f["adamw"],
@@ -273,7 +276,7 @@ def main(argv=None):
         targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
         e = estimate(config, args.batch_size, args.seq_len, args.grad_accum, args.world_size, dtype, args.gpu,
                      args.mfu, args.gpu_mem_gb, args.lora_rank, targets, args.lora_embeddings,
-                     args.fsdp_skip_accum_sync)
+                     args.fsdp_skip_accum_sync, args.activation_checkpointing or 1)
         print_estimate(e, args, config)
         if args.dry_run:
             measured = dry_run(config, args, dtype)

@@ -80,6 +80,7 @@ def get_args(argv=None):
                    help="write rewards for the records of IN (conversations: the last assistant turn is scored; "
                         "preference records: every response) to --out, using the reward model --init_from")
     m.add_argument("--out", default=None, help="--score: output JSONL; --eval_only: optional metrics JSON")
+    common.add_dry_run_args(parser.add_argument_group("--dry_run: memory per GPU before launching anything"))
     # Reward-model defaults. --batch_size counts PROMPT GROUPS here (each brings its K responses).
     parser.set_defaults(lr=5e-5, min_lr=5e-6, warmup_steps=20, max_steps=0, weight_decay=0.0, eval_interval=100,
                         eval_steps=0, save_interval=200, out_dir="out/reward", batch_size=8)
@@ -91,7 +92,7 @@ def get_args(argv=None):
         common.fail("--score needs --out (the output JSONL)")
     if args.eval_only and not args.val_data:
         common.fail("--eval_only needs --val_data")
-    if not (args.score or args.eval_only) and not args.data:
+    if not (args.score or args.eval_only or args.dry_run) and not args.data:
         common.fail("--data is required for training (preference files)")
     return args
 
@@ -675,8 +676,31 @@ def stats_record(metrics, step, name):
             "accuracy": metrics["accuracy"]}
 
 
+def dry_run(args):
+    """--dry_run: this script's FSDP step on fake tensors (common.fsdp_dry_run) for the model of
+    --init_from (a preset name will do): batch_size prompt groups of a chosen and a rejected answer,
+    both max_seq_len tokens long, scored in one forward (collate) under the Bradley-Terry loss."""
+    config = common.dry_run_config(args.init_from, kind=REWARD_KIND)
+    T = args.max_seq_len or config.max_seq_len
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16   # GPU training: bf16 unless asked
+    sizes = [2] * args.batch_size
+
+    def micro_step(model):   # autocast is on already (fsdp_dry_run)
+        # Every answer full length, so no padding mask: finding each row's last real token reads the
+        # mask's values, which fake tensors do not have (the mask's own memory is left out: B x T).
+        idx = torch.randint(0, config.vocab_size, (2 * args.batch_size, T))
+        return ranking_loss(model(idx), sizes, args.margin)[0]
+    measured = common.fsdp_dry_run(lambda: RewardModel(config), micro_step, args.world_size, dtype, args.grad_accum,
+                                   args.activation_checkpointing, args.fsdp_skip_accum_sync)
+    common.print_dry_run(measured, args.world_size, args.gpu_mem_gb,
+                         common.dry_run_label("reward", args, dtype, f"{args.batch_size} pairs x {T}"))
+    return measured
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     info = common.setup_distributed(args.device)
     try:
         dtype = common.resolve_dtype(args.dtype, info.device)
