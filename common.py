@@ -280,6 +280,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--activation_checkpointing", type=int, nargs="?", const=1, default=0, metavar="K",
                    help="recompute blocks' activations in the backward pass (less memory, ~1/3 more compute): "
                         "every block, or with K every K-th one (selective: blocks 0, K, 2K, ...; 0 = off)")
+    g.add_argument("--fsdp_shard_size", type=int, default=0,
+                   help="FSDP: shard each model over this many GPUs and replicate across the groups (HSDP, a 2-D "
+                        "mesh; set it to the GPUs per node so the per-block all-gathers stay on NVLink and only the "
+                        "gradient all-reduce crosses nodes). 0 = shard over all GPUs")
     g.add_argument("--fsdp_skip_accum_sync", action=argparse.BooleanOptionalAction, default=False,
                    help="FSDP with --grad_accum > 1: reduce-scatter once per step instead of every micro-step; "
                         "less communication, but every rank holds unsharded fp32 gradients (4 bytes/parameter)")
@@ -358,7 +362,7 @@ def resolve_parallel(parallel, info: DistInfo, use: str = "ddp or fsdp") -> str:
 
 def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: torch.dtype = torch.float32,
                compile: bool = False, activation_checkpointing: int = 0,
-               skip_accum_sync: bool = False) -> nn.Module:
+               skip_accum_sync: bool = False, shard_size: int = 0) -> nn.Module:
     """Prepare a Llama (or anything with .layers) for training; returns the module to call.
 
     The plain model stays reachable with unwrap(); its parameter names never change (no "module."
@@ -373,7 +377,12 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
     activation_checkpointing (--activation_checkpointing [K]): 0 / False off, 1 / True every block,
     K every K-th block (blocks 0, K, 2K, ...; torchtitan's per-layer "selective" AC): memory between
     none and full, recomputing only those blocks in the backward pass.
-    skip_accum_sync (FSDP only, --fsdp_skip_accum_sync): see grad_sync."""
+    skip_accum_sync (FSDP only, --fsdp_skip_accum_sync): see grad_sync.
+    shard_size (FSDP only, --fsdp_shard_size S < world size): HSDP, a (world / S, S) mesh: each model
+    is sharded over the S ranks of its group and replicated across the world / S groups. Per-block
+    all-gathers and gradient reduce-scatters stay inside a group (a node's NVLink); across groups
+    only the sharded gradients are all-reduced, once per micro-step. Memory per rank is that of
+    FSDP over S ranks."""
     if parallel in ("ddp", "fsdp") and not info.distributed:
         fail(f"--parallel {parallel} needs several processes: launch with torchrun --nproc_per_node=N")
     llama = getattr(model, "backbone", model)  # reward.py's RewardModel holds its Llama as .backbone
@@ -385,7 +394,14 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        shards = shard_size or info.world_size
+        if shard_size < 0 or info.world_size % shards:
+            fail(f"--fsdp_shard_size {shard_size} must divide the {info.world_size} processes")
+        if shards == info.world_size:
+            mesh = init_device_mesh(info.device.type, (info.world_size,))
+        else:   # fully_shard on a 2-D mesh replicates over dim 0 and shards over dim 1
+            mesh = init_device_mesh(info.device.type, (info.world_size // shards, shards),
+                                    mesh_dim_names=("replicate", "shard"))
         # bf16, one precision scheme for one process, DDP and FSDP: autocast decides which ops run
         # in bf16 (common.autocast). FSDP's policy only sets the dtype parameters are gathered in
         # (bf16: half the all-gather and the gathered copies) and gradients are reduced in (fp32);
@@ -523,7 +539,9 @@ def dry_run_label(stage: str, args, dtype: torch.dtype, batch: str) -> str:
     """One line naming what a dry run ran: stage, ranks, dtype, micro-batch, accumulation, flags."""
     return (f"{stage}, FSDP x {args.world_size}, {str(dtype).replace('torch.', '')}, micro-batch {batch}, "
             f"grad_accum {args.grad_accum}" + (", act. checkpointing" if args.activation_checkpointing else "")
-            + (f" of every {args.activation_checkpointing}th block" if args.activation_checkpointing > 1 else "")
+            + (f" (1 block in {args.activation_checkpointing})" if args.activation_checkpointing > 1 else "")
+            + (f", HSDP {args.world_size // args.fsdp_shard_size} x {args.fsdp_shard_size}"
+               if 0 < args.fsdp_shard_size < args.world_size else "")
             + (", --fsdp_skip_accum_sync" if args.fsdp_skip_accum_sync else ""))
 
 
@@ -541,7 +559,8 @@ def print_dry_run(measured: dict, world_size: int, gpu_mem_gb: float, what: str,
 
 
 def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.bfloat16, grad_accum: int = 1,
-                 activation_checkpointing: int = 0, skip_accum_sync: bool = False, frozen=None) -> dict:
+                 activation_checkpointing: int = 0, skip_accum_sync: bool = False, frozen=None,
+                 shard_size: int = 0) -> dict:
     """Per-rank peak memory of a stage's real FSDP training step at any size, on a laptop.
 
     The model is built on the meta device (build() -> nn.Module, called under torch.device("meta")),
@@ -554,7 +573,8 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
     forward (it makes its own inputs, e.g. torch.randint). frozen: a second builder, for a frozen
     model sharded the same way with no gradients and no optimizer (DPO's reference); then
     micro_step(model, frozen_model). Its sharded weights are added to "params" (the tracker follows
-    the trained model only; the frozen one's gathered weights show up as temporaries).
+    the trained model only; the frozen one's gathered weights show up as temporaries). shard_size:
+    HSDP (wrap_model), e.g. 16 ranks as 2 x 8.
 
     grad_accum > 2 runs as 2 micro-steps: the third and later ones repeat the second's memory.
     Returns bytes per rank at the peak: DRY_RUN_CATEGORIES plus "total". Not counted (budget
@@ -575,12 +595,12 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
         with torch.device("meta"):  # outside FakeTensorMode: building inside it fails
             raw = build()
         model = wrap_model(raw, info, "fsdp", dtype, activation_checkpointing=activation_checkpointing,
-                           skip_accum_sync=skip_accum_sync)
+                           skip_accum_sync=skip_accum_sync, shard_size=shard_size)
         extra = ()
         if frozen is not None:
             with torch.device("meta"):
                 ref = frozen().requires_grad_(False)
-            extra = (wrap_model(ref, info, "fsdp", dtype).eval(),)
+            extra = (wrap_model(ref, info, "fsdp", dtype, shard_size=shard_size).eval(),)
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")  # the values do not matter: fake tensors have none
             for m in extra:

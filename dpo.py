@@ -578,7 +578,8 @@ def dry_run(args):
         return dpo_batch(model, ref, groups, args, 0, "cpu", contextlib.nullcontext())[0]
     measured = common.fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
                                    args.activation_checkpointing, args.fsdp_skip_accum_sync,
-                                   frozen=None if args.precompute_ref else (lambda: Llama(config)))
+                                   frozen=None if args.precompute_ref else (lambda: Llama(config)),
+                                   shard_size=args.fsdp_shard_size)
     common.print_dry_run(measured, args.world_size, args.gpu_mem_gb, common.dry_run_label(
         "dpo", args, dtype, f"{args.batch_size} pairs x {T}, reference "
         + ("precomputed" if args.precompute_ref else "sharded, frozen")))
@@ -620,13 +621,14 @@ def train(args, info):
     # --- policy, tokenizer, prompts and held-out pairs ------------------------------------------
     def wrap(m):
         return common.wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
-                                 args.fsdp_skip_accum_sync)
+                                 args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
 
     def load_reference(path):
         """A frozen model: under FSDP sharded like the policy (no gradients, no optimizer)."""
         if args.parallel == "fsdp":
             return common.load_model_sharded(
-                path, info, lambda m: common.wrap_model(m.requires_grad_(False), info, "fsdp", dtype))[0]
+                path, info, lambda m: common.wrap_model(m.requires_grad_(False), info, "fsdp", dtype,
+                                                        shard_size=args.fsdp_shard_size))[0]
         return common.load_model(path)[0].to(device).requires_grad_(False)
 
     # FSDP (without LoRA): built on the meta device, sharded, each rank reading only its own shards

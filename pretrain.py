@@ -95,7 +95,7 @@ GB = 1e9
 def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int, world_size: int,
              dtype: torch.dtype = torch.bfloat16, gpu: str = "A100", mfu: float = 0.4, gpu_mem_gb: float = 80.0,
              lora_rank: int = 0, lora_targets=LORA_TARGETS, lora_embeddings: bool = False,
-             skip_accum_sync: bool = False, ac_every: int = 1):
+             skip_accum_sync: bool = False, ac_every: int = 1, shard_size: int = 0):
     """Bytes per GPU for DDP and for FSDP, FLOPs per step and the time per step at `mfu`.
 
     Parameters are counted on the meta device (no memory). The bytes, with N parameters, W GPUs,
@@ -111,6 +111,8 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
             unsharded fp32 gradients between micro-steps, 4N, whatever W is
             grad_accum 1: the sharded gradients grow as the activations shrink during backward,
             so the total counts the larger of the two, not their sum
+      HSDP (shard_size S < W, --fsdp_shard_size): every "/ W" above is "/ S" (a model is sharded
+      over its group of S ranks only).
       These FSDP terms are fitted to the dry run (common.fsdp_dry_run, --dry_run): within a few % at
       7B-70B (README).
     Activations per micro-batch of B*T tokens (measured by counting the tensors autograd saves,
@@ -137,6 +139,7 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
     block = sum(p.numel() for p in m.layers[0].parameters())
     root = n - config.n_layers * block
     W, tokens = world_size, batch_size * seq_len
+    S = shard_size or W   # the ranks one model is sharded over (HSDP: its group)
     p = 2 if dtype == torch.bfloat16 else 4
     if p == 2:
         per_block_token = 26 * config.dim + 8 * config.hidden_dim
@@ -152,18 +155,18 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
     else:
         unit = max(block, config.vocab_size * config.dim + config.dim)   # a block, or [norm, head]
         gathered, unsharded_grads = 2 * p * unit, 4 * unit
-    grads = 4 * n / W + unsharded_grads
+    grads = 4 * n / S + unsharded_grads
     if skip_accum_sync and grad_accum > 1:
         grads = 4 * n   # (the sharded ones only appear as the last micro-step frees these)
-    fsdp = {"weights": 4 * n / W + gathered, "grads": grads, "adamw": 8 * n / W}
+    fsdp = {"weights": 4 * n / S + gathered, "grads": grads, "adamw": 8 * n / S}
     flops_per_token = m.flops_per_token(seq_len)
     if lora_rank > 0:
         apply_lora(m, lora_rank, 2.0 * lora_rank, targets=lora_targets, embeddings=lora_embeddings)   # on meta
         a = sum(q.numel() for q in m.parameters() if q.requires_grad)
         a_block = sum(q.numel() for q in m.layers[0].parameters() if q.requires_grad)
         ddp = {"weights": p * n + 4 * a + (2 * a if p == 2 else 0), "grads": 4 * a, "adamw": 8 * a}
-        fsdp = {"weights": (p * n + 4 * a) / W + gathered, "grads": 4 * a / W + (p + 4) * a_block,
-                "adamw": 8 * a / W}
+        fsdp = {"weights": (p * n + 4 * a) / S + gathered, "grads": 4 * a / S + (p + 4) * a_block,
+                "adamw": 8 * a / S}
     flops_per_step = flops_per_token * tokens * grad_accum * W
     peak = PEAK_FLOPS[gpu]
     out = {"params": n, "block_params": block, "root_params": root, "flops_per_token": flops_per_token,
@@ -177,7 +180,7 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
                 # One micro-step: the backward frees activations block by block while the sharded
                 # gradients appear (set_to_none left none from the last step), so the peak holds
                 # the larger of the two, not both. (DDP's gradient buckets exist all along.)
-                total -= min(act, 4 * n / W)
+                total -= min(act, 4 * n / S)
             out.setdefault(name, dict(states))["total" + suffix] = total
             out[name]["fits" + suffix] = total + 2 * GB <= gpu_mem_gb * GB
     return out
@@ -215,7 +218,7 @@ def dry_run(config: LlamaConfig, args, dtype):
         x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
         return model(x, x)[1]
     return fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
-                        args.activation_checkpointing, args.fsdp_skip_accum_sync)
+                        args.activation_checkpointing, args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
 
 
 def closed_form_by_category(e: dict, activation_checkpointing: int) -> dict:
@@ -276,7 +279,8 @@ def main(argv=None):
         targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
         e = estimate(config, args.batch_size, args.seq_len, args.grad_accum, args.world_size, dtype, args.gpu,
                      args.mfu, args.gpu_mem_gb, args.lora_rank, targets, args.lora_embeddings,
-                     args.fsdp_skip_accum_sync, args.activation_checkpointing or 1)
+                     args.fsdp_skip_accum_sync, args.activation_checkpointing or 1,
+                     args.fsdp_shard_size)
         print_estimate(e, args, config)
         if args.dry_run:
             measured = dry_run(config, args, dtype)
@@ -326,7 +330,7 @@ def train(args, info):
     # --- model ----------------------------------------------------------------
     def wrap(m):
         return wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
-                          args.fsdp_skip_accum_sync)
+                          args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
 
     if resume_path:  # the checkpoint knows the shape; its weights are loaded after wrapping
         resume_meta = read_checkpoint_meta(resume_path)

@@ -691,7 +691,8 @@ def dry_run(args):
         idx = torch.randint(0, config.vocab_size, (2 * args.batch_size, T))
         return ranking_loss(model(idx), sizes, args.margin)[0]
     measured = common.fsdp_dry_run(lambda: RewardModel(config), micro_step, args.world_size, dtype, args.grad_accum,
-                                   args.activation_checkpointing, args.fsdp_skip_accum_sync)
+                                   args.activation_checkpointing, args.fsdp_skip_accum_sync,
+                                   shard_size=args.fsdp_shard_size)
     common.print_dry_run(measured, args.world_size, args.gpu_mem_gb,
                          common.dry_run_label("reward", args, dtype, f"{args.batch_size} pairs x {T}"))
     return measured
@@ -732,7 +733,7 @@ def train(args, info, dtype, ctx):
     # --- model: the SFT model under a zero head (or a reward model to continue); its tokenizer
     def wrap(m):
         return common.wrap_model(m, info, parallel, dtype, args.compile, args.activation_checkpointing,
-                                 args.fsdp_skip_accum_sync)
+                                 args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
     # FSDP (without LoRA, whose adapters go on before sharding): built on the meta device, sharded,
     # and each rank reads only its own shards. Otherwise every rank loads the whole model.
     sharded = parallel == "fsdp" and not args.lora_rank

@@ -322,7 +322,8 @@ def dry_run(args):
         x = torch.randint(0, config.vocab_size, (args.batch_size, T))
         return model(x, x.masked_fill(torch.arange(T) < T // 2, -100))[1]
     measured = common.fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
-                                   args.activation_checkpointing, args.fsdp_skip_accum_sync)
+                                   args.activation_checkpointing, args.fsdp_skip_accum_sync,
+                                   shard_size=args.fsdp_shard_size)
     common.print_dry_run(measured, args.world_size, args.gpu_mem_gb,
                          common.dry_run_label("sft", args, dtype, f"{args.batch_size} x {T}"))
     return measured
@@ -360,7 +361,7 @@ def train(args, info):
     # adapters go on before sharding), every rank loads the whole model.
     def wrap(m):
         return common.wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
-                                 args.fsdp_skip_accum_sync)
+                                 args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
     model, meta, sharded = common.load_start_model(args, info, dtype, wrap)
     tok_info = meta.get("tokenizer") or {}
     tok_path = args.tokenizer or (tok_info.get("path") if os.path.isfile(tok_info.get("path") or "") else None)
