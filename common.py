@@ -101,6 +101,7 @@ class DistInfo:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # True if setup_distributed created the process group (so it destroys it)
+    step_timeout_set: bool = False   # shorten_timeout has run
 
     @property
     def is_main(self) -> bool:
@@ -157,6 +158,26 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     return info
 
 
+def shorten_timeout(info: DistInfo, args):
+    """Call after every optimizer step; after the first it lowers the process group's timeout to
+    --step_timeout seconds, once (torchtitan does the same). The 300 s of setup_distributed cover
+    the first step's slow starts (communicators, compilation); after that a collective waiting
+    longer means a rank hung or died, and every rank should dump its flight record and exit sooner
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING=3). FSDP only: every FSDP checkpoint and evaluation is
+    collective, while under DDP rank 0 writes whole checkpoints as the others wait (minutes at
+    billions of parameters). torch sets a group's timeout at init only, publicly; this uses the
+    private distributed_c10d._set_pg_timeout (torch 2.13: NCCL and gloo), and warns where it is gone.
+    Only a group setup_distributed made (300 s on NCCL): one a caller made keeps its own timeout."""
+    if info.step_timeout_set or not info.owns_group or args.parallel != "fsdp" or args.step_timeout <= 0:
+        return
+    info.step_timeout_set = True
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is None:
+        print0("warning: this torch cannot change a process group's timeout; keeping the one set at init")
+        return
+    set_timeout(timedelta(seconds=args.step_timeout))
+
+
 def _refuse_bare_srun():
     """`srun python pretrain.py` (no torchrun) starts SLURM_NTASKS copies that each see no
     WORLD_SIZE: N unrelated single-process runs, all on cuda:0, all writing one --out_dir. Refuse."""
@@ -181,6 +202,10 @@ def _warn_small_shm(min_bytes=1 << 30):
 
 
 def teardown_distributed(info: DistInfo):
+    global _pending_save
+    if _pending_save is not None:   # a run that ended without its final save (an error): let the
+        _pending_save[0].result()  # background write end; the checkpoint stays incomplete (.tmp)
+        _pending_save = None
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -284,6 +309,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="FSDP: shard each model over this many GPUs and replicate across the groups (HSDP, a 2-D "
                         "mesh; set it to the GPUs per node so the per-block all-gathers stay on NVLink and only the "
                         "gradient all-reduce crosses nodes). 0 = shard over all GPUs")
+    g.add_argument("--step_timeout", type=float, default=180,
+                   help="FSDP: seconds a collective may wait after the first optimizer step before every rank "
+                        "aborts (the first step gets 300); 0 = keep 300")
     g.add_argument("--fsdp_skip_accum_sync", action=argparse.BooleanOptionalAction, default=False,
                    help="FSDP with --grad_accum > 1: reduce-scatter once per step instead of every micro-step; "
                         "less communication, but every rank holds unsharded fp32 gradients (4 bytes/parameter)")
@@ -735,7 +763,7 @@ def checkpoint_path(out_dir: str, name: str):
 
 def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *, step: int, config: dict,
                     tokenizer=None, metrics: dict = None, data_state: dict = None, model_config: dict = None,
-                    **extra) -> str:
+                    background: bool = False, **extra) -> str:
     """Write checkpoint `name` (e.g. "step_0001000", "best", "final") into out_dir; call it on EVERY
     rank (it may gather). With an optimizer it is a resume checkpoint (optimizer, RNG of every rank,
     data position); without, model weights + metadata only. Returns the path written.
@@ -743,7 +771,10 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *
     Atomic: the checkpoint is written under a .tmp name and renamed into place (os.replace) only
     when complete, so a crash or a full disk mid-write leaves the previous checkpoint intact.
     Plain/DDP models: rank 0 writes one file NAME.pt. FSDP: a DCP directory NAME/ where every rank
-    writes its shard (no rank ever holds the whole model)."""
+    writes its shard (no rank ever holds the whole model); with background=True a resume checkpoint
+    is written in the background and completed by the next save_checkpoint or wait_for_checkpoint
+    (_save_sharded). Any save first completes the one in flight."""
+    wait_for_checkpoint()   # one write at a time, completed in order; the final save waits for it
     raw = unwrap(model)
     meta = {
         "format": CKPT_FORMAT,
@@ -764,7 +795,7 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *
     if is_fsdp(model):
         if has_lora(raw):   # a resume checkpoint: sharded as usual, base included (see load_model)
             meta["lora"] = lora_info(raw)
-        return _save_sharded(out_dir, name, model, optimizer, meta)
+        return _save_sharded(out_dir, name, model, optimizer, meta, background)
     path = os.path.join(out_dir, name + ".pt")
     if is_main():
         ckpt = {"model": raw.state_dict(), **meta}
@@ -802,7 +833,20 @@ def _atomic_torch_save(obj, path: str):
         raise
 
 
-def _save_sharded(out_dir, name, model, optimizer, meta):
+# The resume checkpoint being written in the background (FSDP): (future, tmp dir, final path, meta)
+_pending_save = None
+_save_group = (None, None)   # (the default group, a gloo group of its own for the background writes)
+
+
+def _save_sharded(out_dir, name, model, optimizer, meta, background=False):
+    """DCP directory NAME/ written as NAME.tmp/ and renamed when complete. A resume checkpoint (with
+    an optimizer) with background=True (the stages' periodic ones) is written in the background
+    (dcp.async_save): the state is first copied to CPU memory (the step's only stall), then a thread
+    writes it while training goes on; it is completed (meta.pt, rename) by wait_for_checkpoint, at
+    the next save at the latest, so at most one write is in flight and the final save waits for it.
+    81 GB at 7B, 828 GB at 70B would otherwise stall every rank for the whole write. Model-only
+    checkpoints (best, final), and any without background=True, are written before this returns."""
+    global _pending_save, _save_group
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     path = os.path.join(out_dir, name)
@@ -813,7 +857,31 @@ def _save_sharded(out_dir, name, model, optimizer, meta):
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    if optimizer is not None and background:
+        if _save_group[0] is not dist.group.WORLD:   # (every rank saves at once, so creates it at once)
+            _save_group = (dist.group.WORLD, dist.new_group(backend="gloo"))
+        # A group of its own: the writer thread's collectives never interleave with training's.
+        _pending_save = (dcp.async_save(state, checkpoint_id=tmp, process_group=_save_group[1]), tmp, path, meta)
+        return path
     dcp.save(state, checkpoint_id=tmp)  # every rank writes its own shard file
+    _complete_sharded(tmp, path, meta)
+    return path
+
+
+def wait_for_checkpoint():
+    """Block until the background resume checkpoint (if any) is written by every rank, then make it
+    a checkpoint: meta.pt written last, .tmp renamed (atomic, as a synchronous save). Every rank."""
+    global _pending_save
+    if _pending_save is None:
+        return
+    future, tmp, path, meta = _pending_save
+    _pending_save = None
+    future.result()   # this rank's shards are written (and raises if writing failed)
+    barrier()         # ... and every other rank's
+    _complete_sharded(tmp, path, meta)
+
+
+def _complete_sharded(tmp, path, meta):
     if is_main():
         _atomic_torch_save(meta, os.path.join(tmp, "meta.pt"))  # meta.pt last: its presence marks "complete"
         if os.path.exists(path):  # best/ and final/ are replaced: move the old one aside, then delete it
@@ -821,7 +889,6 @@ def _save_sharded(out_dir, name, model, optimizer, meta):
         os.replace(tmp, path)
         shutil.rmtree(path + ".old", ignore_errors=True)
     barrier()
-    return path
 
 
 def latest_checkpoint(out_dir: str):
@@ -846,8 +913,9 @@ def rotate_checkpoints(out_dir: str, keep_last: int):
     crashed writes. Unbounded checkpointing filled the seed's disk quota more than once."""
     if not is_main():
         return
+    writing = os.path.basename(_pending_save[1]) if _pending_save else None   # in flight: not a leftover
     for entry in os.listdir(out_dir):
-        if entry.endswith(".tmp") or entry.endswith(".old"):
+        if (entry.endswith(".tmp") or entry.endswith(".old")) and entry != writing:
             p = os.path.join(out_dir, entry)
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     if keep_last > 0:

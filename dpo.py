@@ -776,7 +776,8 @@ def train(args, info):
             return common.save_checkpoint(
                 args.out_dir, name, model, optimizer if with_optimizer else None, step=round_start + step,
                 config=vars(args), tokenizer=tok, metrics={"best_val_loss": best_val, **(metrics or {})},
-                data_state={"round": rnd, "round_step": step, "steps_per_epoch": steps_per_epoch, "seed": args.seed})
+                data_state={"round": rnd, "round_step": step, "steps_per_epoch": steps_per_epoch, "seed": args.seed},
+                background=True)   # FSDP resume checkpoints: written while training goes on
 
         def run_eval():
             nonlocal best_val, val_metrics
@@ -854,6 +855,7 @@ def train(args, info):
             else:
                 print0(f"warning: round {rnd} step {step + 1}: non-finite gradient norm; update skipped")
             optimizer.zero_grad(set_to_none=True)
+            common.shorten_timeout(info, args)   # (after the first step: --step_timeout)
             step += 1
             global_step = round_start + step
 

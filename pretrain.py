@@ -36,7 +36,7 @@ from common import (JsonlLogger, add_common_args, add_dry_run_args, all_reduce_m
                     grad_sync, latest_checkpoint, load_model, load_model_sharded, lr_at, parse_config, print0,
                     print_dry_run, read_checkpoint_meta, resolve_dtype, resolve_parallel, restore_checkpoint,
                     rotate_checkpoints, save_checkpoint, save_config, seed_everything, set_lr, setup_distributed,
-                    teardown_distributed, warn_if_low_disk, wrap_model)
+                    shorten_timeout, teardown_distributed, warn_if_low_disk, wrap_model)
 from lora import LORA_TARGETS, apply_lora
 from model import PEAK_FLOPS, PRESETS, Llama, LlamaConfig, peak_flops
 
@@ -433,7 +433,8 @@ def train(args, info):
     def checkpoint(name, with_optimizer, metrics):
         return save_checkpoint(args.out_dir, name, model, optimizer if with_optimizer else None, step=step,
                                config=vars(args), tokenizer=tok, metrics=metrics,
-                               data_state={"step": step, "seed": args.seed, "tokens_seen": tokens_seen})
+                               data_state={"step": step, "seed": args.seed, "tokens_seen": tokens_seen},
+                               background=True)   # FSDP resume checkpoints: written while training goes on
 
     # --- training loop -----------------------------------------------------------
     step = start_step
@@ -487,6 +488,7 @@ def train(args, info):
                      f"{step + 1}); training diverged. Lower --lr, raise --warmup_steps or check the data. Last good "
                      f"checkpoint: {last_good or 'none'}")
         optimizer.zero_grad(set_to_none=True)
+        shorten_timeout(info, args)   # (after the first step: --step_timeout)
         step += 1
         tokens_seen += tokens_per_step
         train_time += time.perf_counter() - t0

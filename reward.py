@@ -788,7 +788,8 @@ def train(args, info, dtype, ctx):
             args.out_dir, name, model, optimizer if with_optimizer else None, step=step, config=vars(args),
             tokenizer=tok, metrics={"best": list(best), **({"val_accuracy": metrics["accuracy"],
                                                             "val_loss": metrics["loss"]} if metrics else {})},
-            data_state={"steps_per_epoch": steps_per_epoch}, kind=REWARD_KIND, reward_stats=stats)
+            data_state={"steps_per_epoch": steps_per_epoch}, kind=REWARD_KIND, reward_stats=stats,
+            background=True)   # FSDP resume checkpoints: written while training goes on
         if stats and not with_optimizer and info.is_main:   # reward_stats.json: {"best": ..., "final": ...}
             saved = {}
             if os.path.exists(stats_json):
@@ -852,6 +853,7 @@ def train(args, info, dtype, ctx):
             if skipped >= 5:
                 common.fail("5 updates skipped for non-finite gradients: lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
+        common.shorten_timeout(info, args)   # (after the first step: --step_timeout)
         step += 1
 
         if step % args.log_interval == 0 or step == max_steps:

@@ -448,7 +448,8 @@ def train(args, info):
         return common.save_checkpoint(args.out_dir, name, model, optimizer if with_optimizer else None, step=step,
                                       config=vars(args), tokenizer=tok, metrics=metrics,
                                       data_state={"step": step, "seed": args.seed, "steps_per_epoch": steps_per_epoch,
-                                                  "counts": dict(counts)})
+                                                  "counts": dict(counts)},
+                                      background=True)   # FSDP resume checkpoints: written while training goes on
 
     def run_eval():
         nonlocal val_loss, best_val
@@ -503,6 +504,7 @@ def train(args, info):
             if consecutive_skips >= args.max_skips:
                 common.fail(f"{consecutive_skips} consecutive non-finite steps: training diverged; lower --lr")
         optimizer.zero_grad(set_to_none=True)
+        common.shorten_timeout(info, args)   # (after the first step: --step_timeout)
         step += 1
         if info.distributed:
             step_counts = step_counts.to(device)

@@ -158,6 +158,68 @@ def check_sharded_load(rank, info, tmp):
     return out
 
 
+def check_async_save(rank, info, tmp):
+    """Two identical FSDP models and optimizers after one step: one saves its resume checkpoint in
+    the background and trains on while the write runs, the other saves synchronously. Both
+    checkpoints hold exactly the state at the save; rotation leaves the one in flight alone; it is
+    complete (meta.pt) only once waited for; a run resumed from it takes the next step exactly as
+    the one that went on."""
+    import argparse
+    import dataclasses
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    def make():
+        model = common.wrap_model(tiny(tie_embeddings=False), info, "fsdp")
+        return model, common.configure_optimizer(model, 1e-2, 0.1)
+
+    def train_step(model, opt, s):
+        x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(300 + 10 * s + rank))
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def state(model, opt):
+        flat = {"p." + k: v for k, v in full_params(model).items()}
+        for name, st in get_optimizer_state_dict(model, opt)["state"].items():
+            flat.update({f"o.{name}.{k}": v.full_tensor() if hasattr(v, "full_tensor") else v.clone()
+                         for k, v in st.items()})   # (a copy: AdamW's step counter changes in place)
+        return flat
+
+    (a, opt_a), (b, opt_b) = make(), make()
+    train_step(a, opt_a, 0)
+    train_step(b, opt_b, 0)
+    saved = state(a, opt_a)
+    out = {"twins": max_diff(saved, state(b, opt_b))}
+    run_a, run_b = os.path.join(tmp, "async"), os.path.join(tmp, "sync")
+    common.save_checkpoint(run_b, "step_0000001", b, opt_b, step=1, config={})
+    path = common.save_checkpoint(run_a, "step_0000001", a, opt_a, step=1, config={}, background=True)
+    out["in_flight"] = common._pending_save is not None and not os.path.exists(os.path.join(path, "meta.pt"))
+    train_step(a, opt_a, 1)   # trains on (in place) while the background write may still run
+    common.rotate_checkpoints(run_a, 1)   # must not take the in-flight .tmp for a crash's leftover
+    common.wait_for_checkpoint()
+    out["complete"] = common.latest_checkpoint(run_a) == path and common._pending_save is None
+    for name, run in (("async", run_a), ("sync", run_b)):
+        model, opt = make()
+        common.restore_checkpoint(common.latest_checkpoint(run), model, opt)
+        out[name] = max_diff(state(model, opt), saved)
+        if name == "async":
+            train_step(model, opt, 1)
+            out["resumed"] = max_diff(state(model, opt), state(a, opt_a))
+    # the shorter timeout after the first step (gloo here; NCCL the same call)
+    backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    out["timeouts"] = [backend.options._timeout.total_seconds()]
+    args = argparse.Namespace(parallel="fsdp", step_timeout=45)
+    common.shorten_timeout(info, args)   # a group this test made: left alone
+    info = dataclasses.replace(info, owns_group=True)   # as if setup_distributed had made it
+    out["timeouts"].append(backend.options._timeout.total_seconds())
+    common.shorten_timeout(info, args)
+    out["timeouts"].append(backend.options._timeout.total_seconds())
+    args.step_timeout = 20
+    common.shorten_timeout(info, args)   # once only
+    out["timeouts"].append(backend.options._timeout.total_seconds())
+    return out
+
+
 def full_params(model) -> dict:
     return {n: p.full_tensor().detach() for n, p in model.named_parameters()}
 
@@ -169,7 +231,8 @@ def _worker(rank, store, queue):
     try:
         info = common.DistInfo(rank, rank, 2, torch.device("cpu"))
         queue.put((rank, {"accum": check_accumulation(rank, info), "bf16": check_bf16_vs_ddp(rank, info),
-                          "load": check_sharded_load(rank, info, os.path.dirname(store))}, None))
+                          "load": check_sharded_load(rank, info, os.path.dirname(store)),
+                          "async": check_async_save(rank, info, os.path.dirname(store))}, None))
     except Exception:
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -467,3 +530,20 @@ def test_hsdp_dry_run_at_16_as_2x8_costs_what_fsdp_over_8_does():
     fsdp16 = common.fsdp_dry_run(build, step, world_size=16)
     assert hsdp == fsdp8
     assert fsdp16["optimizer"] < hsdp["optimizer"] and fsdp16["params"] < hsdp["params"]
+
+
+# -----------------------------------------------------------------------------
+# Background (async) DCP resume checkpoints, the shorter timeout after the first step
+
+
+def test_async_resume_checkpoint_equals_a_synchronous_one_and_resumes_exactly(two_ranks):
+    for rank, out in two_ranks.items():
+        a = out["async"]
+        assert a["twins"] == 0 and a["in_flight"] and a["complete"], a
+        assert a["async"] == 0 and a["sync"] == 0 and a["resumed"] == 0, a
+
+
+def test_timeout_is_shortened_once_after_the_first_step(two_ranks):
+    for rank, out in two_ranks.items():
+        # the test group's 60 s, kept while the group is not ours; then --step_timeout, once
+        assert out["async"]["timeouts"] == [60, 60, 45, 45]
