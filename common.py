@@ -5,18 +5,19 @@ Each stage keeps its own training loop inline, in its own file, so a reader sees
 a stage in one place. What lives here is only what would otherwise be copied five times:
 
   distributed   setup_distributed / teardown_distributed (torchrun env; nccl on cuda, gloo on cpu),
-                print0, all_reduce_mean, barrier
+                shorten_timeout (after the first step), print0, all_reduce_mean, barrier
   precision     resolve_dtype (--dtype), autocast (bf16 autocast on cuda, fp32 on cpu), seed_everything
   config        add_common_args(parser) + parse_config(parser) (flags with the same names in every
                 stage, optional --config JSON of plain values), save_config -> RUN/config.json
-  model         wrap_model (DDP, or FSDP2 fully_shard per block + root; activation checkpointing;
-                torch.compile), unwrap, grad_sync (no_sync for accumulation), eval_mode,
+  model         wrap_model (DDP, or FSDP2 fully_shard per block + root, HSDP on a 2-D mesh; full or
+                selective activation checkpointing; torch.compile), unwrap, grad_sync (no_sync for accumulation), eval_mode,
                 configure_optimizer (AdamW, decay on matrices only), lr_at (warmup + cosine),
                 clip_grad_norm (plain tensors and DTensors alike)
-  checkpoints   save_checkpoint (atomic; sharded DCP directory under FSDP), restore_checkpoint
-                (resume), latest_checkpoint, rotate_checkpoints (keep last k), load_model (any of
-                our checkpoints, a run directory, or a HuggingFace directory), load_model_sharded
-                (the same under FSDP, each rank reading only its shards), consolidate
+  checkpoints   save_checkpoint (atomic; sharded DCP directory under FSDP, resume checkpoints
+                written in the background: wait_for_checkpoint), restore_checkpoint (resume),
+                latest_checkpoint, rotate_checkpoints (keep last k), load_model (any of our
+                checkpoints, a run directory, or a HuggingFace directory), load_model_sharded /
+                load_start_model (the same under FSDP, each rank reading only its shards), consolidate
   lora          setup_lora (--lora_* flags -> adapters on a frozen base), adapter-only checkpoints
                 (trainable_state, load_lora_checkpoint: the base's sha256 checked), export_peft
   logging       JsonlLogger -> RUN/log.jsonl
@@ -1088,7 +1089,8 @@ def load_model_sharded(path: str, info: DistInfo, wrap, make=Llama, prefix: str 
                           rows of each tensor pages in only those rows (plus the OS's read-ahead);
       a HuggingFace dir   its safetensors mapped the same way (model.read_safetensors); our fused
                           wqkv / w13 rows and the rotary row order come from rows of HF's q/k/v and
-                          gate/up tensors (_hf_rows), so a rank reads only the HF rows it needs.
+                          gate/up tensors (_hf_rows), so a rank reads only the HF rows it needs
+                          (pytorch_model*.bin, the older format, is read whole on every rank).
     meta["bytes_read"]: bytes this rank copied out of a .pt / HF file (its shard, in the file's dtype).
     make, prefix: the checkpoint's tensors fill prefix + name of make(config), e.g. reward.py's
     RewardModel with prefix "backbone." (what the checkpoint lacks keeps init_weights' values; an

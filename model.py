@@ -850,8 +850,8 @@ def read_safetensors(path: str) -> dict:
 
 def read_hf_weights(hf_dir: str) -> dict:
     """All tensors of a HF checkpoint: model.safetensors, sharded safetensors (with an index), or
-    pytorch_model*.bin (loaded with weights_only=True: a pickle must never run code). Mapped, not
-    read (see read_safetensors; .bin files through torch.load's mmap)."""
+    pytorch_model*.bin (loaded with weights_only=True: a pickle must never run code). Safetensors
+    are mapped, not read (see read_safetensors); .bin files, the older format, are read whole."""
     files = sorted(os.listdir(hf_dir))
     st = [f for f in files if f.endswith(".safetensors")]
     bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
@@ -861,7 +861,7 @@ def read_hf_weights(hf_dir: str) -> dict:
             state.update(read_safetensors(os.path.join(hf_dir, f)))
     elif bins:
         for f in bins:
-            state.update(torch.load(os.path.join(hf_dir, f), map_location="cpu", weights_only=True, mmap=True))
+            state.update(torch.load(os.path.join(hf_dir, f), map_location="cpu", weights_only=True))
     else:
         raise FileNotFoundError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin weights found")
     return state
