@@ -4,7 +4,8 @@ processes on a CPU: a model of llama1-7b's width (dim 4096, hidden 11008, vocab 
 fewer layers, saved as our .pt (fp32), a HuggingFace directory (bf16 safetensors) and a DCP directory
 (fp32, written by one process: whole tensors, so DCP reads a whole tensor to cut a rank's rows from
 it -- the worst case; a DCP checkpoint written by the same number of FSDP ranks holds each rank's
-rows as a piece of its own), then loaded by W ranks (fork-started, one thread each, FileStore).
+rows as a piece of its own; dcp_fsdp is that case: the W ranks first load the .pt and save it as
+DCP, then load it again, measured), then loaded by W ranks (fork-started, one thread each, FileStore).
 
     python bench/fsdp_load.py                                   # 2 layers, W = 2, 4, 8
     python bench/fsdp_load.py --n_layers 1 --world_sizes 2 8 --formats pt hf
@@ -42,12 +43,17 @@ def status() -> dict:
         return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if v.strip().endswith("kB")}
 
 
-def worker(rank, world, store, path, queue):
+def worker(rank, world, store, path, fmt, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))
     try:
         info = common.DistInfo(rank, rank, world, torch.device("cpu"))
+        wrap = lambda m: common.wrap_model(m, info, "fsdp")   # noqa: E731
+        if fmt == "dcp_fsdp":   # first write a DCP checkpoint from these W ranks
+            model, _ = common.load_model_sharded(path, info, wrap)
+            path = common.save_checkpoint(os.path.dirname(store), f"dcp_fsdp_{world}", model, step=0, config={})
+            del model
         gc.collect()
         before = status()
         with open("/proc/self/clear_refs", "w") as f:
@@ -63,7 +69,7 @@ def worker(rank, world, store, path, queue):
         t = threading.Thread(target=sample)
         t.start()
         t0 = time.time()
-        model, meta = common.load_model_sharded(path, info, lambda m: common.wrap_model(m, info, "fsdp"))
+        model, meta = common.load_model_sharded(path, info, wrap)
         seconds = time.time() - t0
         done.set()
         t.join()
@@ -82,7 +88,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n_layers", type=int, default=2)
     p.add_argument("--world_sizes", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--formats", nargs="+", default=["pt", "hf", "dcp"], choices=["pt", "hf", "dcp"])
+    p.add_argument("--formats", nargs="+", default=["pt", "hf", "dcp", "dcp_fsdp"],
+                   choices=["pt", "hf", "dcp", "dcp_fsdp"],
+                   help="dcp: written by one process (whole tensors); dcp_fsdp: written by the same W FSDP ranks")
     args = p.parse_args()
     torch.set_num_threads(1)   # forked children must not inherit a multi-threaded runtime
     tmp = tempfile.mkdtemp(prefix="fsdp_load_")
@@ -91,8 +99,8 @@ def main():
     n = model.num_params()
     paths = {}
     t0 = time.time()
-    if "pt" in args.formats:
-        paths["pt"] = common.save_checkpoint(tmp, "model", model, step=0, config={})
+    if "pt" in args.formats or "dcp_fsdp" in args.formats:
+        paths["pt"] = paths["dcp_fsdp"] = common.save_checkpoint(tmp, "model", model, step=0, config={})
     if "hf" in args.formats:
         paths["hf"] = os.path.join(tmp, "hf")
         model.save_hf(paths["hf"], dtype=torch.bfloat16)
@@ -107,14 +115,14 @@ def main():
     gc.collect()
     print(f"llama1-7b width, {args.n_layers} layers: {n / 1e6:.0f}M parameters ({4 * n / 1e9:.2f} GB fp32); "
           f"checkpoints written in {time.time() - t0:.0f}s under {tmp}")
-    print(f"{'format':<7}{'W':>3}{'shard GB':>10}{'read GB':>9}{'peak GB':>9}{'anon GB':>9}{'file GB':>9}"
+    print(f"{'format':<9}{'W':>3}{'shard GB':>10}{'read GB':>9}{'peak GB':>9}{'anon GB':>9}{'file GB':>9}"
           f"{'peak/shard':>12}{'(anon-shard+file)/shard':>25}{'s':>6}")
     ctx = torch.multiprocessing.get_context("fork")
     for fmt in args.formats:
         for world in args.world_sizes:
             queue = ctx.SimpleQueue()
             store = os.path.join(tmp, f"store_{fmt}_{world}")
-            torch.multiprocessing.start_processes(worker, args=(world, store, paths[fmt], queue), nprocs=world,
+            torch.multiprocessing.start_processes(worker, args=(world, store, paths[fmt], fmt, queue), nprocs=world,
                                                   start_method="fork")
             results = dict((r, (out, err)) for r, out, err in (queue.get() for _ in range(world)))
             errors = [err for _, err in results.values() if err]
@@ -122,7 +130,7 @@ def main():
                 raise SystemExit("\n".join(errors))
             worst = max((out for out, _ in results.values()), key=lambda o: o["peak"] / o["shard"])
             g = 1e9
-            print(f"{fmt:<7}{world:>3}{worst['shard'] / g:>10.3f}{(worst['bytes_read'] or 0) / g:>9.3f}"
+            print(f"{fmt:<9}{world:>3}{worst['shard'] / g:>10.3f}{(worst['bytes_read'] or 0) / g:>9.3f}"
                   f"{worst['peak'] / g:>9.3f}{worst['anon'] / g:>9.3f}{worst['file'] / g:>9.3f}"
                   f"{worst['peak'] / worst['shard']:>12.2f}"
                   f"{(worst['anon'] - worst['shard'] + worst['file']) / worst['shard']:>25.2f}{worst['seconds']:>6.1f}",

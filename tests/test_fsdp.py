@@ -148,11 +148,12 @@ def check_sharded_load(rank, info, tmp):
                      "shard_bytes": size and sum(t.numel() for t in local.values()) * size,
                      "bytes_read": meta.get("bytes_read"), "whole_bytes": size and whole.num_params() * size}
     lm, _, was_rm = reward.init_reward_model(pt, info, wrap)
+    lm_dcp = reward.init_reward_model(dcp_dir, info, wrap)[0]   # the same from DCP: keys under "backbone."
     rm, meta, is_rm = reward.init_reward_model(rm_pt, info, wrap)
     want_lm = reward.RewardModel.from_llama(common.load_model(pt)[0])
     every = lambda m: {**dict(m.named_parameters()), **dict(m.named_buffers())}   # noqa: E731
     got = lambda m: {**every(m), **full_params(m)}   # noqa: E731
-    out["reward"] = {"lm_diff": max_diff(every(want_lm), got(lm)), "was_rm": [was_rm, is_rm],
+    out["reward"] = {"lm_diff": max(max_diff(every(want_lm), got(m)) for m in (lm, lm_dcp)), "was_rm": [was_rm, is_rm],
                      "rm_diff": max_diff(every(rm_plain), got(rm)),
                      "stats": [rm.reward_mean.item(), rm.reward_std.item()], "kind": meta.get("kind")}
     return out
