@@ -5,18 +5,19 @@ Each stage keeps its own training loop inline, in its own file, so a reader sees
 a stage in one place. What lives here is only what would otherwise be copied five times:
 
   distributed   setup_distributed / teardown_distributed (torchrun env; nccl on cuda, gloo on cpu),
-                print0, all_reduce_mean, barrier
+                shorten_timeout (after the first step), print0, all_reduce_mean, barrier
   precision     resolve_dtype (--dtype), autocast (bf16 autocast on cuda, fp32 on cpu), seed_everything
   config        add_common_args(parser) + parse_config(parser) (flags with the same names in every
                 stage, optional --config JSON of plain values), save_config -> RUN/config.json
-  model         wrap_model (DDP, or FSDP2 fully_shard per block + root; activation checkpointing;
-                torch.compile), unwrap, grad_sync (no_sync for accumulation), eval_mode,
+  model         wrap_model (DDP, or FSDP2 fully_shard per block + root, HSDP on a 2-D mesh; full or
+                selective activation checkpointing; torch.compile), unwrap, grad_sync (no_sync for accumulation), eval_mode,
                 configure_optimizer (AdamW, decay on matrices only), lr_at (warmup + cosine),
                 clip_grad_norm (plain tensors and DTensors alike)
-  checkpoints   save_checkpoint (atomic; sharded DCP directory under FSDP), restore_checkpoint
-                (resume), latest_checkpoint, rotate_checkpoints (keep last k), load_model (any of
-                our checkpoints, a run directory, or a HuggingFace directory), load_model_sharded
-                (the same under FSDP, each rank reading only its shards), consolidate
+  checkpoints   save_checkpoint (atomic; sharded DCP directory under FSDP, resume checkpoints
+                written in the background: wait_for_checkpoint), restore_checkpoint (resume),
+                latest_checkpoint, rotate_checkpoints (keep last k), load_model (any of our
+                checkpoints, a run directory, or a HuggingFace directory), load_model_sharded /
+                load_start_model (the same under FSDP, each rank reading only its shards), consolidate
   lora          setup_lora (--lora_* flags -> adapters on a frozen base), adapter-only checkpoints
                 (trainable_state, load_lora_checkpoint: the base's sha256 checked), export_peft
   logging       JsonlLogger -> RUN/log.jsonl
@@ -101,6 +102,7 @@ class DistInfo:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # True if setup_distributed created the process group (so it destroys it)
+    step_timeout_set: bool = False   # shorten_timeout has run
 
     @property
     def is_main(self) -> bool:
@@ -157,6 +159,26 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     return info
 
 
+def shorten_timeout(info: DistInfo, args):
+    """Call after every optimizer step; after the first it lowers the process group's timeout to
+    --step_timeout seconds, once (torchtitan does the same). The 300 s of setup_distributed cover
+    the first step's slow starts (communicators, compilation); after that a collective waiting
+    longer means a rank hung or died, and every rank should dump its flight record and exit sooner
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING=3). FSDP only: every FSDP checkpoint and evaluation is
+    collective, while under DDP rank 0 writes whole checkpoints as the others wait (minutes at
+    billions of parameters). torch sets a group's timeout at init only, publicly; this uses the
+    private distributed_c10d._set_pg_timeout (torch 2.13: NCCL and gloo), and warns where it is gone.
+    Only a group setup_distributed made (300 s on NCCL): one a caller made keeps its own timeout."""
+    if info.step_timeout_set or not info.owns_group or args.parallel != "fsdp" or args.step_timeout <= 0:
+        return
+    info.step_timeout_set = True
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is None:
+        print0("warning: this torch cannot change a process group's timeout; keeping the one set at init")
+        return
+    set_timeout(timedelta(seconds=args.step_timeout))
+
+
 def _refuse_bare_srun():
     """`srun python pretrain.py` (no torchrun) starts SLURM_NTASKS copies that each see no
     WORLD_SIZE: N unrelated single-process runs, all on cuda:0, all writing one --out_dir. Refuse."""
@@ -181,6 +203,10 @@ def _warn_small_shm(min_bytes=1 << 30):
 
 
 def teardown_distributed(info: DistInfo):
+    global _pending_save
+    if _pending_save is not None:   # a run that ended without its final save (an error): let the
+        _pending_save[0].result()  # background write end; the checkpoint stays incomplete (.tmp)
+        _pending_save = None
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -277,8 +303,16 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--keep_last", type=int, default=2, help="resume checkpoints to keep (0 = all)")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
-    g.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+    g.add_argument("--activation_checkpointing", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="recompute blocks' activations in the backward pass (less memory, ~1/3 more compute): "
+                        "every block, or with K every K-th one (selective: blocks 0, K, 2K, ...; 0 = off)")
+    g.add_argument("--fsdp_shard_size", type=int, default=0,
+                   help="FSDP: shard each model over this many GPUs and replicate across the groups (HSDP, a 2-D "
+                        "mesh; set it to the GPUs per node so the per-block all-gathers stay on NVLink and only the "
+                        "gradient all-reduce crosses nodes). 0 = shard over all GPUs")
+    g.add_argument("--step_timeout", type=float, default=180,
+                   help="FSDP: seconds a collective may wait after the first optimizer step before every rank "
+                        "aborts (the first step gets 300); 0 = keep 300")
     g.add_argument("--fsdp_skip_accum_sync", action=argparse.BooleanOptionalAction, default=False,
                    help="FSDP with --grad_accum > 1: reduce-scatter once per step instead of every micro-step; "
                         "less communication, but every rank holds unsharded fp32 gradients (4 bytes/parameter)")
@@ -359,8 +393,8 @@ def resolve_parallel(parallel, info: DistInfo, use: str = "ddp or fsdp") -> str:
 
 
 def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: torch.dtype = torch.float32,
-               compile: bool = False, activation_checkpointing: bool = False,
-               skip_accum_sync: bool = False) -> nn.Module:
+               compile: bool = False, activation_checkpointing: int = 0,
+               skip_accum_sync: bool = False, shard_size: int = 0) -> nn.Module:
     """Prepare a Llama (or anything with .layers) for training; returns the module to call.
 
     The plain model stays reachable with unwrap(); its parameter names never change (no "module."
@@ -372,18 +406,34 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "none", dtype: 
     FSDP2: create the optimizer before any forward (a forward leaves the root's parameters unsharded,
     and AdamW must hold the sharded ones; dpo.py found this), and generate through common.generate
     (on every rank), not model.generate.
-    skip_accum_sync (FSDP only, --fsdp_skip_accum_sync): see grad_sync."""
+    activation_checkpointing (--activation_checkpointing [K]): 0 / False off, 1 / True every block,
+    K every K-th block (blocks 0, K, 2K, ...; torchtitan's per-layer "selective" AC): memory between
+    none and full, recomputing only those blocks in the backward pass.
+    skip_accum_sync (FSDP only, --fsdp_skip_accum_sync): see grad_sync.
+    shard_size (FSDP only, --fsdp_shard_size S < world size): HSDP, a (world / S, S) mesh: each model
+    is sharded over the S ranks of its group and replicated across the world / S groups. Per-block
+    all-gathers and gradient reduce-scatters stay inside a group (a node's NVLink); across groups
+    only the sharded gradients are all-reduced, once per micro-step. Memory per rank is that of
+    FSDP over S ranks."""
     if parallel in ("ddp", "fsdp") and not info.distributed:
         fail(f"--parallel {parallel} needs several processes: launch with torchrun --nproc_per_node=N")
     llama = getattr(model, "backbone", model)  # reward.py's RewardModel holds its Llama as .backbone
     blocks = list(getattr(llama, "layers", []))
     if activation_checkpointing:
-        for block in blocks:
-            _checkpoint_forward(block)
+        for i, block in enumerate(blocks):
+            if i % int(activation_checkpointing) == 0:   # (True counts as 1: every block)
+                _checkpoint_forward(block)
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        shards = shard_size or info.world_size
+        if shard_size < 0 or info.world_size % shards:
+            fail(f"--fsdp_shard_size {shard_size} must divide the {info.world_size} processes")
+        if shards == info.world_size:
+            mesh = init_device_mesh(info.device.type, (info.world_size,))
+        else:   # fully_shard on a 2-D mesh replicates over dim 0 and shards over dim 1
+            mesh = init_device_mesh(info.device.type, (info.world_size // shards, shards),
+                                    mesh_dim_names=("replicate", "shard"))
         # bf16, one precision scheme for one process, DDP and FSDP: autocast decides which ops run
         # in bf16 (common.autocast). FSDP's policy only sets the dtype parameters are gathered in
         # (bf16: half the all-gather and the gathered copies) and gradients are reduced in (fp32);
@@ -580,7 +630,7 @@ DRY_RUN_CATEGORIES = ("params", "grads", "optimizer", "activations", "temporarie
 
 
 def add_dry_run_args(group):
-    """The dry run's flags, the same in every stage that has one (pretrain, sft, dpo)."""
+    """The dry run's flags, the same in every stage that has one (pretrain, sft, reward, dpo)."""
     group.add_argument("--dry_run", action="store_true",
                        help="run this stage's FSDP wrapping and training step on fake tensors over a fake process "
                             "group of --world_size ranks (no memory, no GPU; seconds to minutes on a CPU) and print "
@@ -589,9 +639,10 @@ def add_dry_run_args(group):
     group.add_argument("--gpu_mem_gb", type=float, default=80.0, help="memory per GPU, GB (1e9 bytes)")
 
 
-def dry_run_config(init_from: str) -> LlamaConfig:
+def dry_run_config(init_from: str, kind: str = None) -> LlamaConfig:
     """The shape of the model a stage would start from, without reading any weights: a preset name
-    (e.g. llama1-7b: no checkpoint needed to plan a run) or one of our checkpoints / run dirs."""
+    (e.g. llama1-7b: no checkpoint needed to plan a run) or one of our checkpoints / run dirs
+    (language models, or also checkpoints of `kind`: reward.py's own)."""
     from model import PRESETS
     if init_from in PRESETS:
         return LlamaConfig.from_preset(init_from)
@@ -600,7 +651,8 @@ def dry_run_config(init_from: str) -> LlamaConfig:
         fail(f"--dry_run reads no HuggingFace config: pass the preset of the same shape as --init_from "
              f"(one of {sorted(PRESETS)})")
     meta = read_checkpoint_meta(path)
-    _refuse_other_kind(meta, path)
+    if kind is None or meta.get("kind") != kind:
+        _refuse_other_kind(meta, path)
     return LlamaConfig.from_dict(meta["model_config"])
 
 
@@ -608,6 +660,9 @@ def dry_run_label(stage: str, args, dtype: torch.dtype, batch: str) -> str:
     """One line naming what a dry run ran: stage, ranks, dtype, micro-batch, accumulation, flags."""
     return (f"{stage}, FSDP x {args.world_size}, {str(dtype).replace('torch.', '')}, micro-batch {batch}, "
             f"grad_accum {args.grad_accum}" + (", act. checkpointing" if args.activation_checkpointing else "")
+            + (f" (1 block in {args.activation_checkpointing})" if args.activation_checkpointing > 1 else "")
+            + (f", HSDP {args.world_size // args.fsdp_shard_size} x {args.fsdp_shard_size}"
+               if 0 < args.fsdp_shard_size < args.world_size else "")
             + (", --fsdp_skip_accum_sync" if args.fsdp_skip_accum_sync else ""))
 
 
@@ -625,7 +680,8 @@ def print_dry_run(measured: dict, world_size: int, gpu_mem_gb: float, what: str,
 
 
 def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.bfloat16, grad_accum: int = 1,
-                 activation_checkpointing: bool = False, skip_accum_sync: bool = False, frozen=None) -> dict:
+                 activation_checkpointing: int = 0, skip_accum_sync: bool = False, frozen=None,
+                 shard_size: int = 0) -> dict:
     """Per-rank peak memory of a stage's real FSDP training step at any size, on a laptop.
 
     The model is built on the meta device (build() -> nn.Module, called under torch.device("meta")),
@@ -638,7 +694,8 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
     forward (it makes its own inputs, e.g. torch.randint). frozen: a second builder, for a frozen
     model sharded the same way with no gradients and no optimizer (DPO's reference); then
     micro_step(model, frozen_model). Its sharded weights are added to "params" (the tracker follows
-    the trained model only; the frozen one's gathered weights show up as temporaries).
+    the trained model only; the frozen one's gathered weights show up as temporaries). shard_size:
+    HSDP (wrap_model), e.g. 16 ranks as 2 x 8.
 
     grad_accum > 2 runs as 2 micro-steps: the third and later ones repeat the second's memory.
     Returns bytes per rank at the peak: DRY_RUN_CATEGORIES plus "total". Not counted (budget
@@ -659,12 +716,12 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
         with torch.device("meta"):  # outside FakeTensorMode: building inside it fails
             raw = build()
         model = wrap_model(raw, info, "fsdp", dtype, activation_checkpointing=activation_checkpointing,
-                           skip_accum_sync=skip_accum_sync)
+                           skip_accum_sync=skip_accum_sync, shard_size=shard_size)
         extra = ()
         if frozen is not None:
             with torch.device("meta"):
                 ref = frozen().requires_grad_(False)
-            extra = (wrap_model(ref, info, "fsdp", dtype).eval(),)
+            extra = (wrap_model(ref, info, "fsdp", dtype, shard_size=shard_size).eval(),)
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")  # the values do not matter: fake tensors have none
             for m in extra:
@@ -799,7 +856,7 @@ def checkpoint_path(out_dir: str, name: str):
 
 def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *, step: int, config: dict,
                     tokenizer=None, metrics: dict = None, data_state: dict = None, model_config: dict = None,
-                    **extra) -> str:
+                    background: bool = False, **extra) -> str:
     """Write checkpoint `name` (e.g. "step_0001000", "best", "final") into out_dir; call it on EVERY
     rank (it may gather). With an optimizer it is a resume checkpoint (optimizer, RNG of every rank,
     data position); without, model weights + metadata only. Returns the path written.
@@ -807,7 +864,10 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *
     Atomic: the checkpoint is written under a .tmp name and renamed into place (os.replace) only
     when complete, so a crash or a full disk mid-write leaves the previous checkpoint intact.
     Plain/DDP models: rank 0 writes one file NAME.pt. FSDP: a DCP directory NAME/ where every rank
-    writes its shard (no rank ever holds the whole model)."""
+    writes its shard (no rank ever holds the whole model); with background=True a resume checkpoint
+    is written in the background and completed by the next save_checkpoint or wait_for_checkpoint
+    (_save_sharded). Any save first completes the one in flight."""
+    wait_for_checkpoint()   # one write at a time, completed in order; the final save waits for it
     raw = unwrap(model)
     meta = {
         "format": CKPT_FORMAT,
@@ -828,7 +888,7 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *
     if is_fsdp(model):
         if has_lora(raw):   # a resume checkpoint: sharded as usual, base included (see load_model)
             meta["lora"] = lora_info(raw)
-        return _save_sharded(out_dir, name, model, optimizer, meta)
+        return _save_sharded(out_dir, name, model, optimizer, meta, background)
     path = os.path.join(out_dir, name + ".pt")
     if is_main():
         ckpt = {"model": raw.state_dict(), **meta}
@@ -866,7 +926,20 @@ def _atomic_torch_save(obj, path: str):
         raise
 
 
-def _save_sharded(out_dir, name, model, optimizer, meta):
+# The resume checkpoint being written in the background (FSDP): (future, tmp dir, final path, meta)
+_pending_save = None
+_save_group = (None, None)   # (the default group, a gloo group of its own for the background writes)
+
+
+def _save_sharded(out_dir, name, model, optimizer, meta, background=False):
+    """DCP directory NAME/ written as NAME.tmp/ and renamed when complete. A resume checkpoint (with
+    an optimizer) with background=True (the stages' periodic ones) is written in the background
+    (dcp.async_save): the state is first copied to CPU memory (the step's only stall), then a thread
+    writes it while training goes on; it is completed (meta.pt, rename) by wait_for_checkpoint, at
+    the next save at the latest, so at most one write is in flight and the final save waits for it.
+    81 GB at 7B, 828 GB at 70B would otherwise stall every rank for the whole write. Model-only
+    checkpoints (best, final), and any without background=True, are written before this returns."""
+    global _pending_save, _save_group
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     path = os.path.join(out_dir, name)
@@ -877,7 +950,31 @@ def _save_sharded(out_dir, name, model, optimizer, meta):
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    if optimizer is not None and background:
+        if _save_group[0] is not dist.group.WORLD:   # (every rank saves at once, so creates it at once)
+            _save_group = (dist.group.WORLD, dist.new_group(backend="gloo"))
+        # A group of its own: the writer thread's collectives never interleave with training's.
+        _pending_save = (dcp.async_save(state, checkpoint_id=tmp, process_group=_save_group[1]), tmp, path, meta)
+        return path
     dcp.save(state, checkpoint_id=tmp)  # every rank writes its own shard file
+    _complete_sharded(tmp, path, meta)
+    return path
+
+
+def wait_for_checkpoint():
+    """Block until the background resume checkpoint (if any) is written by every rank, then make it
+    a checkpoint: meta.pt written last, .tmp renamed (atomic, as a synchronous save). Every rank."""
+    global _pending_save
+    if _pending_save is None:
+        return
+    future, tmp, path, meta = _pending_save
+    _pending_save = None
+    future.result()   # this rank's shards are written (and raises if writing failed)
+    barrier()         # ... and every other rank's
+    _complete_sharded(tmp, path, meta)
+
+
+def _complete_sharded(tmp, path, meta):
     if is_main():
         _atomic_torch_save(meta, os.path.join(tmp, "meta.pt"))  # meta.pt last: its presence marks "complete"
         if os.path.exists(path):  # best/ and final/ are replaced: move the old one aside, then delete it
@@ -885,7 +982,6 @@ def _save_sharded(out_dir, name, model, optimizer, meta):
         os.replace(tmp, path)
         shutil.rmtree(path + ".old", ignore_errors=True)
     barrier()
-    return path
 
 
 def latest_checkpoint(out_dir: str):
@@ -910,8 +1006,9 @@ def rotate_checkpoints(out_dir: str, keep_last: int):
     crashed writes. Unbounded checkpointing filled the seed's disk quota more than once."""
     if not is_main():
         return
+    writing = os.path.basename(_pending_save[1]) if _pending_save else None   # in flight: not a leftover
     for entry in os.listdir(out_dir):
-        if entry.endswith(".tmp") or entry.endswith(".old"):
+        if (entry.endswith(".tmp") or entry.endswith(".old")) and entry != writing:
             p = os.path.join(out_dir, entry)
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     if keep_last > 0:
@@ -1026,9 +1123,7 @@ def load_model(path: str, device="cpu"):
     path = resolve_checkpoint(path)
     if os.path.isdir(path) and is_hf_dir(path):
         model = Llama.from_hf(path)
-        tok = os.path.join(path, "tokenizer.model")
-        meta = {"format": "hf", "model_config": model.config.to_dict(), "step": 0, "config": {}, "metrics": {},
-                "tokenizer": {"path": tok, "sha256": None} if os.path.isfile(tok) else None}
+        meta = _hf_meta(path, model.config)
     elif os.path.isdir(path):  # sharded DCP checkpoint: read the shards straight into a whole model
         import torch.distributed.checkpoint as dcp
         meta = read_checkpoint_meta(path)
@@ -1059,48 +1154,149 @@ def load_model(path: str, device="cpu"):
     return model.to(device), meta
 
 
-def load_model_sharded(path: str, info: DistInfo, wrap):
+def load_start_model(args, info: DistInfo, dtype: torch.dtype, wrap):
+    """The model a fine-tuning stage starts from (--init_from) -> (model, meta, wrapped). FSDP without
+    LoRA: built on the meta device, sharded by wrap, each rank reading only its shards
+    (load_model_sharded); wrapped is True. Otherwise (LoRA's adapters go on before sharding) the
+    whole model on every rank with the --lora_* adapters added (setup_lora), not yet wrapped."""
+    if args.parallel == "fsdp" and not args.lora_rank:
+        return (*load_model_sharded(args.init_from, info, wrap), True)
+    model, meta = load_model(args.init_from)
+    return setup_lora(model, args, meta["path"], dtype), meta, False
+
+
+def _hf_meta(path: str, config: LlamaConfig) -> dict:
+    tok = os.path.join(path, "tokenizer.model")
+    return {"format": "hf", "model_config": config.to_dict(), "step": 0, "config": {}, "metrics": {},
+            "tokenizer": {"path": tok, "sha256": None} if os.path.isfile(tok) else None}
+
+
+def load_model_sharded(path: str, info: DistInfo, wrap, make=Llama, prefix: str = "", kind: str = None):
     """--init_from under FSDP with no whole model on any rank -> (wrapped model, meta) as load_model.
-    The Llama is built on the meta device (no memory), wrap(model) shards it (wrap_model with the
-    run's flags), to_empty materialises this rank's shards only, and each rank fills them:
+    make(config) is built on the meta device (no memory), wrap(model) shards it (wrap_model with the
+    run's flags), to_empty materialises this rank's shards only, init_weights() sets the buffers,
+    and each rank fills its shards from the checkpoint:
       our DCP directory   dcp.load reads just the pieces of this rank's shards;
       our .pt file        load_file(..., mmap=True): the file is mapped, not read; copying this rank's
                           rows of each tensor pages in only those rows (plus the OS's read-ahead);
-      a HuggingFace dir   not sharded yet: read whole on every rank (load_model), then wrapped.
-    load_model instead builds the whole fp32 model on every rank (27 GB at 7B, per rank)."""
+      a HuggingFace dir   its safetensors mapped the same way (model.read_safetensors); our fused
+                          wqkv / w13 rows and the rotary row order come from rows of HF's q/k/v and
+                          gate/up tensors (_hf_rows), so a rank reads only the HF rows it needs
+                          (pytorch_model*.bin, the older format, is read whole on every rank).
+    meta["bytes_read"]: bytes this rank copied out of a .pt / HF file (its shard, in the file's dtype).
+    make, prefix: the checkpoint's tensors fill prefix + name of make(config), e.g. reward.py's
+    RewardModel with prefix "backbone." (what the checkpoint lacks keeps init_weights' values; an
+    LM head the model has no place for is dropped, as RewardModel.from_llama does). kind: the
+    checkpoint "kind" accepted (None: language models only). load_model instead builds the whole
+    fp32 model on every rank (27 GB at 7B, per rank). LoRA adapter-only checkpoints (their base
+    must be merged in whole) go through load_model."""
     path = resolve_checkpoint(path)
-    if is_hf_dir(path):
-        model, meta = load_model(path)
-        return wrap(model.to(info.device)), meta
-    meta = read_checkpoint_meta(path)
-    _refuse_other_kind(meta, path)
+    hf = is_hf_dir(path)
+    if hf:
+        from model import hf_config
+        meta = _hf_meta(path, hf_config(path))
+    else:
+        meta = read_checkpoint_meta(path)
+        if meta.get("kind") != kind:
+            _refuse_other_kind(meta, path)
+            fail(f"{path} is not a {kind!r} checkpoint")
+        if "lora" in meta and kind is None:
+            model, meta = load_model(path)
+            return wrap(model.to(info.device)), meta
     with torch.device("meta"):
-        raw = Llama(LlamaConfig.from_dict(meta["model_config"]))
+        raw = make(LlamaConfig.from_dict(meta["model_config"]))
     model = wrap(raw)
     model.to_empty(device=info.device)
     with torch.no_grad():
-        raw.init_weights()  # for the buffers (rotary table, eps): the weights are overwritten below
-    if os.path.isdir(path):
+        raw.init_weights()   # the buffers (rotary table, eps), and what the checkpoint does not hold
+    if os.path.isdir(path) and not hf:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-        state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(model, state["model"])
+        state = get_model_state_dict(model)
+        mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}   # the same tensors
+        dcp.load({"model": mine}, checkpoint_id=path)
+        set_model_state_dict(model, state)
     else:
-        full = load_file(path, mmap=True)["model"]   # (a corrupt file: one line naming it)
-        params = dict(raw.named_parameters())
-        if set(full) != set(params):
-            fail(f"{path}: its weights do not match the model: missing {sorted(set(params) - set(full))[:5]}, "
-                 f"unexpected {sorted(set(full) - set(params))[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                local = p.to_local() if hasattr(p, "to_local") else p
-                # FSDP2 shards dim 0 as torch.chunk does: ceil(rows / W) rows per rank, in rank order
-                start = p.device_mesh.get_local_rank() * -(-full[name].size(0) // info.world_size) \
-                    if local is not p else 0
-                local.copy_(full[name][start:start + local.size(0)])
+        own = {k[len(prefix):]: v for k, v in raw.state_dict(keep_vars=True).items() if k.startswith(prefix)}
+        rows = _hf_rows(path, raw.config) if hf else _pt_rows(path)
+        missing, unexpected = sorted(set(own) - set(rows)), sorted(set(rows) - set(own))
+        if missing or (unexpected and not prefix):
+            fail(f"{path}: its weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        meta["bytes_read"] = _copy_shards(own, rows, path)
     meta["path"] = path
     return model, meta
+
+
+def _shard_start(t: torch.Tensor) -> int:
+    """First global row of this rank's part of `t`: FSDP2 splits dim 0 as torch.chunk does, ceil(rows /
+    shards) rows per rank in rank order, over the mesh dimension that shards (HSDP's second); 0 for a
+    tensor FSDP does not shard (a buffer)."""
+    for mesh_dim, placement in enumerate(getattr(t, "placements", ())):
+        if placement.is_shard(0):
+            return t.device_mesh.get_local_rank(mesh_dim) * -(-t.size(0) // t.device_mesh.size(mesh_dim))
+    return 0
+
+
+def _copy_shards(own: dict, rows: dict, path: str) -> int:
+    """Fill each tensor of `own` (name -> parameter or buffer; DTensor shards under FSDP) with its rows
+    from `rows` (name -> (global shape, read(start, stop) -> those rows)). Returns the bytes read."""
+    total, seen = 0, set()
+    with torch.no_grad():
+        for name, t in own.items():
+            if id(t) in seen:
+                continue   # a tied weight (embedding = head): read once
+            seen.add(id(t))
+            shape, read = rows[name]
+            if tuple(shape) != tuple(t.shape):
+                fail(f"{path}: tensor {name!r} has shape {tuple(shape)} but the model's config expects "
+                     f"{tuple(t.shape)}")
+            local = t.to_local() if hasattr(t, "to_local") else t
+            if local.dim() and not local.size(0):
+                continue   # more ranks than rows: this rank holds none of this tensor
+            start = _shard_start(t)
+            part = read(start, start + local.size(0)) if local.dim() else read(None, None)
+            total += part.numel() * part.element_size()
+            local.copy_(part)
+    return total
+
+
+def _pt_rows(path: str) -> dict:
+    """Our .pt file, mapped: name -> (shape, read) where read slices rows of the mapped tensor (a view:
+    only the rows copied out are ever paged in)."""
+    full = load_file(path, mmap=True)["model"]   # (a corrupt file: one line naming it)
+    return {k: (v.shape, lambda s, e, v=v: v[s:e] if v.dim() else v) for k, v in full.items()}
+
+
+def _hf_rows(path: str, config: LlamaConfig) -> dict:
+    """A HuggingFace directory, mapped: name (ours) -> (shape, read(start, stop)). Our wqkv is
+    cat(q, k, v) with q/k rows reordered for our rotary layout, w13 is cat(gate, up): a row of ours
+    is one row of one HF tensor. Which one comes from model.from_hf_state_dict itself, run on row
+    labels instead of weights (tensor number << 32 | row, one column), so the sharded load can never
+    disagree with the whole load; a read then gathers the labelled rows from the mapped HF tensors."""
+    from model import from_hf_state_dict, read_hf_weights
+    hf = read_hf_weights(path)
+    names = list(hf)
+    labels = {}
+    for i, (n, t) in enumerate(hf.items()):
+        label = (i << 32) + torch.arange(t.size(0))
+        labels[n] = label.view(-1, 1) if t.dim() > 1 else label   # a column: rows move, as the weights' would
+    try:
+        ours = from_hf_state_dict(labels, config)
+    except ValueError as e:
+        fail(f"{path}: {e}")
+
+    def reader(label):
+        def read(start, stop):
+            which, row = label[start:stop] >> 32, label[start:stop] & 0xFFFFFFFF
+            runs, counts = torch.unique_consecutive(which, return_counts=True)   # rows of one HF tensor each
+            parts = [hf[names[i]].index_select(0, r) for i, r in zip(runs.tolist(), row.split(counts.tolist()))]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)   # (cat would copy a lone part again)
+        return read
+    out = {}
+    for k, label in ours.items():
+        label = label.reshape(-1)
+        out[k] = ((label.size(0), *hf[names[label[0].item() >> 32]].shape[1:]), reader(label))
+    return out
 
 
 def _refuse_other_kind(meta: dict, path: str):

@@ -578,7 +578,8 @@ def dry_run(args):
         return dpo_batch(model, ref, groups, args, 0, "cpu", contextlib.nullcontext())[0]
     measured = common.fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
                                    args.activation_checkpointing, args.fsdp_skip_accum_sync,
-                                   frozen=None if args.precompute_ref else (lambda: Llama(config)))
+                                   frozen=None if args.precompute_ref else (lambda: Llama(config)),
+                                   shard_size=args.fsdp_shard_size)
     common.print_dry_run(measured, args.world_size, args.gpu_mem_gb, common.dry_run_label(
         "dpo", args, dtype, f"{args.batch_size} pairs x {T}, reference "
         + ("precomputed" if args.precompute_ref else "sharded, frozen")))
@@ -615,8 +616,20 @@ def train(args, info):
                     f"another --out_dir (nothing was changed)")
 
     # --- policy, tokenizer, prompts and held-out pairs ------------------------------------------
-    model, meta = common.load_model(args.init_from)
-    model = common.setup_lora(model, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
+    def wrap(m):
+        return common.wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
+                                 args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
+
+    def load_reference(path):
+        """A frozen model: under FSDP sharded like the policy (no gradients, no optimizer)."""
+        if args.parallel == "fsdp":
+            return common.load_model_sharded(
+                path, info, lambda m: common.wrap_model(m.requires_grad_(False), info, "fsdp", dtype,
+                                                        shard_size=args.fsdp_shard_size))[0]
+        return common.load_model(path)[0].to(device).requires_grad_(False)
+
+    # FSDP (without LoRA): built on the meta device, sharded, each rank reading only its own shards
+    model, meta, sharded = common.load_start_model(args, info, dtype, wrap)
     tok = tokenizer_for(meta, args)
     seq_len = min(args.max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
     for name in ("max_new_tokens", "eval_max_new_tokens"):   # answers must leave room for the prompt
@@ -640,9 +653,8 @@ def train(args, info):
     prompts = common.load_prompts(args.prompts, tok, seq_len - args.max_new_tokens)[0] if args.rounds > 0 else None
     rounds = ([0] if offline else []) + list(range(1, args.rounds + 1))
 
-    raw = model.to(device)
-    model = common.wrap_model(raw, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
-                              args.fsdp_skip_accum_sync)
+    raw = common.unwrap(model) if sharded else model.to(device)
+    model = model if sharded else wrap(raw)
     rm_fn = None
     if args.rounds > 0 and args.reward_model:
         rm_fn = reward_scorer(reward_model(args.reward_model, tok, device), tok, device, ctx, args.missing_eos_penalty)
@@ -735,9 +747,7 @@ def train(args, info):
                 train_ref, val_ref = cached["train"], cached["val"]
             else:
                 # The policy before its first update IS the reference: no second model needed.
-                src = model if same_as_start else common.wrap_model(
-                    common.load_model(ref_path(rnd))[0].to(device), info,
-                    "fsdp" if args.parallel == "fsdp" else "none", dtype)
+                src = model if same_as_start else load_reference(ref_path(rnd))
                 t0 = time.time()
                 train_ref = reference_logps(src, groups, args.batch_size, tok.pad_id, info, ctx)
                 val_ref = reference_logps(src, val_groups, args.batch_size, tok.pad_id, info, ctx)
@@ -754,11 +764,7 @@ def train(args, info):
         elif args.lora_rank > 0 and args.ref_model is None and (rnd == rounds[0] or args.round_ref == "init"):
             ref = Reference(model, tok.pad_id, device, ctx, lora_off=True)   # the base under the adapters
         else:
-            ref_model = common.load_model(ref_path(rnd))[0].to(device)
-            ref_model.requires_grad_(False)
-            if args.parallel == "fsdp":   # shard the frozen copy like the policy (no optimizer, no grads)
-                ref_model = common.wrap_model(ref_model, info, "fsdp", dtype)
-            ref = Reference(ref_model, tok.pad_id, device, ctx)
+            ref = Reference(load_reference(ref_path(rnd)), tok.pad_id, device, ctx)
 
         round_start = global_step - step
         print0(f"round {rnd}: {len(groups)} prompt groups, {steps_per_epoch} steps per epoch, {max_steps} steps")
@@ -768,7 +774,8 @@ def train(args, info):
             return common.save_checkpoint(
                 args.out_dir, name, model, optimizer if with_optimizer else None, step=round_start + step,
                 config=vars(args), tokenizer=tok, metrics={"best_val_loss": best_val, **(metrics or {})},
-                data_state={"round": rnd, "round_step": step, "steps_per_epoch": steps_per_epoch, "seed": args.seed})
+                data_state={"round": rnd, "round_step": step, "steps_per_epoch": steps_per_epoch, "seed": args.seed},
+                background=True)   # FSDP resume checkpoints: written while training goes on
 
         def run_eval():
             nonlocal best_val, val_metrics
@@ -846,6 +853,7 @@ def train(args, info):
             else:
                 print0(f"warning: round {rnd} step {step + 1}: non-finite gradient norm; update skipped")
             optimizer.zero_grad(set_to_none=True)
+            common.shorten_timeout(info, args)   # (after the first step: --step_timeout)
             step += 1
             global_step = round_start + step
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 from dataclasses import asdict, dataclass, fields
@@ -678,33 +679,39 @@ class Llama(nn.Module):
     @classmethod
     def from_hf(cls, hf_dir: str, **overrides) -> "Llama":
         """Load a HuggingFace LLaMA directory (ours, or a real LLaMA-architecture checkpoint)."""
-        with open(os.path.join(hf_dir, "config.json")) as f:
-            hf = json.load(f)
-        if hf.get("model_type", "llama") != "llama":
-            raise ValueError(f"{hf_dir}: model_type {hf.get('model_type')!r} is not 'llama'")
-        # transformers >= 5 nests rope_theta in "rope_parameters" (with a rope_type); older files
-        # have a top-level rope_theta and an optional rope_scaling. Only plain RoPE is supported.
-        rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling:
-            raise ValueError(f"{hf_dir}: RoPE scaling {scaling} is not supported")
-        for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-            if hf.get(key, want) != want:
-                raise ValueError(f"{hf_dir}: {key}={hf[key]!r} is not LLaMA's ({want!r}); not supported")
-        n_heads = hf["num_attention_heads"]
-        fields_ = dict(
-            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads, vocab_size=hf["vocab_size"],
-            hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), max_seq_len=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-        if (hf.get("head_dim") or hf["hidden_size"] // n_heads) != hf["hidden_size"] // n_heads:
-            raise ValueError(f"{hf_dir}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads "
-                             "is not supported")
-        config = LlamaConfig(**{**fields_, **overrides})   # overrides win (e.g. max_seq_len, dropout, attn)
+        config = hf_config(hf_dir, **overrides)
         model = cls(config)
         load_state_dict_checked(model, from_hf_state_dict(read_hf_weights(hf_dir), config))
         return model
+
+
+def hf_config(hf_dir: str, **overrides) -> LlamaConfig:
+    """The LlamaConfig of a HuggingFace LLaMA directory, from its config.json alone (no weights read)."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf = json.load(f)
+    if hf.get("model_type", "llama") != "llama":
+        raise ValueError(f"{hf_dir}: model_type {hf.get('model_type')!r} is not 'llama'")
+    # transformers >= 5 nests rope_theta in "rope_parameters" (with a rope_type); older files
+    # have a top-level rope_theta and an optional rope_scaling. Only plain RoPE is supported.
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        raise ValueError(f"{hf_dir}: RoPE scaling {scaling} is not supported")
+    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(key, want) != want:
+            raise ValueError(f"{hf_dir}: {key}={hf[key]!r} is not LLaMA's ({want!r}); not supported")
+    n_heads = hf["num_attention_heads"]
+    fields_ = dict(
+        dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, vocab_size=hf["vocab_size"],
+        hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    if (hf.get("head_dim") or hf["hidden_size"] // n_heads) != hf["hidden_size"] // n_heads:
+        raise ValueError(f"{hf_dir}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads "
+                         "is not supported")
+    return LlamaConfig(**{**fields_, **overrides})   # overrides win (e.g. max_seq_len, dropout, attn)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -827,24 +834,31 @@ def write_safetensors(path: str, tensors: dict):
 
 
 def read_safetensors(path: str) -> dict:
+    """name -> tensor of a .safetensors file, memory-mapped (copy-on-write), not read: a tensor's
+    bytes come from disk when first touched, so copying some rows of a tensor reads only those
+    rows (how common.load_model_sharded gives each FSDP rank just its shard). The tensors keep
+    the mapping alive; writing to one never changes the file."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-        data = bytearray(f.read())
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         start, end = info["data_offsets"]
-        raw = torch.frombuffer(data, dtype=torch.uint8, count=end - start, offset=start) if end > start \
-            else torch.empty(0, dtype=torch.uint8)
-        out[name] = raw.view(_ST_DTYPES_INV[info["dtype"]]).reshape(info["shape"]).clone()
+        dtype = _ST_DTYPES_INV[info["dtype"]]
+        count = (end - start) // torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + start) if count \
+            else torch.empty(0, dtype=dtype)
+        out[name] = flat.reshape(info["shape"])
     return out
 
 
 def read_hf_weights(hf_dir: str) -> dict:
     """All tensors of a HF checkpoint: model.safetensors, sharded safetensors (with an index), or
-    pytorch_model*.bin (loaded with weights_only=True: a pickle must never run code)."""
+    pytorch_model*.bin (loaded with weights_only=True: a pickle must never run code). Safetensors
+    are mapped, not read (see read_safetensors); .bin files, the older format, are read whole."""
     files = sorted(os.listdir(hf_dir))
     st = [f for f in files if f.endswith(".safetensors")]
     bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]

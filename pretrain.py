@@ -36,7 +36,7 @@ from common import (JsonlLogger, add_common_args, add_dry_run_args, all_reduce_m
                     grad_sync, latest_checkpoint, load_model, load_model_sharded, lr_at, parse_config, print0,
                     print_dry_run, read_checkpoint_meta, resolve_dtype, resolve_parallel, restore_checkpoint,
                     rotate_checkpoints, save_checkpoint, save_config, seed_everything, set_lr, setup_distributed,
-                    teardown_distributed, warn_if_low_disk, wrap_model)
+                    shorten_timeout, teardown_distributed, warn_if_low_disk, wrap_model)
 from lora import LORA_TARGETS, apply_lora
 from model import PEAK_FLOPS, PRESETS, Llama, LlamaConfig, peak_flops
 
@@ -95,7 +95,7 @@ GB = 1e9
 def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int, world_size: int,
              dtype: torch.dtype = torch.bfloat16, gpu: str = "A100", mfu: float = 0.4, gpu_mem_gb: float = 80.0,
              lora_rank: int = 0, lora_targets=LORA_TARGETS, lora_embeddings: bool = False,
-             skip_accum_sync: bool = False):
+             skip_accum_sync: bool = False, ac_every: int = 1, shard_size: int = 0):
     """Bytes per GPU for DDP and for FSDP, FLOPs per step and the time per step at `mfu`.
 
     Parameters are counted on the meta device (no memory). The bytes, with N parameters, W GPUs,
@@ -111,6 +111,8 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
             unsharded fp32 gradients between micro-steps, 4N, whatever W is
             grad_accum 1: the sharded gradients grow as the activations shrink during backward,
             so the total counts the larger of the two, not their sum
+      HSDP (shard_size S < W, --fsdp_shard_size): every "/ W" above is "/ S" (a model is sharded
+      over its group of S ranks only).
       These FSDP terms are fitted to the dry run (common.fsdp_dry_run, --dry_run): within a few % at
       7B-70B (README).
     Activations per micro-batch of B*T tokens (measured by counting the tensors autograd saves,
@@ -120,7 +122,8 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
       outside the blocks: 4*vocab bytes per token (the fp32 logits the loss keeps for the backward; the
       dry run shows the peak holding them but never their gradient as well)
       with activation checkpointing a block keeps only its fp32 input (4*dim per token) and one
-      block's activations exist at a time, during its recomputation.
+      block's activations exist at a time, during its recomputation; ac_every K (selective: every
+      K-th block) checkpoints ceil(n_layers / K) blocks, the others keep all their activations.
     LoRA (lora_rank > 0, the fine-tuning stages' --lora_*; A adapter parameters): the frozen N are
     stored in the compute dtype and never get gradients or AdamW states (common.setup_lora):
       DDP   weights pN + 4A (+ 2A bf16 copies), grads 4A, AdamW 8A
@@ -136,31 +139,34 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
     block = sum(p.numel() for p in m.layers[0].parameters())
     root = n - config.n_layers * block
     W, tokens = world_size, batch_size * seq_len
+    S = shard_size or W   # the ranks one model is sharded over (HSDP: its group)
     p = 2 if dtype == torch.bfloat16 else 4
     if p == 2:
         per_block_token = 26 * config.dim + 8 * config.hidden_dim
     else:
         per_block_token = 40 * config.dim + 16 * config.hidden_dim
     act_full = tokens * (config.n_layers * per_block_token + 4 * config.vocab_size)
-    act_ckpt = tokens * (config.n_layers * 4 * config.dim + per_block_token + 4 * config.vocab_size)
+    n_ckpt = -(-config.n_layers // ac_every)
+    act_ckpt = tokens * (n_ckpt * 4 * config.dim + (config.n_layers - n_ckpt + 1) * per_block_token
+                         + 4 * config.vocab_size)
     ddp = {"weights": 4 * n + (2 * n if p == 2 else 0), "grads": 4 * n, "adamw": 8 * n}
     if config.tie_embeddings:
         gathered, unsharded_grads = p * (root + 2 * block), (p + 4) * max(root, block)
     else:
         unit = max(block, config.vocab_size * config.dim + config.dim)   # a block, or [norm, head]
         gathered, unsharded_grads = 2 * p * unit, 4 * unit
-    grads = 4 * n / W + unsharded_grads
+    grads = 4 * n / S + unsharded_grads
     if skip_accum_sync and grad_accum > 1:
         grads = 4 * n   # (the sharded ones only appear as the last micro-step frees these)
-    fsdp = {"weights": 4 * n / W + gathered, "grads": grads, "adamw": 8 * n / W}
+    fsdp = {"weights": 4 * n / S + gathered, "grads": grads, "adamw": 8 * n / S}
     flops_per_token = m.flops_per_token(seq_len)
     if lora_rank > 0:
         apply_lora(m, lora_rank, 2.0 * lora_rank, targets=lora_targets, embeddings=lora_embeddings)   # on meta
         a = sum(q.numel() for q in m.parameters() if q.requires_grad)
         a_block = sum(q.numel() for q in m.layers[0].parameters() if q.requires_grad)
         ddp = {"weights": p * n + 4 * a + (2 * a if p == 2 else 0), "grads": 4 * a, "adamw": 8 * a}
-        fsdp = {"weights": (p * n + 4 * a) / W + gathered, "grads": 4 * a / W + (p + 4) * a_block,
-                "adamw": 8 * a / W}
+        fsdp = {"weights": (p * n + 4 * a) / S + gathered, "grads": 4 * a / S + (p + 4) * a_block,
+                "adamw": 8 * a / S}
     flops_per_step = flops_per_token * tokens * grad_accum * W
     peak = PEAK_FLOPS[gpu]
     out = {"params": n, "block_params": block, "root_params": root, "flops_per_token": flops_per_token,
@@ -174,7 +180,7 @@ def estimate(config: LlamaConfig, batch_size: int, seq_len: int, grad_accum: int
                 # One micro-step: the backward frees activations block by block while the sharded
                 # gradients appear (set_to_none left none from the last step), so the peak holds
                 # the larger of the two, not both. (DDP's gradient buckets exist all along.)
-                total -= min(act, 4 * n / W)
+                total -= min(act, 4 * n / S)
             out.setdefault(name, dict(states))["total" + suffix] = total
             out[name]["fits" + suffix] = total + 2 * GB <= gpu_mem_gb * GB
     return out
@@ -212,10 +218,10 @@ def dry_run(config: LlamaConfig, args, dtype):
         x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
         return model(x, x)[1]
     return fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
-                        args.activation_checkpointing, args.fsdp_skip_accum_sync)
+                        args.activation_checkpointing, args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
 
 
-def closed_form_by_category(e: dict, activation_checkpointing: bool) -> dict:
+def closed_form_by_category(e: dict, activation_checkpointing: int) -> dict:
     """--estimate's FSDP column in the dry run's categories (temporaries are in its activations)."""
     f, ac = e["fsdp"], activation_checkpointing
     return {"params": f["weights"], "grads": f["grads"], "optimizer": f["adamw"],
@@ -273,7 +279,8 @@ def main(argv=None):
         targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
         e = estimate(config, args.batch_size, args.seq_len, args.grad_accum, args.world_size, dtype, args.gpu,
                      args.mfu, args.gpu_mem_gb, args.lora_rank, targets, args.lora_embeddings,
-                     args.fsdp_skip_accum_sync)
+                     args.fsdp_skip_accum_sync, args.activation_checkpointing or 1,
+                     args.fsdp_shard_size)
         print_estimate(e, args, config)
         if args.dry_run:
             measured = dry_run(config, args, dtype)
@@ -323,7 +330,7 @@ def train(args, info):
     # --- model ----------------------------------------------------------------
     def wrap(m):
         return wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
-                          args.fsdp_skip_accum_sync)
+                          args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
 
     if resume_path:  # the checkpoint knows the shape; its weights are loaded after wrapping
         resume_meta = read_checkpoint_meta(resume_path)
@@ -426,7 +433,8 @@ def train(args, info):
     def checkpoint(name, with_optimizer, metrics):
         return save_checkpoint(args.out_dir, name, model, optimizer if with_optimizer else None, step=step,
                                config=vars(args), tokenizer=tok, metrics=metrics,
-                               data_state={"step": step, "seed": args.seed, "tokens_seen": tokens_seen})
+                               data_state={"step": step, "seed": args.seed, "tokens_seen": tokens_seen},
+                               background=True)   # FSDP resume checkpoints: written while training goes on
 
     # --- training loop -----------------------------------------------------------
     step = start_step
@@ -480,6 +488,7 @@ def train(args, info):
                      f"{step + 1}); training diverged. Lower --lr, raise --warmup_steps or check the data. Last good "
                      f"checkpoint: {last_good or 'none'}")
         optimizer.zero_grad(set_to_none=True)
+        shorten_timeout(info, args)   # (after the first step: --step_timeout)
         step += 1
         tokens_seen += tokens_per_step
         train_time += time.perf_counter() - t0

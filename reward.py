@@ -80,6 +80,7 @@ def get_args(argv=None):
                    help="write rewards for the records of IN (conversations: the last assistant turn is scored; "
                         "preference records: every response) to --out, using the reward model --init_from")
     m.add_argument("--out", default=None, help="--score: output JSONL; --eval_only: optional metrics JSON")
+    common.add_dry_run_args(parser.add_argument_group("--dry_run: memory per GPU before launching anything"))
     # Reward-model defaults. --batch_size counts PROMPT GROUPS here (each brings its K responses).
     parser.set_defaults(lr=5e-5, min_lr=5e-6, warmup_steps=20, max_steps=0, weight_decay=0.0, eval_interval=100,
                         eval_steps=0, save_interval=200, out_dir="out/reward", batch_size=8)
@@ -91,7 +92,7 @@ def get_args(argv=None):
         common.fail("--score needs --out (the output JSONL)")
     if args.eval_only and not args.val_data:
         common.fail("--eval_only needs --val_data")
-    if not (args.score or args.eval_only) and not args.data:
+    if not (args.score or args.eval_only or args.dry_run) and not args.data:
         common.fail("--data is required for training (preference files)")
     return args
 
@@ -203,6 +204,14 @@ class RewardModel(nn.Module):
         self.register_buffer("reward_mean", torch.zeros(()))
         self.register_buffer("reward_std", torch.ones(()))
 
+    @torch.no_grad()
+    def init_weights(self):
+        """__init__'s values again, for a model built on the meta device and materialised shard by shard
+        (common.load_model_sharded): the backbone's init, a zero head, statistics mean 0 / std 1."""
+        self.backbone.init_weights()
+        nn.init.zeros_(self.head.weight)
+        self.set_stats(0.0, 1.0)
+
     @classmethod
     def from_llama(cls, llama: Llama) -> "RewardModel":
         """Wrap a (SFT) language model: its weights become the backbone; the head starts at zero."""
@@ -281,17 +290,28 @@ def load_reward_model(path: str, device="cpu"):
     return model.to(device).eval(), meta
 
 
-def init_reward_model(path: str):
+def init_reward_model(path: str, info=None, wrap=None):
     """The starting point of training -> (RewardModel, meta, was_reward_model). A reward checkpoint
     continues as it is; a language model (our SFT checkpoint or run dir, or a HuggingFace LLaMA
     directory, via common.load_model) becomes the backbone under a fresh zero head -- InstructGPT and
-    DeepSpeed-Chat start the reward model from the SFT model, which already reads the chat format."""
+    DeepSpeed-Chat start the reward model from the SFT model, which already reads the chat format.
+    wrap (FSDP: common.wrap_model with the run's flags): the model comes back wrapped, built on the
+    meta device and sharded, each rank reading only its shards (common.load_model_sharded); LoRA
+    adapter-only checkpoints are read whole (their base must be merged in) and then wrapped."""
     resolved = common.resolve_checkpoint(path)
-    if not common.is_hf_dir(resolved) and common.read_checkpoint_meta(resolved).get("kind") == REWARD_KIND:
+    meta = {} if common.is_hf_dir(resolved) else common.read_checkpoint_meta(resolved)
+    was_rm = meta.get("kind") == REWARD_KIND
+    if wrap is not None and not meta.get("lora"):
+        model, meta = common.load_model_sharded(resolved, info, wrap, RewardModel, "" if was_rm else "backbone.",
+                                                REWARD_KIND if was_rm else None)
+        return model, meta, was_rm
+    if was_rm:
         model, meta = load_reward_model(resolved)
-        return model.train(), meta, True
-    llama, meta = common.load_model(resolved)
-    return RewardModel.from_llama(llama), meta, False
+        model.train()
+    else:
+        llama, meta = common.load_model(resolved)
+        model = RewardModel.from_llama(llama)
+    return (model if wrap is None else wrap(model.to(info.device))), meta, was_rm
 
 
 # -----------------------------------------------------------------------------
@@ -656,8 +676,32 @@ def stats_record(metrics, step, name):
             "accuracy": metrics["accuracy"]}
 
 
+def dry_run(args):
+    """--dry_run: this script's FSDP step on fake tensors (common.fsdp_dry_run) for the model of
+    --init_from (a preset name will do): batch_size prompt groups of a chosen and a rejected answer,
+    both max_seq_len tokens long, scored in one forward (collate) under the Bradley-Terry loss."""
+    config = common.dry_run_config(args.init_from, kind=REWARD_KIND)
+    T = args.max_seq_len or config.max_seq_len
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16   # GPU training: bf16 unless asked
+    sizes = [2] * args.batch_size
+
+    def micro_step(model):   # autocast is on already (fsdp_dry_run)
+        # Every answer full length, so no padding mask: finding each row's last real token reads the
+        # mask's values, which fake tensors do not have (the mask's own memory is left out: B x T).
+        idx = torch.randint(0, config.vocab_size, (2 * args.batch_size, T))
+        return ranking_loss(model(idx), sizes, args.margin)[0]
+    measured = common.fsdp_dry_run(lambda: RewardModel(config), micro_step, args.world_size, dtype, args.grad_accum,
+                                   args.activation_checkpointing, args.fsdp_skip_accum_sync,
+                                   shard_size=args.fsdp_shard_size)
+    common.print_dry_run(measured, args.world_size, args.gpu_mem_gb,
+                         common.dry_run_label("reward", args, dtype, f"{args.batch_size} pairs x {T}"))
+    return measured
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     info = common.setup_distributed(args.device)
     try:
         dtype = common.resolve_dtype(args.dtype, info.device)
@@ -687,7 +731,13 @@ def train(args, info, dtype, ctx):
                     + ". Choose another --out_dir (nothing was changed).")
 
     # --- model: the SFT model under a zero head (or a reward model to continue); its tokenizer
-    model, meta, was_rm = init_reward_model(args.init_from)
+    def wrap(m):
+        return common.wrap_model(m, info, parallel, dtype, args.compile, args.activation_checkpointing,
+                                 args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
+    # FSDP (without LoRA, whose adapters go on before sharding): built on the meta device, sharded,
+    # and each rank reads only its own shards. Otherwise every rank loads the whole model.
+    sharded = parallel == "fsdp" and not args.lora_rank
+    model, meta, was_rm = init_reward_model(args.init_from, info, wrap if sharded else None)
     # --lora_rank > 0: adapters on the frozen backbone; the scalar head stays fully trainable
     model = common.setup_lora(model, args, meta["path"], dtype)
     tok = tokenizer_for(meta, args)
@@ -712,8 +762,8 @@ def train(args, info, dtype, ctx):
            f"{max_steps} steps")
 
     # --- wrap, optimizer, resume
-    model = common.wrap_model(model.to(info.device), info, parallel, dtype, args.compile, args.activation_checkpointing,
-                              args.fsdp_skip_accum_sync)
+    if not sharded:
+        model = wrap(model.to(info.device))
     raw = common.unwrap(model)
     optimizer = common.configure_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2), info.device)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -738,7 +788,8 @@ def train(args, info, dtype, ctx):
             args.out_dir, name, model, optimizer if with_optimizer else None, step=step, config=vars(args),
             tokenizer=tok, metrics={"best": list(best), **({"val_accuracy": metrics["accuracy"],
                                                             "val_loss": metrics["loss"]} if metrics else {})},
-            data_state={"steps_per_epoch": steps_per_epoch}, kind=REWARD_KIND, reward_stats=stats)
+            data_state={"steps_per_epoch": steps_per_epoch}, kind=REWARD_KIND, reward_stats=stats,
+            background=True)   # FSDP resume checkpoints: written while training goes on
         if stats and not with_optimizer and info.is_main:   # reward_stats.json: {"best": ..., "final": ...}
             saved = {}
             if os.path.exists(stats_json):
@@ -802,6 +853,7 @@ def train(args, info, dtype, ctx):
             if skipped >= 5:
                 common.fail("5 updates skipped for non-finite gradients: lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
+        common.shorten_timeout(info, args)   # (after the first step: --step_timeout)
         step += 1
 
         if step % args.log_interval == 0 or step == max_steps:

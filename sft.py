@@ -322,7 +322,8 @@ def dry_run(args):
         x = torch.randint(0, config.vocab_size, (args.batch_size, T))
         return model(x, x.masked_fill(torch.arange(T) < T // 2, -100))[1]
     measured = common.fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
-                                   args.activation_checkpointing, args.fsdp_skip_accum_sync)
+                                   args.activation_checkpointing, args.fsdp_skip_accum_sync,
+                                   shard_size=args.fsdp_shard_size)
     common.print_dry_run(measured, args.world_size, args.gpu_mem_gb,
                          common.dry_run_label("sft", args, dtype, f"{args.batch_size} x {T}"))
     return measured
@@ -355,18 +356,13 @@ def train(args, info):
         print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
 
     # --- model (ours or HuggingFace) and the tokenizer it was trained with ----------------------
-    # FSDP: built on the meta device, sharded, and each rank reads only its own shards of our
-    # checkpoints (common.load_model_sharded). Otherwise, and with LoRA (its adapters go on before
-    # sharding), every rank loads the whole model.
+    # FSDP: built on the meta device, sharded, and each rank reads only its own shards of the
+    # checkpoint, ours or HuggingFace's (common.load_start_model). Otherwise, and with LoRA (its
+    # adapters go on before sharding), every rank loads the whole model.
     def wrap(m):
         return common.wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
-                                 args.fsdp_skip_accum_sync)
-    sharded = args.parallel == "fsdp" and not args.lora_rank
-    if sharded:
-        model, meta = common.load_model_sharded(args.init_from, info, wrap)
-    else:
-        model, meta = common.load_model(args.init_from)
-        model = common.setup_lora(model, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
+                                 args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
+    model, meta, sharded = common.load_start_model(args, info, dtype, wrap)
     tok_info = meta.get("tokenizer") or {}
     tok_path = args.tokenizer or (tok_info.get("path") if os.path.isfile(tok_info.get("path") or "") else None)
     try:
@@ -452,7 +448,8 @@ def train(args, info):
         return common.save_checkpoint(args.out_dir, name, model, optimizer if with_optimizer else None, step=step,
                                       config=vars(args), tokenizer=tok, metrics=metrics,
                                       data_state={"step": step, "seed": args.seed, "steps_per_epoch": steps_per_epoch,
-                                                  "counts": dict(counts)})
+                                                  "counts": dict(counts)},
+                                      background=True)   # FSDP resume checkpoints: written while training goes on
 
     def run_eval():
         nonlocal val_loss, best_val
@@ -507,6 +504,7 @@ def train(args, info):
             if consecutive_skips >= args.max_skips:
                 common.fail(f"{consecutive_skips} consecutive non-finite steps: training diverged; lower --lr")
         optimizer.zero_grad(set_to_none=True)
+        common.shorten_timeout(info, args)   # (after the first step: --step_timeout)
         step += 1
         if info.distributed:
             step_counts = step_counts.to(device)

@@ -367,7 +367,9 @@ def test_rounds_sample_rank_and_train(flawed_sft):
 
 def test_ddp_two_processes_equal_one_process(flawed_sft):
     """torchrun with 2 DDP ranks x batch 4 == one process x batch 4 x grad_accum 2: same batches, same
-    loss, same weights (gloo on CPU). Catches a reference or a loss that is not averaged right."""
+    loss, same weights (gloo on CPU). Catches a reference or a loss that is not averaged right. The
+    same under FSDP: policy and frozen reference built on the meta device and loaded shard by shard
+    (common.load_model_sharded), weights saved as a DCP directory."""
     import os
     import subprocess
     import sys
@@ -379,16 +381,17 @@ def test_ddp_two_processes_equal_one_process(flawed_sft):
              "--log_interval", "1", "--batch_size", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(d)}
     dpo.main(flags + ["--grad_accum", "2", "--out_dir", str(d / "one")])
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(repo / "dpo.py"), *flags, "--out_dir", str(d / "two")], cwd=repo, env=env, check=True,
-                   timeout=300, capture_output=True)
-    one = torch.load(d / "one" / "final.pt", weights_only=True)["model"]
-    two = torch.load(d / "two" / "final.pt", weights_only=True)["model"]
-    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     import common
+    one = torch.load(d / "one" / "final.pt", weights_only=True)["model"]
     l1 = [r["loss"] for r in common.read_jsonl(d / "one" / "log.jsonl") if "round_step" in r]
-    l2 = [r["loss"] for r in common.read_jsonl(d / "two" / "log.jsonl") if "round_step" in r]
-    assert len(l1) == 2 and l1 == pytest.approx(l2, abs=1e-6)
+    for parallel in ("ddp", "fsdp"):
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(repo / "dpo.py"), *flags, "--out_dir", str(d / parallel), "--parallel", parallel],
+                       cwd=repo, env=env, check=True, timeout=300, capture_output=True)
+        two = common.load_model(common.checkpoint_path(str(d / parallel), "final"))[0].state_dict()   # fsdp: a DCP dir
+        assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5, parallel
+        l2 = [r["loss"] for r in common.read_jsonl(d / parallel / "log.jsonl") if "round_step" in r]
+        assert len(l1) == 2 and l1 == pytest.approx(l2, abs=1e-6), parallel
 
 
 def test_resume_is_exact(flawed_sft):
