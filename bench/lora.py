@@ -4,6 +4,7 @@ bench/lora.py -- what LoRA saves and what it costs (a benchmark, not a test).
     python bench/lora.py counts                          # lab preset + llama2-7b (meta device), r = 16
     python bench/lora.py dpo-memory                      # peak memory of dpo.py: full vs LoRA (subprocesses)
     python bench/lora.py sft --run_dir LAB_RUN           # full vs LoRA SFT from LAB_RUN/pretrain/final.pt
+    python bench/lora.py sft --run_dir LAB_RUN --runs lab,lora   # LoRA vs the lab's own SFT (not retrained)
 
 counts      trainable parameters and AdamW state (bytes), full fine-tuning vs LoRA on all seven
             targets. The lab model's AdamW state is measured after a real step; the 7B one is the
@@ -18,10 +19,12 @@ dpo-memory  dpo.py itself, 3 steps, in a fresh process each: full DPO (policy + 
             (memory does not depend on what the weights are), built wide enough that its states
             dominate: --dim 768 --n_layers 8 by default (~57M parameters), 2 prompt groups per step.
             Target: <= 0.6x.
-sft         sft.py twice from the same pretrained lab model with the lab's SFT settings (run_lab.py,
-            read from LAB_RUN/run.json), equal steps: full, then --lora_rank 16 at --lora_lr. Then
+sft         sft.py twice from the same pretrained lab model with the lab's SFT settings and seed (run_lab.py,
+            read from LAB_RUN/run.json), equal steps: full, then --lora_rank 16 at --lora_lr; or, with
+            --runs lab,lora, LAB_RUN/sft (run_lab.py's own full SFT) graded instead of retrained. Then
             greedy answers to LAB_RUN/data/eval_qa.jsonl graded by the lab checker (run_lab.py's
-            evaluation). Reported: held-out accuracy, wall time, trainable parameters, AdamW bytes.
+            evaluation). Reported: held-out accuracy (95% Wilson interval; LoRA - full with the paired
+            bootstrap over questions), wall and CPU time, trainable parameters, AdamW bytes.
 
 Every run here is one process with OMP_NUM_THREADS=1 (--threads); on a shared machine the wall
 times move with the load, the counts and accuracies do not.
