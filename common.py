@@ -79,7 +79,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import LORA_TARGETS, apply_lora, lora_adapters, strip_lora
+from lora import LORA_TARGETS, BaseView, apply_lora, lora_adapters, strip_lora
 from model import Llama, LlamaConfig, load_state_dict_checked
 
 CKPT_FORMAT = "nanollama.ckpt.v1"
@@ -663,7 +663,8 @@ def dry_run_label(stage: str, args, dtype: torch.dtype, batch: str) -> str:
             + (f" (1 block in {args.activation_checkpointing})" if args.activation_checkpointing > 1 else "")
             + (f", HSDP {args.world_size // args.fsdp_shard_size} x {args.fsdp_shard_size}"
                if 0 < args.fsdp_shard_size < args.world_size else "")
-            + (", --fsdp_skip_accum_sync" if args.fsdp_skip_accum_sync else ""))
+            + (", --fsdp_skip_accum_sync" if args.fsdp_skip_accum_sync else "")
+            + (f", LoRA rank {args.lora_rank} (frozen base)" if getattr(args, "lora_rank", 0) > 0 else ""))
 
 
 def print_dry_run(measured: dict, world_size: int, gpu_mem_gb: float, what: str, closed: dict = None):
@@ -681,7 +682,7 @@ def print_dry_run(measured: dict, world_size: int, gpu_mem_gb: float, what: str,
 
 def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.bfloat16, grad_accum: int = 1,
                  activation_checkpointing: int = 0, skip_accum_sync: bool = False, frozen=None,
-                 shard_size: int = 0) -> dict:
+                 shard_size: int = 0, lora=None) -> dict:
     """Per-rank peak memory of a stage's real FSDP training step at any size, on a laptop.
 
     The model is built on the meta device (build() -> nn.Module, called under torch.device("meta")),
@@ -695,7 +696,9 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
     model sharded the same way with no gradients and no optimizer (DPO's reference); then
     micro_step(model, frozen_model). Its sharded weights are added to "params" (the tracker follows
     the trained model only; the frozen one's gathered weights show up as temporaries). shard_size:
-    HSDP (wrap_model), e.g. 16 ranks as 2 x 8.
+    HSDP (wrap_model), e.g. 16 ranks as 2 x 8. lora: the
+    stage's args when --lora_rank > 0: the built model gets its adapters as training adds them
+    (add_adapters: the base frozen, in bf16 for a bf16 run), so only they have gradients and AdamW.
 
     grad_accum > 2 runs as 2 micro-steps: the third and later ones repeat the second's memory.
     Returns bytes per rank at the peak: DRY_RUN_CATEGORIES plus "total". Not counted (budget
@@ -715,6 +718,8 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
         info = DistInfo(0, 0, world_size, torch.device("cpu"))
         with torch.device("meta"):  # outside FakeTensorMode: building inside it fails
             raw = build()
+            if lora is not None and lora.lora_rank > 0:
+                add_adapters(raw, lora, dtype)
         model = wrap_model(raw, info, "fsdp", dtype, activation_checkpointing=activation_checkpointing,
                            skip_accum_sync=skip_accum_sync, shard_size=shard_size)
         extra = ()
@@ -1370,29 +1375,62 @@ def has_lora(model: nn.Module) -> bool:
     return any(True for _ in lora_adapters(model))
 
 
-def setup_lora(model: nn.Module, args, base_path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """--lora_rank > 0: add adapters to the model (a Llama, or a RewardModel's backbone: the reward
-    head stays trainable), freeze the rest, and remember the base checkpoint for the adapter-only
-    checkpoints. Call right after load_model, before wrap_model; configure_optimizer then builds
-    AdamW over the trainable parameters only (it skips requires_grad=False). --lora_rank 0: no-op."""
-    if args.lora_rank <= 0:
-        return model
+_SHA256_SEEN = {}   # (path, inode, size, mtime) -> sha256: a base is hashed once per process, not per load
+
+
+def base_sha256(path: str, collective: bool = True) -> str:
+    """file_sha256 of a LoRA base, read once: remembered in this process (for as long as the file
+    is the same one), and with collective=True in a distributed run (every rank calls it: a stage's
+    setup) computed by rank 0 alone and broadcast -- every rank hashing a 13 GB 7B base would read
+    it W times over at the start of each run."""
+    def local():
+        if os.path.isdir(path):   # (a directory's mtime does not follow its files: not remembered)
+            return file_sha256(path)
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _SHA256_SEEN:
+            _SHA256_SEEN[key] = file_sha256(path)
+        return _SHA256_SEEN[key]
+    if not (collective and dist.is_initialized() and dist.get_world_size() > 1):
+        return local()
+    box = [local() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def add_adapters(model: nn.Module, args, dtype: torch.dtype = torch.float32) -> list:
+    """The adapters of --lora_* on a model (a Llama, or a RewardModel's backbone: the reward head
+    stays trainable), everything else frozen, and the frozen weights in bf16 for a bf16 run.
+    Needs no weights: the dry run calls it on the meta device. Returns the targets."""
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     try:
         apply_lora(getattr(model, "backbone", model), args.lora_rank, args.lora_alpha, args.lora_dropout, targets,
                    args.lora_embeddings, seed=args.seed)
     except ValueError as e:
         fail(f"--lora_rank/--lora_targets: {e}")
-    base_path = resolve_checkpoint(base_path)
-    model.lora_base = {"base_path": os.path.abspath(base_path), "base_sha256": file_sha256(base_path),
-                       "rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                       "targets": targets, "embeddings": bool(args.lora_embeddings)}
     if dtype == torch.bfloat16:
         # Frozen weights are only read: keep them in bf16 (half the memory); the adapters stay
         # float32, the master weights AdamW updates. Autocast multiplies in bf16 either way.
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
+    return targets
+
+
+def setup_lora(model: nn.Module, args, base_path: str, dtype: torch.dtype = torch.float32,
+               sha256: str = None) -> nn.Module:
+    """--lora_rank > 0: add adapters to the model (add_adapters), and remember the base checkpoint
+    for the adapter-only checkpoints. Call right after load_model, before wrap_model, on every rank
+    (the base's hash is broadcast from rank 0) -- or pass the hash as sha256 (then nothing is
+    collective). configure_optimizer then builds AdamW over the trainable parameters only (it skips
+    requires_grad=False). --lora_rank 0: no-op."""
+    if args.lora_rank <= 0:
+        return model
+    targets = add_adapters(model, args, dtype)
+    base_path = resolve_checkpoint(base_path)
+    model.lora_base = {"base_path": os.path.abspath(base_path), "base_sha256": sha256 or base_sha256(base_path),
+                       "rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                       "targets": targets, "embeddings": bool(args.lora_embeddings)}
     return model
 
 
@@ -1440,12 +1478,13 @@ def load_lora_checkpoint(ckpt: dict, path: str, make_model=None, base: str = Non
         fail(f"{path} holds LoRA adapters for the base {base} (sha256 {info['base_sha256'][:16]}...), which is not "
              f"there; pass its new location (consolidate --base)")
     base = resolve_checkpoint(base)
-    _check_base(info, file_sha256(base), path, base)
+    sha = base_sha256(base, collective=False)   # (maybe on one rank only: evaluation)
+    _check_base(info, sha, path, base)
     llama, _ = load_model(base)
     model = make_model(llama) if make_model else llama
     args = argparse.Namespace(lora_rank=info["rank"], lora_alpha=info["alpha"], lora_dropout=info["dropout"],
                               lora_targets=",".join(info["targets"]), lora_embeddings=info["embeddings"], seed=0)
-    setup_lora(model, args, base)
+    setup_lora(model, args, base, sha256=sha)
     load_trainable_state(model, ckpt["model"], info, path)
     strip_lora(getattr(model, "backbone", model))
     model.requires_grad_(True)
@@ -1613,6 +1652,16 @@ def frozen(model, dtype, device, info: DistInfo = None, parallel: str = "none"):
                 if isinstance(m, torch.nn.Linear):
                     m.weight.data = m.weight.data.to(torch.bfloat16)
     return model.to(device)
+
+
+def reference_model(policy, args, dtype, device, info: DistInfo = None, parallel: str = "none"):
+    """pi_ref of PPO and GRPO. A LoRA policy (and no --ref_model): the policy itself with its adapters
+    switched off (lora.BaseView) -- the frozen base IS the starting policy, so no second copy is
+    loaded, and the KL at iteration 0 is exactly 0 (the adapters start at B = 0). Otherwise a frozen
+    copy of --ref_model (default --init_from)."""
+    if has_lora(policy) and not args.ref_model:
+        return BaseView(policy)
+    return frozen(load_model(args.ref_model or args.init_from)[0], dtype, device, info, parallel)
 
 
 def check_ratio(inv, stats, it):

@@ -573,16 +573,19 @@ def dry_run(args):
     groups = [{"ids": [[1] * (T + 1)] * 2, "resp_len": [T // 2] * 2, "ref_logps": [0.0, 0.0]}
               for _ in range(args.batch_size)]
 
+    lora = args.lora_rank > 0 and not args.precompute_ref   # LoRA: the reference is the base under the adapters
+
     def micro_step(model, ref_model=None):   # autocast is on already (fsdp_dry_run)
-        ref = Reference(ref_model, 0, "cpu", contextlib.nullcontext())
-        return dpo_batch(model, ref, groups, args, 0, "cpu", contextlib.nullcontext())[0]
+        ctx = contextlib.nullcontext()
+        ref = Reference(model, 0, "cpu", ctx, lora_off=True) if lora else Reference(ref_model, 0, "cpu", ctx)
+        return dpo_batch(model, ref, groups, args, 0, "cpu", ctx)[0]
     measured = common.fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
                                    args.activation_checkpointing, args.fsdp_skip_accum_sync,
-                                   frozen=None if args.precompute_ref else (lambda: Llama(config)),
-                                   shard_size=args.fsdp_shard_size)
+                                   frozen=None if args.precompute_ref or lora else (lambda: Llama(config)),
+                                   shard_size=args.fsdp_shard_size, lora=args)
     common.print_dry_run(measured, args.world_size, args.gpu_mem_gb, common.dry_run_label(
         "dpo", args, dtype, f"{args.batch_size} pairs x {T}, reference "
-        + ("precomputed" if args.precompute_ref else "sharded, frozen")))
+        + ("precomputed" if args.precompute_ref else "the base, adapters off" if lora else "sharded, frozen")))
     return measured
 
 

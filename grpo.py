@@ -11,6 +11,7 @@ Usage (single process; CPU or one GPU):
     python grpo.py ... --reward math --prompts gsm8k_train.jsonl          # real data: "#### N" references
     python grpo.py ... --kl k3_loss --kl_coef 0.04   # DeepSeekMath's KL term in the loss (default: none)
     python grpo.py ... --dynamic_sampling            # DAPO: refill groups whose answers all scored the same
+    python grpo.py ... --lora_rank 16 --lr 2e-3      # LoRA: the reference is the policy with its adapters off
 Distributed (DDP; every process samples its own prompts and groups, gradients are averaged):
     torchrun --standalone --nproc_per_node=2 grpo.py --init_from runs/sft --prompts ... --reward checker
     torchrun ... grpo.py ... --parallel fsdp   # policy, reference and reward model sharded (common.generate)
@@ -18,8 +19,9 @@ Resume an interrupted run (same flags + --resume): policy, optimizer, iteration,
 sampling and minibatch order are pure functions of (seed, iteration, rank, refill round).
 
 Two models, no critic: the policy pi (trained, starts as --init_from) and the reference pi_ref (frozen,
---ref_model, default --init_from; used by the KL term and the KL == 0 check). A reward model is loaded
-only when --reward names "model".
+--ref_model, default --init_from; used by the KL term and the KL == 0 check). With --lora_rank the
+reference is the policy itself with its adapters switched off: no second copy (common.reference_model).
+A reward model is loaded only when --reward names "model".
 
 One iteration (= one "step": --max_steps, --log_interval, --eval_interval, --save_interval count them):
   1. --prompts_per_step prompts; the policy answers each of them --group_size times (temperature, top-p)
@@ -471,8 +473,9 @@ def train(args, info):
     # --- models: policy, reference, the reward model if asked for -----------------------------------
     from reward import load_reward_model, tokenizer_for
     actor, meta = common.load_model(args.init_from)
+    actor = common.setup_lora(actor, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
     tok = tokenizer_for(meta, args)
-    ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device, info, args.parallel)
+    ref = common.reference_model(actor, args, dtype, device, info, args.parallel)   # LoRA: the policy, adapters off
     rm = None
     if args.reward_model and any(n == "model" for n, _ in args.rewards):
         rm, rm_meta = load_reward_model(args.reward_model)

@@ -218,7 +218,8 @@ def dry_run(config: LlamaConfig, args, dtype):
         x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
         return model(x, x)[1]
     return fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
-                        args.activation_checkpointing, args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
+                        args.activation_checkpointing, args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size,
+                        lora=args)
 
 
 def closed_form_by_category(e: dict, activation_checkpointing: int) -> dict:

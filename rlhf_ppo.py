@@ -7,7 +7,8 @@ Usage (single process; CPU or one GPU):
         --eval_data lab_data/rl_eval.jsonl --out_dir runs/ppo --max_steps 100 --rollout_batch 32
     python rlhf_ppo.py ... --kl_estimator k3 --adaptive_kl --kl_target 3   # Ziegler et al.'s KL controller
     python rlhf_ppo.py ... --ptx_coef 0.5 --ptx_data lab_data/sft_train.jsonl  # PPO-ptx (InstructGPT)
-    python rlhf_ppo.py ... --lora_rank 16 --lr 1e-3   # LoRA actor and critic; reference = actor, adapters off
+    python rlhf_ppo.py ... --lora_rank 16 --lr 1e-3   # LoRA actor; reference = actor, adapters off; critic =
+                                                      # a value head on the actor (--separate_critic: its own model)
 Distributed (DDP; every process samples its own rollouts, gradients are averaged):
     torchrun --standalone --nproc_per_node=2 rlhf_ppo.py --init_from runs/sft --reward_model runs/rm ...
     torchrun ... rlhf_ppo.py ... --parallel fsdp --save_interval 0   # all four models sharded (common.generate)
@@ -20,6 +21,9 @@ Four models (DeepSpeed-Chat's names):
   reward     r(x, y), reward.py's model, frozen; scores the whole response at its last token
   critic     V(s_t), trained; a reward model's backbone + head read at EVERY token, in normalised
              reward units (--critic_from, default --reward_model: it already knows a good answer)
+With --lora_rank the reference is the actor with its adapters off and the critic a value head on the
+actor's backbone (ValueHead; --separate_critic for the model above): one backbone in memory, plus the
+reward model.
 Memory: the frozen two run under no_grad in eval mode, with bf16 block weights when the run computes in
 bf16 (cuda; see frozen()); --offload parks them on the CPU outside the scoring phase. Actor, critic, reference and
 reward model are loaded separately, and the script checks that they share no storage.
@@ -72,7 +76,8 @@ save_hf, dpo.py), metrics.json (what the lab report reads; keys as dpo.py's):
   weights_in_sync                      all processes ended with identical actor and critic weights
 
 Simplifications on purpose: no FSDP (generation runs on whole models); the critic is a separate model
-(no shared trunk with a value head: nothing shared by accident, at twice the memory); advantages are
+(no shared trunk with a value head: nothing shared by accident, at twice the memory) -- except with
+--lora_rank, where it is a value head on the actor's backbone (ValueHead: why); advantages are
 whitened per process; "best" is not kept (no held-out loss to pick it by; final.pt is the result).
 """
 import argparse
@@ -83,6 +88,8 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
 import chat
 import common
@@ -90,7 +97,6 @@ import sft
 from common import (check_kl_at_start, check_ratio, frozen, kl_estimates, kl_to_model, load_prompts,  # RL helpers
                     masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
 from data import lab
-from lora import BaseView
 from reward import load_reward_model, reward_scorer, tokenizer_for
 
 # -----------------------------------------------------------------------------
@@ -107,6 +113,9 @@ def get_args(argv=None):
     m.add_argument("--critic_from", default=None,
                    help="reward checkpoint the critic starts from (default: --reward_model)")
     m.add_argument("--critic_lr", type=float, default=None, help="critic learning rate (default: --lr)")
+    m.add_argument("--separate_critic", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --lora_rank: the critic as its own model (--critic_from + adapters + head) instead of "
+                        "a value head on the actor's backbone (without --lora_rank it is always its own model)")
     m.add_argument("--offload", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the frozen reference and reward model on the CPU except while scoring (saves GPU memory)")
     r = parser.add_argument_group("ppo: rollouts")
@@ -323,6 +332,38 @@ def repeats(ids, n=4):
 # its log-probs, shared with grpo.py, are common.py's RL helpers)
 
 
+class ValueHead(nn.Module):
+    """The critic of a LoRA run (unless --separate_critic): V(s_t) = w . h_t, a linear head on the
+    actor's own final hidden states, adapters on -- no second backbone in memory, as the reference
+    (the actor with its adapters off) is no second copy either.
+
+    The value loss does not reach the adapters: the backbone runs under no_grad here, and only w
+    learns. TRL's classic PPO (a value head on the shared, LoRA-adapted policy) lets it, with one
+    loss pg + vf_coef * vf: the actor's features then serve two objectives, the balance is one more
+    knob, and early value errors (the head starts knowing nothing) push the policy. OpenRLHF keeps
+    the critic a separate model. Detached, the actor's update is PPO's alone, the critic keeps its
+    own learning rate and clip, and the cost is one forward without a backward. The price: a linear
+    critic on features it cannot shape -- --separate_critic gives the full one back.
+
+    The head starts at zero with statistics (0, 1): its first guess is V = 0, the mean of the
+    normalised scores, for every state (a separate critic starts from the reward model instead)."""
+
+    def __init__(self, actor: nn.Module):
+        super().__init__()
+        self.config = actor.config
+        self._actor = [actor]   # in a list: not a submodule, so the critic's parameters are the head alone
+        self.head = nn.Linear(actor.config.dim, 1, bias=False)
+        nn.init.zeros_(self.head.weight)
+        self.register_buffer("reward_mean", torch.zeros(()))   # critic_values' affine map: the identity
+        self.register_buffer("reward_std", torch.ones(()))
+
+    def forward(self, idx, attention_mask=None, per_token=True):   # (B, T) values, as RewardModel(per_token)
+        with torch.no_grad():
+            h = self._actor[0].hidden_states(idx, attention_mask)
+        with torch.autocast(device_type=h.device.type, enabled=False):   # fp32, as reward.py's head
+            return F.linear(h.float(), self.head.weight.float()).squeeze(-1)
+
+
 def critic_values(critic, idx, attn, P):
     """V(s_t) for the state before each answer token (B, R): the critic's head at column P + j - 1, in
     NORMALISED reward units, like the scores it must predict. The head of a critic started from the
@@ -425,14 +466,15 @@ def train(args, info):
     actor, meta = common.load_model(args.init_from)
     actor = common.setup_lora(actor, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
     tok = tokenizer_for(meta, args)
-    if args.lora_rank > 0 and not args.ref_model:
-        ref = BaseView(actor)   # LoRA: the reference is the actor with its adapters off, no second copy
-    else:
-        ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device, info, args.parallel)
+    ref = common.reference_model(actor, args, dtype, device, info, args.parallel)   # LoRA: the actor, adapters off
     rm, rm_meta = load_reward_model(args.reward_model)
-    critic, _ = load_reward_model(args.critic_from or args.reward_model)
-    # LoRA: the critic (its own model, started from the reward model) trains adapters and its head
-    critic = common.setup_lora(critic, args, common.resolve_checkpoint(args.critic_from or args.reward_model), dtype)
+    if args.lora_rank > 0 and not args.separate_critic:
+        critic = ValueHead(actor)   # LoRA: a value head on the actor's backbone, no second backbone
+    else:
+        critic, _ = load_reward_model(args.critic_from or args.reward_model)
+        # LoRA, --separate_critic: the critic (its own model, from the reward model) trains adapters and its head
+        critic = common.setup_lora(critic, args, common.resolve_checkpoint(args.critic_from or args.reward_model),
+                                   dtype)
     if (rm_meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
         common.fail(f"the reward model ({rm_meta['path']}) was trained with another tokenizer than the actor")
     rm = frozen(rm, dtype, device, info, args.parallel)   # fsdp: sharded, no optimizer (so is ref)
@@ -487,8 +529,10 @@ def train(args, info):
         print0(f"resumed from {resume_path} at iteration {it}")
     common.save_config(args, args.out_dir)
     logger = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
-    print0(f"actor {meta['path']} ({raw_actor.num_params() / 1e6:.2f}M), reward model {rm_meta['path']}, critic from "
-           f"{args.critic_from or args.reward_model}; {args.parallel} x {world} on {device}, {dtype}; "
+    critic_desc = "a value head on the actor's backbone" if isinstance(raw_critic, ValueHead) else \
+        f"from {args.critic_from or args.reward_model}"
+    print0(f"actor {meta['path']} ({raw_actor.num_params() / 1e6:.2f}M), reward model {rm_meta['path']}, critic "
+           f"{critic_desc}; {args.parallel} x {world} on {device}, {dtype}; "
            f"{len(records)} prompts, {args.rollout_batch} answers per process per iteration, "
            f"{args.max_steps} iterations")
     reward_fn = reward_scorer(rm, tok, device, ctx, args.missing_eos_penalty)

@@ -323,7 +323,7 @@ def dry_run(args):
         return model(x, x.masked_fill(torch.arange(T) < T // 2, -100))[1]
     measured = common.fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
                                    args.activation_checkpointing, args.fsdp_skip_accum_sync,
-                                   shard_size=args.fsdp_shard_size)
+                                   shard_size=args.fsdp_shard_size, lora=args)
     common.print_dry_run(measured, args.world_size, args.gpu_mem_gb,
                          common.dry_run_label("sft", args, dtype, f"{args.batch_size} x {T}"))
     return measured

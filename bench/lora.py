@@ -4,6 +4,7 @@ bench/lora.py -- what LoRA saves and what it costs (a benchmark, not a test).
     python bench/lora.py counts                          # lab preset + llama2-7b (meta device), r = 16
     python bench/lora.py dpo-memory                      # peak memory of dpo.py: full vs LoRA (subprocesses)
     python bench/lora.py sft --run_dir LAB_RUN           # full vs LoRA SFT from LAB_RUN/pretrain/final.pt
+    python bench/lora.py sft --run_dir LAB_RUN --runs lab,lora   # LoRA vs the lab's own SFT (not retrained)
 
 counts      trainable parameters and AdamW state (bytes), full fine-tuning vs LoRA on all seven
             targets. The lab model's AdamW state is measured after a real step; the 7B one is the
@@ -18,10 +19,12 @@ dpo-memory  dpo.py itself, 3 steps, in a fresh process each: full DPO (policy + 
             (memory does not depend on what the weights are), built wide enough that its states
             dominate: --dim 768 --n_layers 8 by default (~57M parameters), 2 prompt groups per step.
             Target: <= 0.6x.
-sft         sft.py twice from the same pretrained lab model with the lab's SFT settings (run_lab.py,
-            read from LAB_RUN/run.json), equal steps: full, then --lora_rank 16 at --lora_lr. Then
+sft         sft.py twice from the same pretrained lab model with the lab's SFT settings and seed (run_lab.py,
+            read from LAB_RUN/run.json), equal steps: full, then --lora_rank 16 at --lora_lr; or, with
+            --runs lab,lora, LAB_RUN/sft (run_lab.py's own full SFT) graded instead of retrained. Then
             greedy answers to LAB_RUN/data/eval_qa.jsonl graded by the lab checker (run_lab.py's
-            evaluation). Reported: held-out accuracy, wall time, trainable parameters, AdamW bytes.
+            evaluation). Reported: held-out accuracy (95% Wilson interval; LoRA - full with the paired
+            bootstrap over questions), wall and CPU time, trainable parameters, AdamW bytes.
 
 Every run here is one process with OMP_NUM_THREADS=1 (--threads); on a shared machine the wall
 times move with the load, the counts and accuracies do not.
@@ -29,6 +32,7 @@ times move with the load, the counts and accuracies do not.
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -128,39 +132,57 @@ def dpo_memory(args, env):
 
 def sft_compare(args, env):
     import chat
+    import run_lab
+    from data import lab
     run = args.run_dir
     with open(os.path.join(run, "run.json"), encoding="utf-8") as f:
-        s = json.load(f)["sizes"]["sft"]
+        rj = json.load(f)
+    s = rj["sizes"]["sft"]
     out = args.out_dir or tempfile.mkdtemp(prefix="lora_sft_")
+    # run_lab.py's SFT command for this run (its seed too), without the periodic evals
     flags = ["--init_from", os.path.join(run, "pretrain", "final.pt"), "--data", os.path.join(run, "data", "sft_train.jsonl"),
              "--val_data", os.path.join(run, "data", "sft_val.jsonl"), "--save_interval", "0", "--device", "cpu",
-             "--seed", "0", "--eval_interval", "0", "--pretrain_data", os.path.join(run, "tokens")]
+             "--seed", str(rj.get("seed", 0)), "--eval_interval", "0", "--pretrain_data", os.path.join(run, "tokens")]
     for k in ("max_steps", "batch_size", "min_lr", "warmup_steps", "log_interval", "pretrain_ratio"):
         flags += [f"--{k}", str(s[k])]
     qa = [json.loads(line) for line in open(os.path.join(run, "data", "eval_qa.jsonl"), encoding="utf-8")]
-    res = {"steps": s["max_steps"], "n_eval_qa": len(qa)}
-    for name, extra in (("full", ["--lr", str(s["lr"])]),
-                        ("lora", ["--lr", str(args.lora_lr), "--lora_rank", str(args.rank),
-                                  "--lora_alpha", str(2 * args.rank)])):
-        if name not in args.runs.split(","):
-            continue
-        d = os.path.join(out, name)
-        t0 = time.time()
-        subprocess.run([sys.executable, "sft.py", *flags, *extra, "--out_dir", d], env=env, cwd=REPO, check=True,
-                       stdout=subprocess.DEVNULL)
-        wall = time.time() - t0
+    res = {"steps": s["max_steps"], "n_eval_qa": len(qa), "seed": rj.get("seed", 0), "lora_lr": args.lora_lr,
+           "rank": args.rank}
+    runs = [("full", ["--lr", str(s["lr"])]),
+            ("lora", ["--lr", str(args.lora_lr), "--lora_rank", str(args.rank), "--lora_alpha", str(2 * args.rank)])]
+    # "lab": the full SFT run_lab.py already trained in RUN_DIR/sft (the same command), graded, not rerun
+    todo = [("lab", None)] * ("lab" in args.runs.split(",")) + [r for r in runs if r[0] in args.runs.split(",")]
+    for name, extra in todo:
+        d = os.path.join(run, "sft") if extra is None else os.path.join(out, name)
+        if extra is not None:
+            t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run([sys.executable, "sft.py", *flags, *extra, "--out_dir", d], env=env, cwd=REPO, check=True,
+                           stdout=subprocess.DEVNULL)
+            cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            wall, cpu = time.time() - t0, cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
         log = common.read_jsonl(os.path.join(d, "log.jsonl"))
         start = next(r for r in log if r.get("event") == "start")
         model, tok = chat.load_chat_model(os.path.join(d, "final.pt"))
         answers = chat.generate_answers(model, tok, [r["messages"] for r in qa], max_new_tokens=48)
-        acc = chat.evaluate_lab(None, tok, qa, answers=answers)["accuracy"]
+        oks = [int(lab.check(a, r["truth"])) for a, r in zip(answers, qa)]
         ck = torch.load(os.path.join(d, "final.pt"), map_location="cpu", weights_only=True)
         n_train = sum(v.numel() for v in ck["model"].values()) if "lora" in ck else start["params"]
-        res[name] = {"accuracy": acc, "wall_s": round(wall, 1), "trainable": n_train, "adamw_bytes": 8 * n_train,
+        res[name] = {"accuracy": sum(oks) / len(oks), "ci95": run_lab.wilson(sum(oks), len(oks)), "oks": oks,
+                     "trainable": n_train, "adamw_bytes": 8 * n_train,
                      "final_ckpt_bytes": os.path.getsize(os.path.join(d, "final.pt"))}
-        print(f"{name:>5} SFT: held-out accuracy {acc:.1%} ({len(qa)} questions), {wall:.0f} s wall for "
-              f"{s['max_steps']} steps, {n_train / 1e6:.3f}M trainable, AdamW {8 * n_train / MB:.2f} MB, "
-              f"final.pt {res[name]['final_ckpt_bytes'] / MB:.2f} MB", flush=True)
+        if extra is not None:
+            res[name].update(wall_s=round(wall, 1), cpu_s=round(cpu, 1))
+        r = res[name]
+        print(f"{name:>5} SFT: held-out accuracy {r['accuracy']:.1%} (95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}, "
+              f"n={len(qa)}), " + (f"{wall:.0f} s wall / {cpu:.0f} s CPU for {s['max_steps']} steps, "
+                                    if extra is not None else "") +
+              f"{n_train / 1e6:.3f}M trainable, AdamW {8 * n_train / MB:.2f} MB, "
+              f"final.pt {r['final_ckpt_bytes'] / MB:.2f} MB", flush=True)
+    full = "full" if "full" in res else "lab" if "lab" in res else None
+    if full and "lora" in res:
+        res["lora_minus_full"] = run_lab.paired_bootstrap(res["lora"]["oks"], res[full]["oks"])
+        g = res["lora_minus_full"]
+        print(f"LoRA - full: {100 * g[0]:+.1f} points (95% CI {100 * g[1]:+.1f} to {100 * g[2]:+.1f}, paired bootstrap)")
     return res
 
 
@@ -174,9 +196,11 @@ def main():
     parser.add_argument("--batch_size", type=int, default=2, help="dpo-memory: prompt groups per step")
     parser.add_argument("--prefs", default=None, help="dpo-memory: preference file (default: 64 lab pairs)")
     parser.add_argument("--run_dir", default=None, help="sft: a run_lab.py directory with pretrain/final.pt")
-    parser.add_argument("--lora_lr", type=float, default=1e-2, help="sft: LoRA's learning rate")
+    parser.add_argument("--lora_lr", type=float, default=3e-3,
+                        help="sft: LoRA's learning rate (lab size, seed 0: 3e-3 kept 2.8 points more than 1e-2)")
     parser.add_argument("--out_dir", default=None, help="sft: where the two runs go (default: a temp dir)")
-    parser.add_argument("--runs", default="full,lora", help="sft: which of the two runs to do")
+    parser.add_argument("--runs", default="full,lora",
+                        help="sft: which runs, of full,lora and lab (RUN_DIR/sft graded as it is)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -46,6 +46,7 @@ TRAJECTORY_TESTS = {
     "test_lab_dpo_beats_sft", "test_rounds_sample_rank_and_train", "test_sft_beats_its_pretrained_start_on_lab_questions",
     "test_tiny_model_learns_repeated_data", "test_lab_reward_model_accuracy", "test_lab_stats_checkpoints_and_scoring",
     "test_fine_tuned_model_learned_the_conversations",
+    "test_lora_ppo_holds_one_backbone_starts_at_kl_zero_and_raises_the_reward",
 }
 
 

@@ -355,3 +355,44 @@ def test_ddp_gradients_equal_one_process(tok, tmp_path, one_thread, lab_sets):
     assert all(v is True for _, v, _ in results if not isinstance(v, dict))
     log = [r for r in common.read_jsonl(str(tmp_path / "ddp" / "log.jsonl")) if "reward" in r]
     assert len(log) == 2 and log[0]["groups"] == 4 and all(r["ratio_dev"] < 1e-4 for r in log)
+
+
+# -----------------------------------------------------------------------------
+# LoRA: the reference is the policy with its adapters off
+
+
+def test_lora_reference_is_the_base_only_adapters_train_and_resume_is_exact(tok, tmp_path, one_thread, lab_sets,
+                                                                          monkeypatch):
+    """grpo.py --lora_rank: one model loaded (the reference is the policy with its adapters off, so the
+    KL at iteration 0 is exactly 0 and the first minibatch's ratio 1); only the adapters move, have
+    gradients and AdamW state; checkpoints are adapter-only and a resumed run ends on the same adapters."""
+    d = write_fixture(tmp_path, tok, lab_sets)
+    loads = []
+    real_load = common.load_model
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    flags = ("--max_steps", "4", "--save_interval", "2", "--keep_last", "0", "--kl", "k3_loss", "--kl_coef", "0.1",
+             "--lora_rank", "4", "--lora_alpha", "8", "--lr", "3e-2")
+    ma = grpo.main(grpo_argv(d, tmp_path / "a", *flags))
+    assert loads == [str(d / "init")]                  # the policy only: no reference copy
+    inv = ma["invariants"]
+    assert inv["kl_at_start"] == 0.0                   # adapters at B = 0 add exact zeros
+    assert inv["ratio_failures"] == 0 and inv["ratio_max_dev"] < inv["ratio_tol"]
+    step = torch.load(tmp_path / "a" / "step_0000002.pt", weights_only=True)
+    assert step["lora"]["base_sha256"] == common.file_sha256(str(d / "init" / "final.pt"))
+    names = list(step["model"])
+    assert names and all(".lora." in k and k.endswith((".A", ".B")) for k in names)
+    # AdamW holds state for exactly the adapters (the optimizer's params are the trainable ones, in order)
+    state = step["optimizer"]["state"]
+    assert len(state) == len(names) and all(state[i]["exp_avg"].shape == step["model"][k].shape
+                                            for i, k in enumerate(names))
+    log = [r for r in common.read_jsonl(str(tmp_path / "a" / "log.jsonl")) if "reward" in r]
+    assert log[0]["kl"] == 0.0 and log[-1]["kl"] != 0.0      # the first rollout is the reference's own
+    # the adapters trained: the merged final model is not the base
+    final, _ = common.load_model(str(tmp_path / "a" / "final.pt"))
+    base = real_load(str(d / "init"))[0].state_dict()
+    assert max((v - base[k]).abs().max().item() for k, v in final.state_dict().items()) > 1e-4
+    os.makedirs(tmp_path / "b")
+    shutil.copy(tmp_path / "a" / "step_0000002.pt", tmp_path / "b" / "step_0000002.pt")
+    grpo.main(grpo_argv(d, tmp_path / "b", *flags, "--resume"))
+    a, b = (torch.load(tmp_path / x / "final.pt", weights_only=True)["model"] for x in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

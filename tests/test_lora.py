@@ -330,7 +330,7 @@ def test_reward_model_with_lora_trains_head_and_adapters_and_reloads(prefs, tiny
             assert (merged(x, mask) - live(x, mask)).abs().max() > 1e-4   # the adapters matter, not the head alone
 
 
-def test_ppo_with_lora_reference_is_the_base_kl_starts_at_zero(prefs, tiny_init, one_thread, monkeypatch):
+def test_ppo_with_lora_and_separate_critic_reference_is_the_base_kl_starts_at_zero(prefs, tiny_init, one_thread, monkeypatch):
     import json
     import reward
     import rlhf_ppo
@@ -348,10 +348,84 @@ def test_ppo_with_lora_reference_is_the_base_kl_starts_at_zero(prefs, tiny_init,
     rlhf_ppo.main(["--init_from", str(tiny_init), "--reward_model", str(prefs / "rm"), "--prompts",
                    str(prefs / "prompts.jsonl"), "--out_dir", str(prefs / "ppo"), "--max_steps", "2",
                    "--rollout_batch", "4", "--batch_size", "4", "--max_new_tokens", "8", "--eval_interval", "0",
-                   "--save_interval", "0", "--lr", "3e-2", *LORA])
-    assert loads == [str(tiny_init)]           # the actor only: no reference copy
+                   "--save_interval", "0", "--lr", "3e-2", "--separate_critic", *LORA])
+    assert loads == [str(tiny_init)]           # the actor only: no reference copy (the critic: the RM + adapters;
+    # the default LoRA critic, a value head on the actor, is test_ppo's test_lora_ppo_holds_one_backbone...)
     m = json.load(open(prefs / "ppo" / "metrics.json"))
     assert m["invariants"]["kl_at_start"] == 0.0
     ckpt = torch.load(prefs / "ppo" / "final.pt", weights_only=True)
     assert "lora" in ckpt and all(".lora." in k for k in ckpt["model"])
     assert any(v.abs().sum() > 0 for k, v in ckpt["model"].items() if k.endswith(".B"))   # the actor trained
+
+
+# -----------------------------------------------------------------------------
+# The base's hash: once per file, and on rank 0 only
+
+
+def test_base_is_hashed_once_and_on_rank_0_only(tmp_path, monkeypatch):
+    """A 7B base is 13 GB: loading an adapter checkpoint hashes it once (not once to check it and again
+    to set the adapters up), a second load not at all, a changed file again; in a distributed setup only
+    rank 0 reads it (the others get the hash by broadcast)."""
+    model = tiny(seed=1)
+    common.save_checkpoint(str(tmp_path / "base"), "final", model, step=0, config={})
+    base = str(tmp_path / "base" / "final.pt")
+    setup_like_run(model, base)
+    common.save_checkpoint(str(tmp_path / "run"), "final", model, step=0, config={})
+    calls = []
+    real = common.file_sha256
+    monkeypatch.setattr(common, "file_sha256", lambda p: calls.append(p) or real(p))
+    common._SHA256_SEEN.clear()
+    common.load_model(str(tmp_path / "run" / "final.pt"))
+    common.load_model(str(tmp_path / "run" / "final.pt"))
+    assert calls == [base]
+    common.save_checkpoint(str(tmp_path / "base"), "final", tiny(seed=2), step=0, config={})   # another file
+    with pytest.raises(SystemExit, match="refusing another base"):
+        common.load_model(str(tmp_path / "run" / "final.pt"))
+    assert calls == [base, base]
+    # rank 1 of 2: takes rank 0's hash from the broadcast and reads nothing
+    common._SHA256_SEEN.clear()
+    sent = []
+    monkeypatch.setattr(common.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(common.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(common.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(common.dist, "broadcast_object_list",   # what rank 0 sends: "h0"
+                        lambda box, src: sent.append(src) or common.dist.get_rank() == src or box.__setitem__(0, "h0"))
+    assert common.base_sha256(base) == "h0" and sent == [0] and calls == [base, base]
+    monkeypatch.setattr(common.dist, "get_rank", lambda: 0)                    # rank 0 hashes and sends
+    assert common.base_sha256(base) == real(base) and sent == [0, 0] and calls == [base, base, base]
+
+
+# -----------------------------------------------------------------------------
+# The FSDP dry run with LoRA (fake tensors: the numbers are exact functions of the shapes)
+
+
+def test_fsdp_dry_run_with_lora_holds_states_for_the_adapters_only(capsys):
+    """pretrain.py --estimate --dry_run --lora_rank 16 at tests/test_fsdp.py's CI shape (llama1-7b
+    width, 2 layers, 8 ranks, bf16): AdamW holds exactly two fp32 moments of the adapters' shards (and
+    a step counter per adapter tensor), a small fraction of full training's 8N / W; the frozen base is
+    stored in bf16, so the parameters are below full training's fp32 shards; --estimate's LoRA closed
+    form is within +-15% of it. sft.py / dpo.py --dry_run add the adapters too; LoRA-DPO's reference
+    is the base under them, so it holds no second model."""
+    import dpo
+    import pretrain
+    from test_fsdp import DRY
+    measured = pretrain.main([*DRY, "--lora_rank", "16"])
+    out = capsys.readouterr().out
+    assert "LoRA rank 16 (frozen base)" in out
+    c = LlamaConfig.from_preset("llama1-7b", n_layers=2, max_seq_len=2048)
+    e = pretrain.estimate(c, 1, 2048, 2, 8, torch.bfloat16, lora_rank=16)
+    full = pretrain.estimate(c, 1, 2048, 2, 8, torch.bfloat16)
+    n, a, W = e["params"], e["lora_params"], 8
+    with torch.device("meta"):
+        n_adapter_tensors = sum(p.requires_grad for p in apply_lora(Llama(c), 16, 32.0).parameters())
+    assert measured["optimizer"] == 8 * a / W + 4 * n_adapter_tensors
+    assert measured["optimizer"] < 0.02 * full["fsdp"]["adamw"]
+    assert measured["params"] < full["fsdp"]["weights"] - 1.5 * n / W                 # 2 bytes per frozen weight
+    assert abs(e["fsdp"]["total_ckpt"] / measured["total"] - 1) < 0.15, (e["fsdp"], measured)
+    flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16", "--lora_rank", "4"]
+    s = sft.main(["--dry_run", "--init_from", "tiny", "--seq_len", "64", *flags])
+    d = dpo.main(["--dry_run", "--init_from", "tiny", "--max_seq_len", "64", *flags])
+    a_tiny = sum(p.numel() for p in lora_tiny(rank=4, embeddings=False)[0].parameters() if p.requires_grad)
+    assert s["optimizer"] == d["optimizer"] == 8 * a_tiny / 4 + 4 * 2 * 7 * LlamaConfig.from_preset("tiny").n_layers
+    assert d["params"] == s["params"]                # no frozen reference copy next to the policy
+    assert "reference the base, adapters off" in capsys.readouterr().out

@@ -475,3 +475,63 @@ def test_ddp_two_processes_stay_in_sync(lab_models, tmp_path):
     before = common.load_model(str(d / "sft"))[0].state_dict()
     after = common.load_model(str(tmp_path / "ddp" / "final.pt"))[0].state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+# -----------------------------------------------------------------------------
+# LoRA: the reference is the actor with its adapters off, the critic a value head on the actor
+
+
+def test_value_head_trains_only_its_head():
+    """ValueHead reads the actor's hidden states (adapters on) without a graph: the value loss's
+    gradient reaches the head alone, never the adapters; V = 0 at the start (zero head)."""
+    from lora import apply_lora
+    torch.manual_seed(0)
+    actor = apply_lora(Llama(LlamaConfig.from_preset("tiny")), 4, 8.0)
+    for _, p in actor.named_parameters():
+        if p.requires_grad:
+            p.data.normal_(std=0.1)   # (non-zero B: the adapters change the hidden states)
+    critic = ppo.ValueHead(actor)
+    assert [n for n, _ in critic.named_parameters()] == ["head.weight"]      # no backbone of its own
+    idx = torch.randint(0, 256, (2, 10))
+    values = critic(idx, torch.ones_like(idx), per_token=True)
+    assert values.shape == (2, 10) and torch.count_nonzero(values) == 0
+    (values - 1).pow(2).mean().backward()
+    assert critic.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in actor.parameters())
+    with torch.no_grad():
+        critic.head.weight.normal_()
+        assert torch.allclose(critic(idx), actor.hidden_states(idx) @ critic.head.weight[0], atol=1e-5)
+
+
+def test_lora_ppo_holds_one_backbone_starts_at_kl_zero_and_raises_the_reward(lab_models, tmp_path, one_thread,
+                                                                             monkeypatch):
+    """rlhf_ppo.py --lora_rank: one policy model is loaded (the reference is the actor with its adapters
+    off) and one reward model (the critic is a value head on the actor, not a copy of the reward model);
+    the step-0 invariants hold (KL exactly 0, ratio 1 on the first minibatch); the critic's state is one
+    vector; and 16 iterations raise the rollout reward and the checker's accuracy.
+    Measured (this fixture, 16 iterations, rollout means of the last 5 iterations vs the first 5), seeds 1, 2, 3:
+    reward +1.11 / +0.94 / +1.26, accuracy +0.125 / +0.069 / +0.113 (this test: seed 1; the perturbation
+    cells in the commit message). Asserted: reward +0.5, accuracy up."""
+    d = lab_models
+    loads, rm_loads = [], []
+    real_load, real_rm = common.load_model, ppo.load_reward_model
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    monkeypatch.setattr(ppo, "load_reward_model", lambda *a, **k: rm_loads.append(a[0]) or real_rm(*a, **k))
+    out = tmp_path / "lora"
+    m = ppo.main(ppo_argv(d, out, "--max_steps", "16", "--rollout_batch", "32", "--lora_rank", "4", "--lora_alpha", "8",
+                          "--lr", "2e-3", "--min_lr", "2e-4", "--save_interval", "8", "--keep_last", "0"))
+    assert loads == [str(d / "sft")] and rm_loads == [str(d / "rm")]
+    inv = m["invariants"]
+    assert inv["kl_at_start"] == 0.0 and inv["ratio_failures"] == 0 and inv["ratio_max_dev"] < inv["ratio_tol"]
+    step = torch.load(out / "step_0000008.pt", weights_only=True)
+    assert all(".lora." in k for k in step["model"])                       # the actor: adapters only
+    dim = common.load_model(str(d / "sft"))[0].config.dim
+    assert {k: tuple(v.shape) for k, v in step["critic"].items()} == {"head.weight": (1, dim), "reward_mean": (),
+                                                                      "reward_std": ()}
+    assert len(step["critic_optimizer"]["state"]) == 1
+    log = [r for r in common.read_jsonl(str(out / "log.jsonl")) if "reward_raw" in r]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    print("LoRA PPO gains: reward", mean(log[-5:], "reward_raw") - mean(log[:5], "reward_raw"),
+          "accuracy", mean(log[-5:], "accuracy") - mean(log[:5], "accuracy"))
+    assert mean(log[-5:], "reward_raw") > mean(log[:5], "reward_raw") + 0.5
+    assert mean(log[-5:], "accuracy") > mean(log[:5], "accuracy")
