@@ -101,6 +101,43 @@ def check_frozen(rank, info, tok):
             "score_diff": diff, "bf16_identical": same}
 
 
+def check_sharded_start(rank, info, d):
+    """The RL stages' sharded start (no whole model on any rank): the frozen reference and reward model
+    through common.load_frozen_sharded, the critic through load_model_sharded, against whole loads:
+    the same tensors (gathered), each rank having read exactly its own shards' bytes, frozen ones
+    without gradients and in eval mode, and the same scores."""
+    out = {}
+    wrap = lambda m: common.wrap_model(m, info, "fsdp")   # noqa: E731
+    for name, (sharded, whole) in {
+            "ref": (common.load_frozen_sharded(str(d / "init"), info, torch.float32),
+                    common.load_model(str(d / "init"))),
+            "rm": (common.load_frozen_sharded(str(d / "rm"), info, torch.float32, 0, reward.RewardModel,
+                                              reward.REWARD_KIND), reward.load_reward_model(str(d / "rm"))),
+            "critic": (common.load_model_sharded(str(d / "rm"), info, wrap, reward.RewardModel,
+                                                 kind=reward.REWARD_KIND), reward.load_reward_model(str(d / "rm")))
+    }.items():
+        (model, meta), plain = sharded, whole[0]
+        state, want = model.state_dict(keep_vars=True), plain.state_dict(keep_vars=True)
+        local = {id(v): v for v in state.values()}   # (a tied weight once)
+        with torch.no_grad():
+            diff = max((v.full_tensor() if hasattr(v, "full_tensor") else v).sub(want[k]).abs().max().item()
+                       for k, v in state.items())
+        out[name] = {
+            "diff": diff,
+            "keys": sorted(state) == sorted(want),
+            "bytes_read": meta["bytes_read"],
+            "own_bytes": sum((v.to_local() if hasattr(v, "to_local") else v).nbytes for v in local.values()),
+            "whole_bytes": sum(v.nbytes for v in {id(v): v for v in want.values()}.values()),
+            "frozen": not model.training and not any(p.requires_grad for p in model.parameters()),
+            "trainable": all(p.requires_grad for p in model.parameters())}
+        if name != "ref":
+            idx = torch.randint(0, plain.backbone.config.vocab_size, (2, 9),
+                                generator=torch.Generator().manual_seed(rank))
+            with torch.no_grad():
+                out[name]["score_diff"] = (model(idx) - plain(idx)).abs().max().item()
+    return out
+
+
 # -----------------------------------------------------------------------------
 # The scripts: ddp vs fsdp
 
@@ -127,13 +164,13 @@ def write_fixture(d, tok):
     common.save_checkpoint(str(d / "rm"), "final", rm, step=0, config={}, tokenizer=tok, kind=reward.REWARD_KIND)
 
 
-def ppo_argv(d, out, parallel):
+def ppo_argv(d, out, parallel, *extra):
     return ["--init_from", str(d / "init"), "--reward_model", str(d / "rm"), "--prompts", str(d / "prompts.jsonl"),
             "--out_dir", str(out), "--parallel", parallel, "--max_steps", "2", "--rollout_batch", "4",
             "--batch_size", "2", "--max_new_tokens", "10", "--lr", "1e-3", "--critic_lr", "1e-3", "--warmup_steps",
             "1", "--eval_data", str(d / "eval.jsonl"), "--eval_interval", "1", "--eval_sample", "2",
             "--eval_limit", "2", "--eval_max_new_tokens", "8", "--sample_interval", "0", "--save_interval", "0",
-            "--log_interval", "1000", "--seed", "1"]
+            "--log_interval", "1000", "--seed", "1", *extra]
 
 
 def grpo_argv(d, out, parallel, *extra):
@@ -156,14 +193,17 @@ def dpo_argv(d, out, parallel):
 def run_scripts(rank, d):
     out = {}
     for parallel in ("ddp", "fsdp"):
-        out["ppo", parallel] = rlhf_ppo.main(ppo_argv(d, d / f"ppo_{parallel}", parallel))
-        # (a resume checkpoint after iteration 1: sharded under fsdp)
+        # (resume checkpoints after iteration 1: sharded under fsdp, written in the background)
+        out["ppo", parallel] = rlhf_ppo.main(ppo_argv(d, d / f"ppo_{parallel}", parallel, "--save_interval", "1"))
         out["grpo", parallel] = grpo.main(grpo_argv(d, d / f"grpo_{parallel}", parallel, "--save_interval", "1"))
         dpo.main(dpo_argv(d, d / f"dpo_{parallel}", parallel))
-    # GRPO under FSDP resumed from its sharded checkpoint of iteration 1
+    # PPO and GRPO under FSDP resumed from their sharded checkpoints of iteration 1
     if rank == 0:
-        shutil.copytree(d / "grpo_fsdp" / "step_0000001", d / "grpo_fsdp_resume" / "step_0000001")
+        for stage in ("ppo", "grpo"):
+            shutil.copytree(d / f"{stage}_fsdp" / "step_0000001", d / f"{stage}_fsdp_resume" / "step_0000001")
     dist.barrier()
+    out["ppo", "fsdp_resume"] = rlhf_ppo.main(ppo_argv(d, d / "ppo_fsdp_resume", "fsdp", "--save_interval", "1",
+                                                       "--resume"))
     out["grpo", "fsdp_resume"] = grpo.main(grpo_argv(d, d / "grpo_fsdp_resume", "fsdp", "--save_interval", "1",
                                                      "--resume"))
     # bf16 autocast: the sharded reference gathers the policy's bf16 weights (KL exactly 0 at the start)
@@ -183,7 +223,7 @@ def _worker(rank, store, d, queue):
         info = common.DistInfo(rank, rank, 2, torch.device("cpu"))
         tok = Tokenizer()
         queue.put((rank, {"gen": check_generation(rank, info, tok), "frozen": check_frozen(rank, info, tok),
-                          "scripts": run_scripts(rank, d)}, None))
+                          "start": check_sharded_start(rank, info, d), "scripts": run_scripts(rank, d)}, None))
     except BaseException:   # every rank's traceback: the first error may be the victim's
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -290,15 +330,32 @@ def test_grpo_block_by_block_generation_matches_the_gathered_rollout(two_ranks):
     assert max_diff(final_weights(d / "grpo_fsdp_block"), final_weights(d / "grpo_fsdp")) < 1e-6
 
 
-def test_grpo_under_fsdp_resumes_exactly(two_ranks):
-    """Iteration 2 again from the sharded resume checkpoint of iteration 1 (weights, AdamW, RNG):
-    the same rollout, loss and final weights, bit for bit."""
+@pytest.mark.parametrize("stage,keys", [("grpo", ("reward", "policy_loss", "kl")),
+                                        ("ppo", ("reward_raw", "policy_loss", "kl", "value_loss", "explained_var",
+                                                 "vf_clipfrac", "kl_coef"))])
+def test_ppo_and_grpo_under_fsdp_resume_exactly(two_ranks, stage, keys):
+    """Iteration 2 again from the sharded resume checkpoint of iteration 1, written in the background
+    (weights, AdamW, RNG; PPO's critic and its AdamW sharded beside the actor's): the same rollout,
+    losses (PPO's value loss: the critic was restored) and final weights, bit for bit."""
     d, _ = two_ranks
-    a, b = final_weights(d / "grpo_fsdp"), final_weights(d / "grpo_fsdp_resume")
+    assert (d / f"{stage}_fsdp" / "step_0000001").is_dir()   # a DCP directory
+    a, b = final_weights(d / f"{stage}_fsdp"), final_weights(d / f"{stage}_fsdp_resume")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    keys = lambda r: (r["reward"], r["policy_loss"], r["kl"])   # noqa: E731
-    assert [keys(r) for r in rows(d / "grpo_fsdp", "reward")[1:]] == [keys(r) for r in rows(d / "grpo_fsdp_resume",
-                                                                                              "reward")]
+    pick = lambda r: [r[k] for k in keys]   # noqa: E731
+    want, got = rows(d / f"{stage}_fsdp", keys[0])[1:], rows(d / f"{stage}_fsdp_resume", keys[0])
+    assert len(got) == 1 and [pick(r) for r in want] == [pick(r) for r in got]
+
+
+def test_rl_models_start_sharded_as_a_whole_load(two_ranks):
+    """rlhf_ppo.py / grpo.py's start under FSDP: reference, reward model and critic equal a whole load,
+    each rank read only its own shards (half the model's bytes, give or take the unsharded buffers)."""
+    _, results = two_ranks
+    for rank, out in results.items():
+        for name, r in out["start"].items():
+            assert r["keys"] and r["diff"] == 0.0, (rank, name, r)
+            assert r["bytes_read"] == r["own_bytes"] < 0.6 * r["whole_bytes"], (rank, name, r)
+            assert r["frozen"] if name != "critic" else r["trainable"], (rank, name, r)
+            assert r.get("score_diff", 0.0) < 1e-5, (rank, name, r)
 
 
 def test_dpo_sampling_rounds_under_fsdp_match_ddp(two_ranks):
@@ -332,3 +389,21 @@ def test_grpo_dry_run(capsys):
     cache = KVCache(LlamaConfig.from_preset("tiny"), 64, 64, "cpu", torch.bfloat16)
     assert g["rollout_kv_cache"] == sum(t.nbytes for t in cache.k + cache.v) and g["rollout_gathered"] == 2 * n
     assert "rollout phase" in out
+
+
+def test_ppo_dry_run(capsys):
+    """rlhf_ppo.py --dry_run on the tiny preset: actor and critic trained side by side (common.fsdp_dry_run's
+    trained=), reference and reward model sharded and frozen. AdamW's states are exactly SFT's at the
+    actor's shape plus reward.py's at the critic's (about twice one model's: the critic has no LM head);
+    all four models' fp32 shards are in "params"."""
+    import sft
+    flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16"]
+    p = rlhf_ppo.main(["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16", *flags])
+    s = sft.main(["--dry_run", "--init_from", "tiny", "--seq_len", "64", *flags])
+    r = reward.main(["--dry_run", "--init_from", "tiny", *flags[:2], "--batch_size", "1", *flags[4:]])
+    assert p["optimizer"] == s["optimizer"] + r["optimizer"] and 1.7 * s["optimizer"] < p["optimizer"]
+    config = LlamaConfig.from_preset("tiny")
+    n_lm, n_rm = Llama(config).num_params(), reward.RewardModel(config).num_params()
+    assert p["params"] >= 4 * (2 * n_lm + 2 * n_rm) / 4, (p["params"], n_lm, n_rm)
+    out = capsys.readouterr().out
+    assert "dry run: ppo, FSDP x 4" in out and "actor + critic trained" in out
