@@ -229,6 +229,15 @@ def barrier():
         dist.barrier()
 
 
+def max_across_ranks(n: int, device) -> int:
+    """The largest n over all ranks (n itself in one process): e.g. how many forwards every rank must
+    run when each is a collective (a sharded FSDP model)."""
+    t = torch.tensor([n], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over all ranks (a copy; the input is left alone)."""
     x = x.detach().clone()
@@ -377,6 +386,13 @@ def atomic_write_json(path: str, obj):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def atomic_write_jsonl(path: str, records):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     os.replace(tmp, path)
 
 
@@ -739,7 +755,8 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
             if train:
                 return wrap_model(m, info, "fsdp", dtype, activation_checkpointing=activation_checkpointing,
                                   skip_accum_sync=skip_accum_sync, shard_size=shard_size)
-            return wrap_model(m.requires_grad_(False), info, "fsdp", dtype, shard_size=shard_size).eval()
+            # common.frozen, as the stages build them (the argument `frozen` hides its name here)
+            return globals()["frozen"](m, dtype, info.device, info, "fsdp", shard_size)
         models = [wrapped(build)] + [wrapped(make) for make in trained]
         frozen = [] if frozen is None else frozen if isinstance(frozen, (list, tuple)) else [frozen]
         extra = tuple(models[1:]) + tuple(wrapped(make, False) for make in frozen)
@@ -1644,13 +1661,18 @@ def frozen(model, dtype, device, info: DistInfo = None, parallel: str = "none", 
     same function bit for bit (KL at iteration 0 is exactly 0). Embeddings, norms and the LM head stay
     fp32: a bf16 embedding would make the residual stream start (and accumulate) in bf16 while the
     actor's is fp32 -- a different function, max |log-prob difference| ~4e-2 on the lab model.
-    parallel "fsdp": sharded like the trained model (wrap_model: 1/W of its fp32 weights per rank, no
+    parallel "fsdp": sharded like the trained model (wrap_model: 1/W of its weights per rank, no
     gradients, no optimizer), and gathered in the same parameter dtype as the actor's, so again the
-    same function bit for bit. Its forwards are collectives: every rank must run the same number.
+    same function bit for bit. In bf16 its shards are stored in bf16 (every parameter: the actor's
+    gathered copies round all of them to bf16 too), half the memory of fp32 shards.
+    Its forwards are collectives: every rank must run the same number.
     shard_size: HSDP, as wrap_model. A model on the meta device stays there (load_frozen_sharded)."""
     model.requires_grad_(False)
     model.eval()
     if parallel == "fsdp":
+        if dtype == torch.bfloat16:   # (parameters only: buffers such as the rotary table stay fp32)
+            for p in model.parameters():
+                p.data = p.data.to(torch.bfloat16)
         on_meta = any(p.is_meta for p in model.parameters())
         model = wrap_model(model if on_meta else model.to(device), info, "fsdp", dtype, shard_size=shard_size)
         # FSDP keeps the root unit's weights gathered after a forward, for the backward that follows in
@@ -1665,10 +1687,17 @@ def frozen(model, dtype, device, info: DistInfo = None, parallel: str = "none", 
     return model.to(device)
 
 
-def load_frozen_sharded(path, info: DistInfo, dtype, shard_size: int = 0, make=Llama, kind: str = None):
+def load_frozen_sharded(path, info: DistInfo, dtype, shard_size: int = 0, make=Llama, kind: str = None,
+                        whole=None):
     """A frozen model under FSDP straight from its checkpoint -> (model, meta): built on the meta device,
     sharded by frozen(..., "fsdp"), each rank reading only its shards (load_model_sharded): no whole
-    model on any rank, even while loading (the RL stages' reference and reward model)."""
+    model on any rank, even while loading (the RL stages' and DPO's reference and reward model).
+    A LoRA adapter-only checkpoint (its base merged in whole) is read by whole(path) -> (model, meta),
+    default load_model (reward models: reward.load_reward_model), then sharded."""
+    path = resolve_checkpoint(path)
+    if not is_hf_dir(path) and "lora" in read_checkpoint_meta(path):
+        model, meta = (whole or load_model)(path)
+        return frozen(model, dtype, info.device, info, "fsdp", shard_size), meta
     return load_model_sharded(path, info, lambda m: frozen(m, dtype, info.device, info, "fsdp", shard_size),
                               make, kind=kind)
 

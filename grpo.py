@@ -485,13 +485,12 @@ def train(args, info):
         ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device, info, args.parallel)
     rm = None
     if args.reward_model and any(n == "model" for n, _ in args.rewards):
-        rm_path = common.resolve_checkpoint(args.reward_model)
-        if sharded and not common.read_checkpoint_meta(rm_path).get("lora"):   # (LoRA reward models: read whole)
-            rm, rm_meta = common.load_frozen_sharded(rm_path, info, dtype, args.fsdp_shard_size, RewardModel,
-                                                     REWARD_KIND)
+        if sharded:
+            rm, rm_meta = common.load_frozen_sharded(args.reward_model, info, dtype, args.fsdp_shard_size, RewardModel,
+                                                     REWARD_KIND, load_reward_model)
         else:
-            rm, rm_meta = load_reward_model(rm_path)
-            rm = frozen(rm, dtype, device, info, args.parallel, args.fsdp_shard_size)   # fsdp: sharded, no optimizer
+            rm, rm_meta = load_reward_model(args.reward_model)
+            rm = frozen(rm, dtype, device, info, args.parallel, args.fsdp_shard_size)   # (fsdp + LoRA: sharded so)
         if (rm_meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
             common.fail(f"the reward model ({rm_meta['path']}) was trained with another tokenizer than the policy")
     if actor.config.dropout > 0:

@@ -473,14 +473,14 @@ def train(args, info):
         ref = common.load_frozen_sharded(args.ref_model or args.init_from, info, dtype, args.fsdp_shard_size)[0]
     else:
         ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device, info, args.parallel)
-    rm_path, critic_path = (common.resolve_checkpoint(p) for p in (args.reward_model,
-                                                                   args.critic_from or args.reward_model))
-    if sharded and not common.read_checkpoint_meta(rm_path).get("lora"):   # (LoRA reward models: read whole)
-        rm, rm_meta = common.load_frozen_sharded(rm_path, info, dtype, args.fsdp_shard_size, RewardModel, REWARD_KIND)
+    critic_path = common.resolve_checkpoint(args.critic_from or args.reward_model)
+    if sharded:
+        rm, rm_meta = common.load_frozen_sharded(args.reward_model, info, dtype, args.fsdp_shard_size, RewardModel,
+                                                 REWARD_KIND, load_reward_model)
     else:
-        rm, rm_meta = load_reward_model(rm_path)
-        rm = frozen(rm, dtype, device, info, args.parallel, args.fsdp_shard_size)   # fsdp: sharded, no optimizer
-    if sharded and not common.read_checkpoint_meta(critic_path).get("lora"):
+        rm, rm_meta = load_reward_model(args.reward_model)
+        rm = frozen(rm, dtype, device, info, args.parallel, args.fsdp_shard_size)   # (fsdp + LoRA: sharded so)
+    if sharded and not common.read_checkpoint_meta(critic_path).get("lora"):   # (LoRA: its base read whole)
         critic = common.load_model_sharded(critic_path, info, wrap, RewardModel, kind=REWARD_KIND)[0]
     else:
         critic, _ = load_reward_model(critic_path)

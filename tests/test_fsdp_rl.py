@@ -6,8 +6,10 @@ One fork-started group of 2 ranks (FileStore, one thread each; ../shared/CPU_TES
     in lock-step; the ranks hold different numbers of prompts of different lengths, one rank's
     answer ends after one token while the other's runs to the limit, and a rank may have no prompt;
     chat.generate_answers with different numbers of batches per rank; training after generation;
-  * rlhf_ppo.py and grpo.py, two iterations each, under --parallel ddp and --parallel fsdp (frozen
-    reference and reward model sharded): the same rollouts, losses and final weights;
+  * the RL stages' sharded start (reference, reward model, critic) against whole loads;
+  * rlhf_ppo.py and grpo.py, two iterations each, under --parallel ddp and --parallel fsdp (every
+    model started sharded): the same rollouts, losses and final weights; both resumed exactly from
+    their sharded checkpoints (PPO's critic in it too);
   * dpo.py with a sampling round under --parallel fsdp and ddp: the same pairs.
 """
 import copy
@@ -98,7 +100,11 @@ def check_frozen(rank, info, tok):
     rows = lambda n: min(-(-n // 2), max(0, n - rank * -(-n // 2)))   # noqa: E731 (torch.chunk's split of dim 0)
     return {"sharded": all(p.to_local().size(0) == rows(p.size(0)) for p in rm.parameters()),
             "frozen": not rm.training and not any(p.requires_grad for p in rm.parameters()),
-            "score_diff": diff, "bf16_identical": same}
+            "score_diff": diff, "bf16_identical": same,
+            # bf16 shards (half of fp32's memory), buffers (the rotary table) left in fp32
+            "bf16_shards": all(p.dtype == torch.bfloat16 for p in ref.parameters())
+            and all(p.dtype == torch.float32 for p in actor.parameters())
+            and all(b.dtype == torch.float32 for b in ref.buffers() if b.is_floating_point())}
 
 
 def check_sharded_start(rank, info, d):
@@ -184,7 +190,7 @@ def grpo_argv(d, out, parallel, *extra):
 
 def dpo_argv(d, out, parallel):
     return ["--init_from", str(d / "init"), "--prompts", str(d / "prompts.jsonl"), "--out_dir", str(out),
-            "--parallel", parallel, "--rounds", "2", "--round_prompts", "5", "--samples", "3", "--rank_by", "reward",
+            "--parallel", parallel, "--rounds", "2", "--round_prompts", "5", "--samples", "12", "--rank_by", "reward",
             "--reward_model", str(d / "rm"), "--max_new_tokens", "8", "--max_steps", "1", "--batch_size", "1",
             "--eval_data", str(d / "eval.jsonl"), "--eval_limit", "3", "--eval_max_new_tokens", "8",
             "--val_frac", "0", "--eval_interval", "0", "--log_interval", "1000", "--save_interval", "0", "--seed", "1"]
@@ -235,10 +241,11 @@ def two_ranks(tmp_path_factory, tok):
     d = tmp_path_factory.mktemp("fsdp_rl")
     write_fixture(d, tok)
     ctx = torch.multiprocessing.get_context("fork")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     procs = torch.multiprocessing.start_processes(_worker, args=(str(d / "store"), d, queue), nprocs=2,
                                                   start_method="fork", join=False)
-    results = dict((r, (out, err)) for r, out, err in (queue.get() for _ in range(2)))
+    # (a timeout: a rank that aborts in a mismatched collective never reports, and would hang the suite)
+    results = dict((r, (out, err)) for r, out, err in (queue.get(timeout=300) for _ in range(2)))
     procs.join()
     errors = [err for _, err in results.values() if err]
     assert not errors, "\n".join(errors)
@@ -278,7 +285,7 @@ def test_frozen_models_are_sharded_without_gradients(two_ranks):
     _, results = two_ranks
     for rank, out in results.items():
         f = out["frozen"]
-        assert f["sharded"] and f["frozen"] and f["bf16_identical"], f
+        assert f["sharded"] and f["frozen"] and f["bf16_identical"] and f["bf16_shards"], f
         assert f["score_diff"] < 1e-5, f   # fp32, the same weights; only the gathered layout differs
 
 
@@ -360,12 +367,16 @@ def test_rl_models_start_sharded_as_a_whole_load(two_ranks):
 
 def test_dpo_sampling_rounds_under_fsdp_match_ddp(two_ranks):
     """Two rounds: the same sampled pairs in both (the second sampled by the policy the first trained),
-    the same weights, and the between-rounds lab evaluation (every rank generates under FSDP)."""
+    the same weights, and the between-rounds lab evaluation (every rank generates under FSDP). Under
+    FSDP the reward model is sharded: rank 0 scores 3 x 12 answers (2 batches of 32), rank 1 2 x 12
+    (1 batch) and pads its scoring to rank 0's count (without it, rank 0 would wait in an all-gather)."""
     d, _ = two_ranks
     for rnd in (1, 2):
-        pairs = [open(d / f"dpo_{p}" / f"round_{rnd:02d}_pairs.jsonl", encoding="utf-8").read()
-                 for p in ("ddp", "fsdp")]
-        assert pairs[0] == pairs[1] and pairs[0].count("\n") >= 2, rnd   # the same answers made the same pairs
+        pairs = [common.read_jsonl(str(d / f"dpo_{p}" / f"round_{rnd:02d}_pairs.jsonl")) for p in ("ddp", "fsdp")]
+        scores = [[(r.pop("chosen_score"), r.pop("rejected_score")) for r in p] for p in pairs]
+        assert pairs[0] == pairs[1] and len(pairs[0]) >= 2, rnd   # the same answers made the same pairs
+        # (scores: the same weights, batched with other companions and padding: float order, ~5e-7 measured)
+        assert max(abs(x - y) for a, b in zip(*scores) for x, y in zip(a, b)) < 1e-5, scores
     assert max_diff(final_weights(d / "dpo_ddp"), final_weights(d / "dpo_fsdp")) < 1e-6
     summary = [json.load(open(d / f"dpo_{p}" / "rounds.json")) for p in ("ddp", "fsdp")]
     accuracy = [[r.get("eval_accuracy") for r in s["rounds"]] for s in summary]
@@ -375,7 +386,7 @@ def test_dpo_sampling_rounds_under_fsdp_match_ddp(two_ranks):
 def test_grpo_dry_run(capsys):
     """grpo.py --dry_run on the tiny preset (no checkpoint needed): the policy's FSDP step with the
     reference sharded beside it; the reference has no optimizer state (AdamW's is SFT's at the same
-    model) and its fp32 shards are counted; the rollout's closed-form line is printed."""
+    model) and its bf16 shards are counted; the rollout's closed-form line is printed."""
     import sft
     flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16"]
     g = grpo.main(["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16", *flags])
@@ -395,7 +406,7 @@ def test_ppo_dry_run(capsys):
     """rlhf_ppo.py --dry_run on the tiny preset: actor and critic trained side by side (common.fsdp_dry_run's
     trained=), reference and reward model sharded and frozen. AdamW's states are exactly SFT's at the
     actor's shape plus reward.py's at the critic's (about twice one model's: the critic has no LM head);
-    all four models' fp32 shards are in "params"."""
+    all four models' shards are in "params" (the frozen two in bf16)."""
     import sft
     flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16"]
     p = rlhf_ppo.main(["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16", *flags])
@@ -404,6 +415,6 @@ def test_ppo_dry_run(capsys):
     assert p["optimizer"] == s["optimizer"] + r["optimizer"] and 1.7 * s["optimizer"] < p["optimizer"]
     config = LlamaConfig.from_preset("tiny")
     n_lm, n_rm = Llama(config).num_params(), reward.RewardModel(config).num_params()
-    assert p["params"] >= 4 * (2 * n_lm + 2 * n_rm) / 4, (p["params"], n_lm, n_rm)
+    assert p["params"] >= (4 + 2) * (n_lm + n_rm) / 4, (p["params"], n_lm, n_rm)   # fp32 trained, bf16 frozen
     out = capsys.readouterr().out
     assert "dry run: ppo, FSDP x 4" in out and "actor + critic trained" in out
