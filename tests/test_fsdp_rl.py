@@ -419,3 +419,7 @@ def test_ppo_dry_run(capsys):
     assert p["params"] >= (4 + 2) * (n_lm + n_rm) / 4, (p["params"], n_lm, n_rm)   # fp32 trained, bf16 frozen
     out = capsys.readouterr().out
     assert "dry run: ppo, FSDP x 4" in out and "actor + critic trained" in out
+    # --fsdp_shard_size reaches all four models: 4 ranks as 2 x 2 cost what FSDP over 2 does
+    hsdp = rlhf_ppo.main(["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16", *flags, "--fsdp_shard_size", "2"])
+    fsdp2 = rlhf_ppo.main(["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16", *flags[2:], "--world_size", "2"])
+    assert hsdp == fsdp2 and hsdp["params"] > p["params"]
