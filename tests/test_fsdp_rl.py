@@ -420,6 +420,7 @@ def test_ppo_dry_run(capsys):
     out = capsys.readouterr().out
     assert "dry run: ppo, FSDP x 4" in out and "actor + critic trained" in out
     # --fsdp_shard_size reaches all four models: 4 ranks as 2 x 2 cost what FSDP over 2 does
-    hsdp = rlhf_ppo.main(["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16", *flags, "--fsdp_shard_size", "2"])
-    fsdp2 = rlhf_ppo.main(["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16", *flags[2:], "--world_size", "2"])
+    ppo = ["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16"]
+    hsdp = rlhf_ppo.main([*ppo, *flags, "--fsdp_shard_size", "2"])
+    fsdp2 = rlhf_ppo.main([*ppo, *flags[2:], "--world_size", "2"])
     assert hsdp == fsdp2 and hsdp["params"] > p["params"]
