@@ -22,7 +22,8 @@ Four models (DeepSpeed-Chat's names):
   critic     V(s_t), trained; a reward model's backbone + head read at EVERY token, in normalised
              reward units (--critic_from, default --reward_model: it already knows a good answer)
 Memory: the frozen two run under no_grad in eval mode, with bf16 block weights when the run computes in
-bf16 (cuda; see frozen()); --offload parks them on the CPU outside the scoring phase. Actor, critic, reference and
+bf16 (cuda; see frozen()); --offload parks them on the CPU outside the scoring phase (not under FSDP, where
+they are sharded, in bf16 shards when the run is bf16). Actor, critic, reference and
 reward model are loaded separately, and the script checks that they share no storage.
 
 One iteration (= one "step": --max_steps, --log_interval, --eval_interval, --save_interval count them):

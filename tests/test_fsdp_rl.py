@@ -424,3 +424,10 @@ def test_ppo_dry_run(capsys):
     hsdp = rlhf_ppo.main([*ppo, *flags, "--fsdp_shard_size", "2"])
     fsdp2 = rlhf_ppo.main([*ppo, *flags[2:], "--world_size", "2"])
     assert hsdp == fsdp2 and hsdp["params"] > p["params"]
+
+
+def test_ppo_refuses_offload_under_fsdp(tmp_path):
+    """--offload moves whole frozen models; under FSDP they are sharded instead: a one-line refusal."""
+    with pytest.raises(SystemExit, match="drop --offload"):
+        rlhf_ppo.get_args(["--init_from", "x", "--reward_model", "y", "--prompts", "z", "--parallel", "fsdp",
+                           "--offload", "--out_dir", str(tmp_path)])
