@@ -17,12 +17,15 @@ a stage in one place. What lives here is only what would otherwise be copied fiv
                 written in the background: wait_for_checkpoint), restore_checkpoint (resume),
                 latest_checkpoint, rotate_checkpoints (keep last k), load_model (any of our
                 checkpoints, a run directory, or a HuggingFace directory), load_model_sharded /
-                load_start_model (the same under FSDP, each rank reading only its shards), consolidate
+                load_start_model (the same under FSDP, each rank reading only its shards),
+                load_frozen_sharded (a frozen reference / reward model so), consolidate; also= saves
+                and restores more trained models in a resume checkpoint (PPO's critic)
   lora          setup_lora (--lora_* flags -> adapters on a frozen base), adapter-only checkpoints
                 (trainable_state, load_lora_checkpoint: the base's sha256 checked), export_peft
   logging       JsonlLogger -> RUN/log.jsonl
   dry run       fsdp_dry_run (a stage's real FSDP step on fake tensors over a fake process group:
-                per-rank peak memory by category at 7B-70B, on a CPU), add_dry_run_args, print_dry_run
+                per-rank peak memory by category at 7B-70B, on a CPU; several trained and frozen
+                models: PPO), add_dry_run_args, print_dry_run
 
 Run directory layout:
     RUN/config.json          the effective configuration (every flag, also usable as --config)
@@ -226,6 +229,15 @@ def barrier():
         dist.barrier()
 
 
+def max_across_ranks(n: int, device) -> int:
+    """The largest n over all ranks (n itself in one process): e.g. how many forwards every rank must
+    run when each is a collective (a sharded FSDP model)."""
+    t = torch.tensor([n], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over all ranks (a copy; the input is left alone)."""
     x = x.detach().clone()
@@ -374,6 +386,13 @@ def atomic_write_json(path: str, obj):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def atomic_write_jsonl(path: str, records):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     os.replace(tmp, path)
 
 
@@ -680,9 +699,20 @@ def print_dry_run(measured: dict, world_size: int, gpu_mem_gb: float, what: str,
           f"{1 - (measured['total'] + 2e9) / (gpu_mem_gb * 1e9):.0%}")
 
 
+class _Holder(nn.Module):
+    """Several FSDP models under one root for FSDPMemTracker (fsdp_dry_run); never called itself."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self):
+        raise RuntimeError("_Holder only groups models for the memory tracker")
+
+
 def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.bfloat16, grad_accum: int = 1,
                  activation_checkpointing: int = 0, skip_accum_sync: bool = False, frozen=None,
-                 shard_size: int = 0, lora=None) -> dict:
+                 shard_size: int = 0, lora=None, trained=()) -> dict:
     """Per-rank peak memory of a stage's real FSDP training step at any size, on a laptop.
 
     The model is built on the meta device (build() -> nn.Module, called under torch.device("meta")),
@@ -699,6 +729,11 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
     HSDP (wrap_model), e.g. 16 ranks as 2 x 8. lora: the
     stage's args when --lora_rank > 0: the built model gets its adapters as training adds them
     (add_adapters: the base frozen, in bf16 for a bf16 run), so only they have gradients and AdamW.
+    frozen may also be a list of builders (PPO: reference
+    and reward model). trained: builders of more trained models, wrapped the same way, each with its
+    own AdamW (PPO's critic beside the actor); micro_step(model, *trained models, *frozen models)
+    then runs all their forwards and may call backward() itself on all but the last loss it returns.
+    All trained models are tracked together: "optimizer" and "grads" hold every one's.
 
     grad_accum > 2 runs as 2 micro-steps: the third and later ones repeat the second's memory.
     Returns bytes per rank at the peak: DRY_RUN_CATEGORIES plus "total". Not counted (budget
@@ -716,38 +751,52 @@ def fsdp_dry_run(build, micro_step, world_size: int, dtype: torch.dtype = torch.
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         info = DistInfo(0, 0, world_size, torch.device("cpu"))
-        with torch.device("meta"):  # outside FakeTensorMode: building inside it fails
-            raw = build()
-            if lora is not None and lora.lora_rank > 0:
-                add_adapters(raw, lora, dtype)
-        model = wrap_model(raw, info, "fsdp", dtype, activation_checkpointing=activation_checkpointing,
-                           skip_accum_sync=skip_accum_sync, shard_size=shard_size)
-        extra = ()
-        if frozen is not None:
-            with torch.device("meta"):
-                ref = frozen().requires_grad_(False)
-            extra = (wrap_model(ref, info, "fsdp", dtype, shard_size=shard_size).eval(),)
+        def wrapped(make, train=True, adapters=False):
+            with torch.device("meta"):  # outside FakeTensorMode: building inside it fails
+                m = make()
+                if adapters and lora is not None and lora.lora_rank > 0:
+                    add_adapters(m, lora, dtype)
+            if train:
+                return wrap_model(m, info, "fsdp", dtype, activation_checkpointing=activation_checkpointing,
+                                  skip_accum_sync=skip_accum_sync, shard_size=shard_size)
+            # common.frozen, as the stages build them (the argument `frozen` hides its name here)
+            return globals()["frozen"](m, dtype, info.device, info, "fsdp", shard_size)
+        models = [wrapped(build, adapters=True)] + [wrapped(make) for make in trained]
+        frozen = [] if frozen is None else frozen if isinstance(frozen, (list, tuple)) else [frozen]
+        extra = tuple(models[1:]) + tuple(wrapped(make, False) for make in frozen)
+        model = models[0]
+        if trained:   # one FSDP root over all trained models, for the tracker (it follows one module)
+            from torch.distributed.fsdp import fully_shard
+            model = fully_shard(_Holder(models), mesh=next(models[0].parameters()).device_mesh)
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")  # the values do not matter: fake tensors have none
-            for m in extra:
+            for m in extra[len(trained):]:
                 m.to_empty(device="cpu")
-            frozen_bytes = sum(p.to_local().nbytes for m in extra for p in m.parameters())
-            optimizer = configure_optimizer(model, 1e-4, 0.1)
+            frozen_bytes = sum(p.to_local().nbytes for m in extra[len(trained):] for p in m.parameters())
+            optimizers = [configure_optimizer(m, 1e-4, 0.1) for m in models]
 
             def step(micro_steps, tracker=None):
                 for micro in range(micro_steps):
                     if tracker is not None and micro > 0:
                         tracker.reset_mod_stats()  # the tracker refuses a second forward otherwise
-                    with grad_sync(model, micro == micro_steps - 1):
+                    with contextlib.ExitStack() as stack:
+                        for m in models:
+                            stack.enter_context(grad_sync(m, micro == micro_steps - 1))
                         with autocast(info.device, dtype):
-                            loss = micro_step(model, *extra)
+                            loss = micro_step(models[0], *extra)
                         (loss / micro_steps).backward()
 
             step(1)  # step 1 only creates the AdamW states
-            params = [p for p in model.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, 1.0)  # (clip_grad_norm's .item() has no value to read)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for m, opt in zip(models, optimizers):
+                params = [p for p in m.parameters() if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, 1.0)  # (clip_grad_norm's .item() has no value to read)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            optimizer = optimizers[0]
+            if trained:   # the tracker counts one optimizer's states: one holding every model's
+                optimizer = torch.optim.AdamW([p for opt in optimizers for g in opt.param_groups for p in g["params"]])
+                for opt in optimizers:
+                    optimizer.state.update(opt.state)
             with FSDPMemTracker(model, optimizer) as tracker:
                 # Two micro-steps show what grad_accum of any size holds: from the second on, each
                 # repeats the one before (gradients accumulate into the same tensors).
@@ -861,7 +910,7 @@ def checkpoint_path(out_dir: str, name: str):
 
 def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *, step: int, config: dict,
                     tokenizer=None, metrics: dict = None, data_state: dict = None, model_config: dict = None,
-                    background: bool = False, **extra) -> str:
+                    background: bool = False, also: dict = None, **extra) -> str:
     """Write checkpoint `name` (e.g. "step_0001000", "best", "final") into out_dir; call it on EVERY
     rank (it may gather). With an optimizer it is a resume checkpoint (optimizer, RNG of every rank,
     data position); without, model weights + metadata only. Returns the path written.
@@ -871,7 +920,10 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *
     Plain/DDP models: rank 0 writes one file NAME.pt. FSDP: a DCP directory NAME/ where every rank
     writes its shard (no rank ever holds the whole model); with background=True a resume checkpoint
     is written in the background and completed by the next save_checkpoint or wait_for_checkpoint
-    (_save_sharded). Any save first completes the one in flight."""
+    (_save_sharded). Any save first completes the one in flight.
+    also: more trained models of a resume checkpoint, {key: (model, optimizer)} (PPO's critic),
+    stored as key / key + "_optimizer": tensors in the .pt file, or sharded like the model in the DCP
+    directory (restore_checkpoint(also=) reads them back)."""
     wait_for_checkpoint()   # one write at a time, completed in order; the final save waits for it
     raw = unwrap(model)
     meta = {
@@ -893,10 +945,12 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *
     if is_fsdp(model):
         if has_lora(raw):   # a resume checkpoint: sharded as usual, base included (see load_model)
             meta["lora"] = lora_info(raw)
-        return _save_sharded(out_dir, name, model, optimizer, meta, background)
+        return _save_sharded(out_dir, name, model, optimizer, meta, background, also)
     path = os.path.join(out_dir, name + ".pt")
     if is_main():
         ckpt = {"model": raw.state_dict(), **meta}
+        for key, (m, opt) in (also or {}).items():
+            ckpt.update({key: unwrap(m).state_dict(), key + "_optimizer": opt.state_dict()})
         if has_lora(raw):
             ckpt.update(model=trainable_state(raw), lora=lora_info(raw))   # adapter-only: see "LoRA" below
         if optimizer is not None:
@@ -936,7 +990,7 @@ _pending_save = None
 _save_group = (None, None)   # (the default group, a gloo group of its own for the background writes)
 
 
-def _save_sharded(out_dir, name, model, optimizer, meta, background=False):
+def _save_sharded(out_dir, name, model, optimizer, meta, background=False, also=None):
     """DCP directory NAME/ written as NAME.tmp/ and renamed when complete. A resume checkpoint (with
     an optimizer) with background=True (the stages' periodic ones) is written in the background
     (dcp.async_save): the state is first copied to CPU memory (the step's only stall), then a thread
@@ -955,6 +1009,8 @@ def _save_sharded(out_dir, name, model, optimizer, meta, background=False):
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    for key, (m, opt) in (also or {}).items():
+        state.update({key: get_model_state_dict(m), key + "_optimizer": get_optimizer_state_dict(m, opt)})
     if optimizer is not None and background:
         if _save_group[0] is not dist.group.WORLD:   # (every rank saves at once, so creates it at once)
             _save_group = (dist.group.WORLD, dist.new_group(backend="gloo"))
@@ -1050,10 +1106,12 @@ def read_checkpoint_meta(path: str) -> dict:
     return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
 
 
-def restore_checkpoint(path: str, model: nn.Module, optimizer=None, device="cpu") -> dict:
+def restore_checkpoint(path: str, model: nn.Module, optimizer=None, device="cpu", also: dict = None) -> dict:
     """Resume: load weights (and optimizer state) into the training model, restore this rank's RNG
     state, and return the checkpoint's metadata (step, data_state, metrics, config, ...).
-    Call on every rank after wrap_model and configure_optimizer."""
+    Call on every rank after wrap_model and configure_optimizer. also: save_checkpoint's."""
+    pairs = [(model, optimizer, "model", "optimizer")] + [(m, opt, key, key + "_optimizer")
+                                                          for key, (m, opt) in (also or {}).items()]
     sharded = os.path.isdir(path)
     if sharded != is_fsdp(model):
         fail(f"{path} is a {'sharded (FSDP)' if sharded else 'single-file'} checkpoint but this run uses "
@@ -1063,13 +1121,16 @@ def restore_checkpoint(path: str, model: nn.Module, optimizer=None, device="cpu"
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                              set_model_state_dict, set_optimizer_state_dict)
-        state = {"model": get_model_state_dict(model)}
-        if optimizer is not None:
-            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        state = {}
+        for m, opt, mk, ok in pairs:
+            state[mk] = get_model_state_dict(m)
+            if opt is not None:
+                state[ok] = get_optimizer_state_dict(m, opt)
         dcp.load(state, checkpoint_id=path)  # each rank reads the pieces of its own shards
-        set_model_state_dict(model, state["model"])
-        if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        for m, opt, mk, ok in pairs:
+            set_model_state_dict(m, state[mk])
+            if opt is not None:
+                set_optimizer_state_dict(m, opt, state[ok])
         meta = read_checkpoint_meta(path)
     else:
         meta = load_file(path, map_location=device)
@@ -1081,6 +1142,9 @@ def restore_checkpoint(path: str, model: nn.Module, optimizer=None, device="cpu"
             if "optimizer" not in meta:
                 fail(f"{path} has no optimizer state (a model-only checkpoint); use --init_from to start from it")
             optimizer.load_state_dict(meta.pop("optimizer"))
+        for m, opt, mk, ok in pairs[1:]:
+            load_state_dict_checked(unwrap(m), meta.pop(mk))
+            opt.load_state_dict(meta.pop(ok))
     rng = meta.get("rng") or []
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -1628,20 +1692,27 @@ def penalize_missing_eos(scores, ended_flags, penalty: float):
 # tokens (its stop token included: stopping is an action), 0 after it.
 
 
-def frozen(model, dtype, device, info: DistInfo = None, parallel: str = "none"):
+def frozen(model, dtype, device, info: DistInfo = None, parallel: str = "none", shard_size: int = 0):
     """A frozen model: no gradients, eval mode (no dropout), on `device`; when the run computes in
     bf16, the weights of the blocks' linear layers are stored in bf16 (most of the memory). Only those:
     autocast rounds exactly these weights to bf16 for the actor anyway, so the frozen copy computes the
     same function bit for bit (KL at iteration 0 is exactly 0). Embeddings, norms and the LM head stay
     fp32: a bf16 embedding would make the residual stream start (and accumulate) in bf16 while the
     actor's is fp32 -- a different function, max |log-prob difference| ~4e-2 on the lab model.
-    parallel "fsdp": sharded like the trained model (wrap_model: 1/W of its fp32 weights per rank, no
+    parallel "fsdp": sharded like the trained model (wrap_model: 1/W of its weights per rank, no
     gradients, no optimizer), and gathered in the same parameter dtype as the actor's, so again the
-    same function bit for bit. Its forwards are collectives: every rank must run the same number."""
+    same function bit for bit. In bf16 its shards are stored in bf16 (every parameter: the actor's
+    gathered copies round all of them to bf16 too), half the memory of fp32 shards.
+    Its forwards are collectives: every rank must run the same number.
+    shard_size: HSDP, as wrap_model. A model on the meta device stays there (load_frozen_sharded)."""
     model.requires_grad_(False)
     model.eval()
     if parallel == "fsdp":
-        model = wrap_model(model.to(device), info, "fsdp", dtype)
+        if dtype == torch.bfloat16:   # (parameters only: buffers such as the rotary table stay fp32)
+            for p in model.parameters():
+                p.data = p.data.to(torch.bfloat16)
+        on_meta = any(p.is_meta for p in model.parameters())
+        model = wrap_model(model if on_meta else model.to(device), info, "fsdp", dtype, shard_size=shard_size)
         # FSDP keeps the root unit's weights gathered after a forward, for the backward that follows in
         # training; a frozen model has none, and would hold them until its next forward
         model.set_reshard_after_forward(True)
@@ -1662,6 +1733,21 @@ def reference_model(policy, args, dtype, device, info: DistInfo = None, parallel
     if has_lora(policy) and not args.ref_model:
         return BaseView(policy)
     return frozen(load_model(args.ref_model or args.init_from)[0], dtype, device, info, parallel)
+
+
+def load_frozen_sharded(path, info: DistInfo, dtype, shard_size: int = 0, make=Llama, kind: str = None,
+                        whole=None):
+    """A frozen model under FSDP straight from its checkpoint -> (model, meta): built on the meta device,
+    sharded by frozen(..., "fsdp"), each rank reading only its shards (load_model_sharded): no whole
+    model on any rank, even while loading (the RL stages' and DPO's reference and reward model).
+    A LoRA adapter-only checkpoint (its base merged in whole) is read by whole(path) -> (model, meta),
+    default load_model (reward models: reward.load_reward_model), then sharded."""
+    path = resolve_checkpoint(path)
+    if not is_hf_dir(path) and "lora" in read_checkpoint_meta(path):
+        model, meta = (whole or load_model)(path)
+        return frozen(model, dtype, info.device, info, "fsdp", shard_size), meta
+    return load_model_sharded(path, info, lambda m: frozen(m, dtype, info.device, info, "fsdp", shard_size),
+                              make, kind=kind)
 
 
 def check_ratio(inv, stats, it):

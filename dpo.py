@@ -95,8 +95,8 @@ from common import print0
 from lora import lora_disabled
 from data import lab
 from model import Llama
-from reward import epoch_batches, load_groups, load_reward_model, ranked_pairs, reward_scorer, split_groups, \
-    tokenizer_for
+from reward import REWARD_KIND, RewardModel, epoch_batches, load_groups, load_reward_model, ranked_pairs, \
+    reward_scorer, split_groups, tokenizer_for
 
 # -----------------------------------------------------------------------------
 # Config
@@ -411,10 +411,11 @@ def evaluate(model, ref, groups, args, pad_id, info, ctx):
 # Sampling rounds: new pairs from the policy's own answers
 
 
-def reward_model(path, tok, device):
+def reward_model(path, tok, device, sharded=None):
     """reward.py's model (eval mode), refused if it was trained with another tokenizer than the policy:
-    it would read the policy's token ids as other strings."""
-    rm, meta = load_reward_model(path, device)
+    it would read the policy's token ids as other strings. sharded (FSDP): (info, dtype, shard_size)."""
+    rm, meta = common.load_frozen_sharded(path, *sharded, RewardModel, REWARD_KIND, load_reward_model) if sharded \
+        else load_reward_model(path, device)
     if (meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
         common.fail(f"the reward model {meta['path']} was trained with another tokenizer than the policy ({tok.path})")
     return rm
@@ -438,7 +439,10 @@ def sample_pairs(policy, tok, prompts, args, rnd, info, reward_fn):
     truths = [prompts[i].get("truth") for i in mine for _ in range(args.samples)]
     if args.rank_by == "checker" and any(t is None for t in truths):
         common.fail(f"{args.prompts}: --rank_by checker needs a 'truth' in every prompt record")
-    rewards = reward_fn(convs, answers, done) if reward_fn is not None else None   # (penalised already)
+    pad = common.max_across_ranks(len(convs), info.device) - len(convs) if args.parallel == "fsdp" else 0
+    # (fsdp: the sharded reward model's forwards are collectives: every rank scores as many, padded)
+    rewards = reward_fn(convs + [[{"role": "user", "content": "?"}]] * pad, answers + ["?"] * pad,
+                        done + [True] * pad)[:len(convs)] if reward_fn is not None else None   # (penalised already)
     checks = [float(lab.check(a, t)) for a, t in zip(answers, truths) if t is not None]
     scores = rewards if args.rank_by == "reward" else common.penalize_missing_eos(
         [lab.score(a, t) for a, t in zip(answers, truths)], done, args.missing_eos_penalty)
@@ -480,13 +484,6 @@ def finished_rounds(out_dir):
         if m and common.checkpoint_path(out_dir, f"round_{m.group(1)}"):
             found.add(int(m.group(1)))
     return sorted(found)
-
-
-def write_jsonl(path, records):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -624,11 +621,9 @@ def train(args, info):
                                  args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
 
     def load_reference(path):
-        """A frozen model: under FSDP sharded like the policy (no gradients, no optimizer)."""
+        """A frozen model: under FSDP sharded like the policy (no gradients, no optimizer; bf16 shards in bf16)."""
         if args.parallel == "fsdp":
-            return common.load_model_sharded(
-                path, info, lambda m: common.wrap_model(m.requires_grad_(False), info, "fsdp", dtype,
-                                                        shard_size=args.fsdp_shard_size))[0]
+            return common.load_frozen_sharded(path, info, dtype, args.fsdp_shard_size)[0]
         return common.load_model(path)[0].to(device).requires_grad_(False)
 
     # FSDP (without LoRA): built on the meta device, sharded, each rank reading only its own shards
@@ -660,7 +655,8 @@ def train(args, info):
     model = model if sharded else wrap(raw)
     rm_fn = None
     if args.rounds > 0 and args.reward_model:
-        rm_fn = reward_scorer(reward_model(args.reward_model, tok, device), tok, device, ctx, args.missing_eos_penalty)
+        rm_fn = reward_scorer(reward_model(args.reward_model, tok, device, (info, dtype, args.fsdp_shard_size)
+                                           if args.parallel == "fsdp" else None), tok, device, ctx, args.missing_eos_penalty)
     os.makedirs(args.out_dir, exist_ok=True)
     common.save_config(args, args.out_dir)
     logger = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
@@ -708,7 +704,7 @@ def train(args, info):
                 with common.gathered(raw, args.fsdp_gather_rollout):   # fsdp: whole while sampling
                     records, stats = sample_pairs(raw, tok, prompts, args, rnd, info, rm_fn)
                 if info.is_main:
-                    write_jsonl(pairs_file, records)
+                    common.atomic_write_jsonl(pairs_file, records)
                 common.barrier()
                 stats["sample_seconds"] = round(time.time() - t0, 1)
                 print0(f"round {rnd}: sampled {stats['samples']} answers for {stats['prompts']} prompts in "

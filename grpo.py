@@ -431,7 +431,7 @@ def dry_run(args):
         return aggregate(lt, mask, args.loss_norm, float(B))
     measured = common.fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
                                    args.activation_checkpointing, args.fsdp_skip_accum_sync,
-                                   frozen=lambda: Llama(config))
+                                   frozen=lambda: Llama(config), shard_size=args.fsdp_shard_size)
     common.print_dry_run(measured, args.world_size, args.gpu_mem_gb, common.dry_run_label(
         "grpo", args, dtype, f"{B} answers x {T} ({R} answer tokens), reference sharded, frozen"))
     n = args.prompts_per_step * args.group_size
@@ -471,17 +471,30 @@ def train(args, info):
                     f"another --out_dir (nothing was changed)")
 
     # --- models: policy, reference, the reward model if asked for -----------------------------------
-    from reward import load_reward_model, tokenizer_for
-    actor, meta = common.load_model(args.init_from)
-    actor = common.setup_lora(actor, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
+    from reward import REWARD_KIND, RewardModel, load_reward_model, tokenizer_for
+
+    def wrap(m):
+        return common.wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
+                                 args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
+
+    # FSDP: every model built on the meta device and sharded, each rank reading only its own shards
+    sharded = args.parallel == "fsdp" and not args.lora_rank
+    actor, meta, _ = common.load_start_model(args, info, dtype, wrap)   # --lora_rank: adapters on a frozen base
     tok = tokenizer_for(meta, args)
-    ref = common.reference_model(actor, args, dtype, device, info, args.parallel)   # LoRA: the policy, adapters off
+    if sharded:
+        ref = common.load_frozen_sharded(args.ref_model or args.init_from, info, dtype, args.fsdp_shard_size)[0]
+    else:   # LoRA: the policy with its adapters off, no second copy
+        ref = common.reference_model(actor, args, dtype, device, info, args.parallel)
     rm = None
     if args.reward_model and any(n == "model" for n, _ in args.rewards):
-        rm, rm_meta = load_reward_model(args.reward_model)
+        if sharded:
+            rm, rm_meta = common.load_frozen_sharded(args.reward_model, info, dtype, args.fsdp_shard_size, RewardModel,
+                                                     REWARD_KIND, load_reward_model)
+        else:
+            rm, rm_meta = load_reward_model(args.reward_model)
+            rm = frozen(rm, dtype, device, info, args.parallel, args.fsdp_shard_size)   # (fsdp + LoRA: sharded so)
         if (rm_meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
             common.fail(f"the reward model ({rm_meta['path']}) was trained with another tokenizer than the policy")
-        rm = frozen(rm, dtype, device, info, args.parallel)   # fsdp: sharded, no optimizer (so is ref)
     if actor.config.dropout > 0:
         print0("note: dropout is off for GRPO (eval mode): rollout and training must see the same network")
     actor.eval()
@@ -495,9 +508,9 @@ def train(args, info):
     if eval_records and any("messages" not in r or "truth" not in r for r in eval_records):
         common.fail(f"{args.eval_data}: every evaluation record needs 'messages' and 'truth' (lab rl_eval / eval_qa)")
 
-    actor = actor.to(device)
-    raw_actor = actor
-    actor = common.wrap_model(actor, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
+    raw_actor = common.unwrap(actor)
+    if not common.is_fsdp(actor):   # (a sharded start came wrapped)
+        actor = wrap(actor.to(device))
     opt = common.configure_optimizer(actor, args.lr, args.weight_decay, (args.beta1, args.beta2), device)
     score_fn = Scorer(args, tok, rm, device, ctx)
 
@@ -523,7 +536,8 @@ def train(args, info):
         return common.save_checkpoint(
             args.out_dir, name, actor, opt if with_optimizer else None, step=it, config=vars(args), tokenizer=tok,
             metrics=history[-1] if history else {}, data_state=data_state,
-            grpo_state={"history": history, "alarms": alarms, "invariants": inv})
+            grpo_state={"history": history, "alarms": alarms, "invariants": inv},
+            background=with_optimizer)   # FSDP resume checkpoints: written while training goes on
 
     def run_eval():
         """Greedy answers to the first --eval_sample held-out prompts, graded by the checker (rank 0)."""
@@ -628,6 +642,7 @@ def train(args, info):
             else:
                 print0(f"warning: iteration {it}: non-finite gradient norm {gn}; update skipped")
             opt.zero_grad(set_to_none=True)
+            common.shorten_timeout(info, args)   # (after the first step: --step_timeout)
         t2 = clock()
 
         # 5. statistics over all processes; alarms; logs

@@ -11,7 +11,8 @@ Usage (single process; CPU or one GPU):
                                                       # a value head on the actor (--separate_critic: its own model)
 Distributed (DDP; every process samples its own rollouts, gradients are averaged):
     torchrun --standalone --nproc_per_node=2 rlhf_ppo.py --init_from runs/sft --reward_model runs/rm ...
-    torchrun ... rlhf_ppo.py ... --parallel fsdp --save_interval 0   # all four models sharded (common.generate)
+    torchrun ... rlhf_ppo.py ... --parallel fsdp   # all four models sharded, loaded shard by shard (common.generate)
+    python rlhf_ppo.py --dry_run --init_from llama1-7b --world_size 8 ...   # memory per GPU of the FSDP step
 Resume an interrupted run (same flags + --resume): actor, critic, both optimizers, KL coefficient,
 iteration. Prompts, sampling and minibatch order are pure functions of (seed, iteration, rank).
 
@@ -25,7 +26,8 @@ With --lora_rank the reference is the actor with its adapters off and the critic
 actor's backbone (ValueHead; --separate_critic for the model above): one backbone in memory, plus the
 reward model.
 Memory: the frozen two run under no_grad in eval mode, with bf16 block weights when the run computes in
-bf16 (cuda; see frozen()); --offload parks them on the CPU outside the scoring phase. Actor, critic, reference and
+bf16 (cuda; see frozen()); --offload parks them on the CPU outside the scoring phase (not under FSDP, where
+they are sharded, in bf16 shards when the run is bf16). Actor, critic, reference and
 reward model are loaded separately, and the script checks that they share no storage.
 
 One iteration (= one "step": --max_steps, --log_interval, --eval_interval, --save_interval count them):
@@ -75,7 +77,7 @@ save_hf, dpo.py), metrics.json (what the lab report reads; keys as dpo.py's):
                                        KL: {"first", "last"} = means over the first / last --alarm_window
   weights_in_sync                      all processes ended with identical actor and critic weights
 
-Simplifications on purpose: no FSDP (generation runs on whole models); the critic is a separate model
+Simplifications on purpose: the critic is a separate model
 (no shared trunk with a value head: nothing shared by accident, at twice the memory) -- except with
 --lora_rank, where it is a value head on the actor's backbone (ValueHead: why); advantages are
 whitened per process; "best" is not kept (no held-out loss to pick it by; final.pt is the result).
@@ -97,7 +99,9 @@ import sft
 from common import (check_kl_at_start, check_ratio, frozen, kl_estimates, kl_to_model, load_prompts,  # RL helpers
                     masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
 from data import lab
-from reward import load_reward_model, reward_scorer, tokenizer_for
+from lora import BaseView
+from model import Llama
+from reward import REWARD_KIND, RewardModel, load_reward_model, reward_scorer, tokenizer_for
 
 # -----------------------------------------------------------------------------
 # Config
@@ -166,8 +170,9 @@ def get_args(argv=None):
     # actor); steps are iterations, so warmup and the cosine count iterations too.
     parser.set_defaults(lr=1e-5, min_lr=1e-6, warmup_steps=2, max_steps=100, weight_decay=0.0, eval_interval=20,
                         log_interval=1, save_interval=50, out_dir="out/ppo", batch_size=16)
+    common.add_dry_run_args(parser.add_argument_group("--dry_run: memory per GPU before launching anything"))
     args = common.parse_config(parser, argv)
-    if not (args.init_from and args.reward_model and args.prompts):
+    if not (args.init_from and (args.dry_run or args.reward_model and args.prompts)):
         common.fail("--init_from (SFT model), --reward_model and --prompts are required")
     if args.temperature <= 0:
         common.fail("--temperature must be > 0: PPO needs sampled answers and their probabilities")
@@ -176,10 +181,11 @@ def get_args(argv=None):
                     f"({args.batch_size} x {args.grad_accum})")
     if args.ptx_coef > 0 and not args.ptx_data:
         common.fail("--ptx_coef > 0 needs --ptx_data")
-    if args.parallel == "fsdp" and (args.offload or args.save_interval > 0):
-        # (resume checkpoints would need the critic and its optimizer sharded as well: not done yet)
-        common.fail("--parallel fsdp shards the frozen models instead of --offload, and writes no resume checkpoints "
-                    "yet: pass --no-offload --save_interval 0")
+    if args.parallel == "fsdp" and args.offload:
+        # FSDP2's CPUOffloadPolicy could keep the frozen shards on the CPU, at one host-to-GPU copy per
+        # block per forward; with 1/W of each frozen model per GPU that is rarely worth it (never measured)
+        common.fail("--parallel fsdp shards the frozen reference and reward model (1/W of each per GPU) instead "
+                    "of moving them whole to the CPU: drop --offload")
     return args
 
 
@@ -439,8 +445,40 @@ class PtxData:
 # Main
 
 
+def dry_run(args):
+    """--dry_run: this script's FSDP training step on fake tensors (common.fsdp_dry_run) for the model of
+    --init_from (a preset name will do; reward model and critic take its shape): micro-batches of
+    batch_size answers of --max_new_tokens after prompts that fill the rest of the context; the actor's
+    clipped surrogate and the critic's value loss, both trained (two AdamW states), the reference and the
+    reward model sharded beside them, frozen. The rollout is a separate phase, as in grpo.py --dry_run."""
+    config = common.dry_run_config(args.init_from)
+    T, R, B = config.max_seq_len, args.max_new_tokens, args.batch_size
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16   # GPU training: bf16 unless asked
+
+    def micro_step(actor, critic, ref, rm):   # autocast is on already (fsdp_dry_run)
+        idx = torch.randint(0, config.vocab_size, (B, T))
+        attn, mask = torch.ones_like(idx), torch.ones(B, R)
+        with torch.no_grad():   # the experience phase's frozen forwards (full-length answers: no mask values)
+            response_logprobs(ref, idx, attn, T - R, args.temperature)
+            rm(idx)
+        logp, _ = response_logprobs(actor, idx, attn, T - R, args.temperature)
+        policy_loss(logp, logp.detach(), torch.ones(B, R), mask, args.clip_range)[0].backward()
+        values = critic_values(critic, idx, attn, T - R)
+        return value_loss(values, values.detach(), torch.zeros_like(values), mask, args.clip_range_value)[0]
+    measured = common.fsdp_dry_run(lambda: Llama(config), micro_step, args.world_size, dtype, args.grad_accum,
+                                   args.activation_checkpointing, args.fsdp_skip_accum_sync,
+                                   frozen=[lambda: Llama(config), lambda: RewardModel(config)],
+                                   shard_size=args.fsdp_shard_size, trained=[lambda: RewardModel(config)])
+    common.print_dry_run(measured, args.world_size, args.gpu_mem_gb, common.dry_run_label(
+        "ppo", args, dtype, f"{B} answers x {T} ({R} answer tokens), actor + critic trained, "
+                            f"reference + reward model sharded, frozen"))
+    return measured
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     info = common.setup_distributed(args.device)
     try:
         return train(args, info)
@@ -463,21 +501,38 @@ def train(args, info):
                     f"another --out_dir (nothing was changed)")
 
     # --- the four models ---------------------------------------------------------------------------
-    actor, meta = common.load_model(args.init_from)
-    actor = common.setup_lora(actor, args, meta["path"], dtype)   # --lora_rank > 0: adapters on a frozen base
+    def wrap(m):
+        return common.wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
+                                 args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
+
+    # FSDP (without LoRA): all four built on the meta device and sharded, each rank reading only its
+    # shards of each checkpoint (common.load_start_model / load_model_sharded): no whole model on any rank
+    sharded = args.parallel == "fsdp" and not args.lora_rank
+    actor, meta, _ = common.load_start_model(args, info, dtype, wrap)   # --lora_rank: adapters, not yet wrapped
     tok = tokenizer_for(meta, args)
-    ref = common.reference_model(actor, args, dtype, device, info, args.parallel)   # LoRA: the actor, adapters off
-    rm, rm_meta = load_reward_model(args.reward_model)
+    if args.lora_rank > 0 and not args.ref_model:
+        ref = BaseView(actor)   # LoRA: the reference is the actor with its adapters off, no second copy
+    elif sharded:
+        ref = common.load_frozen_sharded(args.ref_model or args.init_from, info, dtype, args.fsdp_shard_size)[0]
+    else:
+        ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device, info, args.parallel)
+    critic_path = common.resolve_checkpoint(args.critic_from or args.reward_model)
+    if sharded:
+        rm, rm_meta = common.load_frozen_sharded(args.reward_model, info, dtype, args.fsdp_shard_size, RewardModel,
+                                                 REWARD_KIND, load_reward_model)
+    else:
+        rm, rm_meta = load_reward_model(args.reward_model)
+        rm = frozen(rm, dtype, device, info, args.parallel, args.fsdp_shard_size)   # (fsdp + LoRA: sharded so)
     if args.lora_rank > 0 and not args.separate_critic:
         critic = ValueHead(actor)   # LoRA: a value head on the actor's backbone, no second backbone
+    elif sharded and not common.read_checkpoint_meta(critic_path).get("lora"):   # (LoRA: its base read whole)
+        critic = common.load_model_sharded(critic_path, info, wrap, RewardModel, kind=REWARD_KIND)[0]
     else:
-        critic, _ = load_reward_model(args.critic_from or args.reward_model)
-        # LoRA, --separate_critic: the critic (its own model, from the reward model) trains adapters and its head
-        critic = common.setup_lora(critic, args, common.resolve_checkpoint(args.critic_from or args.reward_model),
-                                   dtype)
+        critic, _ = load_reward_model(critic_path)
+        # LoRA: the critic (its own model, started from the reward model) trains adapters and its head
+        critic = common.setup_lora(critic, args, critic_path, dtype)
     if (rm_meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
         common.fail(f"the reward model ({rm_meta['path']}) was trained with another tokenizer than the actor")
-    rm = frozen(rm, dtype, device, info, args.parallel)   # fsdp: sharded, no optimizer (so is ref)
     if actor.config.dropout > 0 or critic.config.dropout > 0:
         print0("note: dropout is switched off for PPO (actor and critic stay in eval mode): with dropout the "
                "rollout and the training forward would see different networks and the ratio would not start at 1")
@@ -503,10 +558,11 @@ def train(args, info):
         common.fail(f"{args.eval_data}: every evaluation record needs 'messages' and 'truth' (lab rl_eval / eval_qa)")
     ptx = PtxData(args.ptx_data, tok, ctx_len, args.seed) if args.ptx_coef > 0 else None
 
-    actor, critic = actor.to(device), critic.to(device)
-    raw_actor, raw_critic = actor, critic
-    actor = common.wrap_model(actor, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
-    critic = common.wrap_model(critic, info, args.parallel, dtype, args.compile, args.activation_checkpointing)
+    raw_actor, raw_critic = common.unwrap(actor), common.unwrap(critic)
+    if not common.is_fsdp(actor):   # (sharded ones came wrapped)
+        actor = wrap(actor.to(device))
+    if not common.is_fsdp(critic):
+        critic = wrap(critic.to(device))
     critic_lr = args.critic_lr or args.lr
     betas = (args.beta1, args.beta2)
     opt_actor = common.configure_optimizer(actor, args.lr, args.weight_decay, betas, device)
@@ -518,10 +574,8 @@ def train(args, info):
     it, history, alarms, last_alarm = 0, [], [], {}
     inv = {"ratio_max_dev": 0.0, "approx_kl_max": 0.0, "ratio_tol": ratio_tol, "ratio_failures": 0,
            "k3_min": float("inf"), "kl_at_start": None, "iterations": 0}
-    if resume_path:
-        st = common.restore_checkpoint(resume_path, actor, opt_actor, device)
-        common.load_state_dict_checked(raw_critic, st["critic"])
-        opt_critic.load_state_dict(st["critic_optimizer"])
+    if resume_path:   # (the critic and its AdamW: sharded like the actor's under FSDP)
+        st = common.restore_checkpoint(resume_path, actor, opt_actor, device, also={"critic": (critic, opt_critic)})
         it, ps = st["step"], st["ppo_state"]
         kl_ctl.value, history, alarms, inv = ps["kl_coef"], ps["history"], ps["alarms"], ps["invariants"]
         if st["data_state"] != {"rollout_batch": args.rollout_batch, "seed": args.seed, "world_size": world}:
@@ -539,12 +593,12 @@ def train(args, info):
 
     def checkpoint(name, with_optimizer):
         state = {"kl_coef": kl_ctl.value, "history": history, "alarms": alarms, "invariants": inv}
-        extra = {"critic": raw_critic.state_dict(), "critic_optimizer": opt_critic.state_dict()} \
-            if with_optimizer else {}
         return common.save_checkpoint(
             args.out_dir, name, actor, opt_actor if with_optimizer else None, step=it, config=vars(args), tokenizer=tok,
             metrics={"kl_coef": kl_ctl.value, **(history[-1] if history else {})}, ppo_state=state,
-            data_state={"rollout_batch": args.rollout_batch, "seed": args.seed, "world_size": world}, **extra)
+            data_state={"rollout_batch": args.rollout_batch, "seed": args.seed, "world_size": world},
+            also={"critic": (critic, opt_critic)} if with_optimizer else None,
+            background=with_optimizer)   # FSDP resume checkpoints: written while training goes on
 
     def run_eval():
         """Greedy answers to the first --eval_sample held-out prompts: checker accuracy and reward (rank 0)."""
@@ -648,6 +702,7 @@ def train(args, info):
                        f"update skipped")
             opt_actor.zero_grad(set_to_none=True)
             opt_critic.zero_grad(set_to_none=True)
+            common.shorten_timeout(info, args)   # (after the first step: --step_timeout)
         t3 = clock()
 
         # 4. statistics of this iteration, summed over all processes; the KL controller; alarms; logs

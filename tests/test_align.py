@@ -111,6 +111,7 @@ def test_a_truncated_sample_is_never_chosen_and_never_gets_an_end_marker(tok, tm
         seed, round_prompts, samples, temperature, top_k, top_p, rank_by, prompts = 0, 1, 3, 1.0, None, None, \
             "reward", "p"
         max_new_tokens, missing_eos_penalty = limit, 0.0   # even without a penalty: never chosen
+        parallel = "none"
 
     info = common.DistInfo(device=CPU)
     longest = lambda convs, answers, ended=None: [float(len(a)) for a in answers]   # noqa: E731 (prefers the cut one)
@@ -122,7 +123,7 @@ def test_a_truncated_sample_is_never_chosen_and_never_gets_an_end_marker(tok, tm
     records, _ = dpo.sample_pairs(policy, tok, [{"messages": conv}], A, 1, info, shortest)
     assert records[0]["chosen"] == tok.decode(content[0]) and records[0]["ended"] == [True, False]
     path = str(tmp_path / "pairs.jsonl")
-    dpo.write_jsonl(path, records)
+    common.atomic_write_jsonl(path, records)
     g = load_groups([path], tok, 256)[0]
     assert g["ids"][0][-1] == tok.end_id and g["ids"][1][-len(content[2]):] == content[2]
     assert g["resp_len"] == [len(content[0]) + 1, len(content[2])]

@@ -361,8 +361,8 @@ def test_peak_flops_matches_whole_device_names():
 def test_sft_and_dpo_dry_runs(capsys):
     """sft.py / dpo.py --dry_run on the tiny preset (no checkpoint needed): SFT's step costs what
     pretraining's does at the same shape (masked targets change no tensor size); DPO's frozen
-    reference adds exactly its fp32 shards to the parameters and nothing to the gradients or the
-    optimizer, and --precompute_ref takes it away."""
+    reference adds exactly its shards to the parameters, in bf16 (common.frozen: half of fp32's), and
+    nothing to the gradients or the optimizer, and --precompute_ref takes it away."""
     import dpo
     import sft
     flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16"]
@@ -372,7 +372,7 @@ def test_sft_and_dpo_dry_runs(capsys):
     with_ref = dpo.main(["--dry_run", "--init_from", "tiny", "--max_seq_len", "64", *flags])
     pre = dpo.main(["--dry_run", "--init_from", "tiny", "--max_seq_len", "64", "--precompute_ref", *flags])
     n = Llama(LlamaConfig.from_preset("tiny")).num_params()
-    assert with_ref["params"] - pre["params"] == 4 * n / 4
+    assert with_ref["params"] - pre["params"] == 2 * n / 4   # bf16 shards over 4 ranks
     assert with_ref["grads"] == pre["grads"] and with_ref["optimizer"] == pre["optimizer"]
     out = capsys.readouterr().out
     assert "dry run: sft, FSDP x 4" in out and "reference sharded, frozen" in out and "reference precomputed" in out

@@ -6,8 +6,10 @@ One fork-started group of 2 ranks (FileStore, one thread each; ../shared/CPU_TES
     in lock-step; the ranks hold different numbers of prompts of different lengths, one rank's
     answer ends after one token while the other's runs to the limit, and a rank may have no prompt;
     chat.generate_answers with different numbers of batches per rank; training after generation;
-  * rlhf_ppo.py and grpo.py, two iterations each, under --parallel ddp and --parallel fsdp (frozen
-    reference and reward model sharded): the same rollouts, losses and final weights;
+  * the RL stages' sharded start (reference, reward model, critic) against whole loads;
+  * rlhf_ppo.py and grpo.py, two iterations each, under --parallel ddp and --parallel fsdp (every
+    model started sharded): the same rollouts, losses and final weights; both resumed exactly from
+    their sharded checkpoints (PPO's critic in it too);
   * dpo.py with a sampling round under --parallel fsdp and ddp: the same pairs.
 """
 import copy
@@ -98,7 +100,48 @@ def check_frozen(rank, info, tok):
     rows = lambda n: min(-(-n // 2), max(0, n - rank * -(-n // 2)))   # noqa: E731 (torch.chunk's split of dim 0)
     return {"sharded": all(p.to_local().size(0) == rows(p.size(0)) for p in rm.parameters()),
             "frozen": not rm.training and not any(p.requires_grad for p in rm.parameters()),
-            "score_diff": diff, "bf16_identical": same}
+            "score_diff": diff, "bf16_identical": same,
+            # bf16 shards (half of fp32's memory), buffers (the rotary table) left in fp32
+            "bf16_shards": all(p.dtype == torch.bfloat16 for p in ref.parameters())
+            and all(p.dtype == torch.float32 for p in actor.parameters())
+            and all(b.dtype == torch.float32 for b in ref.buffers() if b.is_floating_point())}
+
+
+def check_sharded_start(rank, info, d):
+    """The RL stages' sharded start (no whole model on any rank): the frozen reference and reward model
+    through common.load_frozen_sharded, the critic through load_model_sharded, against whole loads:
+    the same tensors (gathered), each rank having read exactly its own shards' bytes, frozen ones
+    without gradients and in eval mode, and the same scores."""
+    out = {}
+    wrap = lambda m: common.wrap_model(m, info, "fsdp")   # noqa: E731
+    for name, (sharded, whole) in {
+            "ref": (common.load_frozen_sharded(str(d / "init"), info, torch.float32),
+                    common.load_model(str(d / "init"))),
+            "rm": (common.load_frozen_sharded(str(d / "rm"), info, torch.float32, 0, reward.RewardModel,
+                                              reward.REWARD_KIND), reward.load_reward_model(str(d / "rm"))),
+            "critic": (common.load_model_sharded(str(d / "rm"), info, wrap, reward.RewardModel,
+                                                 kind=reward.REWARD_KIND), reward.load_reward_model(str(d / "rm")))
+    }.items():
+        (model, meta), plain = sharded, whole[0]
+        state, want = model.state_dict(keep_vars=True), plain.state_dict(keep_vars=True)
+        local = {id(v): v for v in state.values()}   # (a tied weight once)
+        with torch.no_grad():
+            diff = max((v.full_tensor() if hasattr(v, "full_tensor") else v).sub(want[k]).abs().max().item()
+                       for k, v in state.items())
+        out[name] = {
+            "diff": diff,
+            "keys": sorted(state) == sorted(want),
+            "bytes_read": meta["bytes_read"],
+            "own_bytes": sum((v.to_local() if hasattr(v, "to_local") else v).nbytes for v in local.values()),
+            "whole_bytes": sum(v.nbytes for v in {id(v): v for v in want.values()}.values()),
+            "frozen": not model.training and not any(p.requires_grad for p in model.parameters()),
+            "trainable": all(p.requires_grad for p in model.parameters())}
+        if name != "ref":
+            idx = torch.randint(0, plain.backbone.config.vocab_size, (2, 9),
+                                generator=torch.Generator().manual_seed(rank))
+            with torch.no_grad():
+                out[name]["score_diff"] = (model(idx) - plain(idx)).abs().max().item()
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -127,13 +170,13 @@ def write_fixture(d, tok):
     common.save_checkpoint(str(d / "rm"), "final", rm, step=0, config={}, tokenizer=tok, kind=reward.REWARD_KIND)
 
 
-def ppo_argv(d, out, parallel):
+def ppo_argv(d, out, parallel, *extra):
     return ["--init_from", str(d / "init"), "--reward_model", str(d / "rm"), "--prompts", str(d / "prompts.jsonl"),
             "--out_dir", str(out), "--parallel", parallel, "--max_steps", "2", "--rollout_batch", "4",
             "--batch_size", "2", "--max_new_tokens", "10", "--lr", "1e-3", "--critic_lr", "1e-3", "--warmup_steps",
             "1", "--eval_data", str(d / "eval.jsonl"), "--eval_interval", "1", "--eval_sample", "2",
             "--eval_limit", "2", "--eval_max_new_tokens", "8", "--sample_interval", "0", "--save_interval", "0",
-            "--log_interval", "1000", "--seed", "1"]
+            "--log_interval", "1000", "--seed", "1", *extra]
 
 
 def grpo_argv(d, out, parallel, *extra):
@@ -147,7 +190,7 @@ def grpo_argv(d, out, parallel, *extra):
 
 def dpo_argv(d, out, parallel):
     return ["--init_from", str(d / "init"), "--prompts", str(d / "prompts.jsonl"), "--out_dir", str(out),
-            "--parallel", parallel, "--rounds", "2", "--round_prompts", "5", "--samples", "3", "--rank_by", "reward",
+            "--parallel", parallel, "--rounds", "2", "--round_prompts", "5", "--samples", "12", "--rank_by", "reward",
             "--reward_model", str(d / "rm"), "--max_new_tokens", "8", "--max_steps", "1", "--batch_size", "1",
             "--eval_data", str(d / "eval.jsonl"), "--eval_limit", "3", "--eval_max_new_tokens", "8",
             "--val_frac", "0", "--eval_interval", "0", "--log_interval", "1000", "--save_interval", "0", "--seed", "1"]
@@ -156,14 +199,17 @@ def dpo_argv(d, out, parallel):
 def run_scripts(rank, d):
     out = {}
     for parallel in ("ddp", "fsdp"):
-        out["ppo", parallel] = rlhf_ppo.main(ppo_argv(d, d / f"ppo_{parallel}", parallel))
-        # (a resume checkpoint after iteration 1: sharded under fsdp)
+        # (resume checkpoints after iteration 1: sharded under fsdp, written in the background)
+        out["ppo", parallel] = rlhf_ppo.main(ppo_argv(d, d / f"ppo_{parallel}", parallel, "--save_interval", "1"))
         out["grpo", parallel] = grpo.main(grpo_argv(d, d / f"grpo_{parallel}", parallel, "--save_interval", "1"))
         dpo.main(dpo_argv(d, d / f"dpo_{parallel}", parallel))
-    # GRPO under FSDP resumed from its sharded checkpoint of iteration 1
+    # PPO and GRPO under FSDP resumed from their sharded checkpoints of iteration 1
     if rank == 0:
-        shutil.copytree(d / "grpo_fsdp" / "step_0000001", d / "grpo_fsdp_resume" / "step_0000001")
+        for stage in ("ppo", "grpo"):
+            shutil.copytree(d / f"{stage}_fsdp" / "step_0000001", d / f"{stage}_fsdp_resume" / "step_0000001")
     dist.barrier()
+    out["ppo", "fsdp_resume"] = rlhf_ppo.main(ppo_argv(d, d / "ppo_fsdp_resume", "fsdp", "--save_interval", "1",
+                                                       "--resume"))
     out["grpo", "fsdp_resume"] = grpo.main(grpo_argv(d, d / "grpo_fsdp_resume", "fsdp", "--save_interval", "1",
                                                      "--resume"))
     # bf16 autocast: the sharded reference gathers the policy's bf16 weights (KL exactly 0 at the start)
@@ -183,7 +229,7 @@ def _worker(rank, store, d, queue):
         info = common.DistInfo(rank, rank, 2, torch.device("cpu"))
         tok = Tokenizer()
         queue.put((rank, {"gen": check_generation(rank, info, tok), "frozen": check_frozen(rank, info, tok),
-                          "scripts": run_scripts(rank, d)}, None))
+                          "start": check_sharded_start(rank, info, d), "scripts": run_scripts(rank, d)}, None))
     except BaseException:   # every rank's traceback: the first error may be the victim's
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -195,10 +241,11 @@ def two_ranks(tmp_path_factory, tok):
     d = tmp_path_factory.mktemp("fsdp_rl")
     write_fixture(d, tok)
     ctx = torch.multiprocessing.get_context("fork")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     procs = torch.multiprocessing.start_processes(_worker, args=(str(d / "store"), d, queue), nprocs=2,
                                                   start_method="fork", join=False)
-    results = dict((r, (out, err)) for r, out, err in (queue.get() for _ in range(2)))
+    # (a timeout: a rank that aborts in a mismatched collective never reports, and would hang the suite)
+    results = dict((r, (out, err)) for r, out, err in (queue.get(timeout=300) for _ in range(2)))
     procs.join()
     errors = [err for _, err in results.values() if err]
     assert not errors, "\n".join(errors)
@@ -238,7 +285,7 @@ def test_frozen_models_are_sharded_without_gradients(two_ranks):
     _, results = two_ranks
     for rank, out in results.items():
         f = out["frozen"]
-        assert f["sharded"] and f["frozen"] and f["bf16_identical"], f
+        assert f["sharded"] and f["frozen"] and f["bf16_identical"] and f["bf16_shards"], f
         assert f["score_diff"] < 1e-5, f   # fp32, the same weights; only the gathered layout differs
 
 
@@ -290,25 +337,47 @@ def test_grpo_block_by_block_generation_matches_the_gathered_rollout(two_ranks):
     assert max_diff(final_weights(d / "grpo_fsdp_block"), final_weights(d / "grpo_fsdp")) < 1e-6
 
 
-def test_grpo_under_fsdp_resumes_exactly(two_ranks):
-    """Iteration 2 again from the sharded resume checkpoint of iteration 1 (weights, AdamW, RNG):
-    the same rollout, loss and final weights, bit for bit."""
+@pytest.mark.parametrize("stage,keys", [("grpo", ("reward", "policy_loss", "kl")),
+                                        ("ppo", ("reward_raw", "policy_loss", "kl", "value_loss", "explained_var",
+                                                 "vf_clipfrac", "kl_coef"))])
+def test_ppo_and_grpo_under_fsdp_resume_exactly(two_ranks, stage, keys):
+    """Iteration 2 again from the sharded resume checkpoint of iteration 1, written in the background
+    (weights, AdamW, RNG; PPO's critic and its AdamW sharded beside the actor's): the same rollout,
+    losses (PPO's value loss: the critic was restored) and final weights, bit for bit."""
     d, _ = two_ranks
-    a, b = final_weights(d / "grpo_fsdp"), final_weights(d / "grpo_fsdp_resume")
+    assert (d / f"{stage}_fsdp" / "step_0000001").is_dir()   # a DCP directory
+    a, b = final_weights(d / f"{stage}_fsdp"), final_weights(d / f"{stage}_fsdp_resume")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    keys = lambda r: (r["reward"], r["policy_loss"], r["kl"])   # noqa: E731
-    assert [keys(r) for r in rows(d / "grpo_fsdp", "reward")[1:]] == [keys(r) for r in rows(d / "grpo_fsdp_resume",
-                                                                                              "reward")]
+    pick = lambda r: [r[k] for k in keys]   # noqa: E731
+    want, got = rows(d / f"{stage}_fsdp", keys[0])[1:], rows(d / f"{stage}_fsdp_resume", keys[0])
+    assert len(got) == 1 and [pick(r) for r in want] == [pick(r) for r in got]
+
+
+def test_rl_models_start_sharded_as_a_whole_load(two_ranks):
+    """rlhf_ppo.py / grpo.py's start under FSDP: reference, reward model and critic equal a whole load,
+    each rank read only its own shards (half the model's bytes, give or take the unsharded buffers)."""
+    _, results = two_ranks
+    for rank, out in results.items():
+        for name, r in out["start"].items():
+            assert r["keys"] and r["diff"] == 0.0, (rank, name, r)
+            assert r["bytes_read"] == r["own_bytes"] < 0.6 * r["whole_bytes"], (rank, name, r)
+            assert r["frozen"] if name != "critic" else r["trainable"], (rank, name, r)
+            assert r.get("score_diff", 0.0) < 1e-5, (rank, name, r)
 
 
 def test_dpo_sampling_rounds_under_fsdp_match_ddp(two_ranks):
     """Two rounds: the same sampled pairs in both (the second sampled by the policy the first trained),
-    the same weights, and the between-rounds lab evaluation (every rank generates under FSDP)."""
+    the same weights, and the between-rounds lab evaluation (every rank generates under FSDP). Under
+    FSDP the reward model is sharded: rank 0 scores 3 x 12 answers (2 batches of 32), rank 1 2 x 12
+    (1 batch) and pads its scoring to rank 0's count (without it, rank 0 would wait in an all-gather)."""
     d, _ = two_ranks
     for rnd in (1, 2):
-        pairs = [open(d / f"dpo_{p}" / f"round_{rnd:02d}_pairs.jsonl", encoding="utf-8").read()
-                 for p in ("ddp", "fsdp")]
-        assert pairs[0] == pairs[1] and pairs[0].count("\n") >= 2, rnd   # the same answers made the same pairs
+        pairs = [common.read_jsonl(str(d / f"dpo_{p}" / f"round_{rnd:02d}_pairs.jsonl")) for p in ("ddp", "fsdp")]
+        scores = [[(r.pop("chosen_score"), r.pop("rejected_score")) for r in p] for p in pairs]
+        assert pairs[0] == pairs[1] and len(pairs[0]) >= 2, rnd   # the same answers made the same pairs
+        # (scores: the same weights, batched with other companions and padding: float order, ~5e-7 measured;
+        # pairs identical and scores within 1e-5 in all 6 cells of tests/perturb.py)
+        assert max(abs(x - y) for a, b in zip(*scores) for x, y in zip(a, b)) < 1e-5, scores
     assert max_diff(final_weights(d / "dpo_ddp"), final_weights(d / "dpo_fsdp")) < 1e-6
     summary = [json.load(open(d / f"dpo_{p}" / "rounds.json")) for p in ("ddp", "fsdp")]
     accuracy = [[r.get("eval_accuracy") for r in s["rounds"]] for s in summary]
@@ -318,7 +387,7 @@ def test_dpo_sampling_rounds_under_fsdp_match_ddp(two_ranks):
 def test_grpo_dry_run(capsys):
     """grpo.py --dry_run on the tiny preset (no checkpoint needed): the policy's FSDP step with the
     reference sharded beside it; the reference has no optimizer state (AdamW's is SFT's at the same
-    model) and its fp32 shards are counted; the rollout's closed-form line is printed."""
+    model) and its bf16 shards are counted; the rollout's closed-form line is printed."""
     import sft
     flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16"]
     g = grpo.main(["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16", *flags])
@@ -332,3 +401,33 @@ def test_grpo_dry_run(capsys):
     cache = KVCache(LlamaConfig.from_preset("tiny"), 64, 64, "cpu", torch.bfloat16)
     assert g["rollout_kv_cache"] == sum(t.nbytes for t in cache.k + cache.v) and g["rollout_gathered"] == 2 * n
     assert "rollout phase" in out
+
+
+def test_ppo_dry_run(capsys):
+    """rlhf_ppo.py --dry_run on the tiny preset: actor and critic trained side by side (common.fsdp_dry_run's
+    trained=), reference and reward model sharded and frozen. AdamW's states are exactly SFT's at the
+    actor's shape plus reward.py's at the critic's (about twice one model's: the critic has no LM head);
+    all four models' shards are in "params" (the frozen two in bf16)."""
+    import sft
+    flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16"]
+    p = rlhf_ppo.main(["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16", *flags])
+    s = sft.main(["--dry_run", "--init_from", "tiny", "--seq_len", "64", *flags])
+    r = reward.main(["--dry_run", "--init_from", "tiny", *flags[:2], "--batch_size", "1", *flags[4:]])
+    assert p["optimizer"] == s["optimizer"] + r["optimizer"] and 1.7 * s["optimizer"] < p["optimizer"]
+    config = LlamaConfig.from_preset("tiny")
+    n_lm, n_rm = Llama(config).num_params(), reward.RewardModel(config).num_params()
+    assert p["params"] >= (4 + 2) * (n_lm + n_rm) / 4, (p["params"], n_lm, n_rm)   # fp32 trained, bf16 frozen
+    out = capsys.readouterr().out
+    assert "dry run: ppo, FSDP x 4" in out and "actor + critic trained" in out
+    # --fsdp_shard_size reaches all four models: 4 ranks as 2 x 2 cost what FSDP over 2 does
+    ppo = ["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16"]
+    hsdp = rlhf_ppo.main([*ppo, *flags, "--fsdp_shard_size", "2"])
+    fsdp2 = rlhf_ppo.main([*ppo, *flags[2:], "--world_size", "2"])
+    assert hsdp == fsdp2 and hsdp["params"] > p["params"]
+
+
+def test_ppo_refuses_offload_under_fsdp(tmp_path):
+    """--offload moves whole frozen models; under FSDP they are sharded instead: a one-line refusal."""
+    with pytest.raises(SystemExit, match="drop --offload"):
+        rlhf_ppo.get_args(["--init_from", "x", "--reward_model", "y", "--prompts", "z", "--parallel", "fsdp",
+                           "--offload", "--out_dir", str(tmp_path)])
