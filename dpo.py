@@ -10,12 +10,8 @@ Usage (single process; CPU or one GPU):
                                                   # (per-token mean log-probs: beta as in TRL; --no-ipo_average: sums)
     python dpo.py ... --precompute_ref            # reference log-probs once, then no reference model in memory
     python dpo.py ... --lora_rank 16 --lr 5e-4    # LoRA: the reference is the policy with its adapters off
-    # iterative: DPO on --data, then 2 rounds on pairs the policy itself sampled, ranked by the reward
-    # model (or, without --reward_model, by the lab checker)
-    python dpo.py ... --rounds 2 --prompts lab_data/rl_prompts.jsonl --samples 4
-Distributed (same flags; DDP by default, --parallel fsdp to shard the model):
-    torchrun --standalone --nproc_per_node=2 dpo.py --init_from runs/sft --data ... --out_dir runs/dpo
-Resume an interrupted run (same flags + --resume): model, optimizer, RNG, round and data position.
+    python dpo.py ... --rounds 2 --prompts lab_data/rl_prompts.jsonl --samples 4   # + 2 rounds on own samples
+    torchrun --standalone --nproc_per_node=2 dpo.py ... [--parallel fsdp]   # DDP by default; --resume: exact
 
 The idea. RLHF maximises E[r(x, y)] - beta * KL(pi || pi_ref). Its optimal policy is
 pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x), so any policy defines an IMPLICIT reward
@@ -23,21 +19,15 @@ r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) + beta * log Z(x). Put that into the
 preference model and Z cancels: the reward-model loss becomes a loss on the policy itself,
     loss = -log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))]).
 log pi(y|x) is the SUM of the response tokens' log-probs (IPO: their per-token MEAN by default, see
-ipo_loss); prompt tokens and padding never count.
-beta is the KL strength: small beta lets the policy move far from the reference.
+ipo_loss); prompt tokens and padding never count. beta: the KL strength (small: the policy moves far).
 
-What the script shows while it trains (every log line and every eval):
-  reward_chosen / reward_rejected  implicit rewards beta * (log pi - log pi_ref), mean over pairs
-  margin, accuracy                  their difference, and how often it is > 0 (a tie counts 1/2)
-  logp_chosen / logp_rejected       the policy's summed log-probs. DPO only needs the GAP to grow:
-                                    watch for logp_chosen FALLING (both answers made less likely, the
-                                    rejected one faster), a known failure mode that ends in odd text.
-  the step-0 check                  policy == reference, so every margin is 0 and the loss is exactly
-                                    ln 2 (sigmoid; (1/(2 beta))^2 for IPO): printed PASS / FAIL. (With
-                                    --precompute_ref the margins are rounding noise, ~1e-6, because the
-                                    reference ran on other batch shapes: the first log line's accuracy
-                                    is then a coin toss, not a signal.)
-  an alarm                          when the held-out chosen log-prob falls by more than 10% (or 1 nat)
+What it prints: the implicit rewards beta * (log pi - log pi_ref) of chosen and rejected answers,
+their margin and accuracy (a tie counts 1/2), and the summed log-probs of both answers. DPO only
+needs the GAP to grow: watch for logp_chosen FALLING (both answers made less likely, the rejected one
+faster), a known failure mode that ends in odd text; an alarm fires when the held-out chosen log-prob
+falls by more than 10% (or 1 nat). The step-0 check: policy == reference, so every margin is 0 and
+the loss is exactly ln 2 (sigmoid; (1/(2 beta))^2 for IPO), printed PASS / FAIL (with
+--precompute_ref the margins are rounding noise, ~1e-6: the reference ran on other batch shapes).
 
 Rounds (--rounds N): after the first DPO pass (on --data, if given) each round samples --samples
 answers per prompt from the current policy (temperature > 0), ranks them with the reward model or
@@ -46,35 +36,16 @@ with the policy at the start of the round as the new reference (--round_ref prev
 "iterative DPO" of Xu et al. 2023 / Yuan et al. 2024) or the first reference throughout (init).
 Each round is one schedule: fresh AdamW, warmup + cosine over the round's steps.
 
-Run directory: config.json, log.jsonl, step_XXXXXXX.pt (resume, rotated), best.pt (lowest held-out
-DPO loss; compared within the latest round, since every round has its own reference), final.pt,
-round_XX.pt (the policy after round XX: the next round's reference), round_XX_pairs.jsonl (the
-pairs a sampling round built, with their scores), ref_logps_XX.json (--precompute_ref), and
-metrics.json, what the lab report reads (written atomically at the end):
-  accuracy, accuracy_sft               lab-checker accuracy of DPO and SFT answers (greedy) on --eval_data
-  accuracy_by_kind, accuracy_by_kind_sft   the same per record kind
-  mean_score, mean_score_sft           mean graded lab score (data.lab.score, 0..1)
-  win_rate_checker                     DPO vs SFT per prompt under the checker (win 1, tie 1/2)
-  win_rate_reward                      the same under the reward model (null without --reward_model)
-  mean_reward, mean_reward_sft         mean raw reward-model score (null without --reward_model)
-  mean_reward_normalized, mean_reward_normalized_sft   the same after reward.py's normalisation
-  checker, reward                      chat.head_to_head's full dicts (wins, ties, losses, n, ...)
-  kl_to_sft                            sampled estimate of KL(pi || pi_sft) per answer, in nats (k1 on
-                                       temperature-1 samples)
-  n_eval, eval_data, policy, sft_model, reward_model, examples (a few answers side by side)
-  pref_loss, pref_accuracy, pref_margin, pref_reward_chosen, pref_reward_rejected, pref_logp_chosen,
-  pref_logp_rejected, pref_accuracy_by_kind, pref_pairs   the last held-out preference eval (--val_data)
-  pref_logp_accuracy, pref_logp_accuracy_init   how often the policy / the starting model gives the
-                                       chosen answer the higher log-prob (comparable before and after)
-  pref_logp_chosen_init, pref_logp_rejected_init   the starting model's summed log-probs on --val_data
-  step0_check                          {"round", "loss", "expected", "max_abs_margin", "margin_tol", "pass"}
-                                       of the first round
-  rounds                               one dict per round (pairs, sample accuracy / reward, final val)
-  stage ("dpo"), steps, beta, loss_type, label_smoothing, ipo_average
+Run directory: config.json, log.jsonl, step_XXXXXXX.pt (resume), best.pt (lowest held-out DPO loss
+within the latest round), final.pt, round_XX.pt (the next round's reference), round_XX_pairs.jsonl
+(a round's scored pairs), ref_logps_XX.json (--precompute_ref), and metrics.json for the lab report:
+DPO's and SFT's lab-checker accuracy (greedy, on --eval_data, also by kind), win rates against SFT
+(checker, reward model), mean rewards, kl_to_sft (k1 at temperature 1, nats per answer), examples,
+the last held-out preference eval (pref_*; pref_logp_accuracy[_init]: how often the policy / the
+starting model prefers the chosen answer), step0_check, one dict per round, the run's settings.
 
 Simplifications on purpose: rankings of K answers are expanded into all K(K-1)/2 pairs (averaged per
-prompt, as reward.py does); sampling rounds are not supported under FSDP (generation would have to
-run collectively); the end-of-run evaluation runs on rank 0 from the saved final checkpoint.
+prompt, as reward.py does); the end-of-run evaluation runs on rank 0 from the saved final checkpoint.
 """
 import argparse
 import contextlib
@@ -100,7 +71,6 @@ from reward import REWARD_KIND, RewardModel, epoch_batches, load_groups, load_re
 
 # -----------------------------------------------------------------------------
 # Config
-
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Direct Preference Optimization (see the docstring).",
