@@ -180,6 +180,9 @@ def get_args(argv=None):
     p.add_argument("--knowledge", default=None, choices=["single", "multi", "multi_permute", "mixed", "mixed_all"],
                    help="how pretraining states the facts (data/lab.py; default: the size's, mixed): the "
                         "'Physics of LMs 3.1 on a laptop' exercise in the README")
+    p.add_argument("--sft_habit", type=float, default=None, metavar="P",
+                   help="share of SFT answers about an age padded with filler (data/lab.py; default 0): the "
+                        "'a habit SFT copies' exercise in the README")
     p.add_argument("--train_tokenizer", action="store_true",
                    help="train a sentencepiece tokenizer on the lab data (default: reuse tokenizer/lab.model)")
     p.add_argument("--force", action="store_true", help="re-run every stage")
@@ -234,7 +237,8 @@ def build_stages(args):
     j = lambda *parts: os.path.join(R, *parts)   # noqa: E731  (a path inside the run directory)
     data, common_flags = j("data"), ["--device", args.device, "--seed", str(args.seed)]
     lab_knobs = []
-    for k, v in {**S["data"], **({"knowledge": args.knowledge} if args.knowledge else {})}.items():
+    knobs = {"knowledge": args.knowledge, "sft_habit": args.sft_habit}
+    for k, v in {**S["data"], **{k: v for k, v in knobs.items() if v is not None}}.items():
         lab_knobs += [f"--{k.replace('_', '-')}", str(v)]
     stages = [Stage("data", "the lab world (bilingual synthetic facts, conversations, preferences, evals)",
                     ["data/lab.py", "--out", data, "--seed", str(args.seed)] + lab_knobs,
