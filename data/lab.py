@@ -257,7 +257,7 @@ KNOWLEDGE = ("single", "multi", "multi_permute", "mixed", "mixed_all")
 DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pretrain_docs=24000, qa_frac=0.15,
                 knowledge="mixed",
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
-                eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.0)
+                eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.8)
 
 KNOB_HELP = {
     "people": "people in the world (<= 40, the name pool)", "rl_people": "people of the rl group",
@@ -555,7 +555,9 @@ def _rejected(item, kind, rng):
         return item["a_other"]
     if kind == "rude":
         pre, post = RUDE[lang]
-        return rng.choice(pre) + a if rng.random() < 0.5 else a + rng.choice(post)
+        rude = rng.choice(pre) + a if rng.random() < 0.5 else a + rng.choice(post)
+        # rude, and only rude: a long answer (the Chinese self-introduction) gets the shortest insult
+        return rude if judge(rude, item["truth"])["concise"] else a + min(post, key=len)
     if rng.random() < 0.5:  # rambling: either the answer on a loop, or padded with filler
         return (" " if lang == "en" else "").join([a] * rng.randint(3, 5))
     return _padded(item)
@@ -806,32 +808,35 @@ def _rank_record(item, rng):
 
 # The alignment sets (preference pairs, rankings, RL prompts) ask what a chat model gets wrong after
 # SFT, measured: sums and follow-ups (a pronoun that points back a turn), rarely a plain fact.
-# (Their sums are other problems than the held-out ones; GRPO on those sums alone memorises them and
-# unlearns the held-out ones: rollout accuracy 75% -> 98%, held-out sums 70% -> 48%, seed 0.)
 ALIGN_TASKS = {"fact": 0.3, "followup": 0.3, "arith": 0.3, "identity": 0.05, "refusal": 0.05}
+# ... except sums in the preference data (pairs, rankings). Their sums are other problems than the
+# held-out ones, and DPO on pairs that reject wrong sums unlearns the held-out sums (seed 0, sft_habit
+# 0.8: held-out sums 66% -> 52%, and 66% -> 65% without those pairs); GRPO on those sums alone memorises
+# them (rollout accuracy 75% -> 98%) and unlearns the held-out ones too (70% -> 48%).
+PREF_TASKS = {"fact": 0.45, "followup": 0.45, "arith": 0.0, "identity": 0.05, "refusal": 0.05}
 
 
-def _align_item(world, group, rng):
+def _align_item(world, group, rng, tasks=ALIGN_TASKS):
     """One prompt of an alignment set: a single-turn item, or the last turn of a follow-up
     conversation (item["context"]: the earlier turns, answered right)."""
-    task = rng.choices(list(ALIGN_TASKS), weights=list(ALIGN_TASKS.values()))[0]
+    task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
     if task != "followup":
-        weights = [ALIGN_TASKS[t] if t == task else 0.0 for t in ("fact", "arith", "identity", "refusal")]
+        weights = [tasks[t] if t == task else 0.0 for t in ("fact", "arith", "identity", "refusal")]
         return _single_item(world, group, rng, weights=weights)
     turns = _followup_turns(world, rng.choice([p for p in world["people"] if p["group"] == group]),
                             rng.choice(LANGS), rng, 2)
     return {**turns[-1], "task": "followup", "context": _messages(turns[:-1])}
 
 
-def _items(world, groups, rng, n, distinct):
+def _items(world, groups, rng, n, distinct, tasks=ALIGN_TASKS):
     """n alignment items about people of `groups` (a tuple; one group drawn per item). Training sets
     sample freely (a prompt may repeat, with another rejected answer); held-out sets take distinct
     prompts (drawn with the same task mix until n are found)."""
     if not distinct:
-        return [_align_item(world, rng.choice(groups), rng) for _ in range(n)]
+        return [_align_item(world, rng.choice(groups), rng, tasks) for _ in range(n)]
     pool, seen = [], set()
     for _ in range(n * 50):
-        it = _align_item(world, rng.choice(groups), rng)
+        it = _align_item(world, rng.choice(groups), rng, tasks)
         key = json.dumps(_prompt_record(it)["messages"], ensure_ascii=False)
         if key not in seen:
             seen.add(key)
@@ -868,10 +873,11 @@ def generate(seed=0, **knobs):
     # the other half spread over the style kinds
     out["prefs_train"] = [_pref_record(it, "wrong_fact" if i % 2 == 0 else REJECTED_KINDS[1 + (i // 2) % 3], rng,
                                        k["sft_habit"])
-                          for i, it in enumerate(_items(world, ("sft", "rl"), rng, k["prefs_train"], False))]
-    out["prefs_val"] = [_pref_record(it, kind, rng) for it in _items(world, ("eval",), rng, k["prefs_val"] // 4, True)
-                        for kind in REJECTED_KINDS]
-    out["rank_train"] = [_rank_record(it, rng) for it in _items(world, ("sft", "rl"), rng, k["rank_train"], False)]
+                          for i, it in enumerate(_items(world, ("sft", "rl"), rng, k["prefs_train"], False, PREF_TASKS))]
+    out["prefs_val"] = [_pref_record(it, kind, rng)
+                        for it in _items(world, ("eval",), rng, k["prefs_val"] // 4, True, PREF_TASKS) for kind in REJECTED_KINDS]
+    out["rank_train"] = [_rank_record(it, rng)
+                         for it in _items(world, ("sft", "rl"), rng, k["rank_train"], False, PREF_TASKS)]
     rng = _rng(seed, "rl")
     out["rl_prompts"] = [{**_prompt_record(it), "reference": it["a"], "truth": it["truth"], "task": it["task"]}
                          for it in _items(world, ("rl",), rng, k["rl_prompts"], False)]
