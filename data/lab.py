@@ -257,7 +257,7 @@ KNOWLEDGE = ("single", "multi", "multi_permute", "mixed", "mixed_all")
 DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pretrain_docs=24000, qa_frac=0.15,
                 knowledge="mixed",
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
-                eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.8)
+                eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.0)
 
 KNOB_HELP = {
     "people": "people in the world (<= 40, the name pool)", "rl_people": "people of the rl group",

@@ -435,7 +435,7 @@ def test_sft_habit_pads_only_age_answers_and_nothing_else_moves():
             assert not lab.judge(m1["content"], {"type": "identity", "lang": "en"})["concise"]   # graded as rambling
             padded += 1
     assert padded > 30 and same > padded
-    half = lab.generate(seed=2, **dict(SMALL, pretrain_docs=300))   # the default, 0.8
+    half = lab.generate(seed=2, **dict(SMALL, pretrain_docs=300, sft_habit=0.8))   # run_lab's
     n_half = sum(m["content"].startswith(filler) for r in half["sft_train"] for m in r["messages"])
     n_all = sum(m["content"].startswith(filler) for r in habit["sft_train"] for m in r["messages"])
     assert 0.65 < n_half / n_all < 0.95
