@@ -124,8 +124,8 @@ SIZES = {
                  round_prompts=256, samples=4, eval_interval=50, log_interval=10, eval_limit=64),
         ppo=dict(max_steps=40, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.1,
                  ptx_coef=1.0, eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
-        grpo=dict(max_steps=40, prompts_per_step=8, group_size=8, batch_size=16, lr=5e-5, min_lr=5e-6,
-                  eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
+        grpo=dict(max_steps=100, prompts_per_step=8, group_size=8, batch_size=16, lr=5e-5, min_lr=5e-6,
+                  eval_interval=20, eval_sample=32, eval_limit=64, sample_interval=20, log_interval=1),
         eval=dict(max_new_tokens=48),
     ),
     "gpu": dict(   # NOT yet measured on a GPU: the lab recipe, scaled up (a bigger model, more data and steps)
