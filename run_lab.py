@@ -94,7 +94,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 SIZES = {
     "tiny": dict(
         data=dict(people=16, rl_people=4, eval_people=4, eval_followups=40, pretrain_docs=8000, sft_train=1500, sft_val=100,
-                  prefs_train=1000, prefs_val=200, rank_train=100, rl_prompts=300, rl_eval=100),
+                  prefs_train=1000, prefs_val=200, rank_train=100, rl_prompts=300, rl_eval=100, sft_habit=0.8),
         model=dict(model="tiny", dim=128, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=128),
         pretrain=dict(max_steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_interval=50,
                       eval_steps=5, log_interval=10),
@@ -110,7 +110,9 @@ SIZES = {
         eval=dict(max_new_tokens=32),
     ),
     "lab": dict(
-        data=dict(),
+        # sft_habit: the SFT demonstrations pad 80% of the age answers (data/lab.py), a habit SFT copies
+        # and the preference stages are there to remove (see the README's reference numbers)
+        data=dict(sft_habit=0.8),
         model=dict(model="lab", seq_len=256),
         pretrain=dict(max_steps=500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_interval=100,
                       eval_steps=10, log_interval=10),
@@ -122,12 +124,13 @@ SIZES = {
                  round_prompts=256, samples=4, eval_interval=50, log_interval=10, eval_limit=64),
         ppo=dict(max_steps=40, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.1,
                  ptx_coef=1.0, eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
-        grpo=dict(max_steps=40, prompts_per_step=8, group_size=8, batch_size=16, lr=5e-5, min_lr=5e-6,
-                  eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
+        grpo=dict(max_steps=100, prompts_per_step=8, group_size=8, batch_size=16, lr=5e-5, min_lr=5e-6,
+                  eval_interval=20, eval_sample=32, eval_limit=64, sample_interval=20, log_interval=1),
         eval=dict(max_new_tokens=48),
     ),
     "gpu": dict(   # NOT yet measured on a GPU: the lab recipe, scaled up (a bigger model, more data and steps)
-        data=dict(pretrain_docs=100000, sft_train=20000, prefs_train=12000, rank_train=2000, rl_prompts=4000),
+        data=dict(pretrain_docs=100000, sft_train=20000, prefs_train=12000, rank_train=2000, rl_prompts=4000,
+                  sft_habit=0.8),
         model=dict(model="lab", dim=512, n_layers=8, n_heads=8, n_kv_heads=4, seq_len=256),
         pretrain=dict(max_steps=3000, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=200, eval_interval=500,
                       eval_steps=20, log_interval=50),
@@ -180,6 +183,9 @@ def get_args(argv=None):
     p.add_argument("--knowledge", default=None, choices=["single", "multi", "multi_permute", "mixed", "mixed_all"],
                    help="how pretraining states the facts (data/lab.py; default: the size's, mixed): the "
                         "'Physics of LMs 3.1 on a laptop' exercise in the README")
+    p.add_argument("--sft_habit", type=float, default=None, metavar="P",
+                   help="share of SFT answers about an age padded with filler (data/lab.py; default: the size's, 0.8; "
+                        "0 = clean demonstrations)")
     p.add_argument("--train_tokenizer", action="store_true",
                    help="train a sentencepiece tokenizer on the lab data (default: reuse tokenizer/lab.model)")
     p.add_argument("--force", action="store_true", help="re-run every stage")
@@ -234,7 +240,8 @@ def build_stages(args):
     j = lambda *parts: os.path.join(R, *parts)   # noqa: E731  (a path inside the run directory)
     data, common_flags = j("data"), ["--device", args.device, "--seed", str(args.seed)]
     lab_knobs = []
-    for k, v in {**S["data"], **({"knowledge": args.knowledge} if args.knowledge else {})}.items():
+    knobs = {"knowledge": args.knowledge, "sft_habit": args.sft_habit}
+    for k, v in {**S["data"], **{k: v for k, v in knobs.items() if v is not None}}.items():
         lab_knobs += [f"--{k.replace('_', '-')}", str(v)]
     stages = [Stage("data", "the lab world (bilingual synthetic facts, conversations, preferences, evals)",
                     ["data/lab.py", "--out", data, "--seed", str(args.seed)] + lab_knobs,

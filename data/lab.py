@@ -257,7 +257,7 @@ KNOWLEDGE = ("single", "multi", "multi_permute", "mixed", "mixed_all")
 DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pretrain_docs=24000, qa_frac=0.15,
                 knowledge="mixed",
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
-                eval_extra=40, eval_followups=220, showcase=8)
+                eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.0)
 
 KNOB_HELP = {
     "people": "people in the world (<= 40, the name pool)", "rl_people": "people of the rl group",
@@ -276,6 +276,8 @@ KNOB_HELP = {
     "rl_eval": "held-out RL prompts (eval group)", "eval_extra": "arithmetic probes of eval_pretrain (base model)",
     "eval_followups": "eval_qa follow-up conversations (distinct)",
     "showcase": "eval_qa records marked for side-by-side reports",
+    "sft_habit": "share of SFT answers about a person's age padded with filler: a verbose annotator's habit, "
+                 "which SFT copies and preference tuning should remove",
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +368,8 @@ def judge(answer, truth):
     and length is not."""
     completion = bool(truth.get("completion"))
     text = _first_sentence(answer) if completion else answer.strip()
+    if not text:   # silence earns nothing: with credit for "no Chinese, nothing rude, short", GRPO learned
+        return dict.fromkeys(("fact", "language", "polite", "concise", "ok"), False)   # to answer nothing
     low = text.lower()
     parts = {
         "fact": _fact_ok(text, truth),
@@ -551,10 +555,20 @@ def _rejected(item, kind, rng):
         return item["a_other"]
     if kind == "rude":
         pre, post = RUDE[lang]
-        return rng.choice(pre) + a if rng.random() < 0.5 else a + rng.choice(post)
+        rude = rng.choice(pre) + a if rng.random() < 0.5 else a + rng.choice(post)
+        # rude, and only rude: a long answer (the Chinese self-introduction) gets the shortest insult
+        return rude if judge(rude, item["truth"])["concise"] else a + min(post, key=len)
     if rng.random() < 0.5:  # rambling: either the answer on a loop, or padded with filler
         return (" " if lang == "en" else "").join([a] * rng.randint(3, 5))
-    return FILLER[lang][0] + a + FILLER[lang][1]
+    return _padded(item)
+
+
+def _padded(item):
+    return FILLER[item["lang"]][0] + item["a"] + FILLER[item["lang"]][1]
+
+
+def _is_age(item):
+    return item.get("truth", {}).get("attr") == "age"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,7 +684,7 @@ def _messages(items, system=None):
     return msgs
 
 
-def _sft_conversation(world, group, rng):
+def _sft_conversation(world, group, rng, habit=0.0, habit_rng=None):
     lang = rng.choice(LANGS)
     r = rng.random()
     people = [q for q in world["people"] if q["group"] == group]
@@ -687,6 +701,8 @@ def _sft_conversation(world, group, rng):
         item = _single_item(world, group, rng, lang, weights=(0.62, 0.2, 0.09, 0.09))
         kind, items = item["task"], [item]
     system = rng.choice(SYSTEMS[lang]) if rng.random() < 0.15 else None
+    if habit > 0:  # the habit has its own random stream: sft_habit=0 leaves every file byte-identical
+        items = [{**it, "a": _padded(it)} if _is_age(it) and habit_rng.random() < habit else it for it in items]
     return {"messages": _messages(items, system), "kind": kind}
 
 
@@ -774,9 +790,13 @@ def _probe_sets(world, rng, n_arith):
     return [{"id": f"pt{i:04d}", **r} for i, r in enumerate(out)]
 
 
-def _pref_record(item, kind, rng):
-    return {**_prompt_record(item), "chosen": item["a"], "rejected": _rejected(item, kind, rng), "kind": kind,
-            "task": item["task"], "truth": item["truth"]}
+def _pref_record(item, kind, rng, habit=0.0):
+    # With sft_habit the labellers compared the SFT model's own answers, as InstructGPT's did: the style
+    # pairs of an age question reject the padded answer the SFT model writes there.
+    rejected = _padded(item) if habit > 0 and kind != "wrong_fact" and _is_age(item) else None
+    kind = "rambling" if rejected else kind
+    return {**_prompt_record(item), "chosen": item["a"], "rejected": rejected or _rejected(item, kind, rng),
+            "kind": kind, "task": item["task"], "truth": item["truth"]}
 
 
 def _rank_record(item, rng):
@@ -789,29 +809,34 @@ def _rank_record(item, rng):
 # The alignment sets (preference pairs, rankings, RL prompts) ask what a chat model gets wrong after
 # SFT, measured: sums and follow-ups (a pronoun that points back a turn), rarely a plain fact.
 ALIGN_TASKS = {"fact": 0.3, "followup": 0.3, "arith": 0.3, "identity": 0.05, "refusal": 0.05}
+# ... except sums in the preference data (pairs, rankings). Their sums are other problems than the
+# held-out ones, and DPO on pairs that reject wrong sums unlearns the held-out sums (seed 0, sft_habit
+# 0.8: held-out sums 66% -> 52%, and 66% -> 65% without those pairs); GRPO on those sums alone memorises
+# them (rollout accuracy 75% -> 98%) and unlearns the held-out ones too (70% -> 48%).
+PREF_TASKS = {"fact": 0.45, "followup": 0.45, "arith": 0.0, "identity": 0.05, "refusal": 0.05}
 
 
-def _align_item(world, group, rng):
+def _align_item(world, group, rng, tasks=ALIGN_TASKS):
     """One prompt of an alignment set: a single-turn item, or the last turn of a follow-up
     conversation (item["context"]: the earlier turns, answered right)."""
-    task = rng.choices(list(ALIGN_TASKS), weights=list(ALIGN_TASKS.values()))[0]
+    task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
     if task != "followup":
-        weights = [ALIGN_TASKS[t] if t == task else 0.0 for t in ("fact", "arith", "identity", "refusal")]
+        weights = [tasks[t] if t == task else 0.0 for t in ("fact", "arith", "identity", "refusal")]
         return _single_item(world, group, rng, weights=weights)
     turns = _followup_turns(world, rng.choice([p for p in world["people"] if p["group"] == group]),
                             rng.choice(LANGS), rng, 2)
     return {**turns[-1], "task": "followup", "context": _messages(turns[:-1])}
 
 
-def _items(world, groups, rng, n, distinct):
+def _items(world, groups, rng, n, distinct, tasks=ALIGN_TASKS):
     """n alignment items about people of `groups` (a tuple; one group drawn per item). Training sets
     sample freely (a prompt may repeat, with another rejected answer); held-out sets take distinct
     prompts (drawn with the same task mix until n are found)."""
     if not distinct:
-        return [_align_item(world, rng.choice(groups), rng) for _ in range(n)]
+        return [_align_item(world, rng.choice(groups), rng, tasks) for _ in range(n)]
     pool, seen = [], set()
     for _ in range(n * 50):
-        it = _align_item(world, rng.choice(groups), rng)
+        it = _align_item(world, rng.choice(groups), rng, tasks)
         key = json.dumps(_prompt_record(it)["messages"], ensure_ascii=False)
         if key not in seen:
             seen.add(key)
@@ -837,19 +862,22 @@ def generate(seed=0, **knobs):
         raise ValueError(f"knowledge={k['knowledge']!r}: expected one of {', '.join(KNOWLEDGE)}")
     out["pretrain"] = [{"text": _pretrain_doc(world, rng, k["qa_frac"], k["knowledge"])} for _ in range(k["pretrain_docs"])]
     rng = _rng(seed, "sft")
-    out["sft_train"] = [_sft_conversation(world, "sft", rng) for _ in range(k["sft_train"])]
-    out["sft_val"] = [_sft_conversation(world, "rl", rng) for _ in range(k["sft_val"])]
+    habit = dict(habit=k["sft_habit"], habit_rng=_rng(seed, "habit"))
+    out["sft_train"] = [_sft_conversation(world, "sft", rng, **habit) for _ in range(k["sft_train"])]
+    out["sft_val"] = [_sft_conversation(world, "rl", rng, **habit) for _ in range(k["sft_val"])]
     out["eval_qa"] = _eval_sets(world, _rng(seed, "eval"), k["eval_followups"], k["showcase"])
     out["showcase"] = [r for r in out["eval_qa"] if r["showcase"]]
     out["eval_pretrain"] = _probe_sets(world, _rng(seed, "probe"), k["eval_extra"])
     rng = _rng(seed, "prefs")
     # half the training pairs reject a wrong fact or sum (the mistakes a chat model makes after SFT);
     # the other half spread over the style kinds
-    out["prefs_train"] = [_pref_record(it, "wrong_fact" if i % 2 == 0 else REJECTED_KINDS[1 + (i // 2) % 3], rng)
-                          for i, it in enumerate(_items(world, ("sft", "rl"), rng, k["prefs_train"], False))]
-    out["prefs_val"] = [_pref_record(it, kind, rng) for it in _items(world, ("eval",), rng, k["prefs_val"] // 4, True)
-                        for kind in REJECTED_KINDS]
-    out["rank_train"] = [_rank_record(it, rng) for it in _items(world, ("sft", "rl"), rng, k["rank_train"], False)]
+    out["prefs_train"] = [_pref_record(it, "wrong_fact" if i % 2 == 0 else REJECTED_KINDS[1 + (i // 2) % 3], rng,
+                                       k["sft_habit"])
+                          for i, it in enumerate(_items(world, ("sft", "rl"), rng, k["prefs_train"], False, PREF_TASKS))]
+    out["prefs_val"] = [_pref_record(it, kind, rng)
+                        for it in _items(world, ("eval",), rng, k["prefs_val"] // 4, True, PREF_TASKS) for kind in REJECTED_KINDS]
+    out["rank_train"] = [_rank_record(it, rng)
+                         for it in _items(world, ("sft", "rl"), rng, k["rank_train"], False, PREF_TASKS)]
     rng = _rng(seed, "rl")
     out["rl_prompts"] = [{**_prompt_record(it), "reference": it["a"], "truth": it["truth"], "task": it["task"]}
                          for it in _items(world, ("rl",), rng, k["rl_prompts"], False)]

@@ -325,6 +325,8 @@ def test_checker_on_hand_written_answers():
     assert not lab.check(" London. Alice lives in Paris.", probe)
     assert lab.check("7。", {"type": "arith", "lang": "zh", "answer": "7", "operands": ["3", "4"], "completion": True})
     assert lab.score("Alice lives in Paris.", city) == 1.0 and lab.score("Alice lives in London.", city) == 0.6
+    # an empty answer earns nothing (it used to score 0.6, above a padded right answer's floor: GRPO found it)
+    assert all(lab.score(a, t) == 0.0 for a in ("", "  ", "\n") for t in (city, zh, add, refuse, ident, probe))
 
 
 def test_checker_accepts_every_reference_and_chosen_answer(sets):
@@ -345,18 +347,26 @@ def test_checker_rejects_every_rejected_answer_for_its_labelled_reason(sets):
         assert failed == [expect[r["kind"]]], (r, parts)  # wrong in exactly the labelled way
         seen[(r["kind"], r["task"], r["truth"]["lang"])] = seen.get((r["kind"], r["task"], r["truth"]["lang"]), 0) + 1
     for kind in lab.REJECTED_KINDS:
-        for task in ("fact", "followup", "arith", "identity", "refusal"):
+        for task in ("fact", "followup"):   # (no sums in the preference data: PREF_TASKS)
             for lang in lab.LANGS:
                 assert seen.get((kind, task, lang), 0) > 0, (kind, task, lang)
+    for task in ("identity", "refusal"):   # 5% of the prompts each: too few here for every kind
+        assert {l for (k, t, l) in seen if t == task} == set(lab.LANGS), task
     def count(kind, key):
         return sum(1 for r in sets[key] if r["kind"] == kind)
     # prefs_val: every prompt once with each kind; prefs_train: half wrong facts, the rest balanced
     assert len({count(k, "prefs_val") for k in lab.REJECTED_KINDS}) == 1
-    style = [count(k, "prefs_train") for k in lab.REJECTED_KINDS[1:]]
-    assert abs(count("wrong_fact", "prefs_train") - len(sets["prefs_train"]) / 2) <= 1 and max(style) - min(style) <= 1
-    # the arithmetic slip SFT makes ("4 + 4 = 8" for 4 + 8) is among the wrong sums
-    assert any(r["task"] == "arith" and lab._NUM.findall(r["rejected"])[:2] == [r["truth"]["operands"][0]] * 2
-               for r in sets["prefs_train"] if r["kind"] == "wrong_fact")
+    # (the style pairs of age questions all reject the padded answer: sft_habit, tested below)
+    style = [sum(1 for r in sets["prefs_train"] if r["kind"] == k and r["truth"].get("attr") != "age")
+             for k in lab.REJECTED_KINDS[1:]]
+    assert abs(count("wrong_fact", "prefs_train") - len(sets["prefs_train"]) / 2) <= 1 and max(style) - min(style) <= 0.3 * max(style)
+    # the arithmetic slip SFT makes ("4 + 4 = 8" for 4 + 8) is among the wrong sums (of an arithmetic pair,
+    # which the preference files no longer hold, but the generator still makes)
+    import random
+    sums = [lab._pref_record(it, "wrong_fact", random.Random(1)) for it in lab._items(sets["world"], ("sft",), random.Random(0), 200, False)
+            if it["task"] == "arith"]
+    assert sums and all(not lab.check(r["rejected"], r["truth"]) for r in sums)
+    assert any(lab._NUM.findall(r["rejected"])[:2] == [r["truth"]["operands"][0]] * 2 for r in sums)
 
 
 def test_ranked_lists_are_ordered_by_score(sets):
@@ -396,3 +406,39 @@ def test_knowledge_knob_states_the_facts_as_named():
     assert asked(*docs("mixed_all"))[0] == {"sft", "rl", "eval"}
     with pytest.raises(ValueError, match="knowledge"):
         lab.generate(seed=0, **dict(SMALL, knowledge="everything"))
+
+
+def test_sft_habit_pads_only_age_answers_and_nothing_else_moves():
+    """sft_habit: the verbose annotator. At 1.0 every SFT answer about an age (and only those) is wrapped
+    in the filler that the preference data rejects as rambling, so the checker fails it; the style pairs
+    of age questions reject exactly that padded answer (labellers compared the SFT model's answers); the
+    training texts of every other stage are unchanged (the habit draws from its own random stream)."""
+    plain = lab.generate(seed=2, **dict(SMALL, pretrain_docs=300, sft_habit=0.0))
+    habit = lab.generate(seed=2, **dict(SMALL, pretrain_docs=300, sft_habit=1.0))
+    for key in ("pretrain", "eval_qa", "eval_pretrain", "rl_prompts", "rl_eval"):
+        assert plain[key] == habit[key], key
+    filler = tuple(f[0] for f in lab.FILLER.values())
+    age_style = [r for r in habit["prefs_train"] if r["truth"].get("attr") == "age" and r["kind"] != "wrong_fact"]
+    assert len(age_style) > 10 and all(r["kind"] == "rambling" and r["rejected"] == lab._padded(
+        {"lang": r["truth"]["lang"], "a": r["chosen"]}) for r in age_style)
+    assert [r["prompt"] for r in plain["prefs_train"]] == [r["prompt"] for r in habit["prefs_train"]]
+    padded = same = 0
+    for r0, r1 in zip(plain["sft_train"] + plain["sft_val"], habit["sft_train"] + habit["sft_val"]):
+        assert [m["role"] for m in r0["messages"]] == [m["role"] for m in r1["messages"]]
+        for m0, m1, q in zip(r0["messages"], r1["messages"], [None] + r0["messages"][:-1]):
+            assert not m0["content"].startswith(filler)   # sft_habit=0: no filler anywhere
+            if m0 == m1:
+                same += 1
+                continue
+            age = re.search(r"\d+ years old|\d+岁", m0["content"])
+            assert m0["role"] == "assistant" and age and m1["content"].startswith(filler) and m0["content"] in m1["content"]
+            assert not lab.judge(m1["content"], {"type": "identity", "lang": "en"})["concise"]   # graded as rambling
+            padded += 1
+    assert padded > 30 and same > padded
+    half = lab.generate(seed=2, **dict(SMALL, pretrain_docs=300, sft_habit=0.8))   # run_lab's
+    n_half = sum(m["content"].startswith(filler) for r in half["sft_train"] for m in r["messages"])
+    n_all = sum(m["content"].startswith(filler) for r in habit["sft_train"] for m in r["messages"])
+    assert 0.65 < n_half / n_all < 0.95
+    # no sums in the preference data (see PREF_TASKS), sums in the RL prompts
+    assert not any(r["task"] == "arith" for key in ("prefs_train", "prefs_val", "rank_train") for r in half[key])
+    assert sum(r["task"] == "arith" for r in half["rl_prompts"]) > 0.2 * len(half["rl_prompts"])

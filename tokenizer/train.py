@@ -7,8 +7,10 @@ Usage (single process; tokenizer training does not use torchrun, sentencepiece h
     (`python tokenizer/train.py ...` works too)
 
 Reproduce the shipped tokenizer/lab.model byte for byte (sha256 60ae042641c8f4aa...), from the
-training sets of the lab world with all 40 names of data/lab.py's pool (any seed's people are a subset):
-    python data/lab.py --out /tmp/lab_tok --seed 0 --people 40
+training sets of the lab world with all 40 names of data/lab.py's pool (any seed's people are a subset),
+as data/lab.py wrote them at commit 334a556 (the preference sets changed since; no new characters):
+    git show 334a556:data/lab.py > /tmp/lab_334a556.py
+    python /tmp/lab_334a556.py --out /tmp/lab_tok --seed 0 --people 40
     python -m tokenizer.train --out tokenizer/lab.model --vocab_size 2048 --split_han \
         --character_coverage 1.0 --fields text,messages,chosen,rejected,responses \
         /tmp/lab_tok/pretrain.jsonl /tmp/lab_tok/sft_train.jsonl /tmp/lab_tok/prefs_train.jsonl \
