@@ -101,7 +101,7 @@ SIZES = {
         sft=dict(max_steps=200, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=20, eval_interval=100,
                  log_interval=10, pretrain_ratio=0.5),
         reward=dict(max_steps=60, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=6, eval_interval=30, log_interval=5),
-        dpo=dict(max_steps=40, batch_size=8, lr=1e-4, min_lr=1e-5, warmup_steps=4, beta=0.3, rounds=1, round_prompts=128,
+        dpo=dict(max_steps=40, batch_size=8, lr=1e-4, min_lr=1e-5, warmup_steps=4, beta=0.3, rounds=0, round_prompts=128,
                  samples=4, eval_interval=20, log_interval=5, eval_limit=32),
         ppo=dict(max_steps=30, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.1,
                  ptx_coef=1.0, eval_interval=10, eval_sample=16, eval_limit=32, sample_interval=0, log_interval=1),
