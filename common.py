@@ -945,9 +945,6 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, optimizer=None, *
     if is_fsdp(model):
         if has_lora(raw):   # a resume checkpoint: sharded as usual, base included (see load_model)
             meta["lora"] = lora_info(raw)
-            # written in the foreground: in the background DCP's global plan came out with one rank's
-            # chunks of the frozen base only ("invalid fill", 2 CPU processes, torch 2.13; not investigated)
-            background = False
         return _save_sharded(out_dir, name, model, optimizer, meta, background, also)
     path = os.path.join(out_dir, name + ".pt")
     if is_main():

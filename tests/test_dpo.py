@@ -248,7 +248,11 @@ def flawed_sft(tmp_path_factory, module_one_thread):
     import common
     from data import lab
     d = tmp_path_factory.mktemp("dpo_lab")
-    sets = lab.generate(seed=0, pretrain_docs=1, sft_train=1, sft_val=1, rank_train=1, rl_prompts=1, rl_eval=1)
+    pref_tasks, lab.PREF_TASKS = lab.PREF_TASKS, lab.ALIGN_TASKS   # the pair mix this fixture was measured with
+    try:
+        sets = lab.generate(seed=0, pretrain_docs=1, sft_train=1, sft_val=1, rank_train=1, rl_prompts=1, rl_eval=1)
+    finally:
+        lab.PREF_TASKS = pref_tasks
     tok = Tokenizer()
     # single-turn prompts (the flaw below is planted in one answer per conversation) about the 8 people
     # of the rl group, so that held-out phrasings ask facts the fixture's SFT has seen in other ones

@@ -14,8 +14,12 @@ One fork-started group of 2 ranks (FileStore, one thread each; ../shared/CPU_TES
 """
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 import traceback
+from pathlib import Path
 from datetime import timedelta
 
 import pytest
@@ -30,6 +34,8 @@ import reward
 import rlhf_ppo
 from data import lab
 from model import Llama, LlamaConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(vocab, seed=0, **kw):
@@ -403,26 +409,42 @@ def test_grpo_dry_run(capsys):
     assert "rollout phase" in out
 
 
-def test_ppo_dry_run(capsys):
+_PPO_DRY_RUNS = """
+import contextlib, io, json, sys
+sys.path.insert(0, sys.argv[1])
+import reward, rlhf_ppo, sft
+flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16"]
+ppo = ["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16"]
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    res = {"p": rlhf_ppo.main([*ppo, *flags]),
+           "s": sft.main(["--dry_run", "--init_from", "tiny", "--seq_len", "64", *flags]),
+           "r": reward.main(["--dry_run", "--init_from", "tiny", *flags[:2], "--batch_size", "1", *flags[4:]]),
+           "hsdp": rlhf_ppo.main([*ppo, *flags, "--fsdp_shard_size", "2"]),
+           "fsdp2": rlhf_ppo.main([*ppo, *flags[2:], "--world_size", "2"])}
+print(json.dumps({**res, "out": out.getvalue()}))
+"""
+
+
+def test_ppo_dry_run():
     """rlhf_ppo.py --dry_run on the tiny preset: actor and critic trained side by side (common.fsdp_dry_run's
     trained=), reference and reward model sharded and frozen. AdamW's states are exactly SFT's at the
     actor's shape plus reward.py's at the critic's (about twice one model's: the critic has no LM head);
-    all four models' shards are in "params" (the frozen two in bf16)."""
-    import sft
-    flags = ["--world_size", "4", "--batch_size", "2", "--dtype", "bfloat16"]
-    p = rlhf_ppo.main(["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16", *flags])
-    s = sft.main(["--dry_run", "--init_from", "tiny", "--seq_len", "64", *flags])
-    r = reward.main(["--dry_run", "--init_from", "tiny", *flags[:2], "--batch_size", "1", *flags[4:]])
+    all four models' shards are in "params" (the frozen two in bf16).
+    In a process of its own: after PPO's dry run (two trained models under one FSDP root, fake process
+    group) this process's later forked FSDP runs wrote DCP checkpoints whose global plan held one rank's
+    chunks ("invalid fill"); a user runs --dry_run as a process of its own anyway."""
+    done = subprocess.run([sys.executable, "-c", _PPO_DRY_RUNS, str(REPO)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    p, s, r, hsdp, fsdp2, out = (res[k] for k in ("p", "s", "r", "hsdp", "fsdp2", "out"))
     assert p["optimizer"] == s["optimizer"] + r["optimizer"] and 1.7 * s["optimizer"] < p["optimizer"]
     config = LlamaConfig.from_preset("tiny")
     n_lm, n_rm = Llama(config).num_params(), reward.RewardModel(config).num_params()
     assert p["params"] >= (4 + 2) * (n_lm + n_rm) / 4, (p["params"], n_lm, n_rm)   # fp32 trained, bf16 frozen
-    out = capsys.readouterr().out
     assert "dry run: ppo, FSDP x 4" in out and "actor + critic trained" in out
     # --fsdp_shard_size reaches all four models: 4 ranks as 2 x 2 cost what FSDP over 2 does
-    ppo = ["--dry_run", "--init_from", "tiny", "--max_new_tokens", "16"]
-    hsdp = rlhf_ppo.main([*ppo, *flags, "--fsdp_shard_size", "2"])
-    fsdp2 = rlhf_ppo.main([*ppo, *flags[2:], "--world_size", "2"])
     assert hsdp == fsdp2 and hsdp["params"] > p["params"]
 
 

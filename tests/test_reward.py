@@ -439,7 +439,8 @@ def test_lab_stats_checkpoints_and_scoring(lab_rm):
     with open(inp, "w") as f:
         for r in recs:
             f.write(json.dumps({"messages": r["messages"], "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n")
-        f.write(json.dumps({"prompt": recs[0]["messages"][-1]["content"], "response": recs[0]["chosen"]}) + "\n")
+        j = next(i for i, r in enumerate(recs) if len(r["messages"]) == 1)   # a single-turn prompt (no context)
+        f.write(json.dumps({"prompt": recs[j]["messages"][-1]["content"], "response": recs[j]["chosen"]}) + "\n")
         f.write("{broken\n")
     # the explicit final.pt: a run directory resolves to best.pt, which is final.pt only when the best
     # evaluation happened to be the last one (a coin toss across CPUs); the directory route is checked below
@@ -453,7 +454,7 @@ def test_lab_stats_checkpoints_and_scoring(lab_rm):
                 assert got == pytest.approx(rm(torch.tensor([ids]))[0].item(), abs=1e-5)
             z = (o["rewards"][0] - final["mean"]) / final["std"]
             assert o["rewards_normalized"][0] == pytest.approx(z, abs=1e-5)
-    assert out[6]["reward"] == pytest.approx(out[0]["rewards"][0], abs=1e-5)   # same prompt + answer, same reward
+    assert out[6]["reward"] == pytest.approx(out[j]["rewards"][0], abs=1e-5)   # same prompt + answer, same reward
     # the run directory is the best checkpoint: scoring through it gives that checkpoint's rewards
     import common
     assert os.path.basename(common.resolve_checkpoint(str(root / "rm"))) == "best.pt"
