@@ -58,8 +58,7 @@ policy: a normal LM checkpoint), metrics.json (the keys rlhf_ppo.py and dpo.py r
 accuracy, accuracy_sft, accuracy_by_kind(_sft), mean_score(_sft), win_rate_checker, checker, kl_to_sft,
 examples, n_eval, stage "grpo", steps, invariants, alarms, train, weights_in_sync).
 
-Simplifications on purpose: no FSDP (generation runs on whole models; the FSDP path owns sharded
-generation); no critic, so no GAE: an answer's advantage is one number for all its tokens; the
+Simplifications on purpose: no critic, so no GAE: an answer's advantage is one number for all its tokens; the
 policy is the rollout policy at the start of every iteration (pi_old is recomputed, not kept from
 generate, so padding and positions are the training forward's).
 """
@@ -471,7 +470,7 @@ def train(args, info):
                     f"another --out_dir (nothing was changed)")
 
     # --- models: policy, reference, the reward model if asked for -----------------------------------
-    from reward import REWARD_KIND, RewardModel, load_reward_model, tokenizer_for
+    from reward import load_frozen_reward_model, tokenizer_for
 
     def wrap(m):
         return common.wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
@@ -487,12 +486,7 @@ def train(args, info):
         ref = common.reference_model(actor, args, dtype, device, info, args.parallel)
     rm = None
     if args.reward_model and any(n == "model" for n, _ in args.rewards):
-        if sharded:
-            rm, rm_meta = common.load_frozen_sharded(args.reward_model, info, dtype, args.fsdp_shard_size, RewardModel,
-                                                     REWARD_KIND, load_reward_model)
-        else:
-            rm, rm_meta = load_reward_model(args.reward_model)
-            rm = frozen(rm, dtype, device, info, args.parallel, args.fsdp_shard_size)   # (fsdp + LoRA: sharded so)
+        rm, rm_meta = load_frozen_reward_model(args.reward_model, args, info, dtype)
         if (rm_meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
             common.fail(f"the reward model ({rm_meta['path']}) was trained with another tokenizer than the policy")
     if actor.config.dropout > 0:

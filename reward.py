@@ -2,32 +2,25 @@
 reward.py -- the reward model (RLHF step 2, as in InstructGPT and DeepSpeed-Chat): a LLaMA backbone
 started from the SFT checkpoint, with a scalar head, trained on preference pairs and rankings.
 
-    # train (one process; on a GPU the same command runs in bf16 autocast)
-    python reward.py --init_from runs/sft --data lab_run/data/prefs_train.jsonl \
+    # train (one process; on a GPU bf16 autocast); rankings {prompt, responses: [best..worst]} mix in
+    python reward.py --init_from runs/sft --data prefs_train.jsonl rank_train.jsonl:0.5 \
         --val_data lab_run/data/prefs_val.jsonl --out_dir runs/rm
-    # rankings ({prompt, responses: [best, ..., worst]}) mix in like any other file ("path:weight")
-    python reward.py --init_from runs/sft --data prefs_train.jsonl rank_train.jsonl:0.5 --out_dir runs/rm
-    # several processes: DDP by default, --parallel fsdp to shard a model too big for one GPU
-    torchrun --standalone --nproc_per_node=8 reward.py --init_from runs/sft --data ... --out_dir runs/rm
+    torchrun --standalone --nproc_per_node=8 reward.py ... [--parallel fsdp]   # DDP by default
     python reward.py ... --resume        # continue exactly from the newest step_* checkpoint
     python reward.py ... --lora_rank 16  # LoRA on the backbone, the head in full; checkpoints: adapters + head
-    # diagnostics of a trained reward model: accuracy per kind, length bias, calibration
-    python reward.py --eval_only --init_from runs/rm --val_data lab_run/data/prefs_val.jsonl
-    # score prompt/response records (any conversation or preference format data/formats.py reads)
-    python reward.py --score IN.jsonl --out OUT.jsonl --init_from runs/rm
+    python reward.py --eval_only --init_from runs/rm --val_data prefs_val.jsonl  # per kind, length bias
+    python reward.py --score IN.jsonl --out OUT.jsonl --init_from runs/rm        # any conversation file
 
-In code (rlhf_ppo.py uses it as the frozen reward and to initialise its critic):
-    from reward import RewardModel, load_reward_model
-    rm, meta = load_reward_model("runs/rm")    # checkpoint file or run dir -> eval mode; meta["reward_stats"]
+In code (the RL stages' frozen reward: load_frozen_reward_model; PPO's critic starts from it):
+    rm, meta = reward.load_reward_model("runs/rm")   # file or run dir -> eval mode; meta["reward_stats"]
     r = rm(idx, attention_mask)                # (B,) float32 rewards read at each row's LAST REAL token
     z = rm.normalize(r)                        # (r - mean) / std, the stats saved with these weights
     v = rm.values(idx, attention_mask)         # (B, T) the head at every position (a critic's values)
   idx (B, T) token ids rendered with the chat template; attention_mask (B, T) 1 = real, 0 = padding,
   left or right. Under DDP call the wrapped module: critic(idx, mask, per_token=True) == values().
 
-Simplifications on purpose: one scalar head without bias (Bradley-Terry sees only differences, so
-a bias would never get a gradient); the margin is one constant for every pair (Llama 2 scales it by
-the annotators' preference strength, which our formats do not carry).
+Simplifications on purpose: one scalar head without bias (Bradley-Terry sees only differences); one
+constant margin for every pair (Llama 2 scales it by the annotators' strength; our formats lack it).
 """
 from __future__ import annotations
 
@@ -288,6 +281,15 @@ def load_reward_model(path: str, device="cpu"):
     load_state_dict_checked(model, state)
     meta["path"] = path
     return model.to(device).eval(), meta
+
+
+def load_frozen_reward_model(path, args, info, dtype):
+    """The RL stages' frozen reward model -> (model, meta): sharded straight from the file under FSDP."""
+    if args.parallel == "fsdp" and not args.lora_rank:
+        return common.load_frozen_sharded(path, info, dtype, args.fsdp_shard_size, RewardModel, REWARD_KIND,
+                                          load_reward_model)
+    rm, meta = load_reward_model(path)
+    return common.frozen(rm, dtype, info.device, info, args.parallel, args.fsdp_shard_size), meta   # (fsdp + LoRA)
 
 
 def init_reward_model(path: str, info=None, wrap=None):

@@ -101,7 +101,7 @@ from common import (check_kl_at_start, check_ratio, frozen, kl_estimates, kl_to_
 from data import lab
 from lora import BaseView
 from model import Llama
-from reward import REWARD_KIND, RewardModel, load_reward_model, reward_scorer, tokenizer_for
+from reward import REWARD_KIND, RewardModel, load_frozen_reward_model, load_reward_model, reward_scorer, tokenizer_for
 
 # -----------------------------------------------------------------------------
 # Config
@@ -517,12 +517,7 @@ def train(args, info):
     else:
         ref = frozen(common.load_model(args.ref_model or args.init_from)[0], dtype, device, info, args.parallel)
     critic_path = common.resolve_checkpoint(args.critic_from or args.reward_model)
-    if sharded:
-        rm, rm_meta = common.load_frozen_sharded(args.reward_model, info, dtype, args.fsdp_shard_size, RewardModel,
-                                                 REWARD_KIND, load_reward_model)
-    else:
-        rm, rm_meta = load_reward_model(args.reward_model)
-        rm = frozen(rm, dtype, device, info, args.parallel, args.fsdp_shard_size)   # (fsdp + LoRA: sharded so)
+    rm, rm_meta = load_frozen_reward_model(args.reward_model, args, info, dtype)
     if args.lora_rank > 0 and not args.separate_critic:
         critic = ValueHead(actor)   # LoRA: a value head on the actor's backbone, no second backbone
     elif sharded and not common.read_checkpoint_meta(critic_path).get("lora"):   # (LoRA: its base read whole)

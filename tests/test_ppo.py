@@ -516,7 +516,9 @@ def test_lora_ppo_holds_one_backbone_starts_at_kl_zero_and_raises_the_reward(lab
     loads, rm_loads = [], []
     real_load, real_rm = common.load_model, ppo.load_reward_model
     monkeypatch.setattr(common, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
-    monkeypatch.setattr(ppo, "load_reward_model", lambda *a, **k: rm_loads.append(a[0]) or real_rm(*a, **k))
+    spy_rm = lambda *a, **k: rm_loads.append(a[0]) or real_rm(*a, **k)   # noqa: E731
+    monkeypatch.setattr(ppo, "load_reward_model", spy_rm)
+    monkeypatch.setattr(reward, "load_reward_model", spy_rm)   # (reward.load_frozen_reward_model's)
     out = tmp_path / "lora"
     m = ppo.main(ppo_argv(d, out, "--max_steps", "16", "--rollout_batch", "32", "--lora_rank", "4", "--lora_alpha", "8",
                           "--lr", "2e-3", "--min_lr", "2e-4", "--save_interval", "8", "--keep_last", "0"))
