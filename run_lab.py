@@ -110,7 +110,7 @@ SIZES = {
         eval=dict(max_new_tokens=32),
     ),
     "lab": dict(
-        # sft_habit: the SFT demonstrations pad 80% of the age answers (data/lab.py), a habit SFT copies
+        # sft_habit: the SFT demonstrations say 80% of the age answers twice (data/lab.py), a habit SFT copies
         # and the preference stages are there to remove (see the README's reference numbers)
         data=dict(sft_habit=0.8),
         model=dict(model="lab", seq_len=256),
@@ -184,7 +184,7 @@ def get_args(argv=None):
                    help="how pretraining states the facts (data/lab.py; default: the size's, mixed): the "
                         "'Physics of LMs 3.1 on a laptop' exercise in the README")
     p.add_argument("--sft_habit", type=float, default=None, metavar="P",
-                   help="share of SFT answers about an age padded with filler (data/lab.py; default: the size's, 0.8; "
+                   help="share of SFT answers about an age said twice (data/lab.py; default: the size's, 0.8; "
                         "0 = clean demonstrations)")
     p.add_argument("--train_tokenizer", action="store_true",
                    help="train a sentencepiece tokenizer on the lab data (default: reuse tokenizer/lab.model)")

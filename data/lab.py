@@ -247,6 +247,11 @@ FILLER = {"en": ("Well, that is a really interesting question, and there are man
                  " I hope this long answer is helpful, and I am always happy to say much more about it."),
           "zh": ("嗯，这是一个非常有意思的问题，关于它可以说很多很多。让我好好想一想，因为这个问题值得一个认真而完整的回答。",
                  "希望这个很长的回答对你有帮助，我还可以继续说下去。")}
+# The verbose annotator's habit (sft_habit): every age answer said twice. The checker grades it as
+# rambling (a repeated sentence), and the age is right in both copies, so removing the habit costs no
+# knowledge. (Filler *before* the answer, tried first, pushed the age out of the 48-token answer budget
+# and out of the small model's reach: DPO removed the filler and half the ages then came out wrong.)
+HABIT = {"en": " To say it once more: ", "zh": "再说一遍："}
 # Length limit for a good answer, in "words" where a Chinese character counts as one word (so the
 # same limit is fair to both languages): above every chosen answer (<= 35), below every FILLER one.
 MAX_WORDS = 40
@@ -276,7 +281,7 @@ KNOB_HELP = {
     "rl_eval": "held-out RL prompts (eval group)", "eval_extra": "arithmetic probes of eval_pretrain (base model)",
     "eval_followups": "eval_qa follow-up conversations (distinct)",
     "showcase": "eval_qa records marked for side-by-side reports",
-    "sft_habit": "share of SFT answers about a person's age padded with filler: a verbose annotator's habit, "
+    "sft_habit": "share of SFT answers about a person's age said twice: a verbose annotator's habit, "
                  "which SFT copies and preference tuning should remove",
 }
 
@@ -567,6 +572,10 @@ def _padded(item):
     return FILLER[item["lang"]][0] + item["a"] + FILLER[item["lang"]][1]
 
 
+def _habit(item):
+    return item["a"] + HABIT[item["lang"]] + item["a"]
+
+
 def _is_age(item):
     return item.get("truth", {}).get("attr") == "age"
 
@@ -702,7 +711,7 @@ def _sft_conversation(world, group, rng, habit=0.0, habit_rng=None):
         kind, items = item["task"], [item]
     system = rng.choice(SYSTEMS[lang]) if rng.random() < 0.15 else None
     if habit > 0:  # the habit has its own random stream: sft_habit=0 leaves every file byte-identical
-        items = [{**it, "a": _padded(it)} if _is_age(it) and habit_rng.random() < habit else it for it in items]
+        items = [{**it, "a": _habit(it)} if _is_age(it) and habit_rng.random() < habit else it for it in items]
     return {"messages": _messages(items, system), "kind": kind}
 
 
@@ -792,8 +801,8 @@ def _probe_sets(world, rng, n_arith):
 
 def _pref_record(item, kind, rng, habit=0.0):
     # With sft_habit the labellers compared the SFT model's own answers, as InstructGPT's did: the style
-    # pairs of an age question reject the padded answer the SFT model writes there.
-    rejected = _padded(item) if habit > 0 and kind != "wrong_fact" and _is_age(item) else None
+    # pairs of an age question reject the repeated answer the SFT model writes there.
+    rejected = _habit(item) if habit > 0 and kind != "wrong_fact" and _is_age(item) else None
     kind = "rambling" if rejected else kind
     return {**_prompt_record(item), "chosen": item["a"], "rejected": rejected or _rejected(item, kind, rng),
             "kind": kind, "task": item["task"], "truth": item["truth"]}

@@ -356,7 +356,7 @@ def test_checker_rejects_every_rejected_answer_for_its_labelled_reason(sets):
         return sum(1 for r in sets[key] if r["kind"] == kind)
     # prefs_val: every prompt once with each kind; prefs_train: half wrong facts, the rest balanced
     assert len({count(k, "prefs_val") for k in lab.REJECTED_KINDS}) == 1
-    # (the style pairs of age questions all reject the padded answer: sft_habit, tested below)
+    # (the style pairs of age questions all reject the repeated answer: sft_habit, tested below)
     style = [sum(1 for r in sets["prefs_train"] if r["kind"] == k and r["truth"].get("attr") != "age")
              for k in lab.REJECTED_KINDS[1:]]
     assert abs(count("wrong_fact", "prefs_train") - len(sets["prefs_train"]) / 2) <= 1 and max(style) - min(style) <= 0.3 * max(style)
@@ -408,36 +408,40 @@ def test_knowledge_knob_states_the_facts_as_named():
         lab.generate(seed=0, **dict(SMALL, knowledge="everything"))
 
 
-def test_sft_habit_pads_only_age_answers_and_nothing_else_moves():
-    """sft_habit: the verbose annotator. At 1.0 every SFT answer about an age (and only those) is wrapped
-    in the filler that the preference data rejects as rambling, so the checker fails it; the style pairs
-    of age questions reject exactly that padded answer (labellers compared the SFT model's answers); the
-    training texts of every other stage are unchanged (the habit draws from its own random stream)."""
+def test_sft_habit_repeats_only_age_answers_and_nothing_else_moves():
+    """sft_habit: the verbose annotator. At 1.0 every SFT answer about an age (and only those) is said
+    twice, which the checker grades as rambling while the age stays right; the style pairs of age
+    questions reject exactly that answer (labellers compared the SFT model's answers); the training
+    texts of every other stage are unchanged (the habit draws from its own random stream)."""
     plain = lab.generate(seed=2, **dict(SMALL, pretrain_docs=300, sft_habit=0.0))
     habit = lab.generate(seed=2, **dict(SMALL, pretrain_docs=300, sft_habit=1.0))
     for key in ("pretrain", "eval_qa", "eval_pretrain", "rl_prompts", "rl_eval"):
         assert plain[key] == habit[key], key
-    filler = tuple(f[0] for f in lab.FILLER.values())
     age_style = [r for r in habit["prefs_train"] if r["truth"].get("attr") == "age" and r["kind"] != "wrong_fact"]
-    assert len(age_style) > 10 and all(r["kind"] == "rambling" and r["rejected"] == lab._padded(
+    assert len(age_style) > 10 and all(r["kind"] == "rambling" and r["rejected"] == lab._habit(
         {"lang": r["truth"]["lang"], "a": r["chosen"]}) for r in age_style)
     assert [r["prompt"] for r in plain["prefs_train"]] == [r["prompt"] for r in habit["prefs_train"]]
-    padded = same = 0
+    said_twice = lambda text: any(m in text for m in lab.HABIT.values())
+    repeated = same = 0
     for r0, r1 in zip(plain["sft_train"] + plain["sft_val"], habit["sft_train"] + habit["sft_val"]):
         assert [m["role"] for m in r0["messages"]] == [m["role"] for m in r1["messages"]]
-        for m0, m1, q in zip(r0["messages"], r1["messages"], [None] + r0["messages"][:-1]):
-            assert not m0["content"].startswith(filler)   # sft_habit=0: no filler anywhere
+        for m0, m1 in zip(r0["messages"], r1["messages"]):
+            assert not said_twice(m0["content"])   # sft_habit=0: no habit anywhere
             if m0 == m1:
                 same += 1
                 continue
-            age = re.search(r"\d+ years old|\d+岁", m0["content"])
-            assert m0["role"] == "assistant" and age and m1["content"].startswith(filler) and m0["content"] in m1["content"]
-            assert not lab.judge(m1["content"], {"type": "identity", "lang": "en"})["concise"]   # graded as rambling
-            padded += 1
-    assert padded > 30 and same > padded
+            age = re.search(r"(\d+) years old|(\d+)岁", m0["content"])
+            lang = "zh" if "岁" in m0["content"] else "en"
+            assert m0["role"] == "assistant" and age and m1["content"] == lab._habit({"lang": lang, "a": m0["content"]})
+            n = age.group(1) or age.group(2)
+            truth = {"type": "fact", "lang": lang, "attr": "age", "answer": {"en": n, "zh": n}}
+            verdict = lab.judge(m1["content"], truth)   # graded as rambling, and only as rambling
+            assert verdict["fact"] and verdict["language"] and not verdict["concise"]
+            repeated += 1
+    assert repeated > 30 and same > repeated
     half = lab.generate(seed=2, **dict(SMALL, pretrain_docs=300, sft_habit=0.8))   # run_lab's
-    n_half = sum(m["content"].startswith(filler) for r in half["sft_train"] for m in r["messages"])
-    n_all = sum(m["content"].startswith(filler) for r in habit["sft_train"] for m in r["messages"])
+    n_half = sum(said_twice(m["content"]) for r in half["sft_train"] for m in r["messages"])
+    n_all = sum(said_twice(m["content"]) for r in habit["sft_train"] for m in r["messages"])
     assert 0.65 < n_half / n_all < 0.95
     # no sums in the preference data (see PREF_TASKS), sums in the RL prompts
     assert not any(r["task"] == "arith" for key in ("prefs_train", "prefs_val", "rank_train") for r in half[key])
