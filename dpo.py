@@ -8,6 +8,7 @@ Usage (single process; CPU or one GPU):
     python dpo.py ... --label_smoothing 0.1      # conservative DPO: assume 10% of the labels are flipped
     python dpo.py ... --loss ipo --beta 0.5       # IPO: a squared loss that does not push margins to infinity
                                                   # (per-token mean log-probs: beta as in TRL; --no-ipo_average: sums)
+    python dpo.py ... --nll_coef 1.0              # RPO: + the best answer's per-token NLL (keeps it likely)
     python dpo.py ... --precompute_ref            # reference log-probs once, then no reference model in memory
     python dpo.py ... --lora_rank 16 --lr 5e-4    # LoRA: the reference is the policy with its adapters off
     python dpo.py ... --rounds 2 --prompts lab_data/rl_prompts.jsonl --samples 4   # + 2 rounds on own samples
@@ -96,6 +97,8 @@ def get_args(argv=None):
                         "implicit reward noisy; the reference never uses it)")
     g.add_argument("--label_smoothing", type=float, default=0.0,
                    help="conservative DPO: the probability that a label is flipped (sigmoid loss only)")
+    g.add_argument("--nll_coef", type=float, default=0.0,
+                   help="RPO: add this times the per-token NLL of each prompt's best answer (0 = plain DPO)")
     g.add_argument("--ref_model", default=None, help="reference model (default: --init_from, the SFT model)")
     g.add_argument("--precompute_ref", action=argparse.BooleanOptionalAction, default=False,
                    help="compute reference log-probs once per round, then free the reference model")
@@ -315,13 +318,17 @@ def dpo_batch(model, ref, groups, args, pad_id, device, ctx):
     plus each pair's group index. (With averaged IPO, log-probs and rewards are per-token means.)"""
     logps, sizes = batch_logps(model, groups, pad_id, device, ctx)
     ref_logps = ref.logps(groups)
+    n = torch.tensor([k for g in groups for k in g["resp_len"]], dtype=logps.dtype, device=logps.device)
+    # RPO (Pang et al. 2024): DPO can win its margin by pushing the rejected answer's late tokens down while
+    # the chosen one gets no likelier (the lab's said-twice habit survives so); the chosen's NLL pulls it up.
+    best = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], device=logps.device)
+    nll = -(logps[best] / n[best]).mean()
     if args.loss == "ipo" and args.ipo_average:   # per-token means (see ipo_loss); resp_len = the labelled tokens
-        n = torch.tensor([k for g in groups for k in g["resp_len"]], dtype=logps.dtype, device=logps.device)
         logps, ref_logps = logps / n, ref_logps / n
     c, r, w, group = pair_index(sizes, device)
     losses, rew_c, rew_r = preference_loss(logps[c], logps[r], ref_logps[c], ref_logps[r], args.beta, args.loss,
                                            args.label_smoothing)
-    loss = (losses * w).sum() / len(groups)   # mean over prompts
+    loss = (losses * w).sum() / len(groups) + args.nll_coef * nll   # mean over prompts
     stats = torch.stack([losses.detach(), rew_c, rew_r, logps[c].detach(), logps[r].detach(), w], 1)
     return loss, stats.double().cpu(), group
 
@@ -392,13 +399,12 @@ def reward_model(path, tok, device, sharded=None):
 
 
 def sample_pairs(policy, tok, prompts, args, rnd, info, reward_fn):
-    """One round's data: --samples answers for each of --round_prompts prompts (this rank's share),
-    scored by the reward model or the lab checker's graded score, minus --missing_eos_penalty for an
-    answer cut at --max_new_tokens (common.penalize_missing_eos). The best FINISHED answer and the worst
-    answer of a prompt become a (chosen, rejected) pair when their scores differ: a cut answer is never
-    chosen (it would teach stopping mid-sentence), and as the rejected one it is rendered without the
-    end marker it never produced ("ended" in the record). Returns (records, stats) with the records of
-    all ranks, in prompt order, and the round's sampling statistics."""
+    """One round's data: --samples answers for each of --round_prompts prompts (this rank's share), scored
+    by the reward model or the lab checker's graded score, minus --missing_eos_penalty for an answer cut at
+    --max_new_tokens. The best FINISHED answer and the worst one of a prompt become a (chosen, rejected) pair
+    when their scores differ: a cut answer is never chosen (it would teach stopping mid-sentence); rejected,
+    it is rendered without the end marker it never produced. Returns (all ranks' records, in prompt order;
+    the round's sampling statistics)."""
     pick = np.random.default_rng([args.seed, 1000 + rnd]).permutation(len(prompts))[:args.round_prompts]
     mine = sorted(pick.tolist())[info.rank::info.world_size]
     convs = [prompts[i]["messages"] for i in mine for _ in range(args.samples)]
@@ -437,9 +443,8 @@ def sample_pairs(policy, tok, prompts, args, rnd, info, reward_fn):
         sums = [sum(p[1][k] for p in parts) for k in range(len(sums))]
     n, hit, n_check, rsum, n_r, chars, no_signal, cut = sums
     stats = {"round": rnd, "prompts": len(pick), "samples": n, "pairs": len(records), "no_signal_prompts": no_signal,
-             "cut_at_max_new_tokens": cut,
-             "sample_accuracy": hit / n_check if n_check else None, "sample_reward": rsum / n_r if n_r else None,
-             "sample_chars": chars / max(n, 1)}
+             "cut_at_max_new_tokens": cut, "sample_accuracy": hit / n_check if n_check else None,
+             "sample_reward": rsum / n_r if n_r else None, "sample_chars": chars / max(n, 1)}
     return records, stats
 
 
@@ -529,11 +534,9 @@ def final_evaluation(args, policy_path, tok, device, extra):
 
 
 def dry_run(args):
-    """--dry_run: this script's FSDP step on fake tensors (common.fsdp_dry_run) for the model of
-    --init_from (a preset name will do): batch_size prompt groups of a chosen and a rejected answer,
-    both max_seq_len tokens with the loss on the second half, through dpo_batch's one concatenated
-    forward; the reference is a second FSDP model without gradients or optimizer, or none with
-    --precompute_ref (its log-probs then come with the batch)."""
+    """--dry_run: this script's FSDP step on fake tensors (common.fsdp_dry_run) for --init_from's model (a
+    preset name will do): batch_size pairs of max_seq_len tokens, the loss on the second half, through
+    dpo_batch; the reference is a frozen second FSDP model, the base under LoRA, or none (--precompute_ref)."""
     config = common.dry_run_config(args.init_from)
     T = args.max_seq_len or config.max_seq_len
     dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16   # GPU training: bf16 unless asked
@@ -572,8 +575,7 @@ def train(args, info):
     args.parallel = common.resolve_parallel(args.parallel, info)
     dtype = common.resolve_dtype(args.dtype, device)
     ctx = common.autocast(device, dtype)
-    # step-0 check tolerances: a precomputed reference ran with other batch shapes (other rounding),
-    # and bf16 keeps ~3 significant digits
+    # step-0 check tolerances: a precomputed reference ran with other batch shapes; bf16 keeps ~3 digits
     loss_tol, rel_tol = (1e-4, 1e-5) if dtype == torch.float32 else (2e-2, 1e-2)
 
     # --- the run directory: resume, or refuse to overwrite an earlier run (as sft.py) -------------
@@ -606,10 +608,8 @@ def train(args, info):
                    f"using {seq_len // 2}")
             setattr(args, name, seq_len // 2)
     offline = load_groups(args.data, tok, seq_len, args.seed, "train") if args.data else None
-    val_groups = []
-    if args.val_data:
-        val_groups = load_groups(args.val_data, tok, seq_len, args.seed, "val")
-    elif offline and args.val_frac > 0:   # hold out whole PROMPTS (reward.py's split): none is trained on
+    val_groups = load_groups(args.val_data, tok, seq_len, args.seed, "val") if args.val_data else []
+    if not args.val_data and offline and args.val_frac > 0:   # hold out whole PROMPTS (reward.py's split)
         offline, val_groups = split_groups(offline, args.val_frac, args.seed)
     if args.eval_steps > 0 and len(val_groups) > args.eval_steps * args.batch_size * world:
         # a fixed, seeded subset (not the shortest pairs: they would all be of one kind)
@@ -633,6 +633,7 @@ def train(args, info):
     print0(f"policy: {meta['path']} ({raw.num_params() / 1e6:.2f}M parameters); {args.parallel} x {world} on "
            f"{device}, {dtype}; loss {args.loss}, beta {args.beta}" +
            (f", label smoothing {args.label_smoothing}" if args.label_smoothing else "") +
+           (f", RPO nll_coef {args.nll_coef}" if args.nll_coef else "") +
            f"; rounds: {rounds}; tokenizer {tok.path}")
 
     # --- where to start: a fresh run, inside a round (step checkpoint), or after a finished round --
@@ -679,8 +680,7 @@ def train(args, info):
                 stats["sample_seconds"] = round(time.time() - t0, 1)
                 print0(f"round {rnd}: sampled {stats['samples']} answers for {stats['prompts']} prompts in "
                        f"{stats['sample_seconds']}s: {stats['pairs']} pairs, {stats['no_signal_prompts']} prompts "
-                       f"without a preference; sample accuracy {stats['sample_accuracy']}, reward "
-                       f"{stats['sample_reward']}")
+                       f"without a preference; accuracy {stats['sample_accuracy']}, reward {stats['sample_reward']}")
                 logger.log(event="round_samples", step=global_step, **stats)
                 summary["rounds"].append(stats)
                 if not records:
@@ -874,7 +874,7 @@ def train(args, info):
     final = common.save_checkpoint(args.out_dir, "final", model, step=global_step, config=vars(args), tokenizer=tok,
                                    metrics=val_metrics or {})
     extra = {"steps": global_step, "beta": args.beta, "loss_type": args.loss, "label_smoothing": args.label_smoothing,
-             "ipo_average": args.loss == "ipo" and args.ipo_average,
+             "ipo_average": args.loss == "ipo" and args.ipo_average, "nll_coef": args.nll_coef,
              **summary, **{f"pref_{k}": v for k, v in (val_metrics or {}).items()}}
     out = None
     if info.is_main:

@@ -212,7 +212,7 @@ def test_ipo_averages_log_probs_over_tokens_by_default(tok):
     no_ac = torch.autocast("cpu", enabled=False)
 
     class A:
-        beta, loss, label_smoothing, ipo_average = 0.5, "ipo", 0.0, True
+        beta, loss, label_smoothing, ipo_average, nll_coef = 0.5, "ipo", 0.0, True, 0.0
     with torch.no_grad():
         got, _, _ = dpo.dpo_batch(policy, dpo.Reference(ref_model, tok.pad_id, "cpu", no_ac), groups, A, tok.pad_id,
                                   "cpu", no_ac)
@@ -231,6 +231,45 @@ def test_ipo_averages_log_probs_over_tokens_by_default(tok):
         summed, _, _ = dpo.dpo_batch(policy, dpo.Reference(ref_model, tok.pad_id, "cpu", no_ac), groups, A,
                                      tok.pad_id, "cpu", no_ac)
         assert abs(summed.item() - want) > 1e-2
+
+
+def test_rpo_adds_the_best_answers_per_token_nll(tok):
+    """--nll_coef a: the loss is DPO's plus a times the mean over prompts of the per-token NLL of each
+    prompt's best (first) answer, computed here by the model's own cross-entropy; its gradient then
+    differs from DPO's, and a = 0 is DPO exactly."""
+    import dpo
+    from reward import encode_group
+    from test_dpo import PAIRS
+    from test_dpo import tiny as tiny_dpo
+    policy, ref_model = tiny_dpo(2), tiny_dpo(3)
+    groups = [encode_group(tok, {"messages": [{"role": "user", "content": q}], "responses": list(a)}, 128)
+              for q, a in PAIRS]
+    no_ac = torch.autocast("cpu", enabled=False)
+    ref = dpo.Reference(ref_model, tok.pad_id, "cpu", no_ac)
+
+    class A:
+        beta, loss, label_smoothing, ipo_average, nll_coef = 0.3, "sigmoid", 0.0, True, 0.0
+
+    def loss_and_grad(coef):
+        A.nll_coef = coef
+        policy.zero_grad()
+        loss, _, _ = dpo.dpo_batch(policy, ref, groups, A, tok.pad_id, "cpu", no_ac)
+        loss.backward()
+        return loss.item(), policy.tok_embeddings.weight.grad.clone()
+    plain, g_plain = loss_and_grad(0.0)
+    with torch.no_grad():
+        nll = 0.0
+        for g in groups:
+            ids, n = g["ids"][0], g["resp_len"][0]
+            x, y = torch.tensor([ids[:-1]]), torch.tensor([[-100] * (len(ids) - 1 - n) + ids[len(ids) - n:]])
+            nll += policy(x, y)[1].item()
+        nll /= len(groups)
+    rpo, g_rpo = loss_and_grad(0.7)
+    assert rpo == pytest.approx(plain + 0.7 * nll, abs=1e-4)
+    assert (g_rpo - g_plain).abs().max().item() > 1e-4
+    again, g_again = loss_and_grad(0.0)
+    assert again == pytest.approx(plain, abs=1e-6)
+    torch.testing.assert_close(g_again, g_plain)
 
 
 # -----------------------------------------------------------------------------

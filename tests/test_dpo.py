@@ -165,7 +165,7 @@ def test_response_logps_match_the_model_loss(tok):
 # Reference: precomputed == live; the step-0 invariant
 
 class Args:
-    beta, loss, label_smoothing, batch_size, eval_steps = 0.2, "sigmoid", 0.0, 2, 0
+    beta, loss, label_smoothing, batch_size, eval_steps, nll_coef = 0.2, "sigmoid", 0.0, 2, 0, 0.0
 
 
 def test_precomputed_reference_equals_live_and_step0_is_ln2(tok):

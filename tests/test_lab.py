@@ -165,6 +165,25 @@ def test_held_out_people_only_in_pretraining_and_their_own_sets(sets):
     assert len(set(convs)) == len(convs) >= 500
 
 
+def test_identity_and_refusal_questions_held_out_and_taught_only_in_sft(sets):
+    """The held-out identity/refusal phrasings (the last two of each list) appear only in the evaluation
+    sets; the training ones appear in SFT, never in pretraining (the model meets its persona in SFT)."""
+    for lang in lab.LANGS:
+        questions = [q for q, _ in lab.IDENTITY[lang]] + lab.HARMFUL[lang]
+        held_out = [q for q, _ in lab.IDENTITY[lang][-2:]] + lab.HARMFUL[lang][-2:]
+        asked = {key: {m["content"] for r in sets[key] for m in r.get("messages", []) if m["role"] == "user"}
+                 for key in ("sft_train", "sft_val", "prefs_train", "rank_train", "rl_prompts", "eval_qa")}
+        for key, qs in asked.items():
+            if key == "eval_qa":
+                assert set(held_out) <= qs
+            else:
+                assert not set(held_out) & qs, (key, set(held_out) & qs)
+        taught = set(questions) - set(held_out)
+        assert len(taught & asked["sft_train"]) > len(taught) // 2, lang   # (600 conversations: not all)
+        pretrain = "\n".join(r["text"] for r in sets["pretrain"])
+        assert not any(q in pretrain for q in questions) and lab.ASSISTANT not in pretrain
+
+
 def test_heldout_facts_are_stated_in_pretraining(sets):
     """Every eval person's city is stated next to their name in both languages."""
     texts = [d["text"] for d in sets["pretrain"]]

@@ -115,6 +115,12 @@ def test_report_is_readable_and_consistent(lab):
     reward_eval = [r for r in run_lab.load_log(str(out / "reward" / "log.jsonl")) if r.get("event") == "eval"][-1]
     assert rep["card"]["reward.accuracy"] == round(reward_eval["accuracy"], 4)
     assert len(rep["showcase"]) == 8 and set(rep["showcase"][0]["answers"]) == {"base", "sft", "dpo", "ppo", "grpo"}
+    # the reward model's win rate and the verdicts behind it (identical answers tie): (wins + ties / 2) / n
+    for name in ("dpo", "ppo", "grpo"):
+        wins, losses, ties = rep[name]["reward_wins_losses_ties"]
+        assert wins + losses + ties == len(ev["models"][name]["oks"])
+        assert (wins + ties / 2) / (wins + losses + ties) == pytest.approx(rep[name]["win_rate_reward"])
+        assert f"({wins} better, {losses} worse, {ties} tied)" in md
 
 
 def test_golden_values(lab):
