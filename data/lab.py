@@ -653,15 +653,18 @@ def _pretrain_doc(world, rng, qa_frac, knowledge="mixed"):
             lines.append(f"{q}{item['q']}\n{a}{item['a']}")
         return "\n".join(lines)
     r = (r - qa_frac) / (1 - qa_frac)  # the rest of the mix, whatever qa_frac is
-    if r < 0.52:  # the workhorse: one person's facts, a random subset in a random order
+    if r < 0.42:  # the workhorse: one person's facts, a random subset in a random order
         return _bio(world, rng.choice(people), lang, rng)
-    if r < 0.66:  # two friends in one document
+    if r < 0.53:  # two friends in one document
         p = rng.choice(people)   # one line: a name after "\n" would be another token than after " " (see tokenizer/train.py)
         return _bio(world, p, lang, rng) + (" " if lang == "en" else "") + _bio(world, people[p["friend"]], lang, rng)
-    if r < 0.75:  # stories: the same facts in running text (longer, so fewer of them)
+    if r < 0.60:  # stories: the same facts in running text (longer, so fewer of them)
         p = rng.choice(people)
         return rng.choice(STORIES[lang]).format(**_fields(world, p, lang))
-    if r < 0.90:  # arithmetic drill: all problems of all groups appear here
+    # arithmetic drill: all problems of all groups appear here. 30% of the non-Q/A documents: at 15% the lab model
+    # had memorised no sums by the end of pretraining in seed 0 (held-out sum probes 0/20 in English, 6/20
+    # in Chinese; 30%: 17/20 and 18/20) while the fact probes stayed at 159-160/160 either way
+    if r < 0.90:
         lines = []
         problems = [tuple(x) for g in ("sft", "rl", "eval") for x in world["arith"][g]]
         for op, a, b in rng.sample(problems, rng.randint(6, 12)):
