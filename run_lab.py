@@ -284,13 +284,8 @@ def build_stages(args):
                          "--val_data", os.path.join(data, "prefs_val.jsonl"), "--out_dir", j("reward"),
                          "--save_interval", "0"] + flags(S["reward"]) + common_flags,
                         j("reward"), j("reward", "final.pt"), ["sft", "data"], CODE["reward"]))
-    stages.append(Stage("dpo", "Direct Preference Optimization from SFT (reference = SFT)",
-                        ["dpo.py", "--init_from", j("sft", "final.pt"), "--data", os.path.join(data, "prefs_train.jsonl"),
-                         "--val_data", os.path.join(data, "prefs_val.jsonl"), "--out_dir", j("dpo"),
-                         "--eval_data", os.path.join(data, "rl_eval.jsonl"), "--reward_model", j("reward", "final.pt"),
-                         "--prompts", os.path.join(data, "rl_prompts.jsonl"), "--save_interval", "0"]
-                        + flags(S["dpo"]) + common_flags,
-                        j("dpo"), j("dpo", "metrics.json"), ["sft", "reward", "data"], CODE["dpo"]))
+    # PPO before DPO: with --jobs 2 the longest stage (PPO) starts as soon as the reward model is done, and
+    # DPO waits for GRPO's slot (list order is the start order among stages that are ready)
     stages.append(Stage("ppo", "PPO RLHF: actor from SFT, reward model, KL penalty to SFT",
                         ["rlhf_ppo.py", "--init_from", j("sft", "final.pt"), "--reward_model", j("reward", "final.pt"),
                          "--prompts", os.path.join(data, "rl_prompts.jsonl"), "--eval_data",
@@ -298,6 +293,13 @@ def build_stages(args):
                          "--out_dir", j("ppo"), "--save_interval", "0"]
                         + flags(S["ppo"]) + common_flags,
                         j("ppo"), j("ppo", "metrics.json"), ["sft", "reward", "prepare", "data"], CODE["ppo"]))
+    stages.append(Stage("dpo", "Direct Preference Optimization from SFT (reference = SFT)",
+                        ["dpo.py", "--init_from", j("sft", "final.pt"), "--data", os.path.join(data, "prefs_train.jsonl"),
+                         "--val_data", os.path.join(data, "prefs_val.jsonl"), "--out_dir", j("dpo"),
+                         "--eval_data", os.path.join(data, "rl_eval.jsonl"), "--reward_model", j("reward", "final.pt"),
+                         "--prompts", os.path.join(data, "rl_prompts.jsonl"), "--save_interval", "0"]
+                        + flags(S["dpo"]) + common_flags,
+                        j("dpo"), j("dpo", "metrics.json"), ["sft", "reward", "data"], CODE["dpo"]))
     stages.append(Stage("grpo", "GRPO with the lab checker as the reward: from SFT, no critic, no reward model",
                         ["grpo.py", "--init_from", j("sft", "final.pt"), "--reward", "checker",
                          "--prompts", os.path.join(data, "rl_prompts.jsonl"), "--eval_data",
@@ -431,7 +433,7 @@ def finish_stage(job, status, usage):
 
 def run_pipeline(args):
     """Run the stages in order; with --jobs N > 1, up to N at a time once their inputs are done (after
-    SFT: reward and GRPO side by side, then DPO and PPO). Each stage keeps its one thread, so the
+    SFT: reward and GRPO side by side, then PPO beside GRPO, then DPO). Each stage keeps its one thread, so the
     numbers are those of a sequential run; only the wall time shrinks (on a 2-core machine, ~1/3)."""
     stages = build_stages(args)
     by_name = {s.name: s for s in stages}
@@ -440,8 +442,14 @@ def run_pipeline(args):
             raise SystemExit(f"--{opt} {getattr(args, opt)}: no such stage; stages: {', '.join(by_name)}")
     if args.force_from and by_name[args.force_from].cmd is None:
         raise SystemExit(f"--force_from {args.force_from}: that stage has nothing to run")
-    if args.stop_after:   # the stage list is in dependency order: what comes after is never needed
-        stages = stages[:[s.name for s in stages].index(args.stop_after) + 1]
+    if args.stop_after:   # that stage and what it needs, nothing else
+        keep, todo = set(), [args.stop_after]
+        while todo:
+            name = todo.pop()
+            if name not in keep:
+                keep.add(name)
+                todo += by_name[name].needs
+        stages = [s for s in stages if s.name in keep]
     os.makedirs(args.out_dir, exist_ok=True)
     jobs = 1 if args.dry_run else max(1, args.jobs)
     print(f"nanollama lab: size {args.size}, device {args.device}, seed {args.seed}, run dir {args.out_dir}, "

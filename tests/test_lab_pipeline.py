@@ -7,6 +7,7 @@ without a pipeline: the up-to-date rule on hand-made stages, and the SVG plot.
 The pipeline runs once for the module (~2-3 minutes of one CPU core at the tiny size)."""
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -320,6 +321,23 @@ def test_scheduler_runs_independent_stages_side_by_side(tmp_path, monkeypatch):
     order = sorted(t, key=t.get)
     assert [n for what, n in order if what == "start"] == list("abcd")
     assert all(order[2 * i][1] == order[2 * i + 1][1] for i in range(4))   # each ends before the next starts
+
+
+def test_stop_after_runs_that_stage_and_its_inputs_only(tmp_path, monkeypatch, capsys):
+    """--stop_after follows the inputs, not the list order: PPO is listed before DPO (so that with --jobs 2
+    the longest stage starts first), and --stop_after dpo must still not run PPO."""
+    names = [s.name for s in run_lab.build_stages(run_lab.get_args(["--out_dir", str(tmp_path / "real")]))]
+    assert names.index("ppo") < names.index("dpo")
+    run_lab.run_pipeline(run_lab.get_args(["--out_dir", str(tmp_path / "real"), "--stop_after", "dpo", "--dry_run"]))
+    planned = re.findall(r"\[would run\] (\w+)", capsys.readouterr().out)
+    assert planned == ["data", "prepare", "pretrain", "sft", "reward", "dpo"]
+    out = tmp_path / "run"
+    fake = [run_lab.Stage(n, "", ["-c", f"import os; os.makedirs({str(out / n)!r}); open({str(out / n / 'x')!r}, 'w')"],
+                          str(out / n), str(out / n / "x"), needs, [])
+            for n, needs in (("a", []), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"]))]
+    monkeypatch.setattr(run_lab, "build_stages", lambda args: fake)
+    run_lab.run_pipeline(run_lab.get_args(["--out_dir", str(out), "--stop_after", "c", "--jobs", "1"]))
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["a", "c"]
 
 
 def test_scheduler_failure_shows_the_log(tmp_path, monkeypatch):
