@@ -93,7 +93,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 SIZES = {
     "tiny": dict(
-        data=dict(people=16, rl_people=4, eval_people=4, eval_followups=40, pretrain_docs=8000, sft_train=1500, sft_val=100,
+        data=dict(people=16, rl_people=4, eval_people=4, eval_followups=40, pretrain_docs=8000, drill=0.15, sft_train=1500, sft_val=100,
                   prefs_train=1000, prefs_val=200, rank_train=100, rl_prompts=300, rl_eval=100, sft_habit=0.9),
         model=dict(model="tiny", dim=128, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=128),
         pretrain=dict(max_steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_interval=50,

@@ -465,3 +465,20 @@ def test_sft_habit_repeats_only_age_answers_and_nothing_else_moves():
     # no sums in the preference data (see PREF_TASKS), sums in the RL prompts
     assert not any(r["task"] == "arith" for key in ("prefs_train", "prefs_val", "rank_train") for r in half[key])
     assert sum(r["task"] == "arith" for r in half["rl_prompts"]) > 0.2 * len(half["rl_prompts"])
+
+
+def test_drill_knob_sets_the_share_of_arithmetic_documents():
+    """--drill: the share of the non-Q/A pretraining documents that are arithmetic drill, taken from the
+    biography-like documents; the lab size uses 0.3, the tiny size 0.15."""
+    line = re.compile(r"^(\d+ [+×-] \d+ = \d+|\d+ (plus|minus|times) \d+ equals \d+\.|\d+(加|减|乘以)\d+等于\d+)$")
+
+    def share(drill):
+        small = dict(sft_train=10, sft_val=10, prefs_train=10, prefs_val=8, rank_train=10, rl_prompts=10, rl_eval=10)
+        docs = lab.generate(seed=3, pretrain_docs=3000, qa_frac=0.0, drill=drill, **small)["pretrain"]
+        return sum(all(line.match(x) for x in d["text"].split("\n")) for d in docs) / len(docs)
+
+    assert share(0.0) == 0.0
+    for drill in (0.15, 0.3, 0.6):   # binomial standard error at n=3000: <= 0.009
+        assert abs(share(drill) - drill) < 0.03, (drill, share(drill))
+    with pytest.raises(ValueError, match="drill"):
+        lab.generate(seed=0, pretrain_docs=10, drill=0.95)
