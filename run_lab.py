@@ -93,7 +93,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 SIZES = {
     "tiny": dict(
-        data=dict(people=16, rl_people=4, eval_people=4, eval_followups=40, pretrain_docs=8000, drill=0.15, sft_train=1500, sft_val=100,
+        data=dict(people=16, rl_people=4, eval_people=4, eval_followups=40, pretrain_docs=8000, sft_train=1500, sft_val=100,
                   prefs_train=1000, prefs_val=200, rank_train=100, rl_prompts=300, rl_eval=100, sft_habit=0.9),
         model=dict(model="tiny", dim=128, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=128),
         pretrain=dict(max_steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_interval=50,
@@ -116,7 +116,7 @@ SIZES = {
         # and the preference stages are there to remove (see the README's reference numbers). At 0.8 one seed
         # in three copied it in English only and left DPO little to remove; at 0.9 plain DPO kept it in one
         # seed in three (it pushed down the second copy, not the stop), which the RPO term (nll_coef) fixes.
-        data=dict(sft_habit=0.9),
+        data=dict(drill=0.3, sft_habit=0.9),
         model=dict(model="lab", seq_len=256),
         pretrain=dict(max_steps=500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_interval=100,
                       eval_steps=10, log_interval=10),
@@ -134,7 +134,7 @@ SIZES = {
     ),
     "gpu": dict(   # NOT yet measured on a GPU: the lab recipe, scaled up (a bigger model, more data and steps)
         data=dict(pretrain_docs=100000, sft_train=20000, prefs_train=12000, rank_train=2000, rl_prompts=4000,
-                  sft_habit=0.9),
+                  drill=0.3, sft_habit=0.9),
         model=dict(model="lab", dim=512, n_layers=8, n_heads=8, n_kv_heads=4, seq_len=256),
         pretrain=dict(max_steps=3000, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=200, eval_interval=500,
                       eval_steps=20, log_interval=50),

@@ -312,11 +312,14 @@ def test_lab_dpo_beats_sft(flawed_sft):
     # the invariant at step 0, from the script's own check (reference log-probs precomputed)
     assert m["step0_check"]["pass"] and m["step0_check"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     # held-out preferences (people never seen): implicit-reward accuracy 0.5 at SFT by definition;
-    # measured 0.815-0.843 after DPO. The policy's own log-prob ranking also improves (0.74 -> 0.81).
+    # measured 0.815-0.843 after DPO. The policy's own log-prob ranking also improves: 0.7975 -> 0.8225
+    # (400 pairs; the same in the native cell, ATen default/avx2, MKL AVX2 and 2 threads; with the earlier
+    # persona set 0.74 -> 0.81); asserted: at least 6 more pairs.
     assert m["pref_accuracy"] >= 0.75
-    assert m["pref_logp_accuracy"] >= m["pref_logp_accuracy_init"] + 0.03
+    assert m["pref_logp_accuracy"] >= m["pref_logp_accuracy_init"] + 0.015
     assert m["pref_accuracy_by_kind"]["rude"] >= 0.9
-    # ground truth on held-out prompts: measured SFT 0.081 -> DPO 0.243 (37 prompts; identical with ATen
+    # ground truth on held-out prompts: measured SFT 0.289 -> DPO 0.533 (45 prompts, the same in the five
+    # cells above; before the persona change SFT 0.081 -> DPO 0.243 on 37 prompts, identical with ATen
     # default/avx2/avx512 and MKL AVX2, one thread; earlier lab worlds: 0.447 -> 0.632, 0.227 -> 0.659);
     # asserted: at least +0.10
     assert m["accuracy"] >= m["accuracy_sft"] + 0.10

@@ -86,16 +86,15 @@ def test_each_stage_does_its_job(lab):
     assert c["reward.accuracy"] > 0.7
     # (> 0.65: over the perturbation matrix the lowest were rude 0.94, rambling 0.98, wrong language 0.86)
     assert all(c[f"reward.accuracy.{k}"] > 0.65 for k in ("rambling", "rude", "wrong_language"))
-    # DPO, PPO and GRPO each moved away from SFT; DPO and GRPO are not significantly worse than SFT on
+    # DPO, PPO and GRPO each moved away from SFT; DPO and PPO are not significantly worse than SFT on
     # ground truth (the upper end of the 95% paired-bootstrap interval of the gain is above 0). What this
     # tiny size does NOT show is that they help: over the perturbation matrix (tests/perturb.py golden, 6
-    # cells) SFT answered 62 of 230 right, DPO 69-70 (+3.0, CI lower end 0.0), GRPO 58-59 (CI includes 0).
-    # PPO, against a reward model at chance on wrong facts, lost 3-13 answers (significantly in 4 cells; a
-    # KL coefficient of 0.3 or lr 5e-5 did not make that hold in every cell), so the golden values bound
-    # it, with their measured spread, instead of a sign asserted here.
+    # cells) SFT answered 52 of 230 right, DPO 57 (+2.2, CI -0.9..+5.2), PPO 53-59 (+0.4..+3.0, CI upper
+    # end 3.5..7.0). GRPO's 10 iterations lost 7-10 answers (-3.0..-4.3, significantly in all 6 cells),
+    # so the golden values bound it, with their measured spread, instead of a sign asserted here.
     for name in ("dpo", "ppo", "grpo"):
         gain, lo, hi = lab["report"][name]["gain_vs_sft"]
-        assert name == "ppo" or hi > 0, (name, gain, lo, hi)
+        assert name == "grpo" or hi > 0, (name, gain, lo, hi)
         assert c[f"{name}.kl_to_sft"] > 0, name
 
 
@@ -158,11 +157,13 @@ def test_golden_check_fails_a_broken_stage(lab, tmp_path):
     stages = {st.name: st for st in run_lab.build_stages(args)}
     shutil.rmtree(broken / "dpo")
     env = {**os.environ, **stages["dpo"].env}
-    # Three times the stage's steps: at its own 40 offline steps a reversed DPO stays inside the tolerances
-    # another CPU's float order needs. Measured once (2-core AVX-512, the golden cell aten=avx512): a correct
-    # DPO at 120 steps 0.296 accuracy / +0.036 reward gain (only its KL misses: 1.07 against 0.40 +- 0.5),
-    # the reversed one 0.230 / -0.107 (KL 4.41; golden 0.300 / -0.027): its accuracy is what gives it away.
-    steps = ["--max_steps", str(3 * run_lab.SIZES["tiny"]["dpo"]["max_steps"])]
+    # Ten times the stage's steps at five times its lr: at its own settings a reversed DPO stays inside the
+    # tolerances another CPU's float order needs. Measured once (2-core AVX-512) against golden dpo.accuracy
+    # 0.248 +- 0.06 (SFT 0.226): reversed at 3x, 5x and 10x the steps, same lr, inside (10x: 0.200; only
+    # its KL missed); at 10x the steps and 5x the lr its accuracy misses. (With the persona set before
+    # this one: golden 0.300, reversed at 3x 0.230.)
+    tiny = run_lab.SIZES["tiny"]["dpo"]
+    steps = ["--max_steps", str(10 * tiny["max_steps"]), "--lr", str(5 * tiny["lr"]), "--min_lr", str(5 * tiny["min_lr"])]
     for name, code in (("dpo", BROKEN_DPO.format(repo=str(REPO))), ("eval", None)):
         cmd = stages[name].cmd
         argv = [sys.executable, "-c", code, *cmd[1:], *steps] if code else [sys.executable, *cmd]
@@ -172,7 +173,7 @@ def test_golden_check_fails_a_broken_stage(lab, tmp_path):
     rep = json.loads((broken / "report.json").read_text())
     rows = run_lab.golden_check(rep, str(broken), json.loads(GOLDEN.read_text()))
     misses = {k for k, g, got, tol, ok in rows if not ok}
-    assert "dpo.accuracy" in misses and all(k.startswith("dpo.") for k in misses), misses
+    assert "dpo.accuracy" in misses and all(k.startswith("dpo.") for k in misses), (misses, rep["card"]["dpo.accuracy"])
     # the stages upstream of DPO are the unmodified ones, and still pass
     assert not any(k.startswith(("pretrain", "sft", "reward")) for k in misses)
 
