@@ -348,10 +348,13 @@ def summarize(stats, kinds=None):
            "logp_accuracy": ((logp_gap > 0).double() + 0.5 * (logp_gap == 0).double()).mean().item(),
            "pairs": int(stats.size(0))}
     if kinds is not None and any(k is not None for k in kinds):
-        by = {}
-        for k, ok in zip(kinds, correct.tolist()):
+        by, by_logp = {}, {}
+        logp_correct = (logp_gap > 0).double() + 0.5 * (logp_gap == 0).double()
+        for k, ok, lp_ok in zip(kinds, correct.tolist(), logp_correct.tolist()):
             by.setdefault(str(k), []).append(ok)
+            by_logp.setdefault(str(k), []).append(lp_ok)
         out["accuracy_by_kind"] = {k: sum(v) / len(v) for k, v in sorted(by.items())}
+        out["logp_accuracy_by_kind"] = {k: sum(v) / len(v) for k, v in sorted(by_logp.items())}
     return out
 
 
@@ -793,8 +796,9 @@ def train(args, info):
                 print0("step-0 check skipped: the reference is not the starting policy (--ref_model)")
             if val_groups:
                 start_metrics = run_eval()
-                for k in ("logp_accuracy", "logp_chosen", "logp_rejected"):
-                    summary.setdefault(f"pref_{k}_init", start_metrics[k])
+                for k in ("logp_accuracy", "logp_chosen", "logp_rejected", "logp_accuracy_by_kind"):
+                    if k in start_metrics:
+                        summary.setdefault(f"pref_{k}_init", start_metrics[k])
 
         # --- the loop ----------------------------------------------------------------------------
         plan_epoch, plan, t_log, tokens = None, None, time.time(), 0

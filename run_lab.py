@@ -866,6 +866,13 @@ def collect(run_dir, statuses=None):
                      "longer_wins_label": (rv.get("length") or {}).get("longer_wins_label"),
                      "ece": rv.get("ece"), "chosen_mean": rv.get("chosen_mean"), "rejected_mean": rv.get("rejected_mean"),
                      "calibration": rv.get("calibration"), "steps": last(logs["reward"], None, "loss").get("step")}
+    # The same held-out pairs ranked by DPO's implicit reward beta * log(pi_DPO / pi_SFT) (Rafailov et al. 2023,
+    # "Your language model is secretly a reward model"), and by the SFT model's own log-probs: where the scalar
+    # head is blind (wrong facts), the log-probs are not -- the knowledge is in the model, the head cannot read it.
+    dv, de = last(logs["dpo"], "eval", "accuracy_by_kind"), load_json(d("dpo", "metrics.json")) or {}
+    rep["reward"]["dpo_implicit"] = {"accuracy": dv.get("accuracy"), "per_kind": dv.get("accuracy_by_kind") or {},
+                                     "pairs": dv.get("pairs"), "sft_logp_accuracy": de.get("pref_logp_accuracy_init"),
+                                     "sft_logp_per_kind": de.get("pref_logp_accuracy_by_kind_init") or {}}
     for name in ("dpo", "ppo", "grpo"):
         mm, sm = M.get(name), load_json(d(name, "metrics.json")) or {}
         if not mm:
@@ -1083,6 +1090,24 @@ def write_report(run_dir, statuses=None, this_run=None, announce=False):
                "| confidence bin | pairs | mean confidence | observed accuracy |", "|---|---|---|---|"]
         for bn in rv["calibration"]:
             md.append(f"| {bn['lo']:.1f}–{bn['hi']:.1f} | {bn['n']} | {bn['confidence']:.3f} | {bn['accuracy']:.3f} |")
+        im = rv.get("dpo_implicit") or {}
+        if im.get("accuracy") is not None:
+            kinds = sorted(set(rv["per_kind"]) | set(im["per_kind"]))
+            md += ["", "The same held-out pairs, three ways. The reward model reads one scalar at the last token; DPO's "
+                   "implicit reward β·log(π_DPO/π_SFT) (Rafailov et al. 2023), trained on the same pairs, reads the "
+                   "log-probability of every answer token; SFT's own log-probs are the untrained baseline. A wrong "
+                   "fact the model's log-probs rank right but the scalar head does not is knowledge the model has and "
+                   "the head cannot compare in one forward pass (Allen-Zhu & Li, Physics of Language Models 3.2: "
+                   "knowledge classification and comparison fail without writing the fact out first).", "",
+                   "| ranked by | all | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|",
+                   f"| reward model (scalar head) | {fmt(rv['accuracy'], '%')} | "
+                   + " | ".join(fmt(rv["per_kind"].get(k), "%") for k in kinds) + " |",
+                   f"| DPO's implicit reward | {fmt(im['accuracy'], '%')} | "
+                   + " | ".join(fmt(im["per_kind"].get(k), "%") for k in kinds) + " |"]
+            if im.get("sft_logp_accuracy") is not None:
+                md.append(f"| SFT log-prob, chosen > rejected | {fmt(im['sft_logp_accuracy'], '%')} | "
+                          + " | ".join(fmt(im["sft_logp_per_kind"].get(k), "%") if im["sft_logp_per_kind"] else ""
+                                       for k in kinds) + " |")
     if figures:
         md += ["", "## Curves", ""]
         for title, rel in figures:
@@ -1150,6 +1175,13 @@ def card_lines(rep, plain=False):
         lines.append(("reward model", f"pairwise accuracy {B(fmt(r['accuracy'], '%'))} (chance 50%); by rejected kind: "
                       + ", ".join(f"{k} {fmt(v, '%')}" for k, v in r["per_kind"].items())
                       + f"; corr(reward, length) {fmt(r['length_corr'], '+')}"))
+    im = r.get("dpo_implicit") or {}
+    if im.get("accuracy") is not None:
+        lines.append(("DPO as RM", f"the same pairs ranked by DPO's implicit reward β·log(π_DPO/π_SFT): "
+                      f"{B(fmt(im['accuracy'], '%'))}; by rejected kind: "
+                      + ", ".join(f"{k} {fmt(v, '%')}" for k, v in im["per_kind"].items())
+                      + (f"; SFT's own log-probs put the chosen answer first in {fmt(im['sft_logp_accuracy'], '%')}"
+                         if im.get("sft_logp_accuracy") is not None else "")))
     def wlt(m):   # the reward model's verdicts behind a win rate: answers better / worse / the same
         w, l, t = m.get("reward_wins_losses_ties") or (None,) * 3
         return "" if w is None else f" ({w} better, {l} worse, {t} tied)"

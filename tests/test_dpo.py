@@ -210,7 +210,10 @@ def test_summarize_counts_ties_as_half():
     m = dpo.summarize(stats, ["a", "b", "a"])
     assert m["accuracy"] == pytest.approx(0.5) and m["logp_accuracy"] == pytest.approx(0.5)
     assert m["margin"] == pytest.approx((0.1 + 0 - 0.4) / 3) and m["loss"] == pytest.approx(0.7)
-    assert m["accuracy_by_kind"] == {"a": 0.5, "b": 0.5}
+    assert m["accuracy_by_kind"] == {"a": 0.5, "b": 0.5} and m["logp_accuracy_by_kind"] == {"a": 0.5, "b": 0.5}
+    # a pair the implicit reward ranks right while the policy's plain log-probs rank it wrong
+    m = dpo.summarize(torch.tensor([[0.3, 1.0, 0.0, -5.0, -1.0, 1.0]], dtype=torch.float64), ["a"])
+    assert m["accuracy_by_kind"] == {"a": 1.0} and m["logp_accuracy_by_kind"] == {"a": 0.0}
 
 
 # -----------------------------------------------------------------------------

@@ -114,6 +114,14 @@ def test_report_is_readable_and_consistent(lab):
     assert rep["card"]["ppo.kl_to_sft"] == round(json.loads((out / "ppo" / "metrics.json").read_text())["kl_to_sft"], 4)
     reward_eval = [r for r in run_lab.load_log(str(out / "reward" / "log.jsonl")) if r.get("event") == "eval"][-1]
     assert rep["card"]["reward.accuracy"] == round(reward_eval["accuracy"], 4)
+    # the held-out pairs ranked three ways: DPO's implicit reward and SFT's log-probs come from DPO's own log
+    dpo_log = run_lab.load_log(str(out / "dpo" / "log.jsonl"))
+    dpo_eval, dpo_end = [r for r in dpo_log if r.get("event") == "eval"][-1], json.loads((out / "dpo" / "metrics.json").read_text())
+    implicit = rep["reward"]["dpo_implicit"]
+    assert implicit["accuracy"] == dpo_eval["accuracy"] and implicit["per_kind"] == dpo_eval["accuracy_by_kind"]
+    assert set(implicit["per_kind"]) == set(rep["reward"]["per_kind"]) == set(implicit["sft_logp_per_kind"])
+    assert implicit["sft_logp_accuracy"] == dpo_end["pref_logp_accuracy_init"]
+    assert "| DPO's implicit reward | " in md and "| reward model (scalar head) | " in md
     assert len(rep["showcase"]) == 8 and set(rep["showcase"][0]["answers"]) == {"base", "sft", "dpo", "ppo", "grpo"}
     # the reward model's win rate and the verdicts behind it (identical answers tie): (wins + ties / 2) / n
     for name in ("dpo", "ppo", "grpo"):
