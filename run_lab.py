@@ -126,7 +126,11 @@ SIZES = {
                     log_interval=10),
         dpo=dict(max_steps=100, batch_size=8, lr=5e-5, min_lr=5e-6, warmup_steps=10, beta=0.3, nll_coef=1.0, rounds=0,
                  round_prompts=256, samples=4, eval_interval=50, log_interval=10, eval_limit=64),
-        ppo=dict(max_steps=40, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.1,
+        # PPO kl_coef 0.3: at 0.1 PPO hacked the reward model in some runs (seed 2 and the ATen-default cell of
+        # seed 0: ages moved to one the reward model likes, "上海" cut to "上"), gaining +8.3 and +7.1 points where
+        # other runs gained +12..+13; held-out gains over SFT at 0.1 / 0.2 / 0.3, seeds 0, 1, 2 and that cell:
+        # +13.2 / +14.0 / +15.6, +11.9 / +13.0 / +14.6, +8.3 / +9.9 / +11.5, +7.1 / +14.6 / +12.1 (README)
+        ppo=dict(max_steps=40, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.3,
                  ptx_coef=1.0, eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
         grpo=dict(max_steps=100, prompts_per_step=8, group_size=8, batch_size=16, lr=5e-5, min_lr=5e-6,
                   eval_interval=20, eval_sample=32, eval_limit=64, sample_interval=20, log_interval=1),
@@ -144,7 +148,7 @@ SIZES = {
                     log_interval=20),
         dpo=dict(max_steps=400, batch_size=32, lr=2e-5, min_lr=2e-6, warmup_steps=40, beta=0.3, nll_coef=1.0, rounds=1,
                  round_prompts=1024, samples=4, eval_interval=200, log_interval=20, eval_limit=200),
-        ppo=dict(max_steps=100, rollout_batch=64, batch_size=32, lr=5e-5, min_lr=5e-6, critic_lr=5e-4, kl_coef=0.1,
+        ppo=dict(max_steps=100, rollout_batch=64, batch_size=32, lr=5e-5, min_lr=5e-6, critic_lr=5e-4, kl_coef=0.3,
                  ptx_coef=1.0, eval_interval=20, eval_sample=64, eval_limit=200, sample_interval=20, log_interval=5),
         grpo=dict(max_steps=100, prompts_per_step=16, group_size=8, batch_size=32, lr=5e-5, min_lr=5e-6,
                   eval_interval=20, eval_sample=64, eval_limit=200, sample_interval=20, log_interval=5),
