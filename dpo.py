@@ -341,15 +341,15 @@ def summarize(stats, kinds=None):
     margin = stats[:, 1] - stats[:, 2]
     correct = (margin > 0).double() + 0.5 * (margin == 0).double()
     logp_gap = stats[:, 3] - stats[:, 4]
+    logp_correct = (logp_gap > 0).double() + 0.5 * (logp_gap == 0).double()
     out = {"loss": ((stats[:, 0] * stats[:, 5]).sum() / stats[:, 5].sum()).item(),
            "accuracy": correct.mean().item(), "margin": margin.mean().item(),
            "reward_chosen": stats[:, 1].mean().item(), "reward_rejected": stats[:, 2].mean().item(),
            "logp_chosen": stats[:, 3].mean().item(), "logp_rejected": stats[:, 4].mean().item(),
-           "logp_accuracy": ((logp_gap > 0).double() + 0.5 * (logp_gap == 0).double()).mean().item(),
+           "logp_accuracy": logp_correct.mean().item(),
            "pairs": int(stats.size(0))}
     if kinds is not None and any(k is not None for k in kinds):
         by, by_logp = {}, {}
-        logp_correct = (logp_gap > 0).double() + 0.5 * (logp_gap == 0).double()
         for k, ok, lp_ok in zip(kinds, correct.tolist(), logp_correct.tolist()):
             by.setdefault(str(k), []).append(ok)
             by_logp.setdefault(str(k), []).append(lp_ok)

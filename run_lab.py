@@ -126,9 +126,9 @@ SIZES = {
                     log_interval=10),
         dpo=dict(max_steps=100, batch_size=8, lr=5e-5, min_lr=5e-6, warmup_steps=10, beta=0.3, nll_coef=1.0, rounds=0,
                  round_prompts=256, samples=4, eval_interval=50, log_interval=10, eval_limit=64),
-        # PPO kl_coef 0.3: at 0.1 PPO hacked the reward model in some runs (seed 2 and the ATen-default cell of
-        # seed 0: ages moved to one the reward model likes, "上海" cut to "上"), gaining +8.3 and +7.1 points where
-        # other runs gained +12..+13; held-out gains over SFT at 0.1 / 0.2 / 0.3, seeds 0, 1, 2 and that cell:
+        # PPO kl_coef 0.3: at 0.1 PPO drifted too far in 2 runs of 4 (seed 2 lost 20 points of sums; the ATen-default
+        # cell of seed 0 hacked the reward model: ages moved to 33 or 63, "上海" cut to "上"), gaining +8.3 and +7.1
+        # points where other runs gained +12..+13; held-out gains over SFT at 0.1 / 0.2 / 0.3, seeds 0, 1, 2 and that cell:
         # +13.2 / +14.0 / +15.6, +11.9 / +13.0 / +14.6, +8.3 / +9.9 / +11.5, +7.1 / +14.6 / +12.1 (README)
         ppo=dict(max_steps=40, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.3,
                  ptx_coef=1.0, eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
