@@ -370,9 +370,11 @@ class Scorer:
         done = [ended(r, stop) for r in responses]   # common.ended: the one truncation rule of every stage
         model_scores = None
         if "model" in self.names:   # the rollout layout: the reward model reads the answer's last real token
-            idx, attn, _, _ = pad_rollout(prompts, responses, self.tok.pad_id, stop)
+            idx, attn, resp, P = pad_rollout(prompts, responses, self.tok.pad_id, stop)
+            resp = torch.cat([torch.zeros_like(attn[:, :P]), resp.long()], 1)   # (an implicit reward model's sum)
             with self.ctx:
-                model_scores = self.rm.normalize(self.rm(idx.to(self.device), attn.to(self.device)).float()).tolist()
+                raw = self.rm(idx.to(self.device), attn.to(self.device), response_mask=resp.to(self.device))
+                model_scores = self.rm.normalize(raw.float()).tolist()
         score, reward, ok = [], [], []
         for k, (ans, rec, end, resp) in enumerate(zip(answers, records, done, responses)):
             terms = {"checker": lambda: checker_reward(ans, rec, end), "math": lambda: math_reward(ans, rec, end),

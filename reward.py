@@ -19,12 +19,22 @@ In code (the RL stages' frozen reward: load_frozen_reward_model; PPO's critic st
   idx (B, T) token ids rendered with the chat template; attention_mask (B, T) 1 = real, 0 = padding,
   left or right. Under DDP call the wrapped module: critic(idx, mask, per_token=True) == values().
 
+--implicit_beta B (> 0) trains an IMPLICIT reward model instead of the head: no new parameters,
+    r(x, y) = B * sum over the answer's tokens of [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]
+with pi_ref the frozen starting (SFT) model (Rafailov et al. 2023, "Your language model is secretly a
+reward model"; Yuan et al. 2024, "Free process rewards without process labels"). The same Bradley-Terry
+loss then is DPO's loss. Why offer it: a scalar head must judge "is this fact wrong?" from one hidden
+state, and on the lab's wrong-fact pairs it stays near chance, while the LM's own log-probs already know
+the fact (see the README). Callers pass response_mask (which tokens are the answer); a PPO critic starts
+from its backbone under a zero head (as_critic). One process or DDP; not with FSDP or LoRA.
+
 Simplifications on purpose: one scalar head without bias (Bradley-Terry sees only differences); one
 constant margin for every pair (Llama 2 scales it by the annotators' strength; our formats lack it).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -64,6 +74,9 @@ def get_args(argv=None):
                    help="Bradley-Terry margin m in -log sigma(r_better - r_worse - m), the same for every pair")
     g.add_argument("--padding_side", default="right", choices=["right", "left"],
                    help="how batches are padded (the reward is the same either way; a knob for checking that)")
+    g.add_argument("--implicit_beta", type=float, default=0.0,
+                   help="> 0: an implicit reward model, r = beta * sum_answer log(pi / pi_ref) with pi_ref the frozen "
+                        "--init_from model, instead of a scalar head (see the docstring); 0 = the scalar head")
     g.add_argument("--calibration_bins", type=int, default=5, help="bins of the calibration table over [0.5, 1]")
     m = parser.add_argument_group("modes (instead of training)")
     m.add_argument("--eval_only", action="store_true",
@@ -182,16 +195,25 @@ class RewardModel(nn.Module):
     and an unused vocab x dim matrix would waste memory and upset DDP (a parameter that never
     gets a gradient). With tied embeddings the matrix lives on as the input embedding."""
 
-    def __init__(self, config: LlamaConfig, backbone: Optional[Llama] = None):
+    def __init__(self, config: LlamaConfig, backbone: Optional[Llama] = None, implicit_beta: float = 0.0):
         super().__init__()
         self.config = config
+        self.implicit_beta = float(implicit_beta)
         self.backbone = backbone if backbone is not None else Llama(config)
-        self.backbone.output = None
-        self.head = nn.Linear(config.dim, 1, bias=False)
-        # Zero init: every reward starts at exactly 0, so the first loss is exactly ln 2 and the
-        # first margins are 0 -- an invariant the training script prints. The head still learns
-        # at step 0 (its gradient is sigma'(.) * (h_c - h_r), not 0) and the backbone from step 1.
-        nn.init.zeros_(self.head.weight)
+        if self.implicit_beta > 0:
+            # Implicit: the backbone keeps its LM head and a frozen copy of the starting weights is the
+            # reference (saved with the weights, so the checkpoint scores alone). At step 0 the two are
+            # equal: every reward is exactly 0, as with the zero head below.
+            self.reference = copy.deepcopy(self.backbone).requires_grad_(False).eval()
+            self.head = None
+        else:
+            self.reference = None
+            self.backbone.output = None
+            self.head = nn.Linear(config.dim, 1, bias=False)
+            # Zero init: every reward starts at exactly 0, so the first loss is exactly ln 2 and the
+            # first margins are 0 -- an invariant the training script prints. The head still learns
+            # at step 0 (its gradient is sigma'(.) * (h_c - h_r), not 0) and the backbone from step 1.
+            nn.init.zeros_(self.head.weight)
         # Normalisation statistics of the rewards over a reference set (set by evaluation,
         # saved in the state dict so they always travel with the weights they describe).
         self.register_buffer("reward_mean", torch.zeros(()))
@@ -206,9 +228,24 @@ class RewardModel(nn.Module):
         self.set_stats(0.0, 1.0)
 
     @classmethod
-    def from_llama(cls, llama: Llama) -> "RewardModel":
-        """Wrap a (SFT) language model: its weights become the backbone; the head starts at zero."""
-        return cls(llama.config, backbone=llama)
+    def from_llama(cls, llama: Llama, implicit_beta: float = 0.0) -> "RewardModel":
+        """Wrap a (SFT) language model: its weights become the backbone; the head starts at zero
+        (implicit_beta > 0: no head, and a frozen copy of these weights is the reference)."""
+        return cls(llama.config, backbone=llama, implicit_beta=implicit_beta)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()   # the reference never drops out: it must stay the starting model
+        return self
+
+    def as_critic(self) -> "RewardModel":
+        """A PPO critic from this model: a scalar-head model on its backbone. The head is this model's
+        own (a trained one) or, for an implicit reward model, a new zero head (values start at 0)."""
+        if self.head is not None:
+            return self
+        critic = RewardModel(self.config, backbone=self.backbone)
+        return critic.to(self.backbone.tok_embeddings.weight.device)
 
     def _score(self, h):
         # The head in float32, outside autocast: rewards are differences of nearby numbers, and
@@ -216,17 +253,36 @@ class RewardModel(nn.Module):
         with torch.autocast(device_type=h.device.type, enabled=False):
             return F.linear(h.float(), self.head.weight.float()).squeeze(-1)
 
-    def forward(self, idx, attention_mask=None, per_token: bool = False):
+    def forward(self, idx, attention_mask=None, per_token: bool = False, response_mask=None):
         """idx: (B, T) ids; attention_mask: (B, T) 1 = real token, 0 = padding (either side).
         Returns the rewards (B,) read at each row's last real token, or with per_token=True the
         head applied at every position (B, T) (values for a PPO critic; pads carry garbage).
-        Under DDP call the wrapped module (critic(idx, mask, per_token=True)), not .module."""
+        response_mask (B, T), 1 on the answer's tokens: what an implicit reward model sums over
+        (the scalar head does not need it). Under DDP call the wrapped module
+        (critic(idx, mask, per_token=True)), not .module."""
+        if self.head is None:
+            return self._implicit(idx, attention_mask, response_mask, per_token)
         h = self.backbone.hidden_states(idx, attention_mask)    # (B, T, dim)
         if per_token:
             return self._score(h)                                # (B, T)
         last = last_real_index(attention_mask, idx.size(1))
         h_last = h[:, -1] if last is None else h[torch.arange(idx.size(0), device=idx.device), last]
         return self._score(h_last)                               # (B,)
+
+    def _implicit(self, idx, attention_mask, response_mask, per_token):
+        """beta * sum over answer tokens of log pi(y_t) - log pi_ref(y_t). Only the answer counts: the
+        prompt's log-ratio would cancel between two answers to the same prompt but shift every absolute
+        score (PPO's rewards, the mean rewards of the report) by something no answer chose."""
+        if per_token:
+            raise ValueError("an implicit reward model has no value head: start a critic with as_critic()")
+        if response_mask is None:
+            raise ValueError("an implicit reward model needs response_mask (1 on the answer's tokens)")
+        targets = idx[:, 1:]
+        logp = token_logps(self.backbone, idx, attention_mask, targets)
+        with torch.no_grad():
+            logp_ref = token_logps(self.reference, idx, attention_mask, targets)
+        answer = response_mask[:, 1:].to(logp.dtype)          # the logits at t - 1 predict token t
+        return self.implicit_beta * ((logp - logp_ref) * answer).sum(-1)
 
     def values(self, idx, attention_mask=None):
         """Per-token scalar values (B, T): what a critic initialised from this model predicts."""
@@ -251,6 +307,14 @@ class RewardModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def token_logps(llama: Llama, idx, attention_mask, targets):
+    """log p(targets[:, t] | idx[:, :t + 1]) (B, T - 1) in float32, by cross_entropy (no (B, T, V)
+    log-softmax kept around)."""
+    logits, _ = llama(idx, attention_mask=attention_mask)
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="none")
+    return -nll.view(targets.shape)
+
+
 REWARD_KIND = "reward_model"   # the "kind" key our reward checkpoints carry (LM checkpoints have none)
 
 
@@ -271,7 +335,7 @@ def load_reward_model(path: str, device="cpu"):
         model = common.load_lora_checkpoint(ckpt, path, RewardModel.from_llama)
         meta["path"] = path
         return model.to(device).eval(), meta
-    model = RewardModel(LlamaConfig.from_dict(meta["model_config"]))
+    model = RewardModel(LlamaConfig.from_dict(meta["model_config"]), implicit_beta=meta.get("implicit_beta", 0.0))
     if os.path.isdir(path):   # an FSDP run's sharded checkpoint: read every shard into the whole model
         import torch.distributed.checkpoint as dcp
         state = model.state_dict()
@@ -286,13 +350,16 @@ def load_reward_model(path: str, device="cpu"):
 def load_frozen_reward_model(path, args, info, dtype):
     """The RL stages' frozen reward model -> (model, meta): sharded straight from the file under FSDP."""
     if args.parallel == "fsdp" and not args.lora_rank:
+        if common.read_checkpoint_meta(common.resolve_checkpoint(path)).get("implicit_beta"):
+            common.fail(f"{path} is an implicit reward model (reward.py --implicit_beta): not supported with "
+                        f"--parallel fsdp yet; use DDP, or a scalar-head reward model")
         return common.load_frozen_sharded(path, info, dtype, args.fsdp_shard_size, RewardModel, REWARD_KIND,
                                           load_reward_model)
     rm, meta = load_reward_model(path)
     return common.frozen(rm, dtype, info.device, info, args.parallel, args.fsdp_shard_size), meta   # (fsdp + LoRA)
 
 
-def init_reward_model(path: str, info=None, wrap=None):
+def init_reward_model(path: str, info=None, wrap=None, implicit_beta: float = 0.0):
     """The starting point of training -> (RewardModel, meta, was_reward_model). A reward checkpoint
     continues as it is; a language model (our SFT checkpoint or run dir, or a HuggingFace LLaMA
     directory, via common.load_model) becomes the backbone under a fresh zero head -- InstructGPT and
@@ -303,6 +370,9 @@ def init_reward_model(path: str, info=None, wrap=None):
     resolved = common.resolve_checkpoint(path)
     meta = {} if common.is_hf_dir(resolved) else common.read_checkpoint_meta(resolved)
     was_rm = meta.get("kind") == REWARD_KIND
+    if was_rm and float(meta.get("implicit_beta", 0.0)) != float(implicit_beta):
+        common.fail(f"{path} is a reward model with implicit_beta {meta.get('implicit_beta', 0.0)}, this run asks for "
+                    f"{implicit_beta}: continue it with the same --implicit_beta")
     if wrap is not None and not meta.get("lora"):
         model, meta = common.load_model_sharded(resolved, info, wrap, RewardModel, "" if was_rm else "backbone.",
                                                 REWARD_KIND if was_rm else None)
@@ -312,7 +382,7 @@ def init_reward_model(path: str, info=None, wrap=None):
         model.train()
     else:
         llama, meta = common.load_model(resolved)
-        model = RewardModel.from_llama(llama)
+        model = RewardModel.from_llama(llama, implicit_beta)
     return (model if wrap is None else wrap(model.to(info.device))), meta, was_rm
 
 
@@ -388,6 +458,24 @@ def collate(groups, pad_id: int, side: str = "right"):
         idx[i, cols] = torch.tensor(s, dtype=torch.long)
         mask[i, cols] = 1
     return idx, mask, [len(g["ids"]) for g in groups]
+
+
+def response_mask(groups, T: int, side: str = "right"):
+    """(N, T) 1 on each response's tokens (the last resp_len real tokens of its row: the answer and its
+    end marker), laid out as collate lays out the same groups: what an implicit reward model sums over."""
+    lens = [(len(ids), n) for g in groups for ids, n in zip(g["ids"], g["resp_len"])]
+    out = torch.zeros((len(lens), T), dtype=torch.long)
+    for i, (n_all, n_resp) in enumerate(lens):
+        end = n_all if side == "right" else T
+        out[i, end - n_resp:end] = 1
+    return out
+
+
+def reward_of(model, idx, mask, groups, side: str = "right"):
+    """model(idx, mask) with the response mask an implicit reward model needs (the head ignores it)."""
+    implicit = common.unwrap(model).head is None
+    resp = response_mask(groups, idx.size(1), side).to(idx.device) if implicit else None
+    return model(idx, mask, response_mask=resp)
 
 
 # -----------------------------------------------------------------------------
@@ -520,7 +608,7 @@ def score_groups(model, groups, batch_size: int, pad_id: int, info, ctx, side: s
             batch = batches[k if k < len(batches) else 0]
             idx, mask, sizes = collate([groups[i] for i in batch], pad_id, side)
             with ctx:
-                rewards = model(idx.to(info.device), mask.to(info.device))
+                rewards = reward_of(model, idx.to(info.device), mask.to(info.device), [groups[i] for i in batch], side)
             if k < len(batches):
                 flat, o = rewards.float().cpu().tolist(), 0
                 for i, n in zip(batch, sizes):
@@ -739,12 +827,16 @@ def train(args, info, dtype, ctx):
     # FSDP (without LoRA, whose adapters go on before sharding): built on the meta device, sharded,
     # and each rank reads only its own shards. Otherwise every rank loads the whole model.
     sharded = parallel == "fsdp" and not args.lora_rank
-    model, meta, was_rm = init_reward_model(args.init_from, info, wrap if sharded else None)
+    if args.implicit_beta > 0 and (parallel == "fsdp" or args.lora_rank):
+        common.fail("--implicit_beta: not supported with --parallel fsdp or --lora_rank yet (one process or DDP)")
+    model, meta, was_rm = init_reward_model(args.init_from, info, wrap if sharded else None, args.implicit_beta)
     # --lora_rank > 0: adapters on the frozen backbone; the scalar head stays fully trainable
     model = common.setup_lora(model, args, meta["path"], dtype)
     tok = tokenizer_for(meta, args)
     seq_len = min(args.max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
-    print0(f"model: {meta['path']} ({'a reward model' if was_rm else 'language model + new zero head'}, "
+    start = "language model + new zero head" if not args.implicit_beta else \
+        f"language model, implicit reward beta * log(pi / pi_ref), beta {args.implicit_beta:g}, reference frozen"
+    print0(f"model: {meta['path']} ({'a reward model' if was_rm else start}, "
            f"{model.num_params() / 1e6:.2f}M parameters, context {model.config.max_seq_len}); tokenizer {tok.path}")
 
     # --- data: every rank reads and encodes the same groups (deterministic), then takes its batches
@@ -791,6 +883,7 @@ def train(args, info, dtype, ctx):
             tokenizer=tok, metrics={"best": list(best), **({"val_accuracy": metrics["accuracy"],
                                                             "val_loss": metrics["loss"]} if metrics else {})},
             data_state={"steps_per_epoch": steps_per_epoch}, kind=REWARD_KIND, reward_stats=stats,
+            **({"implicit_beta": args.implicit_beta} if args.implicit_beta > 0 else {}),
             background=True)   # FSDP resume checkpoints: written while training goes on
         if stats and not with_optimizer and info.is_main:   # reward_stats.json: {"best": ..., "final": ...}
             saved = {}
@@ -811,7 +904,8 @@ def train(args, info, dtype, ctx):
             best = (metrics["accuracy"], metrics["loss"])
         return metrics, improved
 
-    # --- step 0: the invariant of a zero head -- every reward 0, loss exactly ln 2, accuracy 1/2
+    # --- step 0: the invariant of a zero head (implicit: policy == reference) -- every reward 0, loss
+    # exactly ln 2, accuracy 1/2
     metrics = None
     if step == 0 and val_groups:
         metrics, _ = run_eval()
@@ -836,8 +930,8 @@ def train(args, info, dtype, ctx):
             idx, mask, sizes = collate(batch, tok.pad_id, args.padding_side)
             idx, mask = idx.to(info.device), mask.to(info.device)
             with common.grad_sync(model, micro == args.grad_accum - 1):
-                with ctx:
-                    rewards = model(idx, mask)   # ONE forward for all K responses of every group
+                with ctx:   # ONE forward for all K responses of every group
+                    rewards = reward_of(model, idx, mask, batch, args.padding_side)
                 loss, diff, _ = ranking_loss(rewards, sizes, args.margin)
                 (loss / args.grad_accum).backward()
             d = diff.detach().double().cpu()

@@ -390,7 +390,8 @@ def make_experience(actor, ref, rm, critic, prompts, responses, tok, args, kl_co
         logp_old, _ = response_logprobs(actor, idx, attn, P, args.temperature)
         logp_ref, _ = response_logprobs(ref, idx, attn, P, args.temperature)
         values = critic_values(critic, idx, attn, P)
-        raw = rm(idx, attn).float()                               # read at each row's last real token
+        # read at each row's last real token (an implicit reward model sums over the answer's tokens)
+        raw = rm(idx, attn, response_mask=torch.cat([torch.zeros_like(attn[:, :P]), mask.long()], 1)).float()
     # an answer cut at --max_new_tokens: scored without an end marker, minus the penalty -- the one rule
     # evaluation applies too (reward.reward_scorer), so both give the same reward to the same answer
     ended = torch.tensor([common.ended(r, tok.stop_ids) for r in responses], device=device)
@@ -523,7 +524,7 @@ def train(args, info):
     elif sharded and not common.read_checkpoint_meta(critic_path).get("lora"):   # (LoRA: its base read whole)
         critic = common.load_model_sharded(critic_path, info, wrap, RewardModel, kind=REWARD_KIND)[0]
     else:
-        critic, _ = load_reward_model(critic_path)
+        critic = load_reward_model(critic_path)[0].as_critic()   # (an implicit reward model: a zero head on it)
         # LoRA: the critic (its own model, started from the reward model) trains adapters and its head
         critic = common.setup_lora(critic, args, critic_path, dtype)
     if (rm_meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):

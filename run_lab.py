@@ -20,7 +20,8 @@ stage can be re-run alone by copying that line (run from the repository root):
     prepare    data/prepare.py    the corpus -> flat token memmaps (train.bin, val.bin, meta.json)
     pretrain   pretrain.py        a LLaMA from scratch on the memmaps
     sft        sft.py             chat-template fine-tuning, assistant-only loss, pretraining batches mixed in
-    reward     reward.py          the reward model (Bradley-Terry on pairs and rankings), from SFT
+    reward     reward.py          the reward model, from SFT (size lab: implicit, beta * log(pi_RM / pi_SFT), on the
+                                  pairs; tiny and gpu: a scalar head, Bradley-Terry on pairs and rankings)
     dpo        dpo.py             DPO from SFT on the preference pairs (size tiny: + one round on its own samples)
     ppo        rlhf_ppo.py        PPO against the reward model, from SFT, KL-penalised to SFT
     eval       run_lab.py --evaluate   every model on the held-out questions, side by side
@@ -122,15 +123,20 @@ SIZES = {
                       eval_steps=10, log_interval=10),
         sft=dict(max_steps=400, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=30, eval_interval=100,
                  log_interval=10, pretrain_ratio=0.5),
-        reward=dict(max_steps=150, batch_size=8, lr=3e-4, min_lr=3e-5, warmup_steps=15, eval_interval=50,
-                    log_interval=10),
+        # The reward model is implicit, r = 0.3 * log(pi_RM / pi_SFT) summed over the answer (reward.py
+        # --implicit_beta), trained on the pairs only: the scalar head ranked 86% of the held-out pairs and wrong
+        # facts at chance (51-59%, seeds 0-2) where the implicit one ranks 97.5% / 90-91% (seeds 0 and 1 on the
+        # AMD machine); with the ranked lists mixed in it fell back on rambling (77-79%) by step 100-150.
+        reward=dict(max_steps=150, batch_size=8, lr=5e-5, min_lr=5e-6, warmup_steps=15, eval_interval=50,
+                    log_interval=10, implicit_beta=0.3, rankings=False),
         dpo=dict(max_steps=100, batch_size=8, lr=5e-5, min_lr=5e-6, warmup_steps=10, beta=0.3, nll_coef=1.0, rounds=0,
                  round_prompts=256, samples=4, eval_interval=50, log_interval=10, eval_limit=64),
-        # PPO kl_coef 0.3: at 0.1 PPO drifted too far in 2 runs of 4 (seed 2 lost 20 points of sums; the ATen-default
-        # cell of seed 0 hacked the reward model: ages moved to 33 or 63, "上海" cut to "上"), gaining +8.3 and +7.1
-        # points where other runs gained +12..+13; held-out gains over SFT at 0.1 / 0.2 / 0.3, seeds 0, 1, 2 and that cell:
-        # +13.2 / +14.0 / +15.6, +11.9 / +13.0 / +14.6, +8.3 / +9.9 / +11.5, +7.1 / +14.6 / +12.1 (README)
-        ppo=dict(max_steps=40, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.3,
+        # PPO kl_coef 0.05 against the implicit reward model. Its rewards are normalised by their std over the held-out
+        # answers (9.2 at seed 0: rambling answers score -20 and below), so a normal answer's reward moves by tenths;
+        # KL-regularised RL's optimum is pi_SFT * (pi_RM / pi_SFT)^(beta / (std * kl_coef)): at 0.3 that exponent is 0.1
+        # and PPO gained +10.3 / +3.8 points (seeds 0, 1); at 0.05 (exponent ~0.65) +15.6 at seed 0 (README). With the
+        # scalar head 0.3 was needed: at 0.1 PPO hacked it in 2 runs of 4 (ages moved to 33 or 63, "上海" cut to "上").
+        ppo=dict(max_steps=40, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.05,
                  ptx_coef=1.0, eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
         grpo=dict(max_steps=100, prompts_per_step=8, group_size=8, batch_size=16, lr=5e-5, min_lr=5e-6,
                   eval_interval=20, eval_sample=32, eval_limit=64, sample_interval=20, log_interval=1),
@@ -282,11 +288,13 @@ def build_stages(args):
                          "--pretrain_data", j("tokens")]
                         + flags(S["sft"]) + common_flags,
                         j("sft"), j("sft", "final.pt"), ["pretrain", "prepare", "data"], CODE["sft"]))
-    stages.append(Stage("reward", "the reward model, from SFT, on preference pairs and ranked lists",
+    rm_flags = {k: v for k, v in S["reward"].items() if k != "rankings"}
+    rankings = [os.path.join(data, "rank_train.jsonl")] if S["reward"].get("rankings", True) else []
+    stages.append(Stage("reward", "the reward model, from SFT, on preference pairs (and ranked lists)",
                         ["reward.py", "--init_from", j("sft", "final.pt"),
-                         "--data", os.path.join(data, "prefs_train.jsonl"), os.path.join(data, "rank_train.jsonl"),
-                         "--val_data", os.path.join(data, "prefs_val.jsonl"), "--out_dir", j("reward"),
-                         "--save_interval", "0"] + flags(S["reward"]) + common_flags,
+                         "--data", os.path.join(data, "prefs_train.jsonl")] + rankings +
+                        ["--val_data", os.path.join(data, "prefs_val.jsonl"), "--out_dir", j("reward"),
+                         "--save_interval", "0"] + flags(rm_flags) + common_flags,
                         j("reward"), j("reward", "final.pt"), ["sft", "data"], CODE["reward"]))
     # PPO before DPO: with --jobs 2 the longest stage (PPO) starts as soon as the reward model is done, and
     # DPO waits for GRPO's slot (list order is the start order among stages that are ready)
@@ -869,7 +877,8 @@ def collect(run_dir, statuses=None):
                      "longer_wins_model": (rv.get("length") or {}).get("longer_wins_model"),
                      "longer_wins_label": (rv.get("length") or {}).get("longer_wins_label"),
                      "ece": rv.get("ece"), "chosen_mean": rv.get("chosen_mean"), "rejected_mean": rv.get("rejected_mean"),
-                     "calibration": rv.get("calibration"), "steps": last(logs["reward"], None, "loss").get("step")}
+                     "calibration": rv.get("calibration"), "steps": last(logs["reward"], None, "loss").get("step"),
+                     "implicit_beta": (load_json(d("reward", "config.json")) or {}).get("implicit_beta") or 0.0}
     # The same held-out pairs ranked by DPO's implicit reward beta * log(pi_DPO / pi_SFT) (Rafailov et al. 2023,
     # "Your language model is secretly a reward model"), and by the SFT model's own log-probs: where the scalar
     # head is blind (wrong facts), the log-probs are not -- the knowledge is in the model, the head cannot read it.
@@ -944,16 +953,24 @@ def paired_table(M, kinds, a, b):
     return {"a": a, "b": b, "rows": rows}
 
 
-def ppo_vs_grpo_lines(t):
+def rm_name(rv):
+    """How the report names the reward model: implicit (reward.py --implicit_beta) or scalar head."""
+    b = rv.get("implicit_beta") or 0.0
+    return f"implicit, β·log(π_RM/π_SFT), β {b:g}" if b > 0 else "scalar head"
+
+
+def ppo_vs_grpo_lines(t, rv):
     """Markdown: PPO against the reward model next to GRPO against the checker, per kind, with CIs."""
     if not t:
         return []
+    wf = (rv.get("per_kind") or {}).get("wrong_fact")
     a, b = t["a"], t["b"]
     ci = lambda v: f"{100 * v[0]:.1f}% [{100 * v[1]:.0f}, {100 * v[2]:.0f}]"   # noqa: E731
     dci = lambda v: "n/a" if v[0] is None else f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]"   # noqa: E731
     md = ["", "## PPO with the reward model vs GRPO with the checker", "",
-          "The same held-out questions. PPO optimises the reward model, which is near chance on wrong facts (see "
-          "its per-kind accuracy); GRPO optimises `data.lab.score`, which knows every right answer. Accuracy with a "
+          f"The same held-out questions. PPO optimises the reward model ({rm_name(rv)}; it ranks "
+          f"{fmt(wf, '%')} of the held-out wrong-fact pairs right and was shown no sums); GRPO optimises "
+          "`data.lab.score`, which knows every right answer. Accuracy with a "
           "95% Wilson interval; differences in points with a 95% interval from the paired bootstrap over questions.",
           "", "| kind | n | SFT | PPO (reward model) | GRPO (checker) | GRPO − PPO | GRPO − SFT |",
           "|---|---|---|---|---|---|---|"]
@@ -1059,7 +1076,7 @@ def write_report(run_dir, statuses=None, this_run=None, announce=False):
                        "(2000 resamples of the questions): " + "; ".join(
                            f"{m} {100 * g[0]:+.1f} points ({100 * g[1]:+.1f} to {100 * g[2]:+.1f})" for m, g in gains)
                    + ". A stage helps only where the whole interval is above 0."]
-    md += ppo_vs_grpo_lines(rep.get("ppo_vs_grpo"))
+    md += ppo_vs_grpo_lines(rep.get("ppo_vs_grpo"), rep["reward"])
     b = rep["base"]
     if b.get("probe_by_group"):
         md += ["", "## What pretraining stored (base model, plain-text probes)", "",
@@ -1099,14 +1116,15 @@ def write_report(run_dir, statuses=None, this_run=None, announce=False):
         im = rv.get("dpo_implicit") or {}
         if im.get("accuracy") is not None:
             kinds = sorted(set(rv["per_kind"]) | set(im["per_kind"]))
-            md += ["", "The same held-out pairs, three ways. The reward model reads one scalar at the last token; DPO's "
+            md += ["", "The same held-out pairs, three ways. A scalar-head reward model reads one number at the last "
+                   f"token (this run's: {rm_name(rv)}); DPO's "
                    "implicit reward β·log(π_DPO/π_SFT) (Rafailov et al. 2023), trained on the same pairs, reads the "
                    "log-probability of every answer token; SFT's own log-probs are the untrained baseline. A wrong "
                    "fact the model's log-probs rank right but the scalar head does not is knowledge the model has and "
                    "the head cannot compare in one forward pass (Allen-Zhu & Li, Physics of Language Models 3.2: "
                    "knowledge classification and comparison fail without writing the fact out first).", "",
                    "| ranked by | all | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|",
-                   f"| reward model (scalar head) | {fmt(rv['accuracy'], '%')} | "
+                   f"| reward model ({rm_name(rv)}) | {fmt(rv['accuracy'], '%')} | "
                    + " | ".join(fmt(rv["per_kind"].get(k), "%") for k in kinds) + " |",
                    f"| DPO's implicit reward | {fmt(im['accuracy'], '%')} | "
                    + " | ".join(fmt(im["per_kind"].get(k), "%") for k in kinds) + " |"]
@@ -1179,7 +1197,8 @@ def card_lines(rep, plain=False):
         lines.append(("SFT", f"lab accuracy {fmt(s['accuracy_before'], '%')} (base) → {B(acc_ci(s))}; "
                              f"val loss {fmt(s['val_loss'])}; mean RM reward {fmt(s['mean_reward'], '+')}"))
     if r.get("accuracy") is not None:
-        lines.append(("reward model", f"pairwise accuracy {B(fmt(r['accuracy'], '%'))} (chance 50%); by rejected kind: "
+        lines.append(("reward model", f"{rm_name(r)}: pairwise accuracy {B(fmt(r['accuracy'], '%'))} (chance 50%); "
+                      "by rejected kind: "
                       + ", ".join(f"{k} {fmt(v, '%')}" for k, v in r["per_kind"].items())
                       + f"; corr(reward, length) {fmt(r['length_corr'], '+')}"))
     im = r.get("dpo_implicit") or {}

@@ -223,6 +223,29 @@ def test_kl_penalty_exactly_zero_when_actor_equals_reference(tok):
     assert exp2["kl_seq"].abs().max().item() > 1e-3 and exp2["k3_min"].item() >= 0
 
 
+def test_implicit_reward_model_scores_the_answer_tokens_of_the_rollout(tok):
+    """With an implicit reward model (reward.py --implicit_beta) PPO's raw reward of each rollout row is
+    beta * sum over its answer tokens of log pi_rm - log pi_ref, the answer as pad_rollout masks it (the
+    stop token included, the prompt and the padding not): checked against the actor-side log-prob code
+    (response_logprobs at temperature 1) applied to the reward model's two language models."""
+    actor, ref = tiny(tok), tiny(tok)
+    rm = reward.RewardModel.from_llama(tiny(tok, seed=4), implicit_beta=0.4)
+    with torch.no_grad():
+        for p in rm.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rm.eval()
+    critic = reward.RewardModel.from_llama(tiny(tok, seed=4), implicit_beta=0.4).as_critic()
+    _, _, exp = rollout(tok, actor, ref, rm, critic)
+    with torch.no_grad():
+        pol, _ = ppo.response_logprobs(rm.backbone, exp["idx"], exp["attn"], exp["P"], 1.0)
+        base, _ = ppo.response_logprobs(rm.reference, exp["idx"], exp["attn"], exp["P"], 1.0)
+    want = 0.4 * ((pol - base) * exp["mask"]).sum(1)
+    assert exp["raw"].tolist() == pytest.approx(want.tolist(), abs=1e-4)
+    assert want.abs().min() > 1e-3
+    # the critic from an implicit reward model starts at a zero head: every value exactly 0
+    assert exp["values"].abs().max().item() == 0.0
+
+
 def ppo_losses(actor, critic, exp, rows, temperature):
     logp, _ = ppo.response_logprobs(actor, exp["idx"][rows], exp["attn"][rows], exp["P"], temperature)
     pl, st = ppo.policy_loss(logp, exp["logp_old"][rows], exp["advantages"][rows], exp["mask"][rows], 0.2)

@@ -536,3 +536,122 @@ def test_ddp_fsdp_match_one_process_and_exact_resume(lab_files, tmp_path):
         stats = json.loads((tmp_path / p / "reward_stats.json").read_text())["final"]
         assert stats["mean"] == pytest.approx(meta["reward_stats"]["mean"], abs=1e-6)
         assert stats["mean"] == pytest.approx(other.reward_mean.item(), abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# The implicit reward model (--implicit_beta): beta * log(pi / pi_ref) summed over the answer
+
+
+IMPLICIT_PAIRS = [("Where does Alice live?", ["Alice lives in Paris.", "Alice lives in Rome, Rome, Rome, Rome."]),
+                  ("你是谁？", ["我是 nanollama。", "I am a human being, not a computer program.", "我是人。"])]
+
+
+def _implicit_rm(beta=0.3, moved=True):
+    """A tiny implicit reward model whose policy has moved away from its reference (noise on every weight)."""
+    from model import Llama
+    torch.manual_seed(0)
+    rm = RewardModel.from_llama(Llama(LlamaConfig.from_preset("tiny", vocab_size=2048, max_seq_len=128)), beta)
+    if moved:
+        with torch.no_grad():
+            for p in rm.backbone.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return rm.eval()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_implicit_reward_equals_dpo_implicit_reward(side):
+    """The implicit reward of every response equals beta * (log pi(y|x) - log pi_ref(y|x)) computed by
+    dpo.py's own sequence log-probs (an independent implementation: labels, not a response mask), whatever
+    the padding side; the prompt's tokens do not count; at the start (policy == reference) it is exactly 0."""
+    import common
+    import dpo
+    from reward import encode_group, score_groups
+    from tokenizer import Tokenizer
+    tok = Tokenizer()
+    groups = [encode_group(tok, {"messages": [{"role": "user", "content": q}], "responses": a}, 128)
+              for q, a in IMPLICIT_PAIRS]
+    rm = _implicit_rm(beta=0.3)
+    got = score_groups(rm, groups, 8, tok.pad_id, common.DistInfo(), contextlib.nullcontext(), side)
+    with torch.no_grad():
+        pol, _ = dpo.batch_logps(rm.backbone, groups, tok.pad_id, "cpu", contextlib.nullcontext())
+        ref, _ = dpo.batch_logps(rm.reference, groups, tok.pad_id, "cpu", contextlib.nullcontext())
+    expect = (0.3 * (pol - ref)).tolist()
+    flat = [r for g in got for r in g]
+    assert flat == pytest.approx(expect, abs=1e-4)
+    assert max(abs(x) for x in flat) > 0.05          # the policy did move: the comparison is not 0 == 0
+    # a longer prompt before the same answer changes nothing that the prompt alone would add: only
+    # the answer's tokens are summed (the prompt's own log-ratio is not in the reward)
+    fresh = _implicit_rm(moved=False)
+    zero = score_groups(fresh, groups, 8, tok.pad_id, common.DistInfo(), contextlib.nullcontext(), side)
+    assert all(r == 0.0 for g in zero for r in g)    # policy == reference: every reward exactly 0
+    idx, mask, _ = collate(groups, tok.pad_id, side)
+    with pytest.raises(ValueError, match="response_mask"):
+        rm(idx, mask)
+    with pytest.raises(ValueError, match="value head"):
+        rm(idx, mask, per_token=True)
+
+
+def test_implicit_reward_ignores_the_prompt_log_ratio():
+    """Two prompts the policy and the reference like very differently, the same answer after each:
+    the reward moves only through the answer's own tokens' log-ratios, i.e. it equals the sum over
+    the response mask computed by hand from both models' per-token log-probs."""
+    import common
+    from reward import encode_group, response_mask, score_groups, token_logps
+    from tokenizer import Tokenizer
+    tok = Tokenizer()
+    g = encode_group(tok, {"messages": [{"role": "user", "content": "What is 3 + 4? Answer in one sentence."}],
+                           "responses": ["3 + 4 = 7.", "Ugh. 8."]}, 128)
+    rm = _implicit_rm(beta=0.5)
+    idx, mask, _ = collate([g], tok.pad_id)
+    resp = response_mask([g], idx.size(1))
+    assert resp.sum(1).tolist() == g["resp_len"]
+    with torch.no_grad():
+        d = token_logps(rm.backbone, idx, mask, idx[:, 1:]) - token_logps(rm.reference, idx, mask, idx[:, 1:])
+    whole = 0.5 * d.sum(1)                                    # prompt included: what the reward must NOT be
+    answer = 0.5 * (d * resp[:, 1:]).sum(1)
+    got = score_groups(rm, [g], 8, tok.pad_id, common.DistInfo(), contextlib.nullcontext())[0]
+    assert got == pytest.approx(answer.tolist(), abs=1e-5)
+    assert (whole - answer).abs().min() > 1e-3
+
+
+def test_implicit_reward_model_trains_saves_and_loads(lab_files, tmp_path):
+    """Through the CLI: step 0 is exactly ln 2 (policy == reference), training on the lab pairs lowers
+    the held-out loss, the checkpoint carries beta and the frozen reference (= the SFT model's weights)
+    and scores alone after loading; a PPO critic from it is a zero head on its backbone. Refused: a
+    different beta when continuing, LoRA."""
+    import common
+    import reward
+    root, tok = lab_files
+    out = tmp_path / "irm"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = reward.main(["--init_from", str(root / "sft"), "--data", str(root / "lab" / "prefs_train.jsonl"),
+                         "--val_data", str(root / "lab" / "prefs_val.jsonl"), "--implicit_beta", "0.5",
+                         "--out_dir", str(out), "--max_steps", "30", "--batch_size", "8", "--lr", "3e-3",
+                         "--warmup_steps", "3", "--eval_interval", "0", "--log_interval", "10",
+                         "--save_interval", "0", "--seed", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals[0]["step"] == 0 and evals[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[0]["accuracy"] == 0.5
+    assert m["loss"] < evals[0]["loss"] - 0.02 and m["accuracy"] > 0.6
+    rm, meta = reward.load_reward_model(str(out))
+    assert meta["implicit_beta"] == 0.5 and rm.implicit_beta == 0.5 and rm.head is None
+    sft, _ = common.load_model(str(root / "sft"))
+    assert torch.equal(rm.reference.layers[0].feed_forward.w2.weight, sft.layers[0].feed_forward.w2.weight)
+    assert not torch.equal(rm.backbone.layers[0].feed_forward.w2.weight, sft.layers[0].feed_forward.w2.weight)
+    # the saved stats describe these weights: --eval_only on the same pairs gives the same accuracy
+    again = reward.main(["--eval_only", "--init_from", str(out), "--val_data", str(root / "lab" / "prefs_val.jsonl")])
+    assert again["accuracy"] == pytest.approx(m["accuracy"], abs=1e-9)
+    critic = rm.as_critic()
+    assert critic.head is not None and torch.count_nonzero(critic.head.weight) == 0
+    assert critic.backbone is rm.backbone and critic.backbone.output is None
+    with pytest.raises(SystemExit):
+        reward.main(["--init_from", str(out / "final.pt"), "--data", str(root / "lab" / "prefs_train.jsonl"),
+                     "--out_dir", str(tmp_path / "other"), "--max_steps", "1", "--implicit_beta", "0.2"])
+    with pytest.raises(SystemExit):
+        reward.main(["--init_from", str(root / "sft"), "--data", str(root / "lab" / "prefs_train.jsonl"),
+                     "--out_dir", str(tmp_path / "lora"), "--max_steps", "1", "--implicit_beta", "0.2",
+                     "--lora_rank", "4"])
