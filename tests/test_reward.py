@@ -655,3 +655,24 @@ def test_implicit_reward_model_trains_saves_and_loads(lab_files, tmp_path):
         reward.main(["--init_from", str(root / "sft"), "--data", str(root / "lab" / "prefs_train.jsonl"),
                      "--out_dir", str(tmp_path / "lora"), "--max_steps", "1", "--implicit_beta", "0.2",
                      "--lora_rank", "4"])
+
+
+def test_implicit_reward_in_bf16_autocast():
+    """The GPU path on the CPU: under bf16 autocast the two language models compute the same function
+    at the start (every reward exactly 0) and, once the policy moved, rewards close to float32's."""
+    import common
+    from reward import encode_group, score_groups
+    from tokenizer import Tokenizer
+    tok = Tokenizer()
+    groups = [encode_group(tok, {"messages": [{"role": "user", "content": q}], "responses": a}, 128)
+              for q, a in IMPLICIT_PAIRS]
+    bf16 = common.autocast(torch.device("cpu"), torch.bfloat16)
+    local = common.DistInfo()
+    zero = score_groups(_implicit_rm(moved=False), groups, 8, tok.pad_id, local, bf16)
+    assert all(r == 0.0 for g in zero for r in g)
+    rm = _implicit_rm(beta=0.3)
+    low = [r for g in score_groups(rm, groups, 8, tok.pad_id, local, bf16) for r in g]
+    full = [r for g in score_groups(rm, groups, 8, tok.pad_id, local, contextlib.nullcontext()) for r in g]
+    assert low != full                                              # bf16 really ran
+    scale = max(abs(x) for x in full)
+    assert max(abs(a - b) for a, b in zip(low, full)) < 0.1 * scale
