@@ -396,3 +396,30 @@ def test_lora_reference_is_the_base_only_adapters_train_and_resume_is_exact(tok,
     grpo.main(grpo_argv(d, tmp_path / "b", *flags, "--resume"))
     a, b = (torch.load(tmp_path / x / "final.pt", weights_only=True)["model"] for x in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_reward_of_an_implicit_reward_model_sums_the_answer_tokens(tok):
+    """--reward model with an implicit reward model (reward.py --implicit_beta): each answer's reward is
+    the normalised beta * sum over its tokens (stop token included, prompt and padding not) of
+    log pi_RM - log pi_ref, checked against PPO's answer log-prob code on the same rollout layout."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    config = LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=96)
+    rm = reward.RewardModel.from_llama(Llama(config), implicit_beta=0.4)
+    with torch.no_grad():
+        for p in rm.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rm.eval().set_stats(-0.5, 2.0)
+    prompts = [tok.render_prompt([{"role": "user", "content": q}]) for q in ("Who are you?", "3 + 4 = ?")]
+    responses = [tok.encode("I am nanollama.") + [tok.end_id], tok.encode("3 + 4 = 7, and more and more")]   # one cut
+    args = SimpleNamespace(rewards=[("model", 1.0)], missing_eos_penalty=0.0, max_new_tokens=64, overlong_buffer=0,
+                           overlong_penalty=0.0, format_penalty=0.0)
+    scorer = grpo.Scorer(args, tok, rm, "cpu", torch.autocast("cpu", enabled=False))
+    _, rewards, _, _ = scorer([{}, {}], prompts, responses)
+    idx, attn, mask, P = common.pad_rollout(prompts, responses, tok.pad_id, tok.stop_ids)
+    with torch.no_grad():
+        pol, _ = common.response_logprobs(rm.backbone, idx, attn, P, 1.0)
+        base, _ = common.response_logprobs(rm.reference, idx, attn, P, 1.0)
+    want = (0.4 * ((pol - base) * mask).sum(1) + 0.5) / 2.0
+    assert rewards.tolist() == pytest.approx(want.tolist(), abs=1e-5)
+    assert (want - 0.25).abs().min() > 1e-3   # not the zero reward of an unmoved model

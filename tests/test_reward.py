@@ -648,10 +648,10 @@ def test_implicit_reward_model_trains_saves_and_loads(lab_files, tmp_path):
     critic = rm.as_critic()
     assert critic.head is not None and torch.count_nonzero(critic.head.weight) == 0
     assert critic.backbone is rm.backbone and critic.backbone.output is None
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="implicit_beta 0.5, this run asks for 0.2"):
         reward.main(["--init_from", str(out / "final.pt"), "--data", str(root / "lab" / "prefs_train.jsonl"),
                      "--out_dir", str(tmp_path / "other"), "--max_steps", "1", "--implicit_beta", "0.2"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="lora_rank"):
         reward.main(["--init_from", str(root / "sft"), "--data", str(root / "lab" / "prefs_train.jsonl"),
                      "--out_dir", str(tmp_path / "lora"), "--max_steps", "1", "--implicit_beta", "0.2",
                      "--lora_rank", "4"])
@@ -676,3 +676,48 @@ def test_implicit_reward_in_bf16_autocast():
     assert low != full                                              # bf16 really ran
     scale = max(abs(x) for x in full)
     assert max(abs(a - b) for a, b in zip(low, full)) < 0.1 * scale
+
+
+def test_implicit_ddp_matches_one_process_and_resume_is_exact(lab_files, tmp_path):
+    """--implicit_beta under DDP: 2 ranks x 1 micro-batch take the same steps as 1 process x 2
+    accumulated micro-batches (the frozen reference gets no gradient and no all-reduce); a run resumed
+    from its step-3 checkpoint (policy, reference and optimizer) ends with the same weights, bit for bit;
+    --parallel fsdp is refused with a message."""
+    import common
+    import reward
+    root, _ = lab_files
+    lines = lambda name, n: (root / "lab" / name).read_text().splitlines()[:n]   # noqa: E731
+    (tmp_path / "train.jsonl").write_text("\n".join(lines("prefs_train.jsonl", 40) + lines("rank_train.jsonl", 8)) + "\n")
+    (tmp_path / "val.jsonl").write_text("\n".join(lines("prefs_val.jsonl", 12)) + "\n")
+
+    def argv(out, *extra):
+        return ["--init_from", str(root / "sft"), "--data", str(tmp_path / "train.jsonl"), "--val_data",
+                str(tmp_path / "val.jsonl"), "--out_dir", str(tmp_path / out), "--batch_size", "4", "--max_steps", "5",
+                "--lr", "3e-3", "--warmup_steps", "2", "--eval_interval", "2", "--log_interval", "1", "--seed", "3",
+                "--save_interval", "3", "--implicit_beta", "0.5", *extra]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reward.main(argv("one", "--grad_accum", "2"))
+        (tmp_path / "resumed").mkdir()
+        os.link(tmp_path / "one" / "step_0000003.pt", tmp_path / "resumed" / "step_0000003.pt")
+        reward.main(argv("resumed", "--grad_accum", "2", "--resume"))
+        ctx = torch.multiprocessing.get_context("fork")
+        queue = ctx.SimpleQueue()
+        runs = [argv("ddp", "--parallel", "ddp", "--save_interval", "0")]
+        torch.multiprocessing.start_processes(_dist_worker, args=(2, str(tmp_path / "store"), runs, queue),
+                                              nprocs=2, start_method="fork")
+        errors = [err for _, err in (queue.get() for _ in range(2)) if err]
+        with pytest.raises(SystemExit, match="implicit_beta.*fsdp"):
+            reward.main(argv("fsdp", "--parallel", "fsdp"))
+    finally:
+        torch.set_num_threads(threads)
+    assert not errors, "\n".join(errors)
+    final = lambda d: reward.load_reward_model(common.checkpoint_path(str(tmp_path / d), "final"))[0]   # noqa: E731
+    one, resumed, ddp = final("one").state_dict(), final("resumed").state_dict(), final("ddp").state_dict()
+    assert all(torch.equal(one[k], v) for k, v in resumed.items())
+    sft, _ = common.load_model(str(root / "sft"))
+    moved = max((one["backbone." + k] - v).abs().max().item() for k, v in sft.state_dict().items())
+    assert moved > 1e-3                                                    # it trained ...
+    assert all(torch.equal(one["reference." + k], v) for k, v in sft.state_dict().items())   # ... not the reference
+    assert max((one[k] - v).abs().max().item() for k, v in ddp.items()) < 1e-5
