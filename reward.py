@@ -770,6 +770,9 @@ def dry_run(args):
     """--dry_run: this script's FSDP step on fake tensors (common.fsdp_dry_run) for the model of
     --init_from (a preset name will do): batch_size prompt groups of a chosen and a rejected answer,
     both max_seq_len tokens long, scored in one forward (collate) under the Bradley-Terry loss."""
+    if args.implicit_beta > 0:   # FSDP is refused for it anyway (train)
+        common.fail("--dry_run models the scalar-head reward model under FSDP; --implicit_beta (a second, frozen "
+                    "copy of the model, one process or DDP) is not modelled")
     config = common.dry_run_config(args.init_from, kind=REWARD_KIND)
     T = args.max_seq_len or config.max_seq_len
     dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16   # GPU training: bf16 unless asked
