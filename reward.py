@@ -8,6 +8,7 @@ started from the SFT checkpoint, with a scalar head, trained on preference pairs
     torchrun --standalone --nproc_per_node=8 reward.py ... [--parallel fsdp]   # DDP by default
     python reward.py ... --resume        # continue exactly from the newest step_* checkpoint
     python reward.py ... --lora_rank 16  # LoRA on the backbone, the head in full; checkpoints: adapters + head
+    python reward.py ... --implicit_beta 0.3 --lr 5e-5   # an implicit reward model (no head; see below)
     python reward.py --eval_only --init_from runs/rm --val_data prefs_val.jsonl  # per kind, length bias
     python reward.py --score IN.jsonl --out OUT.jsonl --init_from runs/rm        # any conversation file
 
