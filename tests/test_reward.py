@@ -486,23 +486,21 @@ def _dist_worker(rank, world, store, runs, queue):
         dist.destroy_process_group()
 
 
-def test_ddp_fsdp_match_one_process_and_exact_resume(lab_files, tmp_path):
-    """Mixed pairs (K=2) and rankings (K=5) in the same batches. 2 ranks x 1 micro-batch (DDP, and
-    FSDP2) take the same steps as 1 process x 2 accumulated micro-batches; a run resumed from its
-    step-3 checkpoint ends with the same weights, bit for bit."""
-    import common
+def _one_resumed_and_distributed(root, tmp_path, extra, parallels):
+    """Mixed pairs (K=2) and rankings (K=5): a 5-step run in one process with 2 accumulated micro-batches
+    ("one", a resume checkpoint at step 3), the same run resumed from that checkpoint alone ("resumed"),
+    and 2-rank runs with each --parallel mode (named after it). Returns the ranks' errors."""
     import reward
-    root, _ = lab_files
     lines = lambda name, n: (root / "lab" / name).read_text().splitlines()[:n]   # noqa: E731
     train = lines("prefs_train.jsonl", 40) + lines("rank_train.jsonl", 8)   # pairs and K=5 rankings
     (tmp_path / "train.jsonl").write_text("\n".join(train) + "\n")
     (tmp_path / "val.jsonl").write_text("\n".join(lines("prefs_val.jsonl", 12)) + "\n")
 
-    def argv(out, *extra):
+    def argv(out, *more):
         return ["--init_from", str(root / "sft"), "--data", str(tmp_path / "train.jsonl"), "--val_data",
                 str(tmp_path / "val.jsonl"), "--out_dir", str(tmp_path / out), "--batch_size", "4", "--max_steps", "5",
                 "--lr", "3e-3", "--warmup_steps", "2", "--eval_interval", "2", "--log_interval", "1", "--seed", "3",
-                "--save_interval", "3", "--margin", "0.1", *extra]
+                "--save_interval", "3", *extra, *more]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -513,12 +511,22 @@ def test_ddp_fsdp_match_one_process_and_exact_resume(lab_files, tmp_path):
         reward.main(argv("resumed", "--grad_accum", "2", "--resume"))
         ctx = torch.multiprocessing.get_context("fork")
         queue = ctx.SimpleQueue()
-        runs = [argv(p, "--parallel", p, "--save_interval", "0") for p in ("ddp", "fsdp")]
+        runs = [argv(p, "--parallel", p, "--save_interval", "0") for p in parallels]
         torch.multiprocessing.start_processes(_dist_worker, args=(2, str(tmp_path / "store"), runs, queue),
                                               nprocs=2, start_method="fork")
-        errors = [err for _, err in (queue.get() for _ in range(2)) if err]
+        return [err for _, err in (queue.get() for _ in range(2)) if err]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_ddp_fsdp_match_one_process_and_exact_resume(lab_files, tmp_path):
+    """Mixed pairs (K=2) and rankings (K=5) in the same batches. 2 ranks x 1 micro-batch (DDP, and
+    FSDP2) take the same steps as 1 process x 2 accumulated micro-batches; a run resumed from its
+    step-3 checkpoint ends with the same weights, bit for bit."""
+    import common
+    import reward
+    root, _ = lab_files
+    errors = _one_resumed_and_distributed(root, tmp_path, ["--margin", "0.1"], ("ddp", "fsdp"))
     assert not errors, "\n".join(errors)
     final = lambda d: reward.load_reward_model(common.checkpoint_path(str(tmp_path / d), "final"))   # noqa: E731
     one, _ = final("one")
@@ -686,33 +694,11 @@ def test_implicit_ddp_matches_one_process_and_resume_is_exact(lab_files, tmp_pat
     import common
     import reward
     root, _ = lab_files
-    lines = lambda name, n: (root / "lab" / name).read_text().splitlines()[:n]   # noqa: E731
-    (tmp_path / "train.jsonl").write_text("\n".join(lines("prefs_train.jsonl", 40) + lines("rank_train.jsonl", 8)) + "\n")
-    (tmp_path / "val.jsonl").write_text("\n".join(lines("prefs_val.jsonl", 12)) + "\n")
-
-    def argv(out, *extra):
-        return ["--init_from", str(root / "sft"), "--data", str(tmp_path / "train.jsonl"), "--val_data",
-                str(tmp_path / "val.jsonl"), "--out_dir", str(tmp_path / out), "--batch_size", "4", "--max_steps", "5",
-                "--lr", "3e-3", "--warmup_steps", "2", "--eval_interval", "2", "--log_interval", "1", "--seed", "3",
-                "--save_interval", "3", "--implicit_beta", "0.5", *extra]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        reward.main(argv("one", "--grad_accum", "2"))
-        (tmp_path / "resumed").mkdir()
-        os.link(tmp_path / "one" / "step_0000003.pt", tmp_path / "resumed" / "step_0000003.pt")
-        reward.main(argv("resumed", "--grad_accum", "2", "--resume"))
-        ctx = torch.multiprocessing.get_context("fork")
-        queue = ctx.SimpleQueue()
-        runs = [argv("ddp", "--parallel", "ddp", "--save_interval", "0")]
-        torch.multiprocessing.start_processes(_dist_worker, args=(2, str(tmp_path / "store"), runs, queue),
-                                              nprocs=2, start_method="fork")
-        errors = [err for _, err in (queue.get() for _ in range(2)) if err]
-        with pytest.raises(SystemExit, match="implicit_beta.*fsdp"):
-            reward.main(argv("fsdp", "--parallel", "fsdp"))
-    finally:
-        torch.set_num_threads(threads)
+    errors = _one_resumed_and_distributed(root, tmp_path, ["--implicit_beta", "0.5"], ("ddp",))
     assert not errors, "\n".join(errors)
+    with pytest.raises(SystemExit, match="implicit_beta.*fsdp"):
+        reward.main(["--init_from", str(root / "sft"), "--data", str(tmp_path / "train.jsonl"), "--out_dir",
+                     str(tmp_path / "fsdp"), "--max_steps", "1", "--implicit_beta", "0.5", "--parallel", "fsdp"])
     final = lambda d: reward.load_reward_model(common.checkpoint_path(str(tmp_path / d), "final"))[0]   # noqa: E731
     one, resumed, ddp = final("one").state_dict(), final("resumed").state_dict(), final("ddp").state_dict()
     assert all(torch.equal(one[k], v) for k, v in resumed.items())
