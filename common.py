@@ -1813,6 +1813,15 @@ def kl_estimates(logp, logp_ref, kind):
     return out.to(logp.dtype)
 
 
+def sequence_logps(logits, labels):
+    """log pi(y|x) for every row (DPO's and the implicit reward model's): the sum over positions with labels != -100 of log softmax(logits)
+    at the label. logits (N, T, V), labels (N, T) -> (N,). cross_entropy with ignore_index gives
+    exactly 0 at ignored positions, so prompt logits and padding (whatever they hold) never count,
+    and no (N, T, V) log-softmax tensor is kept around."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    return -nll.view(labels.shape).sum(-1)
+
+
 def pad_rollout(prompts, responses, pad_id, stop_ids):
     """Prompts LEFT-padded to a common length P (so every answer starts in column P, as in
     model.generate), answers RIGHT-padded after their stop token. Returns idx (B, P + R),

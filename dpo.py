@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 import chat
 import common
-from common import print0
+from common import print0, sequence_logps   # noqa: F401  (dpo.sequence_logps: the summed response log-probs)
 from lora import lora_disabled
 from data import lab
 from model import Llama
@@ -227,15 +227,6 @@ def collate(groups, pad_id):
         # position t predicts ids[t+1]; the response is the last n ids, predicted at positions L-1-n .. L-2
         labels[i, len(ids) - 1 - n:len(ids) - 1] = ids[len(ids) - n:]
     return x, labels, [len(g["ids"]) for g in groups]
-
-
-def sequence_logps(logits, labels):
-    """log pi(y|x) for every row: the sum over positions with labels != -100 of log softmax(logits)
-    at the label. logits (N, T, V), labels (N, T) -> (N,). cross_entropy with ignore_index gives
-    exactly 0 at ignored positions, so prompt logits and padding (whatever they hold) never count,
-    and no (N, T, V) log-softmax tensor is kept around."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-    return -nll.view(labels.shape).sum(-1)
 
 
 def pair_index(sizes, device=None):

@@ -278,12 +278,12 @@ class RewardModel(nn.Module):
             raise ValueError("an implicit reward model has no value head: start a critic with as_critic()")
         if response_mask is None:
             raise ValueError("an implicit reward model needs response_mask (1 on the answer's tokens)")
-        targets = idx[:, 1:]
-        logp = token_logps(self.backbone, idx, attention_mask, targets)
+        # labels: token t + 1 where it is an answer token, else -100 (common.sequence_logps skips those)
+        labels = torch.where(response_mask[:, 1:].bool(), idx[:, 1:], torch.full_like(idx[:, 1:], -100))
+        logits = self.backbone(idx, attention_mask=attention_mask)[0][:, :-1]
         with torch.no_grad():
-            logp_ref = token_logps(self.reference, idx, attention_mask, targets)
-        answer = response_mask[:, 1:].to(logp.dtype)          # the logits at t - 1 predict token t
-        return self.implicit_beta * ((logp - logp_ref) * answer).sum(-1)
+            logits_ref = self.reference(idx, attention_mask=attention_mask)[0][:, :-1]
+        return self.implicit_beta * (common.sequence_logps(logits, labels) - common.sequence_logps(logits_ref, labels))
 
     def values(self, idx, attention_mask=None):
         """Per-token scalar values (B, T): what a critic initialised from this model predicts."""
@@ -306,14 +306,6 @@ class RewardModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def token_logps(llama: Llama, idx, attention_mask, targets):
-    """log p(targets[:, t] | idx[:, :t + 1]) (B, T - 1) in float32, by cross_entropy (no (B, T, V)
-    log-softmax kept around)."""
-    logits, _ = llama(idx, attention_mask=attention_mask)
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="none")
-    return -nll.view(targets.shape)
 
 
 REWARD_KIND = "reward_model"   # the "kind" key our reward checkpoints carry (LM checkpoints have none)

@@ -604,7 +604,7 @@ def test_implicit_reward_ignores_the_prompt_log_ratio():
     the reward moves only through the answer's own tokens' log-ratios, i.e. it equals the sum over
     the response mask computed by hand from both models' per-token log-probs."""
     import common
-    from reward import encode_group, response_mask, score_groups, token_logps
+    from reward import encode_group, response_mask, score_groups
     from tokenizer import Tokenizer
     tok = Tokenizer()
     g = encode_group(tok, {"messages": [{"role": "user", "content": "What is 3 + 4? Answer in one sentence."}],
@@ -614,7 +614,9 @@ def test_implicit_reward_ignores_the_prompt_log_ratio():
     resp = response_mask([g], idx.size(1))
     assert resp.sum(1).tolist() == g["resp_len"]
     with torch.no_grad():
-        d = token_logps(rm.backbone, idx, mask, idx[:, 1:]) - token_logps(rm.reference, idx, mask, idx[:, 1:])
+        per_token = lambda m: torch.log_softmax(m(idx, attention_mask=mask)[0][:, :-1], -1).gather(   # noqa: E731
+            -1, idx[:, 1:, None])[..., 0]                      # log p(token t+1), by hand
+        d = per_token(rm.backbone) - per_token(rm.reference)
     whole = 0.5 * d.sum(1)                                    # prompt included: what the reward must NOT be
     answer = 0.5 * (d * resp[:, 1:]).sum(1)
     got = score_groups(rm, [g], 8, tok.pad_id, common.DistInfo(), contextlib.nullcontext())[0]
