@@ -48,19 +48,11 @@ def load_chat_model(path, device="cpu", tokenizer=None):
     tokenizer: a Tokenizer or a .model path; None uses the one the checkpoint names (our runs
     record it), else the HF dir's tokenizer.model, else the shipped default."""
     model, meta = common.load_model(path, device=device)
-    info = meta.get("tokenizer") or {}  # {"path", "sha256"} recorded by the training stage
-    if tokenizer is None and info.get("path") and os.path.isfile(info["path"]):
-        tokenizer = info["path"]
-    if tokenizer is None and info.get("path"):
-        print(f"warning: the checkpoint's tokenizer {info['path']} is gone; using the shipped default "
-              "(pass --tokenizer)", file=sys.stderr)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary is "
-                         f"{model.config.vocab_size}: they do not belong together")
-    if info.get("sha256") and info["sha256"] != tok.sha256:
-        raise ValueError(f"{meta['path']} was trained with tokenizer sha256 {info['sha256'][:16]}..., but {tok.path} "
-                         f"has sha256 {tok.sha256[:16]}...: its answers would be nonsense")
+    # the tokenizer it was trained with (recorded by the stage): another sha256 or vocabulary is refused
+    if isinstance(tokenizer, Tokenizer):
+        tok = common.check_tokenizer(meta, tokenizer)
+    else:
+        tok = common.checkpoint_tokenizer(meta, tokenizer)
     model.eval()
     return model, tok
 

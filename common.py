@@ -1234,6 +1234,37 @@ def load_start_model(args, info: DistInfo, dtype: torch.dtype, wrap):
     return setup_lora(model, args, meta["path"], dtype), meta, False
 
 
+def checkpoint_tokenizer(meta: dict, path: str = None):
+    """The tokenizer a checkpoint was trained with (meta["tokenizer"], which every stage records).
+    `path` (--tokenizer) overrides the recorded file; a recorded file that is gone falls back to the
+    shipped default with a warning. Either way a file whose sha256 differs from the recorded one is
+    refused (the ids would mean other strings), as is a vocabulary larger than the model's: ValueError
+    naming both."""
+    from tokenizer import Tokenizer
+    recorded = meta.get("tokenizer") or {}
+    if path is None and recorded.get("path"):
+        if os.path.isfile(recorded["path"]):
+            path = recorded["path"]
+        else:
+            print(f"warning: the checkpoint's tokenizer {recorded['path']} is gone; trying the shipped default "
+                  "(pass --tokenizer)", file=sys.stderr)
+    return check_tokenizer(meta, Tokenizer(path))
+
+
+def check_tokenizer(meta: dict, tok):
+    """tok, if it is the tokenizer the checkpoint `meta` records (same sha256) and fits the model's
+    vocabulary; else ValueError naming both."""
+    recorded = meta.get("tokenizer") or {}
+    if recorded.get("sha256") and recorded["sha256"] != tok.sha256:
+        raise ValueError(f"{meta.get('path', 'the checkpoint')} was trained with tokenizer {recorded.get('path')} "
+                         f"(sha256 {recorded['sha256'][:12]}), but {tok.path} has sha256 {tok.sha256[:12]}")
+    vocab = meta["model_config"]["vocab_size"]
+    if tok.vocab_size > vocab:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens, but the vocabulary of "
+                         f"{meta.get('path', 'the model')} is {vocab}: they do not belong together")
+    return tok
+
+
 def _hf_meta(path: str, config: LlamaConfig) -> dict:
     tok = os.path.join(path, "tokenizer.model")
     return {"format": "hf", "model_config": config.to_dict(), "step": 0, "config": {}, "metrics": {},

@@ -387,8 +387,10 @@ def reward_model(path, tok, device, sharded=None):
     it would read the policy's token ids as other strings. sharded (FSDP): (info, dtype, shard_size)."""
     rm, meta = common.load_frozen_sharded(path, *sharded, RewardModel, REWARD_KIND, load_reward_model) if sharded \
         else load_reward_model(path, device)
-    if (meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
-        common.fail(f"the reward model {meta['path']} was trained with another tokenizer than the policy ({tok.path})")
+    try:   # another tokenizer would read the policy's token ids as other strings
+        common.check_tokenizer(meta, tok)
+    except ValueError as e:
+        common.fail(f"reward model: {e}")
     return rm
 
 

@@ -489,8 +489,10 @@ def train(args, info):
     rm = None
     if args.reward_model and any(n == "model" for n, _ in args.rewards):
         rm, rm_meta = load_frozen_reward_model(args.reward_model, args, info, dtype)
-        if (rm_meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
-            common.fail(f"the reward model ({rm_meta['path']}) was trained with another tokenizer than the policy")
+        try:   # another tokenizer would read the policy's token ids as other strings
+            common.check_tokenizer(rm_meta, tok)
+        except ValueError as e:
+            common.fail(f"reward model: {e}")
     if actor.config.dropout > 0:
         print0("note: dropout is off for GRPO (eval mode): rollout and training must see the same network")
     actor.eval()

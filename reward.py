@@ -305,7 +305,8 @@ class RewardModel(nn.Module):
         return self.backbone.layers
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters of the scoring model itself; an implicit model's frozen reference copy is not counted."""
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("reference."))
 
 
 REWARD_KIND = "reward_model"   # the "kind" key our reward checkpoints carry (LM checkpoints have none)
@@ -646,20 +647,12 @@ def evaluate(model, groups, args, pad_id, info, ctx):
 
 
 def tokenizer_for(meta, args):
-    """The tokenizer the model was trained with (recorded in its checkpoint); --tokenizer overrides,
-    but a different file (sha256) is refused: the ids would mean other strings."""
-    from tokenizer import Tokenizer
-    recorded = meta.get("tokenizer") or {}
+    """common.checkpoint_tokenizer (--tokenizer overrides; another sha256 or a too-large vocabulary is
+    refused) as a one-line error."""
     try:
-        tok = Tokenizer(args.tokenizer or recorded.get("path"))
-    except (FileNotFoundError, OSError, ValueError) as e:
+        return common.checkpoint_tokenizer(meta, args.tokenizer)
+    except (OSError, ValueError) as e:
         common.fail(f"tokenizer: {e}")
-    if recorded.get("sha256") and recorded["sha256"] != tok.sha256:
-        common.fail(f"{meta['path']} was trained with tokenizer {recorded.get('path')} (sha256 "
-                    f"{recorded['sha256'][:12]}), but {tok.path} has sha256 {tok.sha256[:12]}")
-    if tok.vocab_size > meta["model_config"]["vocab_size"]:
-        common.fail(f"tokenizer has {tok.vocab_size} tokens, the model only {meta['model_config']['vocab_size']}")
-    return tok
 
 
 def score_file(args, info, ctx):

@@ -527,8 +527,10 @@ def train(args, info):
         critic = load_reward_model(critic_path)[0].as_critic()   # (an implicit reward model: a zero head on it)
         # LoRA: the critic (its own model, started from the reward model) trains adapters and its head
         critic = common.setup_lora(critic, args, critic_path, dtype)
-    if (rm_meta.get("tokenizer") or {}).get("sha256") not in (None, tok.sha256):
-        common.fail(f"the reward model ({rm_meta['path']}) was trained with another tokenizer than the actor")
+    try:   # another tokenizer would read the actor's token ids as other strings
+        common.check_tokenizer(rm_meta, tok)
+    except ValueError as e:
+        common.fail(f"reward model: {e}")
     if actor.config.dropout > 0 or critic.config.dropout > 0:
         print0("note: dropout is switched off for PPO (actor and critic stay in eval mode): with dropout the "
                "rollout and the training forward would see different networks and the ratio would not start at 1")

@@ -363,19 +363,10 @@ def train(args, info):
         return common.wrap_model(m, info, args.parallel, dtype, args.compile, args.activation_checkpointing,
                                  args.fsdp_skip_accum_sync, shard_size=args.fsdp_shard_size)
     model, meta, sharded = common.load_start_model(args, info, dtype, wrap)
-    tok_info = meta.get("tokenizer") or {}
-    tok_path = args.tokenizer or (tok_info.get("path") if os.path.isfile(tok_info.get("path") or "") else None)
-    try:
-        tok = Tokenizer(tok_path)
-    except (FileNotFoundError, ValueError) as e:
+    try:   # the one it was trained with (--tokenizer overrides; another sha256 is refused)
+        tok = common.checkpoint_tokenizer(meta, args.tokenizer)
+    except (OSError, ValueError) as e:
         common.fail(f"tokenizer: {e}")
-    if tok_info.get("sha256") and tok_info["sha256"] != tok.sha256:
-        common.fail(f"{meta['path']} was trained with tokenizer {tok_info.get('path')} (sha256 "
-                    f"{tok_info['sha256'][:16]}...), but the tokenizer here is {tok.path} "
-                    f"(sha256 {tok.sha256[:16]}...)")
-    if tok.vocab_size > model.config.vocab_size:
-        common.fail(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
-                    f"({tok.vocab_size})")
     seq_len = args.seq_len or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
         common.fail(f"--seq_len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")

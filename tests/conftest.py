@@ -26,6 +26,18 @@ def tok():
     return Tokenizer()
 
 
+@pytest.fixture(scope="session")
+def other_tok_path(tmp_path_factory):
+    """A tiny sentencepiece model that is not the shipped one (another sha256, vocabulary ~60): what a
+    stage must refuse for a checkpoint trained with the shipped tokenizer."""
+    import sentencepiece as spm
+    d = tmp_path_factory.mktemp("other_tok")
+    text = [f"the quick brown fox jumps over the lazy dog {i}" for i in range(200)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(d / "t"), vocab_size=64,
+                                   hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return str(d / "t.model")
+
+
 @pytest.fixture
 def one_thread():
     """Single-threaded torch for one test: exact comparisons with subprocess runs (which get

@@ -258,6 +258,33 @@ def test_load_model_refuses_a_reward_checkpoint_by_name(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), rm.state_dict().values()))
 
 
+def test_checkpoint_tokenizer_is_the_recorded_one_or_refused(tmp_path, tok, other_tok_path, capsys):
+    """The tokenizer a checkpoint records comes back; another file (--tokenizer) or a vocabulary larger
+    than the model's is refused with a message naming both; a recorded file that is gone falls back to
+    the shipped default with a warning, and is still checked by sha256."""
+    from tokenizer import Tokenizer
+    meta = {"path": "run/final.pt", "model_config": {"vocab_size": tok.vocab_size},
+            "tokenizer": {"path": tok.path, "sha256": tok.sha256}}
+    assert common.checkpoint_tokenizer(meta).sha256 == tok.sha256
+    other = Tokenizer(other_tok_path)
+    with pytest.raises(ValueError) as e:
+        common.checkpoint_tokenizer(meta, other_tok_path)
+    assert all(s in str(e.value) for s in ("run/final.pt", tok.path, tok.sha256[:12], other.path, other.sha256[:12]))
+    with pytest.raises(ValueError, match="run/final.pt was trained with tokenizer"):
+        common.check_tokenizer(meta, other)            # an already-loaded tokenizer: the same check
+    small = {**meta, "model_config": {"vocab_size": 100}}
+    with pytest.raises(ValueError, match=f"{tok.vocab_size} tokens, but the vocabulary of run/final.pt is 100"):
+        common.checkpoint_tokenizer(small)
+    gone = {**meta, "tokenizer": {"path": str(tmp_path / "moved.model"), "sha256": tok.sha256}}
+    assert common.checkpoint_tokenizer(gone).sha256 == tok.sha256   # the shipped default is that same file
+    assert "moved.model is gone" in capsys.readouterr().err
+    gone_other = {**meta, "tokenizer": {"path": str(tmp_path / "moved.model"), "sha256": other.sha256}}
+    with pytest.raises(ValueError, match="was trained with tokenizer"):
+        common.checkpoint_tokenizer(gone_other)        # the default is not the file it was trained with
+    # no record (a HuggingFace dir without tokenizer.model): the given file or the default, unchecked
+    assert common.checkpoint_tokenizer({"model_config": {"vocab_size": 64}}, other_tok_path).sha256 == other.sha256
+
+
 def test_jsonl_logger(tmp_path):
     log = common.JsonlLogger(str(tmp_path / "log.jsonl"))
     log.log(step=1, loss=torch.tensor(2.5), lr=1e-3)

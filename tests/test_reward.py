@@ -597,6 +597,8 @@ def test_implicit_reward_equals_dpo_implicit_reward(side):
         rm(idx, mask)
     with pytest.raises(ValueError, match="value head"):
         rm(idx, mask, per_token=True)
+    # the frozen reference is a copy, not part of the model's size: the count is the backbone's (LM head kept)
+    assert rm.num_params() == rm.backbone.num_params() == sum(p.numel() for p in rm.parameters()) // 2
 
 
 def test_implicit_reward_ignores_the_prompt_log_ratio():

@@ -348,7 +348,7 @@ def test_sft_beats_its_pretrained_start_on_lab_questions(tmp_path, one_thread):
     assert evals[-1] <= evals[0] - 1.0
 
 
-def test_bad_input_clear_errors_nothing_written(tmp_path, tiny_init, capsys, one_thread):
+def test_bad_input_clear_errors_nothing_written(tmp_path, tiny_init, capsys, one_thread, other_tok_path):
     # malformed and invalid records are skipped and reported with file:line; training goes on
     lines = (tmp_path / "sft_train.jsonl").read_text(encoding="utf-8").splitlines()
     bad = lines[:40] + ["{not json", json.dumps({"messages": [{"role": "assistant", "content": "no user turn"}]})]
@@ -362,6 +362,11 @@ def test_bad_input_clear_errors_nothing_written(tmp_path, tiny_init, capsys, one
     argv = sft_argv(tmp_path, tiny_init, tmp_path / "run", "--max_steps", "1")
     argv[argv.index("--data") + 1] = str(tmp_path / "missing.jsonl")
     with pytest.raises(SystemExit, match="missing.jsonl"):
+        sft.main(argv)
+    assert not (tmp_path / "run").exists()
+    # another tokenizer than the checkpoint's: refused, naming both files, before anything is written
+    argv = sft_argv(tmp_path, tiny_init, tmp_path / "run", "--max_steps", "1", "--tokenizer", other_tok_path)
+    with pytest.raises(SystemExit, match=r"tokenizer: .*init.*was trained with tokenizer .*lab\.model.* but .*t\.model"):
         sft.main(argv)
     assert not (tmp_path / "run").exists()
     # an earlier run is never overwritten without --resume
