@@ -884,6 +884,7 @@ def collect(run_dir, statuses=None):
     rv = last(logs["reward"], "eval")
     rep["reward"] = {"accuracy": rv.get("accuracy"), "pairs": rv.get("pairs"), "loss": rv.get("loss"),
                      "per_kind": {k: v["accuracy"] for k, v in (rv.get("per_kind") or {}).items()},
+                     "per_kind_n": {k: v.get("n") for k, v in (rv.get("per_kind") or {}).items()},
                      "length_corr": (rv.get("length") or {}).get("corr"),
                      "longer_wins_model": (rv.get("length") or {}).get("longer_wins_model"),
                      "longer_wins_label": (rv.get("length") or {}).get("longer_wins_label"),
@@ -1180,6 +1181,14 @@ def acc_ci(m, key="accuracy", prefix=""):
     return f"{text} (95% CI {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%, n={n})" if ci and n else text
 
 
+def pairs_ci(acc, n):
+    """ "94.2% (95% CI 91.5–96.1%, n=400)" for an accuracy over n pairs (Wilson), plain "94.2%" without n."""
+    if acc is None or not n:
+        return fmt(acc, "%")
+    lo, hi = wilson(round(acc * n), n)
+    return f"{100 * acc:.1f}% (95% CI {100 * lo:.1f}–{100 * hi:.1f}%, n={n})"
+
+
 def gain_ci(m):
     """ "+4.2 points (95% CI +1.2 to +7.1, paired bootstrap)" over SFT."""
     g = m.get("gain_vs_sft")
@@ -1208,20 +1217,28 @@ def card_lines(rep, plain=False):
         lines.append(("SFT", f"lab accuracy {fmt(s['accuracy_before'], '%')} (base) → {B(acc_ci(s))}; "
                              f"val loss {fmt(s['val_loss'])}; mean RM reward {fmt(s['mean_reward'], '+')}"))
     if r.get("accuracy") is not None:
-        lines.append(("reward model", f"{rm_name(r)}: pairwise accuracy {B(fmt(r['accuracy'], '%'))} (chance 50%); "
-                      "by rejected kind: "
-                      + ", ".join(f"{k} {fmt(v, '%')}" for k, v in r["per_kind"].items())
+        lines.append(("reward model", f"{rm_name(r)}: pairwise accuracy {B(pairs_ci(r['accuracy'], r.get('pairs')))} "
+                      "(chance 50%); by rejected kind: "
+                      + ", ".join(f"{k} {pairs_ci(v, r.get('per_kind_n', {}).get(k))}" for k, v in r["per_kind"].items())
                       + f"; corr(reward, length) {fmt(r['length_corr'], '+')}"))
     im = r.get("dpo_implicit") or {}
     if im.get("accuracy") is not None:
+        same = im.get("pairs") == r.get("pairs")   # the same held-out pairs: the same n per kind
         lines.append(("DPO as RM", f"the same pairs ranked by DPO's implicit reward β·log(π_DPO/π_SFT): "
-                      f"{B(fmt(im['accuracy'], '%'))}; by rejected kind: "
-                      + ", ".join(f"{k} {fmt(v, '%')}" for k, v in im["per_kind"].items())
+                      f"{B(pairs_ci(im['accuracy'], im.get('pairs')))}; by rejected kind: "
+                      + ", ".join(f"{k} {pairs_ci(v, r.get('per_kind_n', {}).get(k) if same else None)}"
+                                  for k, v in im["per_kind"].items())
                       + (f"; SFT's own log-probs put the chosen answer first in {fmt(im['sft_logp_accuracy'], '%')}"
                          if im.get("sft_logp_accuracy") is not None else "")))
     def wlt(m):   # the reward model's verdicts behind a win rate: answers better / worse / the same
         w, l, t = m.get("reward_wins_losses_ties") or (None,) * 3
-        return "" if w is None else f" ({w} better, {l} worse, {t} tied)"
+        if w is None:
+            return ""
+        # a 95% interval of the mean of per-question scores 1 / 0.5 / 0 (normal approximation, n ~ 500)
+        n = w + l + t
+        wr = (w + 0.5 * t) / n
+        half = 1.96 * math.sqrt(max((w + 0.25 * t) / n - wr * wr, 0.0) / n)
+        return f" (95% CI {wr - half:.3f}–{wr + half:.3f}, n={n}: {w} better, {l} worse, {t} tied)"
 
     for name, label in (("dpo", "DPO"), ("ppo", "PPO"), ("grpo", "GRPO")):
         m = rep.get(name)

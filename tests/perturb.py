@@ -194,9 +194,44 @@ def summarize_spread(out):
                       "max": round(max(v), 4), "runs": [round(x, 4) for x in v], **({"ratio": ratio} if ratio else {})}
         print(f"| `{k}` | {mean:.4f} | {spread:.4f} | {min(v):.4f} .. {max(v):.4f} | "
               + (f"{ratio:.1f}" if ratio is not None else "") + " |")
-    run_lab.atomic_write(os.path.join(out, "spread.json"), json.dumps({"runs": list(cards), "values": summary}, indent=1) + "\n")
+    pooled = pooled_gains(out, list(cards))
+    run_lab.atomic_write(os.path.join(out, "spread.json"),
+                         json.dumps({"runs": list(cards), "values": summary, "pooled": pooled}, indent=1) + "\n")
     print(f"\nwritten to {os.path.join(out, 'spread.json')}")
     return 0
+
+
+def pooled_gains(out, names, pairs=(("grpo", "ppo"), ("grpo", "sft"), ("ppo", "sft"), ("dpo", "sft"))):
+    """Per question kind, each gain pooled over the runs: every run's held-out questions in one paired
+    bootstrap (eval/eval.json's per-question grades). One run's 86 sums give an interval of +-10 points;
+    a difference that holds on average over training noise (seeds, float orders) shows up here. Runs with
+    identical answers (a cell that did not change the float order) count twice: leave one out."""
+    grades = {}   # (a, b, kind) -> ([a's grades], [b's grades]) over every run
+    for name in names:
+        path = os.path.join(out, name, "eval", "eval.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            ev = json.load(f)
+        for a, b in pairs:
+            if a not in ev["models"] or b not in ev["models"]:
+                continue
+            for i, kind in enumerate(ev["kinds"]):
+                for key in (kind, "all"):
+                    ga, gb = grades.setdefault((a, b, key), ([], []))
+                    ga.append(ev["models"][a]["oks"][i])
+                    gb.append(ev["models"][b]["oks"][i])
+    rows = []
+    for (a, b, kind), (ga, gb) in sorted(grades.items()):
+        gain, lo, hi = run_lab.paired_bootstrap(ga, gb)
+        rows.append({"a": a, "b": b, "kind": kind, "n": len(ga), "gain": round(gain, 4), "ci": [round(lo, 4), round(hi, 4)]})
+    if rows:
+        print(f"\nGains per kind, pooled over {len(names)} runs (paired bootstrap over every run's questions):\n")
+        print("| gain | kind | n | points | 95% CI |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['a']} − {r['b']} | {r['kind']} | {r['n']} | {100 * r['gain']:+.1f} | "
+                  f"{100 * r['ci'][0]:+.1f} .. {100 * r['ci'][1]:+.1f} |")
+    return rows
 
 
 def main(argv=None):

@@ -14,6 +14,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +133,18 @@ def test_report_is_readable_and_consistent(lab):
         wins, losses, ties = rep[name]["reward_wins_losses_ties"]
         assert wins + losses + ties == len(ev["models"][name]["oks"])
         assert (wins + ties / 2) / (wins + losses + ties) == pytest.approx(rep[name]["win_rate_reward"])
-        assert f"({wins} better, {losses} worse, {ties} tied)" in md
+        # its 95% interval: the mean of per-question scores 1 / 0.5 / 0 +- 1.96 standard errors
+        scores = np.array([1.0] * wins + [0.5] * ties + [0.0] * losses)
+        half = 1.96 * scores.std() / np.sqrt(scores.size)
+        assert (f"(95% CI {scores.mean() - half:.3f}–{scores.mean() + half:.3f}, n={scores.size}: "
+                f"{wins} better, {losses} worse, {ties} tied)") in md
+    # the reward model's pairwise accuracy, overall and per rejected kind, with its n and Wilson interval
+    rv = rep["reward"]
+    assert sum(rv["per_kind_n"].values()) == rv["pairs"] == reward_eval["pairs"]
+    lo, hi = run_lab.wilson(round(rv["accuracy"] * rv["pairs"]), rv["pairs"])
+    assert f"{100 * rv['accuracy']:.1f}% (95% CI {100 * lo:.1f}–{100 * hi:.1f}%, n={rv['pairs']})" in md
+    for k, n in rv["per_kind_n"].items():
+        assert f"{k} {100 * rv['per_kind'][k]:.1f}% (95% CI " in md and n > 0
 
 
 def test_golden_values(lab):
