@@ -375,3 +375,37 @@ def test_scheduler_failure_shows_the_log(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         run_lab.run_pipeline(run_lab.get_args(["--out_dir", str(out), "--jobs", "2"]))
     assert "the reason it broke" in str(e.value) and "stage bad failed (exit 3)" in str(e.value)
+
+
+def test_spread_summary_and_pooled_gains(tmp_path, capsys):
+    """tests/perturb.py spread --summarize: mean and spread of every card value over the runs, each
+    stage's gain over SFT with its ratio to its spread, and each gain per question kind pooled over the
+    runs' questions (the gain is the mean grade difference; its interval comes from one paired bootstrap)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import perturb
+    rng = np.random.default_rng(0)
+    kinds = ["fact"] * 30 + ["arith"] * 20
+    runs = {}
+    for r, (sft_acc, grpo_acc, ppo_acc) in enumerate([(0.60, 0.80, 0.70), (0.70, 0.85, 0.80), (0.65, 0.90, 0.70)]):
+        oks = {m: (rng.random(len(kinds)) < p).astype(int).tolist()
+               for m, p in (("sft", sft_acc), ("grpo", grpo_acc), ("ppo", ppo_acc), ("dpo", ppo_acc))}
+        run = tmp_path / f"run{r}"
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "eval.json").write_text(json.dumps({"kinds": kinds, "models": {m: {"oks": o} for m, o in oks.items()}}))
+        card = {f"{m}.accuracy": sum(o) / len(o) for m, o in oks.items()}
+        (run / "report.json").write_text(json.dumps({"card": card}))
+        runs[f"run{r}"] = oks
+    assert perturb.summarize_spread(str(tmp_path)) == 0
+    summary = json.loads((tmp_path / "spread.json").read_text())
+    gains = [sum(o["grpo"]) / 50 - sum(o["sft"]) / 50 for o in runs.values()]
+    g = summary["values"]["grpo.gain_over_sft"]
+    assert g["mean"] == pytest.approx(sum(gains) / 3, abs=1e-4) and g["spread"] == pytest.approx(max(gains) - min(gains), abs=1e-4)
+    pooled = {(r["a"], r["b"], r["kind"]): r for r in summary["pooled"]}
+    for kind, pick in (("arith", lambda k: k == "arith"), ("all", lambda k: True)):
+        a = [x for o in runs.values() for x, k in zip(o["grpo"], kinds) if pick(k)]
+        b = [x for o in runs.values() for x, k in zip(o["ppo"], kinds) if pick(k)]
+        row = pooled[("grpo", "ppo", kind)]
+        assert row["n"] == len(a) and row["gain"] == pytest.approx((sum(a) - sum(b)) / len(a), abs=1e-4)
+        gain, lo, hi = run_lab.paired_bootstrap(a, b)
+        assert row["ci"] == pytest.approx([lo, hi], abs=1e-4) and lo < row["gain"] < hi
+    assert "| grpo − ppo | arith | 60 |" in capsys.readouterr().out
