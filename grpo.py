@@ -75,7 +75,7 @@ import torch.distributed as dist
 
 import chat
 import common
-from common import (check_kl_at_start, check_ratio, ended, frozen, kl_estimates, kl_to_model,  # RL helpers
+from common import (check_kl_at_start, check_ratio, ended, kl_estimates, kl_to_model,  # RL helpers
                     load_prompts, masked_mean, pad_rollout, print0, response_logprobs, weights_in_sync)
 from data import lab
 from data.formats import parse_weighted

@@ -58,7 +58,6 @@ from data.formats import read_conversations
 from data.prepare import load_tokens
 from data.sft_prepare import FORMAT as SFT_MEMMAP_FORMAT, SFTDataset
 from model import Llama
-from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # Config

@@ -37,14 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-    """A tiny sentencepiece model (vocab ~60): the tests only need its vocab size and sha256."""
-    import sentencepiece as spm
-    d = tmp_path_factory.mktemp("tok")
-    text = [f"the quick brown fox jumps over the lazy dog {i}" for i in range(200)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(d / "t"), vocab_size=64,
-                                   hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    return str(d / "t.model")
+def tok_path(other_tok_path):
+    """A tiny sentencepiece model (vocab ~60, tests/conftest.py): the tests only need its vocab size and sha256."""
+    return other_tok_path
 
 
 def make_dataset(d, tok_path, train, val, **meta_overrides):
