@@ -216,6 +216,12 @@ def head_to_head(answers_a, answers_b, records, reward_fn=None, check_fn=None, e
         convs = [r["messages"] for r in records]
         ra, rb = ([float(x) for x in reward_fn(convs, ans, **({} if e is None else {"ended": e}))]
                   for ans, e in ((answers_a, ended_a), (answers_b, ended_b)))
+        # The same answer is a tie by definition. Scored in other batches (other padding, other float
+        # order) its two scores can differ in the last digits, and an exact comparison would then
+        # hand out wins and losses at random (13-27 of ~380 identical answers per model in the lab).
+        same = [x == y and (ended_a is None or ended_b is None or ended_a[i] == ended_b[i])
+                for i, (x, y) in enumerate(zip(answers_a, answers_b))]
+        rb = [x if s else y for x, y, s in zip(ra, rb, same)]
         out["reward"] = {**win_rate(ra, rb), "mean_a": sum(ra) / len(ra), "mean_b": sum(rb) / len(rb)}
     return out
 

@@ -633,6 +633,15 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
 
     out = {"n_eval_qa": len(qa), "n_probes": len(probes), "max_new_tokens": max_new_tokens, "models": {},
            "kinds": [r["kind"] for r in qa]}
+    # A hole a policy could find: does the reward model pay more for saying nothing than for the right
+    # answer? (An implicit reward model trained to reject rambling learns that ending early pays.)
+    with_reference = [i for i, r in enumerate(qa) if r.get("reference")]
+    if with_reference:
+        conv_ref = [convs[i] for i in with_reference]
+        r_ref = reward_fn(conv_ref, [qa[i]["reference"] for i in with_reference])
+        r_empty = reward_fn(conv_ref, [""] * len(conv_ref))
+        out["empty_answer"] = {"n": len(conv_ref), "beats_reference": sum(e > r for e, r in zip(r_empty, r_ref)),
+                               "mean_reward": sum(r_empty) / len(r_empty), "mean_reward_reference": sum(r_ref) / len(r_ref)}
     answers, ended, base_show, show = {}, {}, {}, [i for i, r in enumerate(qa) if r.get("showcase")]
     for name, path in paths.items():
         model, _ = chat.load_chat_model(path, device, tok)
@@ -890,7 +899,8 @@ def collect(run_dir, statuses=None):
                      "longer_wins_label": (rv.get("length") or {}).get("longer_wins_label"),
                      "ece": rv.get("ece"), "chosen_mean": rv.get("chosen_mean"), "rejected_mean": rv.get("rejected_mean"),
                      "calibration": rv.get("calibration"), "steps": last(logs["reward"], None, "loss").get("step"),
-                     "implicit_beta": (load_json(d("reward", "config.json")) or {}).get("implicit_beta") or 0.0}
+                     "implicit_beta": (load_json(d("reward", "config.json")) or {}).get("implicit_beta") or 0.0,
+                     "empty_answer": ev.get("empty_answer")}
     # The same held-out pairs ranked by DPO's implicit reward beta * log(pi_DPO / pi_SFT) (Rafailov et al. 2023,
     # "Your language model is secretly a reward model"), and by the SFT model's own log-probs: where the scalar
     # head is blind (wrong facts), the log-probs are not -- the knowledge is in the model, the head cannot read it.
@@ -1220,7 +1230,9 @@ def card_lines(rep, plain=False):
         lines.append(("reward model", f"{rm_name(r)}: pairwise accuracy {B(pairs_ci(r['accuracy'], r.get('pairs')))} "
                       "(chance 50%); by rejected kind: "
                       + ", ".join(f"{k} {pairs_ci(v, r.get('per_kind_n', {}).get(k))}" for k, v in r["per_kind"].items())
-                      + f"; corr(reward, length) {fmt(r['length_corr'], '+')}"))
+                      + f"; corr(reward, length) {fmt(r['length_corr'], '+')}"
+                      + (f"; an empty answer outscores the reference answer on {r['empty_answer']['beats_reference']} "
+                         f"of {r['empty_answer']['n']} held-out questions" if r.get("empty_answer") else "")))
     im = r.get("dpo_implicit") or {}
     if im.get("accuracy") is not None:
         same = im.get("pairs") == r.get("pairs")   # the same held-out pairs: the same n per kind

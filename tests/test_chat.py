@@ -204,6 +204,19 @@ def test_win_rate_and_head_to_head():
     assert res["checker"]["win_rate"] == pytest.approx((0.5 + 1 + 0) / 3)
     assert res["checker"]["accuracy_a"] == pytest.approx(2 / 3) and res["checker"]["accuracy_b"] == pytest.approx(2 / 3)
     assert res["reward"]["win_rate"] == 0.5 and res["reward"]["ties"] == 3
+    # the same answer ties even when its two scores differ in the last digits (scored in other batches,
+    # other float order); different answers are still compared exactly, however close their scores
+    calls = []
+
+    def noisy(convs, answers, ended=None):   # the second call's scores are off by 1e-6
+        calls.append(ended)
+        return [-len(x) + 1e-6 * (len(calls) - 1) for x in answers]
+    a, b = ["3 + 4 = 7.", "3 + 4 = 7.", "3 + 4 = 7"], ["3 + 4 = 7.", "3 + 4 = 7.", "3 + 4 = 7."]
+    res = chat.head_to_head(a, b, recs, reward_fn=noisy)["reward"]
+    assert (res["wins"], res["ties"], res["losses"]) == (1, 2, 0)
+    # ... unless one of the two was cut at the length limit (it was then scored with the missing-end penalty)
+    res = chat.head_to_head(a, b, recs, reward_fn=noisy, ended_a=[True, False, True], ended_b=[True] * 3)["reward"]
+    assert (res["wins"], res["ties"], res["losses"]) == (1, 1, 1) and calls[-2:] == [[True, False, True], [True] * 3]
 
 
 def test_huggingface_dir_answers_the_same(loaded, tmp_path):

@@ -5,6 +5,7 @@ the run lands within tolerance of the golden values in tests/golden_lab_tiny.jso
 without a pipeline: the up-to-date rule on hand-made stages, and the SVG plot.
 
 The pipeline runs once for the module (~2-3 minutes of one CPU core at the tiny size)."""
+import contextlib
 import json
 import math
 import re
@@ -145,6 +146,19 @@ def test_report_is_readable_and_consistent(lab):
     assert f"{100 * rv['accuracy']:.1f}% (95% CI {100 * lo:.1f}–{100 * hi:.1f}%, n={rv['pairs']})" in md
     for k, n in rv["per_kind_n"].items():
         assert f"{k} {100 * rv['per_kind'][k]:.1f}% (95% CI " in md and n > 0
+    # the empty-answer check: how often the reward model pays more for "" than for the reference answer,
+    # recomputed here with reward.py's own scorer
+    import torch
+    import common
+    from reward import load_reward_model, reward_scorer
+    rm, rm_meta = load_reward_model(str(out / "reward" / "final.pt"))
+    score = reward_scorer(rm, common.checkpoint_tokenizer(rm_meta), torch.device("cpu"), contextlib.nullcontext())
+    qa = [json.loads(line) for line in (out / "data" / "eval_qa.jsonl").read_text(encoding="utf-8").splitlines()]
+    convs = [r["messages"] for r in qa]
+    beats = sum(e > r for e, r in zip(score(convs, [""] * len(qa)), score(convs, [r["reference"] for r in qa])))
+    assert ev["empty_answer"]["n"] == len(qa) and ev["empty_answer"]["beats_reference"] == beats
+    assert rv["empty_answer"] == ev["empty_answer"]
+    assert f"an empty answer outscores the reference answer on {beats} of {len(qa)} held-out questions" in md
 
 
 def test_golden_values(lab):
