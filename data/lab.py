@@ -38,7 +38,7 @@ Files (JSON Lines, UTF-8, one record per line):
 
 A "truth" is a small dict that check() understands: {"type": "fact"|"arith"|"identity"|"refusal",
 "lang": "en"|"zh", ...}. Rejected answers are wrong in one labelled way: wrong_fact, wrong_language,
-rude, rambling. Only the standard library is used; output is byte-identical for a given seed.
+rude, rambling (and, in extra training pairs with knob cut_off, cut_off). Only the standard library is used; output is byte-identical for a given seed.
 """
 import argparse
 import json
@@ -296,7 +296,7 @@ KNOWLEDGE = ("single", "multi", "multi_permute", "mixed", "mixed_all")
 DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pretrain_docs=24000, qa_frac=0.15, drill=0.15,
                 knowledge="mixed",
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
-                eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.0)
+                eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.0, cut_off=0.0)
 
 KNOB_HELP = {
     "people": "people in the world (<= 40, the name pool)", "rl_people": "people of the rl group",
@@ -318,6 +318,8 @@ KNOB_HELP = {
     "showcase": "eval_qa records marked for side-by-side reports",
     "sft_habit": "share of SFT answers about a person's age said twice: a verbose annotator's habit, "
                  "which SFT copies and preference tuning should remove",
+    "cut_off": "extra training pairs, as a share of prefs_train, whose rejected answer is the right one cut off "
+               "before its key fact (a kind the held-out pairs do not have)",
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -593,6 +595,8 @@ def _rejected(item, kind, rng):
         return item["a_wrong"]
     if kind == "wrong_language":
         return item["a_other"]
+    if kind == "cut_off":
+        return _cut_off(item, rng)
     if kind == "rude":
         pre, post = RUDE[lang]
         rude = rng.choice(pre) + a if rng.random() < 0.5 else a + rng.choice(post)
@@ -601,6 +605,14 @@ def _rejected(item, kind, rng):
     if rng.random() < 0.5:  # rambling: either the answer on a loop, or padded with filler
         return (" " if lang == "en" else "").join([a] * rng.randint(3, 5))
     return _padded(item)
+
+
+def _cut_off(item, rng):
+    """A prefix of the right answer that stops before its key fact, at a word (or 字) boundary. Never
+    empty: an empty turn is a malformed record in every preference format (data/formats.py)."""
+    a = item["a"]
+    prefixes = [a[:m.start()].rstrip() for m in _UNIT.finditer(a)][1:]
+    return rng.choice([p for p in prefixes if not _fact_ok(p, item["truth"])] or [a[:1]])
 
 
 def _padded(item):
@@ -930,6 +942,13 @@ def generate(seed=0, **knobs):
     out["prefs_train"] = [_pref_record(it, "wrong_fact" if i % 2 == 0 else REJECTED_KINDS[1 + (i // 2) % 3], rng,
                                        k["sft_habit"])
                           for i, it in enumerate(_items(world, ("sft", "rl"), rng, k["prefs_train"], False, PREF_TASKS))]
+    # cut_off pairs: the right answer stopped before its fact. Without them the lab's implicit reward
+    # model learned "shorter is better" from the rambling pairs (corr(reward, length) -0.93 on held-out
+    # answers) and scored an EMPTY answer above the reference on up to 249 of 506 held-out questions, which
+    # PPO found. Drawn from a stream of their own, after the others: every other record stays as it was.
+    rng_cut = _rng(seed, "cut_off")
+    out["prefs_train"] += [_pref_record(it, "cut_off", rng_cut) for it in
+                           _items(world, ("sft", "rl"), rng_cut, round(k["cut_off"] * k["prefs_train"]), False, PREF_TASKS)]
     out["prefs_val"] = [_pref_record(it, kind, rng)
                         for it in _items(world, ("eval",), rng, k["prefs_val"] // 4, True, PREF_TASKS) for kind in REJECTED_KINDS]
     out["rank_train"] = [_rank_record(it, rng)

@@ -467,6 +467,31 @@ def test_sft_habit_repeats_only_age_answers_and_nothing_else_moves():
     assert sum(r["task"] == "arith" for r in half["rl_prompts"]) > 0.2 * len(half["rl_prompts"])
 
 
+def test_cut_off_pairs_are_extra_and_stop_before_the_fact():
+    """cut_off: extra training pairs whose rejected answer is the right answer stopped early, before its
+    key fact, at a word or 字 boundary and never empty. They come after the other pairs, from their own
+    random stream: every other record of every file is unchanged, the held-out pairs have no such kind."""
+    plain = lab.generate(seed=1, **dict(SMALL, pretrain_docs=10, sft_habit=0.9))
+    cut = lab.generate(seed=1, **dict(SMALL, pretrain_docs=10, sft_habit=0.9, cut_off=0.25))
+    for key in lab.FILES:
+        if key != "prefs_train":
+            assert plain[key] == cut[key], key
+    n = len(plain["prefs_train"])
+    assert cut["prefs_train"][:n] == plain["prefs_train"] and not any(r["kind"] == "cut_off" for r in plain["prefs_train"])
+    extra = cut["prefs_train"][n:]
+    assert len(extra) == 100 and {r["kind"] for r in extra} == {"cut_off"}
+    assert {r["task"] for r in extra} == {"fact", "followup", "identity", "refusal"}
+    assert {r["truth"]["lang"] for r in extra} == set(lab.LANGS)
+    for r in extra:
+        assert lab.check(r["chosen"], r["truth"]), r
+        assert r["rejected"] and r["chosen"].startswith(r["rejected"]) and r["rejected"] != r["chosen"], r
+        verdict = lab.judge(r["rejected"], r["truth"])     # wrong only in that the fact is missing
+        assert not verdict["fact"] and verdict["language"] and verdict["polite"] and verdict["concise"], r
+    # cut at a boundary: the prefix ends where a word or a character of the answer ends
+    word = lambda ch: ch.isascii() and ch.isalnum()   # noqa: E731  (a letter or digit of an English word)
+    assert not any(word(r["rejected"][-1]) and word(r["chosen"][len(r["rejected"])]) for r in extra)
+
+
 def test_drill_knob_sets_the_share_of_arithmetic_documents():
     """--drill: the share of the non-Q/A pretraining documents that are arithmetic drill, taken from the
     biography-like documents; the lab size uses 0.3, the tiny size 0.15."""

@@ -414,31 +414,37 @@ def test_without_kl_penalty_the_actor_hacks_the_reward_model_and_the_alarm_fires
     small reward model over-rates ("I't aboutMy型型型型。" scored +3.9), rollout reward rises while the checker's
     accuracy falls, and the alarm reports it with examples.
 
-    Which run finds an exploit within 16 iterations depends on the trajectory, and any numerics change of the
-    model moves trajectories (float order). Measured with the current model.py, --seed 1..5: the KL to the
-    reference exploded in every run (last iterations 31-44 nats per answer; the penalised run stays below 2);
-    rollout accuracy fell by 0.09-0.22 in 4 of 5 (seed 3: 0.46 -> 0.48 at KL 33); the reward-vs-accuracy
-    alarm fired for seeds 2 and 5 (reward -0.24 -> +1.54 and +0.22 -> +1.33 while accuracy fell). An earlier
-    build had seed 3 hacking and 2 and 5 not; under ATEN_CPU_CAPABILITY=default neither 2 nor 5 fired. So two
-    seeds run, and what must hold is: each drifts (KL > 5), at least one loses accuracy, and every alarm
-    carries its examples (a fired reward-vs-accuracy alarm: a rejected one). (The alarm rule itself is
-    tested deterministically in test_hacking_alarms.)"""
+    Which run finds an exploit within 16 iterations depends on the trajectory (float order). Measured on a
+    2-core AMD EPYC (AVX-512), rollout accuracy of the first 4 iterations -> the last 4 (32 answers each),
+    KL of the last iteration in nats per answer, * = the reward-vs-accuracy alarm fired:
+        seed      native                ATEN_CPU_CAPABILITY=avx2   ATEN_CPU_CAPABILITY=default
+        1         0.48 -> 0.50  KL 22   0.53 -> 0.64  KL 15        0.52 -> 0.28  KL 22 *
+        2, 3, 5   (default cell)                                   +0.07, -0.11 *, -0.02  KL 17-51
+        4         0.54 -> 0.23  KL 19 * 0.52 -> 0.20  KL 21 *      0.54 -> 0.30  KL 34 *
+        6         0.58 -> 0.48  KL 20   0.59 -> 0.37  KL 17 *      0.63 -> 0.31  KL 47 *
+    (This test ran seeds 2 and 5 before and compared one iteration with another: in the default cell
+    neither lost accuracy.) So seeds 4 and 6 run, and what must hold is: each drifts (KL > 5), at least one
+    loses accuracy (last 4 iterations vs first 4, by > 0.05), and every alarm carries its examples (a fired
+    reward-vs-accuracy alarm: a rejected one). (The alarm rule itself is tested deterministically in
+    test_hacking_alarms.)"""
     d = lab_models
     runs = []
-    for seed in ("2", "5"):
+    for seed in ("4", "6"):
         out = tmp_path / f"hack_seed{seed}"
         m = ppo.main(ppo_argv(d, out, "--max_steps", "16", "--rollout_batch", "32", "--kl_coef", "0",
                               "--lr", "1e-3", "--min_lr", "1e-3", "--ppo_epochs", "4", "--warmup_steps", "0",
                               "--seed", seed))
         assert m["train"]["kl"]["last"] > 5.0                          # nothing holds the actor near SFT
-        events = [r for r in common.read_jsonl(str(out / "log.jsonl")) if r.get("event") == "alarm"]
+        log = common.read_jsonl(str(out / "log.jsonl"))
+        events = [r for r in log if r.get("event") == "alarm"]
         assert all(len(e["examples"]) == 2 for e in events)
-        runs.append((m, events))
-    assert any(m["train"]["accuracy"]["last"] < m["train"]["accuracy"]["first"] - 0.05 for m, _ in runs)
-    # Whether the reward-vs-accuracy alarm fires within 16 iterations is a property of the trajectory: it
-    # fired for seeds 2 and 5 with the native kernels, and for neither with ATEN_CPU_CAPABILITY=default
-    # (tests/perturb.py), so it is not asserted; where it fires, it must carry a rejected example.
-    hacked = [(m, events) for m, events in runs if "reward_vs_accuracy" in {a["kind"] for a in m["alarms"]}]
+        acc = [r["accuracy"] for r in log if "reward_raw" in r]
+        assert len(acc) == 16
+        runs.append((m, events, sum(acc[-4:]) / 4 - sum(acc[:4]) / 4))
+    assert any(drop < -0.05 for _, _, drop in runs), [drop for _, _, drop in runs]
+    # Whether the reward-vs-accuracy alarm fires within 16 iterations is a property of the trajectory (table
+    # above), so it is not asserted; where it fires, it must carry a rejected example.
+    hacked = [(m, events) for m, events, _ in runs if "reward_vs_accuracy" in {a["kind"] for a in m["alarms"]}]
     for m, events in hacked:
         assert m["train"]["reward_norm"]["last"] > m["train"]["reward_norm"]["first"]
         first = next(e for e in events if e["kind"] == "reward_vs_accuracy")
