@@ -612,6 +612,17 @@ def paired_bootstrap(oks_a, oks_b, n_boot=2000, seed=0):
     return float(diff.mean()), float(boots[int(0.025 * n_boot)]), float(boots[int(0.975 * n_boot) - 1])
 
 
+def other_questions(qa, picks):
+    """For each question index in picks, another question of picks in the same language and of another
+    kind (seeded by the index, so every run and the tests pick the same ones)."""
+    import random
+    out = []
+    for i in picks:
+        pool = [j for j in picks if qa[j]["truth"]["lang"] == qa[i]["truth"]["lang"] and qa[j]["kind"] != qa[i]["kind"]]
+        out.append(random.Random(i).choice(pool) if pool else i)
+    return out
+
+
 def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
     """Everything the report card needs that no stage reports by itself, computed the same way for
     every model: greedy answers to eval_qa.jsonl graded by data.lab.check (per kind and language),
@@ -650,6 +661,13 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
         r_empty = reward_fn(conv_ref, [""] * len(conv_ref))
         out["empty_answer"] = {"n": len(conv_ref), "beats_reference": sum(e > r for e, r in zip(r_empty, r_ref)),
                                "mean_reward": sum(r_empty) / len(r_empty), "mean_reward_reference": sum(r_ref) / len(r_ref)}
+        # ... and for answering another question: a fluent, right answer to a different held-out question (the
+        # preference pairs never reject one, so nothing taught the reward model to read the question)
+        other = other_questions(qa, with_reference)
+        r_other = reward_fn(conv_ref, [qa[j]["reference"] for j in other])
+        beats = [o > r for o, r in zip(r_other, r_ref)]
+        out["other_answer"] = {"n": len(conv_ref), "beats_reference": sum(beats),
+                               "by_kind": by_group(beats, [qa[i]["kind"] for i in with_reference])}
     answers, ended, base_show, show = {}, {}, {}, [i for i, r in enumerate(qa) if r.get("showcase")]
     for name, path in paths.items():
         model, _ = chat.load_chat_model(path, device, tok)
@@ -908,7 +926,7 @@ def collect(run_dir, statuses=None):
                      "ece": rv.get("ece"), "chosen_mean": rv.get("chosen_mean"), "rejected_mean": rv.get("rejected_mean"),
                      "calibration": rv.get("calibration"), "steps": last(logs["reward"], None, "loss").get("step"),
                      "implicit_beta": (load_json(d("reward", "config.json")) or {}).get("implicit_beta") or 0.0,
-                     "empty_answer": ev.get("empty_answer")}
+                     "empty_answer": ev.get("empty_answer"), "other_answer": ev.get("other_answer")}
     # The same held-out pairs ranked by DPO's implicit reward beta * log(pi_DPO / pi_SFT) (Rafailov et al. 2023,
     # "Your language model is secretly a reward model"), and by the SFT model's own log-probs: where the scalar
     # head is blind (wrong facts), the log-probs are not -- the knowledge is in the model, the head cannot read it.
@@ -1240,7 +1258,9 @@ def card_lines(rep, plain=False):
                       + ", ".join(f"{k} {pairs_ci(v, r.get('per_kind_n', {}).get(k))}" for k, v in r["per_kind"].items())
                       + f"; corr(reward, length) {fmt(r['length_corr'], '+')}"
                       + (f"; an empty answer outscores the reference answer on {r['empty_answer']['beats_reference']} "
-                         f"of {r['empty_answer']['n']} held-out questions" if r.get("empty_answer") else "")))
+                         f"of {r['empty_answer']['n']} held-out questions" if r.get("empty_answer") else "")
+                      + (f"; another question's right answer (same language) outscores it on "
+                         f"{r['other_answer']['beats_reference']} of {r['other_answer']['n']}" if r.get("other_answer") else "")))
     im = r.get("dpo_implicit") or {}
     if im.get("accuracy") is not None:
         same = im.get("pairs") == r.get("pairs")   # the same held-out pairs: the same n per kind

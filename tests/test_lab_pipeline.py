@@ -159,6 +159,16 @@ def test_report_is_readable_and_consistent(lab):
     assert ev["empty_answer"]["n"] == len(qa) and ev["empty_answer"]["beats_reference"] == beats
     assert rv["empty_answer"] == ev["empty_answer"]
     assert f"an empty answer outscores the reference answer on {beats} of {len(qa)} held-out questions" in md
+    # ... and for the right answer to another held-out question: same language, another kind, the same
+    # pick for every run (run_lab.other_questions)
+    other = run_lab.other_questions(qa, list(range(len(qa))))
+    assert all(qa[j]["truth"]["lang"] == r["truth"]["lang"] and qa[j]["kind"] != r["kind"] for r, j in zip(qa, other))
+    assert len(set(other)) > len(qa) // 4                     # many different answers, not one per kind
+    wrong = score(convs, [qa[j]["reference"] for j in other])
+    beats = sum(o > r for o, r in zip(wrong, score(convs, [r["reference"] for r in qa])))
+    assert ev["other_answer"]["n"] == len(qa) and ev["other_answer"]["beats_reference"] == beats
+    assert rv["other_answer"] == ev["other_answer"]
+    assert f"another question's right answer (same language) outscores it on {beats} of {len(qa)}" in md
 
 
 def test_golden_values(lab):
