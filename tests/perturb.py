@@ -14,6 +14,7 @@ Uses:
     python tests/perturb.py suite [PYTEST ARGS]   # the test suite in every cell (~6 x 7 min on 2 cores)
     python tests/perturb.py suite -m trajectory   # only the float-sensitive tests (~6 x 4 min)
     python tests/perturb.py golden                # regenerate tests/golden_lab_tiny.json (~6 tiny labs, 2 at a time)
+    python tests/perturb.py golden --min_tol OLD  # ... keeping the tolerances another machine measured in OLD
     python tests/perturb.py spread --out DIR      # the lab size over seeds 0-2 and 3 more cells: mean +- spread
 
 `suite` prints one row per cell (passed / failed / minutes) and exits 1 if any cell failed. Run it
@@ -28,6 +29,7 @@ checks one) still falls outside.
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +40,17 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import run_lab  # noqa: E402
+
+
+def machine():
+    """The CPU the numbers came from, in words."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs" + \
+        (", AVX-512" if has_avx512() else "")
 
 
 def has_avx512():
@@ -89,12 +102,20 @@ def run_suite(pytest_args, jobs):
     return 0 if all(rc == 0 for _, rc, *_ in rows) else 1
 
 
-def run_golden(out, keep, jobs, size):
+def run_golden(out, keep, jobs, size, min_tol=None):
     work = keep or tempfile.mkdtemp(prefix="golden_")
+    # min_tol: an earlier golden file, measured on another machine. Its pretraining and SFT numbers must
+    # match ours (those stages do not change between the files' data), and each tolerance stays at least
+    # its own: another CPU's matrix can spread a stage wider than this one's does.
+    prior = json.load(open(min_tol)) if min_tol else None
 
     def one(cell):
         name, env, threads = cell
         run_dir = os.path.join(work, name.replace("=", "_").replace(",", "+"))
+        if os.path.exists(os.path.join(run_dir, "report.json")):   # a kept run of this cell: reused
+            print(f"  {name}: reused {run_dir}", flush=True)
+            with open(os.path.join(run_dir, "report.json")) as f:
+                return name, run_lab.golden_from(json.load(f), run_dir)
         t0 = time.time()
         r = subprocess.run([sys.executable, "run_lab.py", "--size", size, "--seed", "0", "--threads", str(threads), "--jobs", "1",
                             "--out_dir", run_dir], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
@@ -109,25 +130,36 @@ def run_golden(out, keep, jobs, size):
         runs = list(pool.map(one, golden_cells()))
     names = [n for n, _ in runs]
 
-    def summarize(values, floor):
+    def summarize(values, floor, earlier=0.0):
         med, spread = statistics.median(values), max(values) - min(values)
-        return {"value": round(med, 4), "tol": round(max(floor, 2 * spread), 4), "spread": round(spread, 4),
+        return {"value": round(med, 4), "tol": round(max(floor, 2 * spread, earlier), 4), "spread": round(spread, 4),
                 "runs": [round(v, 4) for v in values]}
 
     values = {}
     for key in runs[0][1]["values"]:
         got = [g["values"][key]["value"] for _, g in runs if key in g["values"]]
         if len(got) == len(runs):
-            values[key] = summarize(got, run_lab.golden_tolerance(key))
+            earlier = ((prior or {}).get("values", {}).get(key) or {}).get("tol", 0.0)
+            values[key] = summarize(got, run_lab.golden_tolerance(key), earlier)
     steps = runs[0][1]["curves"]["pretrain.loss"]["step"]
     curve = {"step": steps, "loss": [], "tol": [], "spread": []}
+    prior_curve = (prior or {}).get("curves", {}).get("pretrain.loss")
     for i in range(len(steps)):
-        s = summarize([g["curves"]["pretrain.loss"]["loss"][i] for _, g in runs], run_lab.golden_tolerance("loss"))
+        earlier = prior_curve["tol"][i] if prior_curve and prior_curve["step"] == steps else 0.0
+        s = summarize([g["curves"]["pretrain.loss"]["loss"][i] for _, g in runs], run_lab.golden_tolerance("loss"), earlier)
         curve["loss"].append(s["value"])
         curve["tol"].append(s["tol"])
         curve["spread"].append(s["spread"])
-    golden = {"size": size, "seed": 0, "cells": names,
-              "method": "median over the cells; spread = max - min; tol = max(floor per kind, 2 x spread)",
+    method = "median over the cells; spread = max - min; tol = max(floor per kind, 2 x spread)"
+    if prior:
+        moved = [k for k in ("pretrain.val_loss", "sft.accuracy") if k in values and k in prior["values"]
+                 and abs(values[k]["value"] - prior["values"][k]["value"]) > prior["values"][k]["tol"]]
+        if moved:
+            print(f"note: {moved} moved beyond {min_tol}'s tolerance: is it the same recipe?")
+        method += f", and at least the tolerance of an earlier golden file from another machine " \
+                  f"({prior.get('machine') or 'not recorded'}; cells {', '.join(prior.get('cells', []))})"
+    golden = {"size": size, "seed": 0, "cells": names, "machine": machine(),
+              "method": method,
               "values": values, "curves": {"pretrain.loss": curve}}
     run_lab.atomic_write(out, json.dumps(golden, indent=1) + "\n")
     print(f"\n{'key':<32} {'median':>9} {'spread':>8} {'tol':>8}  runs ({', '.join(names)})")
@@ -245,6 +277,8 @@ def main(argv=None):
     g.add_argument("--keep", default=None, metavar="DIR", help="run directories here (default: a temporary one)")
     g.add_argument("--jobs", type=int, default=2, help="lab runs at a time")
     g.add_argument("--size", default="tiny")
+    g.add_argument("--min_tol", default=None, metavar="JSON",
+                   help="an earlier golden file from another machine: keep each tolerance at least its own")
     sp = sub.add_parser("spread", help="the lab over seeds and cells: mean +- spread of every number")
     sp.add_argument("--out", required=True, help="run directories go here (kept)")
     sp.add_argument("--size", default="lab")
@@ -263,7 +297,7 @@ def main(argv=None):
         return run_suite(rest or ["tests"], args.jobs)
     if rest:
         p.error(f"unknown arguments: {rest}")
-    return run_golden(args.out, args.keep, args.jobs, args.size)
+    return run_golden(args.out, args.keep, args.jobs, args.size, args.min_tol)
 
 
 if __name__ == "__main__":
