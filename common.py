@@ -1692,6 +1692,111 @@ def split_by_prompt(keys, val_frac: float, seed: int):
 
 
 # -----------------------------------------------------------------------------
+# Preference data (reward.py, dpo.py): records -> token groups -> padded batches, epochs, splits
+
+
+def encode_group(tok, record, max_len: int):
+    """Render one normalised preference record ({"messages", "responses": [best..worst], "kind"})
+    with the SFT chat template: each response becomes the assistant turn after the prompt, i.e.
+    <s>...<|user|>Q<|end|><|assistant|>RESPONSE<|end|> -- so the reward is read on the <|end|>
+    that closes the response, the same token at which the SFT model learned to stop.
+
+    Too long: the oldest user/assistant exchanges of the prompt are dropped (whole turns, the
+    tokenizer's render_prompt rule), the same for all responses of the group so that they are
+    compared on the same prompt; a response is never cut (its end is where the reward is read).
+    A record may say which responses were sampled answers cut at the length limit ("ended": [K
+    bools], False = cut): those get no end marker, which the model never produced (the rule of
+    common.penalize_missing_eos); the reward is then read on their last real token.
+    Returns {"ids": [K id lists], "resp_len": [K response token counts], "kind", "prompt_key" (the
+    rendered conversation up to its first user turn: split_by_prompt)} or None when even the
+    last user turn plus the longest response does not fit."""
+    messages = record["messages"]
+    prompt = tok.render_prompt(messages)
+    seqs = []
+    for response, done in zip(record["responses"], record.get("ended") or [True] * len(record["responses"])):
+        ids, _ = tok.render_conversation(messages + [{"role": "assistant", "content": response}])
+        if ids[:len(prompt)] != prompt:   # the contract every stage relies on; fail loudly if broken
+            raise RuntimeError("render_conversation(prompt + answer) does not start with render_prompt(prompt)")
+        seqs.append(ids[len(prompt):] if done else ids[len(prompt):-1])   # content (+ end marker if it ended)
+    longest = max(len(s) for s in seqs)
+    if len(prompt) + longest > max_len:
+        try:
+            prompt = tok.render_prompt(messages, max_len=max_len - longest)
+        except ValueError:
+            return None
+    kind = record.get("kind")
+    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    return {"ids": [prompt + s for s in seqs], "resp_len": [len(s) for s in seqs],
+            "kind": None if kind is None else str(kind),
+            "prompt_key": tuple(tok.render_prompt(messages[:first_user + 1]))}   # split_by_prompt
+
+
+def load_groups(paths, tok, max_len: int, seed: int = 0, name: str = "data"):
+    """Read preference files (any format data/formats.py knows; "path:weight" mixes) and encode
+    them. Skipped records (malformed/invalid lines, too long) are counted and reported."""
+    from data.formats import read_preferences
+    try:
+        records, report = read_preferences(paths, seed=seed)
+    except (OSError, ValueError) as e:
+        fail(f"{name}: {e}")
+    groups = [g for g in (encode_group(tok, r, max_len) for r in records) if g is not None]
+    too_long = len(records) - len(groups)
+    print0(f"{name}: {report.summary()}")
+    if too_long:
+        print0(f"{name}: {too_long} record(s) dropped: last user turn + longest response > {max_len} tokens")
+    if not groups:
+        fail(f"{name}: no usable preference records in {paths}")
+    return groups
+
+
+def collate(groups, pad_id: int, side: str = "right"):
+    """Flatten prompt groups into one padded batch, so ONE forward scores every response of every
+    group. Returns idx (N, T), attention_mask (N, T) (1 = real), group_sizes [K, ...].
+    Both padding sides give the same rewards (the reward is read at the last real token and the
+    model computes rotary positions from real tokens only); right padding is the default."""
+    seqs = [ids for g in groups for ids in g["ids"]]
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        idx[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return idx, mask, [len(g["ids"]) for g in groups]
+
+
+def response_mask(groups, T: int, side: str = "right"):
+    """(N, T) 1 on each response's tokens (the last resp_len real tokens of its row: the answer and its
+    end marker), laid out as collate lays out the same groups: what an implicit reward model sums over."""
+    lens = [(len(ids), n) for g in groups for ids, n in zip(g["ids"], g["resp_len"])]
+    out = torch.zeros((len(lens), T), dtype=torch.long)
+    for i, (n_all, n_resp) in enumerate(lens):
+        end = n_all if side == "right" else T
+        out[i, end - n_resp:end] = 1
+    return out
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):
+    """The batches (lists of group indices) of one epoch: a fresh permutation per (seed, epoch), so
+    the order is reproducible and a resumed run continues with exactly the same batches."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[i:i + batch_size].tolist() for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def split_groups(groups, val_frac: float, seed: int):
+    """Hold out a seeded fraction of the PROMPTS (common.split_by_prompt, keyed on the first user turn):
+    the lab world's preference pairs repeat a prompt with another rejected answer, and repeat whole
+    records, so a split by record (or by whole group) left held-out prompts -- and their chosen answers
+    -- in training. Every record of a held-out prompt goes to val (copies keep the data's own weights).
+    reward.py and dpo.py (without --val_data) both split with this."""
+    train_idx, val_idx = split_by_prompt([g["prompt_key"] for g in groups], val_frac, seed)
+    train, val = [groups[i] for i in train_idx], [groups[i] for i in val_idx]
+    n_val = len({g["prompt_key"] for g in val})
+    print0(f"held out {n_val} of {len({g['prompt_key'] for g in groups})} distinct prompts ({len(val)} records)")
+    return train, val
+
+
+# -----------------------------------------------------------------------------
 # Answers cut at the length limit: ONE rule for DPO rounds, PPO, GRPO and evaluation.
 # A sampled answer that produced no stop token within max_new_tokens is unfinished. It is never
 # rendered with an end marker it did not produce (the reward model reads it at its last real token,

@@ -63,12 +63,11 @@ import torch.nn.functional as F
 
 import chat
 import common
-from common import print0, sequence_logps   # noqa: F401  (dpo.sequence_logps: the summed response log-probs)
+from common import epoch_batches, load_groups, print0, sequence_logps, split_groups   # noqa: F401  (dpo.sequence_logps: the summed response log-probs)
 from lora import lora_disabled
 from data import lab
 from model import Llama
-from reward import REWARD_KIND, RewardModel, epoch_batches, load_groups, load_reward_model, ranked_pairs, \
-    reward_scorer, split_groups, tokenizer_for
+from reward import REWARD_KIND, RewardModel, load_reward_model, ranked_pairs, reward_scorer, tokenizer_for
 
 # -----------------------------------------------------------------------------
 # Config
@@ -209,7 +208,7 @@ def step0_loss(loss_type, beta):
 
 
 def collate(groups, pad_id):
-    """Prompt groups (reward.encode_group: "ids" = K prompt+response id lists, "resp_len") -> one
+    """Prompt groups (common.encode_group: "ids" = K prompt+response id lists, "resp_len") -> one
     right-padded batch holding every response of every group, so chosen and rejected go through ONE
     forward (the reference DPO implementation's "concatenated forward": half the kernel launches,
     and under FSDP half the weight gathers).

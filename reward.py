@@ -42,14 +42,13 @@ import os
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import print0
+from common import collate, encode_group, epoch_batches, load_groups, print0, response_mask, split_groups
 from model import Llama, LlamaConfig, load_state_dict_checked
 
 # -----------------------------------------------------------------------------
@@ -381,88 +380,7 @@ def init_reward_model(path: str, info=None, wrap=None, implicit_beta: float = 0.
 
 
 # -----------------------------------------------------------------------------
-# Data: preference records -> token groups
-
-
-def encode_group(tok, record, max_len: int):
-    """Render one normalised preference record ({"messages", "responses": [best..worst], "kind"})
-    with the SFT chat template: each response becomes the assistant turn after the prompt, i.e.
-    <s>...<|user|>Q<|end|><|assistant|>RESPONSE<|end|> -- so the reward is read on the <|end|>
-    that closes the response, the same token at which the SFT model learned to stop.
-
-    Too long: the oldest user/assistant exchanges of the prompt are dropped (whole turns, the
-    tokenizer's render_prompt rule), the same for all responses of the group so that they are
-    compared on the same prompt; a response is never cut (its end is where the reward is read).
-    A record may say which responses were sampled answers cut at the length limit ("ended": [K
-    bools], False = cut): those get no end marker, which the model never produced (the rule of
-    common.penalize_missing_eos); the reward is then read on their last real token.
-    Returns {"ids": [K id lists], "resp_len": [K response token counts], "kind", "prompt_key" (the
-    rendered conversation up to its first user turn: common.split_by_prompt)} or None when even the
-    last user turn plus the longest response does not fit."""
-    messages = record["messages"]
-    prompt = tok.render_prompt(messages)
-    seqs = []
-    for response, done in zip(record["responses"], record.get("ended") or [True] * len(record["responses"])):
-        ids, _ = tok.render_conversation(messages + [{"role": "assistant", "content": response}])
-        if ids[:len(prompt)] != prompt:   # the contract every stage relies on; fail loudly if broken
-            raise RuntimeError("render_conversation(prompt + answer) does not start with render_prompt(prompt)")
-        seqs.append(ids[len(prompt):] if done else ids[len(prompt):-1])   # content (+ end marker if it ended)
-    longest = max(len(s) for s in seqs)
-    if len(prompt) + longest > max_len:
-        try:
-            prompt = tok.render_prompt(messages, max_len=max_len - longest)
-        except ValueError:
-            return None
-    kind = record.get("kind")
-    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-    return {"ids": [prompt + s for s in seqs], "resp_len": [len(s) for s in seqs],
-            "kind": None if kind is None else str(kind),
-            "prompt_key": tuple(tok.render_prompt(messages[:first_user + 1]))}   # common.split_by_prompt
-
-
-def load_groups(paths, tok, max_len: int, seed: int = 0, name: str = "data"):
-    """Read preference files (any format data/formats.py knows; "path:weight" mixes) and encode
-    them. Skipped records (malformed/invalid lines, too long) are counted and reported."""
-    from data.formats import read_preferences
-    try:
-        records, report = read_preferences(paths, seed=seed)
-    except (OSError, ValueError) as e:
-        common.fail(f"{name}: {e}")
-    groups = [g for g in (encode_group(tok, r, max_len) for r in records) if g is not None]
-    too_long = len(records) - len(groups)
-    print0(f"{name}: {report.summary()}")
-    if too_long:
-        print0(f"{name}: {too_long} record(s) dropped: last user turn + longest response > {max_len} tokens")
-    if not groups:
-        common.fail(f"{name}: no usable preference records in {paths}")
-    return groups
-
-
-def collate(groups, pad_id: int, side: str = "right"):
-    """Flatten prompt groups into one padded batch, so ONE forward scores every response of every
-    group. Returns idx (N, T), attention_mask (N, T) (1 = real), group_sizes [K, ...].
-    Both padding sides give the same rewards (the reward is read at the last real token and the
-    model computes rotary positions from real tokens only); right padding is the default."""
-    seqs = [ids for g in groups for ids in g["ids"]]
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        cols = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
-        idx[i, cols] = torch.tensor(s, dtype=torch.long)
-        mask[i, cols] = 1
-    return idx, mask, [len(g["ids"]) for g in groups]
-
-
-def response_mask(groups, T: int, side: str = "right"):
-    """(N, T) 1 on each response's tokens (the last resp_len real tokens of its row: the answer and its
-    end marker), laid out as collate lays out the same groups: what an implicit reward model sums over."""
-    lens = [(len(ids), n) for g in groups for ids, n in zip(g["ids"], g["resp_len"])]
-    out = torch.zeros((len(lens), T), dtype=torch.long)
-    for i, (n_all, n_resp) in enumerate(lens):
-        end = n_all if side == "right" else T
-        out[i, end - n_resp:end] = 1
-    return out
+# Data: preference records -> token groups (common.encode_group, load_groups, collate, response_mask)
 
 
 def reward_of(model, idx, mask, groups, side: str = "right"):
@@ -722,26 +640,6 @@ def eval_file(args, info, ctx):
 
 # -----------------------------------------------------------------------------
 # Training
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):
-    """The batches (lists of group indices) of one epoch: a fresh permutation per (seed, epoch), so
-    the order is reproducible and a resumed run continues with exactly the same batches."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return [order[i:i + batch_size].tolist() for i in range(0, n - batch_size + 1, batch_size)]
-
-
-def split_groups(groups, val_frac: float, seed: int):
-    """Hold out a seeded fraction of the PROMPTS (common.split_by_prompt, keyed on the first user turn):
-    the lab world's preference pairs repeat a prompt with another rejected answer, and repeat whole
-    records, so a split by record (or by whole group) left held-out prompts -- and their chosen answers
-    -- in training. Every record of a held-out prompt goes to val (copies keep the data's own weights).
-    reward.py and dpo.py (without --val_data) both split with this."""
-    train_idx, val_idx = common.split_by_prompt([g["prompt_key"] for g in groups], val_frac, seed)
-    train, val = [groups[i] for i in train_idx], [groups[i] for i in val_idx]
-    n_val = len({g["prompt_key"] for g in val})
-    print0(f"held out {n_val} of {len({g['prompt_key'] for g in groups})} distinct prompts ({len(val)} records)")
-    return train, val
 
 
 def stats_record(metrics, step, name):

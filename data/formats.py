@@ -501,7 +501,7 @@ def to_preference(record):
             raise FormatError(f"empty response (rank {i})")
     # A ranking may list the same text twice (oasst ties); keep its best rank. Two identical
     # responses of a pair, though, carry no preference signal: that record is skipped.
-    ended = record.get("ended")   # sampled answers cut at the length limit (dpo.py rounds; reward.encode_group)
+    ended = record.get("ended")   # sampled answers cut at the length limit (dpo.py rounds; common.encode_group)
     if ended is not None and not (isinstance(ended, list) and len(ended) == len(responses)
                                   and all(isinstance(e, bool) for e in ended)):
         raise FormatError("'ended' must be a list of booleans, one per response")

@@ -143,7 +143,7 @@ def ifd_pair(tok, messages, max_len):
     the answer is predicted with and without the instruction, and nothing else."""
     prompt = tok.render_prompt(messages[:-1])
     ids, _ = tok.render_conversation(messages)
-    if ids[:len(prompt)] != prompt:   # the template's contract (reward.encode_group relies on it too)
+    if ids[:len(prompt)] != prompt:   # the template's contract (common.encode_group relies on it too)
         raise RuntimeError("render_conversation(prompt + answer) does not start with render_prompt(prompt)")
     answer = ids[len(prompt):]                        # answer content + end marker
     head = [tok.bos_id] + tok.header_ids["assistant"]
@@ -243,7 +243,7 @@ def ifd_scores(model, tok, convs, max_len, layer=-1, ctx=None, embed_text="canon
 def reward_quality(rm, rm_tok, convs, batch_size, ctx):
     """Raw reward-model scores of each conversation's last answer; NaN where it does not fit the RM."""
     import reward
-    groups = [reward.encode_group(rm_tok, {"messages": m[:-1], "responses": [m[-1]["content"]]}, rm.config.max_seq_len)
+    groups = [common.encode_group(rm_tok, {"messages": m[:-1], "responses": [m[-1]["content"]]}, rm.config.max_seq_len)
               for m in convs]
     ok = [i for i, g in enumerate(groups) if g is not None]
     out = [float("nan")] * len(convs)

@@ -97,7 +97,7 @@ def test_training_and_evaluation_give_a_truncated_answer_the_same_reward(tok):
 
 def test_a_truncated_sample_is_never_chosen_and_never_gets_an_end_marker(tok, tmp_path):
     import dpo
-    from reward import load_groups
+    from common import load_groups
     conv = [{"role": "user", "content": "Who are you?"}]
     texts = ["I am nanollama.", "I am a small language model, trained on the lab world.",
              "I am a model that keeps talking and talking and talking and talking and"]
@@ -203,7 +203,7 @@ def test_dpo_trains_without_dropout_so_the_first_step_loss_is_ln2(tok, tmp_path,
 
 def test_ipo_averages_log_probs_over_tokens_by_default(tok):
     import dpo
-    from reward import encode_group
+    from common import encode_group
     from test_dpo import PAIRS
     from test_dpo import tiny as tiny_dpo
     policy, ref_model = tiny_dpo(2), tiny_dpo(3)
@@ -238,7 +238,7 @@ def test_rpo_adds_the_best_answers_per_token_nll(tok):
     prompt's best (first) answer, computed here by the model's own cross-entropy; its gradient then
     differs from DPO's, and a = 0 is DPO exactly."""
     import dpo
-    from reward import encode_group
+    from common import encode_group
     from test_dpo import PAIRS
     from test_dpo import tiny as tiny_dpo
     policy, ref_model = tiny_dpo(2), tiny_dpo(3)
@@ -314,7 +314,6 @@ def first_turns(messages):
 
 
 def test_held_out_splits_share_no_prompt_with_training_on_the_lab_files(tok, tmp_path):
-    import reward
     import sft
     from data import lab
     from data.formats import read_conversations, read_preferences
@@ -324,10 +323,10 @@ def test_held_out_splits_share_no_prompt_with_training_on_the_lab_files(tok, tmp
     # preferences (reward.py, and dpo.py without --val_data)
     prefs = str(tmp_path / "prefs_train.jsonl")
     records, _ = read_preferences([prefs])
-    groups = reward.load_groups([prefs], tok, 1024)
+    groups = common.load_groups([prefs], tok, 1024)
     assert len(groups) == len(records)                          # nothing dropped: records[i] is groups[i]
     where = {id(g): i for i, g in enumerate(groups)}
-    train, val = reward.split_groups(groups, 0.05, 0)
+    train, val = common.split_groups(groups, 0.05, 0)
     seen = {first_turns(records[where[id(g)]]["messages"]) for g in train}
     held = {first_turns(records[where[id(g)]]["messages"]) for g in val}
     assert len(train) + len(val) == len(groups) and len(held) > 5 and len(val) > 0.02 * len(groups)
@@ -347,7 +346,7 @@ def test_held_out_splits_share_no_prompt_with_training_on_the_lab_files(tok, tmp
     va = set(sft.split_source(source, 0.5, 0)[1].tolist())
     sft_held = {sft.prompt_key(*source[i]): i in va for i in range(len(source))}
     pref_held = {g["prompt_key"]: False for g in groups}
-    pref_held.update({g["prompt_key"]: True for g in reward.split_groups(groups, 0.5, 0)[1]})
+    pref_held.update({g["prompt_key"]: True for g in common.split_groups(groups, 0.5, 0)[1]})
     shared = [(sft_held[k], pref_held[k]) for k in pref_held if k in sft_held]
     assert all(a == b for a, b in shared) and {a for a, _ in shared} == {True, False}
 

@@ -7,7 +7,7 @@ import torch
 
 import dpo
 from model import Llama, LlamaConfig
-from reward import encode_group
+from common import encode_group
 from tokenizer import Tokenizer
 
 

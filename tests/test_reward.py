@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from model import LlamaConfig
-from reward import (RewardModel, bradley_terry_loss, calibration_table, collate, preference_metrics,
-                    ranked_pairs, ranking_loss)
+from common import collate
+from reward import RewardModel, bradley_terry_loss, calibration_table, preference_metrics, ranked_pairs, ranking_loss
 
 
 def softplus(x):
@@ -263,7 +263,7 @@ def test_encode_group_chat_template_and_truncation():
     """Every response is rendered as the assistant turn after the prompt (the SFT template), the
     reward is read on the <|end|> that closes it, and a too-long prompt loses its OLDEST whole
     exchanges, the same for all responses of a group -- never a piece of a response."""
-    from reward import encode_group
+    from common import encode_group
     from tokenizer import Tokenizer
     tok = Tokenizer()
     messages = [{"role": "user", "content": "Where does Alice live?"},
@@ -290,7 +290,7 @@ def test_split_groups_holds_out_every_record_of_a_prompt():
     """--val_frac splits distinct PROMPTS: a prompt's records (copies, or other answers) land wholly on
     one side, never both; the choice depends on the prompt alone (not on order or the other records)."""
     import random
-    from reward import split_groups
+    from common import split_groups
     base = [{"ids": [[1, i, 2], [1, i, 3 + k]], "prompt_key": (1, i)} for i in range(40) for k in range(3)]
     groups = [base[i % 120] for i in range(300)]                 # other answers to a prompt, and exact repeats
     train, val = split_groups(groups, 0.1, seed=3)
@@ -338,7 +338,7 @@ def lab_rm(lab_files):
     measured and asserted below: every rejected kind that can be judged from the text (rude,
     rambling, wrong language, and wrong identity/refusal answers) is learned; a wrong city, pet or
     sum about an unseen person can only be told from knowledge, which this model does not have, so
-    wrong_fact on prefs_val stays near chance. Model selection uses a 10% split of prefs_train's PROMPTS (reward.split_groups:
+    wrong_fact on prefs_val stays near chance. Model selection uses a 10% split of prefs_train's PROMPTS (common.split_groups:
     no record of a held-out prompt is trained on; the people are seen in other prompts); prefs_val
     (unseen people) is the untouched test set. 400 steps (~2.4 epochs) rather than 200: the
     wrong facts about the people seen in training are learnable, and need the second epoch."""
@@ -358,7 +358,7 @@ def lab_rm(lab_files):
         rm, _ = reward.load_reward_model(str(root / "rm"))
         recs = [json.loads(line) for line in (root / "lab" / "prefs_val.jsonl").read_text().splitlines()]
         recs = [r for r in recs if r["kind"] == "wrong_fact"]
-        groups = [reward.encode_group(tok, {"messages": r["messages"], "responses": [r["chosen"], r["rejected"]]}, 128)
+        groups = [common.encode_group(tok, {"messages": r["messages"], "responses": [r["chosen"], r["rejected"]]}, 128)
                   for r in recs]
         rewards = reward.score_groups(rm, groups, 64, tok.pad_id, common.DistInfo(), contextlib.nullcontext())
         per_task = {}
@@ -573,7 +573,8 @@ def test_implicit_reward_equals_dpo_implicit_reward(side):
     the padding side; the prompt's tokens do not count; at the start (policy == reference) it is exactly 0."""
     import common
     import dpo
-    from reward import encode_group, score_groups
+    from common import encode_group
+    from reward import score_groups
     from tokenizer import Tokenizer
     tok = Tokenizer()
     groups = [encode_group(tok, {"messages": [{"role": "user", "content": q}], "responses": a}, 128)
@@ -606,7 +607,8 @@ def test_implicit_reward_ignores_the_prompt_log_ratio():
     the reward moves only through the answer's own tokens' log-ratios, i.e. it equals the sum over
     the response mask computed by hand from both models' per-token log-probs."""
     import common
-    from reward import encode_group, response_mask, score_groups
+    from common import encode_group, response_mask
+    from reward import score_groups
     from tokenizer import Tokenizer
     tok = Tokenizer()
     g = encode_group(tok, {"messages": [{"role": "user", "content": "What is 3 + 4? Answer in one sentence."}],
@@ -673,7 +675,8 @@ def test_implicit_reward_in_bf16_autocast():
     """The GPU path on the CPU: under bf16 autocast the two language models compute the same function
     at the start (every reward exactly 0) and, once the policy moved, rewards close to float32's."""
     import common
-    from reward import encode_group, score_groups
+    from common import encode_group
+    from reward import score_groups
     from tokenizer import Tokenizer
     tok = Tokenizer()
     groups = [encode_group(tok, {"messages": [{"role": "user", "content": q}], "responses": a}, 128)
