@@ -96,7 +96,7 @@ SIZES = {
     "tiny": dict(
         data=dict(people=16, rl_people=4, eval_people=4, eval_followups=40, pretrain_docs=8000, sft_train=1500, sft_val=100,
                   prefs_train=1000, prefs_val=200, rank_train=100, rl_prompts=300, rl_eval=100, sft_habit=0.9,
-                  cut_off=0.125),
+                  cut_off=0.125),   # cut_off on here only so that CI runs the knob end to end (see "lab")
         model=dict(model="tiny", dim=128, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=128),
         pretrain=dict(max_steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_interval=50,
                       eval_steps=5, log_interval=10),
@@ -118,10 +118,11 @@ SIZES = {
         # and the preference stages are there to remove (see the README's reference numbers). At 0.8 one seed
         # in three copied it in English only and left DPO little to remove; at 0.9 plain DPO kept it in one
         # seed in three (it pushed down the second copy, not the stop), which the RPO term (nll_coef) fixes.
-        # cut_off: 375 extra pairs rejecting the right answer cut off before its fact (data/lab.py). Without
-        # them the implicit reward model paid for silence: an empty answer outscored the reference on 7-249
-        # of 506 held-out questions over the nine measured trajectories, and PPO wrote empty answers.
-        data=dict(drill=0.3, sft_habit=0.9, cut_off=0.125),
+        # cut_off (data/lab.py) stays 0 here. Measured over 9 trajectories: 375 extra pairs rejecting the right
+        # answer cut off before its fact shrink the reward model's empty-answer hole (an empty answer beating
+        # the reference: 7-249 of 506 held-out questions -> 6-92), but widen its other hole (another question's
+        # right answer beating the reference) in 8 of 9, and PPO gained 1.1 points less (README, This version).
+        data=dict(drill=0.3, sft_habit=0.9),
         model=dict(model="lab", seq_len=256),
         pretrain=dict(max_steps=500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_interval=100,
                       eval_steps=10, log_interval=10),
@@ -148,7 +149,7 @@ SIZES = {
     ),
     "gpu": dict(   # NOT yet measured on a GPU: the lab recipe, scaled up (a bigger model, more data and steps)
         data=dict(pretrain_docs=100000, sft_train=20000, prefs_train=12000, rank_train=2000, rl_prompts=4000,
-                  drill=0.3, sft_habit=0.9, cut_off=0.125),
+                  drill=0.3, sft_habit=0.9),
         model=dict(model="lab", dim=512, n_layers=8, n_heads=8, n_kv_heads=4, seq_len=256),
         pretrain=dict(max_steps=3000, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=200, eval_interval=500,
                       eval_steps=20, log_interval=50),
@@ -208,8 +209,7 @@ def get_args(argv=None):
                         "0 = clean demonstrations)")
     p.add_argument("--cut_off", type=float, default=None, metavar="P",
                    help="extra preference pairs (share of prefs_train) rejecting the right answer cut off before its "
-                        "fact (data/lab.py; default: the size's, 0.125; 0 = none, and the reward model pays for "
-                        "empty answers)")
+                        "fact (data/lab.py; default: the size's: lab and gpu 0, tiny 0.125; README exercise 11)")
     p.add_argument("--train_tokenizer", action="store_true",
                    help="train a sentencepiece tokenizer on the lab data (default: reuse tokenizer/lab.model)")
     p.add_argument("--force", action="store_true", help="re-run every stage")
