@@ -38,7 +38,8 @@ Files (JSON Lines, UTF-8, one record per line):
 
 A "truth" is a small dict that check() understands: {"type": "fact"|"arith"|"identity"|"refusal",
 "lang": "en"|"zh", ...}. Rejected answers are wrong in one labelled way: wrong_fact, wrong_language,
-rude, rambling (and, in extra training pairs with knob cut_off, cut_off). Only the standard library is used; output is byte-identical for a given seed.
+rude, rambling (and, in the extra training pairs of knob cut_off, cut_off). Only the standard library
+is used; output is byte-identical for a given seed.
 """
 import argparse
 import json
@@ -944,8 +945,9 @@ def generate(seed=0, **knobs):
                           for i, it in enumerate(_items(world, ("sft", "rl"), rng, k["prefs_train"], False, PREF_TASKS))]
     # cut_off pairs: the right answer stopped before its fact. Without them the lab's implicit reward
     # model learned "shorter is better" from the rambling pairs (corr(reward, length) -0.93 on held-out
-    # answers) and scored an EMPTY answer above the reference on up to 249 of 506 held-out questions, which
-    # PPO found. Drawn from a stream of their own, after the others: every other record stays as it was.
+    # answers) and scored an EMPTY answer above the reference on up to 249 of 506 held-out questions; with
+    # them it pays more for answers to another question (measured, not adopted at the lab size: run_lab.py).
+    # Drawn from a stream of their own, after the others: every other record stays as it was.
     rng_cut = _rng(seed, "cut_off")
     out["prefs_train"] += [_pref_record(it, "cut_off", rng_cut) for it in
                            _items(world, ("sft", "rl"), rng_cut, round(k["cut_off"] * k["prefs_train"]), False, PREF_TASKS)]
