@@ -55,6 +55,7 @@ import json
 import math
 import os
 import platform
+import random
 import shlex
 import shutil
 import subprocess
@@ -615,7 +616,6 @@ def paired_bootstrap(oks_a, oks_b, n_boot=2000, seed=0):
 def other_questions(qa, picks):
     """For each question index in picks, another question of picks in the same language and of another
     kind (seeded by the index, so every run and the tests pick the same ones)."""
-    import random
     out = []
     for i in picks:
         pool = [j for j in picks if qa[j]["truth"]["lang"] == qa[i]["truth"]["lang"] and qa[j]["kind"] != qa[i]["kind"]]
