@@ -123,6 +123,12 @@ SIZES = {
         # answer cut off before its fact shrink the reward model's empty-answer hole (an empty answer beating
         # the reference: 7-249 of 506 held-out questions -> 6-92), but widen its other hole (another question's
         # right answer beating the reference) in 8 of 9, and PPO gained 1.1 points less (README, This version).
+        # sum_answer (data/lab.py) stays "restate" here ("8 + 3 = 11."). Held-out sums fail by changing the second
+        # operand ("Compute 9 + 0." -> "9 + 1 = 10.") already in the base model, and SFT's held-out sums land anywhere
+        # from 7% to 83% by trajectory. Measured, not adopted (README, This version): 4 000 pretraining Q/A sums with
+        # operands up to 99 as copy practice (base model 8 -> 2 and 1 -> 1 of 86 held-out sums, seeds 0 and 2), and
+        # answering with the result alone, "The answer is 11." (six trajectories: SFT's held-out sums +0.4 +- 16
+        # points, from 15 -> 76 of 86 to 71 -> 37: the same lottery, redrawn).
         data=dict(drill=0.3, sft_habit=0.9),
         model=dict(model="lab", seq_len=256),
         pretrain=dict(max_steps=500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_interval=100,
@@ -211,6 +217,9 @@ def get_args(argv=None):
     p.add_argument("--cut_off", type=float, default=None, metavar="P",
                    help="extra preference pairs (share of prefs_train) rejecting the right answer cut off before its "
                         "fact (data/lab.py; default: the size's: lab and gpu 0, tiny 0.125; README exercise 11)")
+    p.add_argument("--sum_answer", default=None, choices=["restate", "result"],
+                   help="how the lab's sums are answered (data/lab.py; default restate, '8 + 3 = 11.'; result: "
+                        "'The answer is 11.', measured and not adopted; README exercise 12)")
     p.add_argument("--train_tokenizer", action="store_true",
                    help="train a sentencepiece tokenizer on the lab data (default: reuse tokenizer/lab.model)")
     p.add_argument("--force", action="store_true", help="re-run every stage")
@@ -268,7 +277,7 @@ def build_stages(args):
     j = lambda *parts: os.path.join(R, *parts)   # noqa: E731  (a path inside the run directory)
     data, common_flags = j("data"), ["--device", args.device, "--seed", str(args.seed)]
     lab_knobs = []
-    knobs = {"knowledge": args.knowledge, "sft_habit": args.sft_habit, "cut_off": args.cut_off}
+    knobs = {"knowledge": args.knowledge, "sft_habit": args.sft_habit, "cut_off": args.cut_off, "sum_answer": args.sum_answer}
     for k, v in {**S["data"], **{k: v for k, v in knobs.items() if v is not None}}.items():
         lab_knobs += [f"--{k.replace('_', '-')}", str(v)]
     stages = [Stage("data", "the lab world (bilingual synthetic facts, conversations, preferences, evals)",

@@ -200,6 +200,8 @@ ARITH_Q = {
            "×": ["{a}乘以{b}等于多少？", "{a} × {b} 等于几？", "计算{a}乘以{b}。"]},
 }
 ARITH_A = {"en": "{a} {op} {b} = {c}.", "zh": "{a}{op_zh}{b}等于{c}。"}
+# sum_answer "result": the answer is the result alone, nothing copied from the question (see _arith_item)
+ARITH_RESULT = {"en": "The answer is {c}.", "zh": "答案是{c}。"}
 OP_ZH = {"+": "加", "-": "减", "×": "乘以"}
 OP_EN = {"+": "plus", "-": "minus", "×": "times"}
 # The last two phrasings of IDENTITY and HARMFUL are held out for evaluation. They recombine words of the
@@ -297,7 +299,8 @@ KNOWLEDGE = ("single", "multi", "multi_permute", "mixed", "mixed_all")
 DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pretrain_docs=24000, qa_frac=0.15, drill=0.15,
                 knowledge="mixed",
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
-                eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.0, cut_off=0.0)
+                eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.0, cut_off=0.0,
+                sum_answer="restate")
 
 KNOB_HELP = {
     "people": "people in the world (<= 40, the name pool)", "rl_people": "people of the rl group",
@@ -319,6 +322,8 @@ KNOB_HELP = {
     "showcase": "eval_qa records marked for side-by-side reports",
     "sft_habit": "share of SFT answers about a person's age said twice: a verbose annotator's habit, "
                  "which SFT copies and preference tuning should remove",
+    "sum_answer": "how the sums are answered: restate ('4 + 8 = 12.', copies the operands) or result "
+                  "('The answer is 12.')",
     "cut_off": "extra training pairs, as a share of prefs_train, whose rejected answer is the right one cut off "
                "before its key fact (a kind the held-out pairs do not have)",
 }
@@ -450,7 +455,7 @@ def _a(word):
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def build_world(seed=0, people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, **_):
+def build_world(seed=0, people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, sum_answer="restate", **_):
     """The people (with their group and facts) and the arithmetic problems, split by group."""
     if people - rl_people - eval_people < 3 or rl_people < 3 or eval_people < 3:
         raise ValueError(f"each group needs >= 3 people: got sft={people - rl_people - eval_people}, "
@@ -483,7 +488,7 @@ def build_world(seed=0, people=32, rl_people=8, eval_people=8, max_num=10, max_m
     arith = {"sft": problems[:int(0.6 * n)], "rl": problems[int(0.6 * n):int(0.8 * n)], "eval": problems[int(0.8 * n):]}
     return {"seed": seed, "people": persons, "arith": {g: [list(p) for p in v] for g, v in arith.items()},
             "knobs": {"people": people, "rl_people": rl_people, "eval_people": eval_people,
-                      "max_num": max_num, "max_mul": max_mul}}
+                      "max_num": max_num, "max_mul": max_mul, "sum_answer": sum_answer}}
 
 
 def _fields(world, p, lang):
@@ -539,11 +544,16 @@ def _fact_item(world, p, attr, lang, rng, question=None):
             "truth": _fact_truth(world, p, attr, lang)}
 
 
-def _arith_item(problem, lang, rng):
+def _arith_item(problem, lang, rng, sum_answer="restate"):
+    """A sum in one language. sum_answer "restate" answers "4 + 8 = 12.", which copies both operands from
+    the question; "result" answers "The answer is 12.", which has to look the result up from the question
+    the way a fact is looked up from a name (every problem is in the pretraining drill). Measured at the lab
+    size over nine trajectories, "result" did not make held-out sums reliable (README, This version)."""
     op, a, b = problem
     c = a + b if op == "+" else (a - b if op == "-" else a * b)
     other = "zh" if lang == "en" else "en"
-    ans = lambda l, x, y, v: ARITH_A[l].format(a=x, b=y, c=v, op=op, op_zh=OP_ZH[op])  # noqa: E731
+    template = ARITH_RESULT if sum_answer == "result" else ARITH_A
+    ans = lambda l, x, y, v: template[l].format(a=x, b=y, c=v, op=op, op_zh=OP_ZH[op])  # noqa: E731
     if a != b and rng.random() < 0.5:   # the small chat model's own slip: the first operand copied
         aa = a + a if op == "+" else (0 if op == "-" else a * a)   # twice, then computed right ("4 + 4 = 8")
         wrong = ans(lang, a, a, aa)
@@ -553,6 +563,10 @@ def _arith_item(problem, lang, rng):
             "a": ans(lang, a, b, c), "a_other": ans(other, a, b, c), "a_wrong": wrong,
             "truth": {"type": "arith", "lang": lang, "op": op, "operands": [str(a), str(b)], "answer": str(c),
                       "max_words": MAX_WORDS}}
+
+
+def _sum_answer(world):
+    return world["knobs"].get("sum_answer", "restate")   # worlds written before the knob restate
 
 
 def _identity_item(idx, lang, rng):
@@ -584,7 +598,7 @@ def _single_item(world, group, rng, lang=None, weights=(0.7, 0.18, 0.06, 0.06)):
         p = rng.choice([q for q in world["people"] if q["group"] == group])
         return _fact_item(world, p, rng.choice(ATTRS), lang, rng)
     if task == "arith":
-        return _arith_item(rng.choice(world["arith"][group]), lang, rng)
+        return _arith_item(rng.choice(world["arith"][group]), lang, rng, _sum_answer(world))
     if task == "identity":
         return _identity_item(rng.choice(_split_idx(len(IDENTITY[lang]), group)), lang, rng)
     return _refusal_item(rng.choice(_split_idx(len(HARMFUL[lang]), group)), lang, rng)
@@ -674,7 +688,7 @@ def _pretrain_doc(world, rng, qa_frac, knowledge="mixed", drill=0.15):
         for _ in range(rng.randint(3, 6)):
             # a quarter are sums: "What is 4 + 8?" -> "4 + 8 = 12." copies both operands from the question,
             # a skill SFT's few hundred sums did not teach the small model (it answered "4 + 4 = 8")
-            item = (_arith_item(rng.choice(sums), lang, rng) if rng.random() < 0.25
+            item = (_arith_item(rng.choice(sums), lang, rng, _sum_answer(world)) if rng.random() < 0.25
                     else _fact_item(world, rng.choice(asked), rng.choice(ATTRS), lang, rng))
             lines.append(f"{q}{item['q']}\n{a}{item['a']}")
         return "\n".join(lines)
@@ -807,7 +821,7 @@ def _eval_sets(world, rng, n_followups, n_show):
             recs.append({"messages": msgs, "reference": turns[-1]["a"], "truth": turns[-1]["truth"], "kind": "followup"})
     for problem in world["arith"]["eval"]:
         for lang in LANGS:
-            recs.append(_eval_record(_arith_item(problem, lang, rng), "arith"))
+            recs.append(_eval_record(_arith_item(problem, lang, rng, _sum_answer(world)), "arith"))
     for lang in LANGS:
         for idx in _split_idx(len(IDENTITY[lang]), "eval"):
             it = _identity_item(idx, lang, rng)
@@ -926,6 +940,8 @@ def generate(seed=0, **knobs):
     rng = _rng(seed, "pretrain")
     if not 0 <= k["drill"] <= 0.9:
         raise ValueError(f"drill={k['drill']}: expected a share between 0 and 0.9")
+    if k["sum_answer"] not in ("restate", "result"):
+        raise ValueError(f"sum_answer={k['sum_answer']!r}: expected restate or result")
     if k["knowledge"] not in KNOWLEDGE:
         raise ValueError(f"knowledge={k['knowledge']!r}: expected one of {', '.join(KNOWLEDGE)}")
     out["pretrain"] = [{"text": _pretrain_doc(world, rng, k["qa_frac"], k["knowledge"], k["drill"])}

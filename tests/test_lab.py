@@ -507,3 +507,40 @@ def test_drill_knob_sets_the_share_of_arithmetic_documents():
         assert abs(share(drill) - drill) < 0.03, (drill, share(drill))
     with pytest.raises(ValueError, match="drill"):
         lab.generate(seed=0, pretrain_docs=10, drill=0.95)
+
+
+def test_sum_answer_result_answers_sums_with_the_result_alone():
+    """sum_answer: "restate" answers a sum "4 + 8 = 12." (copying both operands from the question),
+    "result" answers "The answer is 12." / "答案是12。". The knob changes the text of sum answers and
+    nothing else: same records in the same order, every answer that is not a sum byte-identical."""
+    small = dict(SMALL, pretrain_docs=600)
+    restate = lab.generate(seed=4, **small)
+    result = lab.generate(seed=4, **dict(small, sum_answer="result"))
+    assert restate["world"]["knobs"]["sum_answer"] == "restate" and result["world"]["knobs"]["sum_answer"] == "result"
+    value = re.compile(r"^(?:The answer is (\d+)\.|答案是(\d+)。)$")
+    n_sums = 0
+    for r, s in zip(restate["eval_qa"], result["eval_qa"]):
+        assert r["messages"] == s["messages"] and r["truth"] == s["truth"]
+        if r["kind"] == "arith":
+            n_sums += 1
+            m = value.match(s["reference"])
+            assert m and (m[1] or m[2]) == s["truth"]["answer"], s
+            assert r["reference"].startswith(r["truth"]["operands"][0])   # "9 + 0 = 9." / "9加0等于9。"
+            assert lab.check(s["reference"], s["truth"]) and lab.check(r["reference"], r["truth"])
+        else:
+            assert r == s
+    assert n_sums == 2 * len(restate["world"]["arith"]["eval"])
+    # SFT: the same conversations, sum answers in the new form
+    changed = 0
+    for r, s in zip(restate["sft_train"], result["sft_train"]):
+        for mr, ms in zip(r["messages"], s["messages"]):
+            if mr != ms:
+                changed += 1
+                assert mr["role"] == ms["role"] == "assistant" and value.match(ms["content"]), (mr, ms)
+    assert changed > 50
+    # pretraining: the Q/A documents' sums too, and nothing else
+    for r, s in zip(restate["pretrain"], result["pretrain"]):
+        for lr, ls in zip(r["text"].split("\n"), s["text"].split("\n")):
+            assert lr == ls or value.match(ls.split(" ", 1)[1] if ls.startswith("A: ") else ls[2:]), (lr, ls)
+    with pytest.raises(ValueError, match="sum_answer"):
+        lab.generate(seed=0, pretrain_docs=10, sum_answer="words")
