@@ -127,7 +127,7 @@ SIZES = {
         # operand ("Compute 9 + 0." -> "9 + 1 = 10.") already in the base model, and SFT's held-out sums land anywhere
         # from 7% to 83% by trajectory. Measured, not adopted (README, This version): 4 000 pretraining Q/A sums with
         # operands up to 99 as copy practice (base model 8 -> 2 and 1 -> 1 of 86 held-out sums, seeds 0 and 2), and
-        # answering with the result alone, "The answer is 11." (six trajectories: SFT's held-out sums +0.4 +- 16
+        # answering with the result alone, "The answer is 11." (nine trajectories: SFT's held-out sums +3.2 +- 11.5
         # points, from 15 -> 76 of 86 to 71 -> 37: the same lottery, redrawn).
         data=dict(drill=0.3, sft_habit=0.9),
         model=dict(model="lab", seq_len=256),
