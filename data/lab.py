@@ -565,10 +565,6 @@ def _arith_item(problem, lang, rng, sum_answer="restate"):
                       "max_words": MAX_WORDS}}
 
 
-def _sum_answer(world):
-    return world["knobs"].get("sum_answer", "restate")   # worlds written before the knob restate
-
-
 def _identity_item(idx, lang, rng):
     q, a = IDENTITY[lang][idx]
     other = "zh" if lang == "en" else "en"
@@ -598,7 +594,7 @@ def _single_item(world, group, rng, lang=None, weights=(0.7, 0.18, 0.06, 0.06)):
         p = rng.choice([q for q in world["people"] if q["group"] == group])
         return _fact_item(world, p, rng.choice(ATTRS), lang, rng)
     if task == "arith":
-        return _arith_item(rng.choice(world["arith"][group]), lang, rng, _sum_answer(world))
+        return _arith_item(rng.choice(world["arith"][group]), lang, rng, world["knobs"]["sum_answer"])
     if task == "identity":
         return _identity_item(rng.choice(_split_idx(len(IDENTITY[lang]), group)), lang, rng)
     return _refusal_item(rng.choice(_split_idx(len(HARMFUL[lang]), group)), lang, rng)
@@ -686,9 +682,9 @@ def _pretrain_doc(world, rng, qa_frac, knowledge="mixed", drill=0.15):
         q, a = QA_MARKS[lang]
         lines = []
         for _ in range(rng.randint(3, 6)):
-            # a quarter are sums: "What is 4 + 8?" -> "4 + 8 = 12." copies both operands from the question,
-            # a skill SFT's few hundred sums did not teach the small model (it answered "4 + 4 = 8")
-            item = (_arith_item(rng.choice(sums), lang, rng, _sum_answer(world)) if rng.random() < 0.25
+            # a quarter are sums: "What is 4 + 8?" -> "4 + 8 = 12." (sum_answer restate) copies both operands from
+            # the question, a skill SFT's few hundred sums did not teach the small model (it answered "4 + 4 = 8")
+            item = (_arith_item(rng.choice(sums), lang, rng, world["knobs"]["sum_answer"]) if rng.random() < 0.25
                     else _fact_item(world, rng.choice(asked), rng.choice(ATTRS), lang, rng))
             lines.append(f"{q}{item['q']}\n{a}{item['a']}")
         return "\n".join(lines)
@@ -821,7 +817,7 @@ def _eval_sets(world, rng, n_followups, n_show):
             recs.append({"messages": msgs, "reference": turns[-1]["a"], "truth": turns[-1]["truth"], "kind": "followup"})
     for problem in world["arith"]["eval"]:
         for lang in LANGS:
-            recs.append(_eval_record(_arith_item(problem, lang, rng, _sum_answer(world)), "arith"))
+            recs.append(_eval_record(_arith_item(problem, lang, rng, world["knobs"]["sum_answer"]), "arith"))
     for lang in LANGS:
         for idx in _split_idx(len(IDENTITY[lang]), "eval"):
             it = _identity_item(idx, lang, rng)
