@@ -539,8 +539,12 @@ def test_sum_answer_result_answers_sums_with_the_result_alone():
                 assert mr["role"] == ms["role"] == "assistant" and value.match(ms["content"]), (mr, ms)
     assert changed > 50
     # pretraining: the Q/A documents' sums too, and nothing else
+    changed = 0
     for r, s in zip(restate["pretrain"], result["pretrain"]):
         for lr, ls in zip(r["text"].split("\n"), s["text"].split("\n")):
-            assert lr == ls or value.match(ls.split(" ", 1)[1] if ls.startswith("A: ") else ls[2:]), (lr, ls)
+            if lr != ls:
+                changed += 1
+                assert value.match(ls.split(" ", 1)[1] if ls.startswith("A: ") else ls[2:]), (lr, ls)
+    assert changed > 20
     with pytest.raises(ValueError, match="sum_answer"):
         lab.generate(seed=0, pretrain_docs=10, sum_answer="words")
