@@ -220,6 +220,9 @@ def get_args(argv=None):
     p.add_argument("--sum_answer", default=None, choices=["restate", "result"],
                    help="how the lab's sums are answered (data/lab.py; default restate, '8 + 3 = 11.'; result: "
                         "'The answer is 11.', measured and not adopted; README exercise 12)")
+    p.add_argument("--question_drill", type=float, default=None, metavar="P",
+                   help="share of the pretraining arithmetic drill asked as plain-text Q/A sums, sft and rl problems "
+                        "only (data/lab.py; default: the size's)")
     p.add_argument("--train_tokenizer", action="store_true",
                    help="train a sentencepiece tokenizer on the lab data (default: reuse tokenizer/lab.model)")
     p.add_argument("--force", action="store_true", help="re-run every stage")
@@ -277,7 +280,8 @@ def build_stages(args):
     j = lambda *parts: os.path.join(R, *parts)   # noqa: E731  (a path inside the run directory)
     data, common_flags = j("data"), ["--device", args.device, "--seed", str(args.seed)]
     lab_knobs = []
-    knobs = {"knowledge": args.knowledge, "sft_habit": args.sft_habit, "cut_off": args.cut_off, "sum_answer": args.sum_answer}
+    knobs = {"knowledge": args.knowledge, "sft_habit": args.sft_habit, "cut_off": args.cut_off, "sum_answer": args.sum_answer,
+             "question_drill": args.question_drill}
     for k, v in {**S["data"], **{k: v for k, v in knobs.items() if v is not None}}.items():
         lab_knobs += [f"--{k.replace('_', '-')}", str(v)]
     stages = [Stage("data", "the lab world (bilingual synthetic facts, conversations, preferences, evals)",

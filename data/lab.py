@@ -300,7 +300,7 @@ DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pr
                 knowledge="mixed",
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
                 eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.0, cut_off=0.0,
-                sum_answer="restate")
+                sum_answer="restate", question_drill=0.0)
 
 KNOB_HELP = {
     "people": "people in the world (<= 40, the name pool)", "rl_people": "people of the rl group",
@@ -324,6 +324,8 @@ KNOB_HELP = {
                  "which SFT copies and preference tuning should remove",
     "sum_answer": "how the sums are answered: restate ('4 + 8 = 12.', copies the operands) or result "
                   "('The answer is 12.')",
+    "question_drill": "share of the arithmetic drill documents written as plain-text Q/A sums ('Q: What is 4 + 8?' / "
+                      "'A: 4 + 8 = 12.') about the sft and rl problems only (0 .. 1)",
     "cut_off": "extra training pairs, as a share of prefs_train, whose rejected answer is the right one cut off "
                "before its key fact (a kind the held-out pairs do not have)",
 }
@@ -661,7 +663,7 @@ def _fixed_bio(world, p, lang, rng, vary):
     return (" " if lang == "en" else "").join(out)
 
 
-def _pretrain_doc(world, rng, qa_frac, knowledge="mixed", drill=0.15):
+def _pretrain_doc(world, rng, qa_frac, knowledge="mixed", drill=0.15, question_drill=0.0):
     people = world["people"]
     lang = rng.choice(LANGS)
     if knowledge in ("single", "multi"):   # biographies only (plus the arithmetic drill below)
@@ -704,6 +706,16 @@ def _pretrain_doc(world, rng, qa_frac, knowledge="mixed", drill=0.15):
     if r < round(0.75 * shrink, 2):  # stories: the same facts in running text (longer, so fewer of them)
         p = rng.choice(people)
         return rng.choice(STORIES[lang]).format(**_fields(world, p, lang))
+    if r < 0.90 and question_drill > 0 and rng.random() < question_drill:
+        # question-form drill: the sums asked and answered the way SFT will ask them, so the base model learns to
+        # read the operands from a question, not only to complete "4 + 8 =". The sft and rl problems only: the
+        # eval group's sums are still seen as plain drill below, never as a question (held-out means held out
+        # from every question). Without it the base models answered 1-41 of the 86 held-out sums asked this way
+        # (seeds 0-2), changing the second operand ("Compute 9 + 0." -> "9 + 1 = 10.").
+        q, a = QA_MARKS[lang]
+        sums = [x for g in ("sft", "rl") for x in world["arith"][g]]
+        items = [_arith_item(rng.choice(sums), lang, rng, world["knobs"]["sum_answer"]) for _ in range(rng.randint(4, 8))]
+        return "\n".join(f"{q}{it['q']}\n{a}{it['a']}" for it in items)
     if r < 0.90:  # arithmetic drill: all problems of all groups appear here
         lines = []
         problems = [tuple(x) for g in ("sft", "rl", "eval") for x in world["arith"][g]]
@@ -936,11 +948,13 @@ def generate(seed=0, **knobs):
     rng = _rng(seed, "pretrain")
     if not 0 <= k["drill"] <= 0.9:
         raise ValueError(f"drill={k['drill']}: expected a share between 0 and 0.9")
+    if not 0 <= k["question_drill"] <= 1:
+        raise ValueError(f"question_drill={k['question_drill']}: expected a share between 0 and 1")
     if k["sum_answer"] not in ("restate", "result"):
         raise ValueError(f"sum_answer={k['sum_answer']!r}: expected restate or result")
     if k["knowledge"] not in KNOWLEDGE:
         raise ValueError(f"knowledge={k['knowledge']!r}: expected one of {', '.join(KNOWLEDGE)}")
-    out["pretrain"] = [{"text": _pretrain_doc(world, rng, k["qa_frac"], k["knowledge"], k["drill"])}
+    out["pretrain"] = [{"text": _pretrain_doc(world, rng, k["qa_frac"], k["knowledge"], k["drill"], k["question_drill"])}
                        for _ in range(k["pretrain_docs"])]
     rng = _rng(seed, "sft")
     habit = dict(habit=k["sft_habit"], habit_rng=_rng(seed, "habit"))
