@@ -548,3 +548,53 @@ def test_sum_answer_result_answers_sums_with_the_result_alone():
     assert changed > 20
     with pytest.raises(ValueError, match="sum_answer"):
         lab.generate(seed=0, pretrain_docs=10, sum_answer="words")
+
+
+def test_question_drill_asks_trained_sums_only():
+    """question_drill: a share of the arithmetic drill documents become plain-text Q/A sums ("Q: What is 4 + 8?"
+    / "A: 4 + 8 = 12."), so that the base model learns to read operands from a question. Only the sft and rl
+    problems are asked; the eval group's sums stay plain drill lines, never a question, so held-out sums stay
+    held out. The other sets do not change."""
+    sum_re = re.compile(r"(\d+)\s*(\+|-|×|plus|minus|times|加|减|乘以)\s*(\d+)")
+    op_of = {"+": "+", "-": "-", "×": "×", "plus": "+", "minus": "-", "times": "×", "加": "+", "减": "-", "乘以": "×"}
+    marks = tuple(m for pair in lab.QA_MARKS.values() for m in pair)
+
+    def split(out):
+        """(question-form sums [(op, a, b)], number of all-sum Q/A documents, plain drill [(op, a, b)])"""
+        asked, n_qdocs, plain = [], 0, []
+        for d in out["pretrain"]:
+            lines = d["text"].split("\n")
+            if lines[0].startswith(marks):
+                qs = [sum_re.search(l) for l in lines[0::2]]
+                found = [(op_of[m[2]], int(m[1]), int(m[3])) for m in qs if m]
+                asked += found
+                n_qdocs += len(found) == len(qs) >= 4
+                for q, a in zip(lines[0::2], lines[1::2]):   # every answer is the right sum
+                    m = sum_re.search(q)
+                    if m:
+                        op, x, y = op_of[m[2]], int(m[1]), int(m[3])
+                        c = x + y if op == "+" else (x - y if op == "-" else x * y)
+                        assert a.endswith((f"= {c}.", f"等于{c}。")), (q, a)
+            elif all(sum_re.match(l) for l in lines):
+                plain += [(op_of[m[2]], int(m[1]), int(m[3])) for m in map(sum_re.match, lines)]
+        return asked, n_qdocs, plain
+
+    small = dict(SMALL, pretrain_docs=2000, drill=0.3)
+    base, drilled = lab.generate(seed=5, **small), lab.generate(seed=5, **dict(small, question_drill=0.5))
+    for name in ("sft_train", "eval_qa", "prefs_train", "rl_prompts", "eval_pretrain"):
+        assert base[name] == drilled[name], name
+    world = drilled["world"]
+    assert world["knobs"]["question_drill"] == 0.5
+    trained = {tuple(p) for g in ("sft", "rl") for p in world["arith"][g]}
+    held_out = {tuple(p) for p in world["arith"]["eval"]} - trained
+    assert len(held_out) >= 10
+    asked0, qdocs0, plain0 = split(base)
+    asked, qdocs, plain = split(drilled)
+    assert set(asked) <= trained and set(asked0) <= trained   # no held-out sum is ever asked as a question
+    assert held_out <= set(plain)                             # ... but all of them are still drilled
+    # about half of the ~600 drill documents (drill 0.3 of 2000) are asked: 0.5 +- 0.06 (3 sigma)
+    n_plain_docs = sum(1 for d in drilled["pretrain"] if all(sum_re.match(l) for l in d["text"].split("\n")))
+    assert 0.44 < qdocs / (qdocs + n_plain_docs) < 0.56, (qdocs, n_plain_docs)
+    assert qdocs0 <= 3 and len(asked) > 5 * len(asked0)
+    with pytest.raises(ValueError, match="question_drill"):
+        lab.generate(seed=0, pretrain_docs=10, question_drill=1.5)
