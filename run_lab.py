@@ -129,7 +129,11 @@ SIZES = {
         # operands up to 99 as copy practice (base model 8 -> 2 and 1 -> 1 of 86 held-out sums, seeds 0 and 2), and
         # answering with the result alone, "The answer is 11." (nine trajectories: SFT's held-out sums +3.2 +- 11.5
         # points, from 15 -> 76 of 86 to 71 -> 37: the same lottery, redrawn).
-        data=dict(drill=0.3, sft_habit=0.9),
+        # question_drill 0.5 is what fixed it: half the drill documents ask the sft and rl sums in plain-text Q/A
+        # form (held-out sums stay plain drill). The base models then answer the held-out sums asked that way (82
+        # and 81 of 86, seeds 0 and 2; without: 8 and 1), and over nine trajectories SFT's held-out sums went from
+        # 6-71 of 86 to 62-84, SFT from 62.6-83.0% to 73.5-82.4% (README, This version).
+        data=dict(drill=0.3, sft_habit=0.9, question_drill=0.5),
         model=dict(model="lab", seq_len=256),
         pretrain=dict(max_steps=500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_interval=100,
                       eval_steps=10, log_interval=10),
@@ -156,7 +160,7 @@ SIZES = {
     ),
     "gpu": dict(   # NOT yet measured on a GPU: the lab recipe, scaled up (a bigger model, more data and steps)
         data=dict(pretrain_docs=100000, sft_train=20000, prefs_train=12000, rank_train=2000, rl_prompts=4000,
-                  drill=0.3, sft_habit=0.9),
+                  drill=0.3, sft_habit=0.9, question_drill=0.5),
         model=dict(model="lab", dim=512, n_layers=8, n_heads=8, n_kv_heads=4, seq_len=256),
         pretrain=dict(max_steps=3000, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=200, eval_interval=500,
                       eval_steps=20, log_interval=50),
@@ -222,7 +226,7 @@ def get_args(argv=None):
                         "'The answer is 11.', measured and not adopted; README exercise 12)")
     p.add_argument("--question_drill", type=float, default=None, metavar="P",
                    help="share of the pretraining arithmetic drill asked as plain-text Q/A sums, sft and rl problems "
-                        "only (data/lab.py; default: the size's)")
+                        "only (data/lab.py; default: the size's: lab and gpu 0.5, tiny 0; README exercise 12)")
     p.add_argument("--train_tokenizer", action="store_true",
                    help="train a sentencepiece tokenizer on the lab data (default: reuse tokenizer/lab.model)")
     p.add_argument("--force", action="store_true", help="re-run every stage")

@@ -325,7 +325,7 @@ KNOB_HELP = {
     "sum_answer": "how the sums are answered: restate ('4 + 8 = 12.', copies the operands) or result "
                   "('The answer is 12.')",
     "question_drill": "share of the arithmetic drill documents written as plain-text Q/A sums ('Q: What is 4 + 8?' / "
-                      "'A: 4 + 8 = 12.') about the sft and rl problems only (0 .. 1)",
+                      "'A: 4 + 8 = 12.') about the sft and rl problems only (0 .. 1; knowledge mixed and mixed_all only)",
     "cut_off": "extra training pairs, as a share of prefs_train, whose rejected answer is the right one cut off "
                "before its key fact (a kind the held-out pairs do not have)",
 }
@@ -666,6 +666,8 @@ def _fixed_bio(world, p, lang, rng, vary):
 def _pretrain_doc(world, rng, qa_frac, knowledge="mixed", drill=0.15, question_drill=0.0):
     people = world["people"]
     lang = rng.choice(LANGS)
+    if knowledge in ("single", "multi", "multi_permute"):
+        question_drill = 0.0   # no plain-text Q/A document of any kind: Physics 3.1's conditions before "mixed"
     if knowledge in ("single", "multi"):   # biographies only (plus the arithmetic drill below)
         qa_frac = 0.0
         if rng.random() < 0.75:
@@ -711,7 +713,9 @@ def _pretrain_doc(world, rng, qa_frac, knowledge="mixed", drill=0.15, question_d
         # read the operands from a question, not only to complete "4 + 8 =". The sft and rl problems only: the
         # eval group's sums are still seen as plain drill below, never as a question (held-out means held out
         # from every question). Without it the base models answered 1-41 of the 86 held-out sums asked this way
-        # (seeds 0-2), changing the second operand ("Compute 9 + 0." -> "9 + 1 = 10.").
+        # (four trajectories, seeds 0-2), changing the second operand ("Compute 9 + 0." -> "9 + 1 = 10."); with
+        # half the drill asked, 82 and 81 (seeds 0 and 2), and SFT's held-out sums stopped varying from 7% to 83%
+        # by trajectory (README, This version).
         q, a = QA_MARKS[lang]
         sums = [x for g in ("sft", "rl") for x in world["arith"][g]]
         items = [_arith_item(rng.choice(sums), lang, rng, world["knobs"]["sum_answer"]) for _ in range(rng.randint(4, 8))]

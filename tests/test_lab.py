@@ -596,5 +596,9 @@ def test_question_drill_asks_trained_sums_only():
     n_plain_docs = sum(1 for d in drilled["pretrain"] if all(sum_re.match(l) for l in d["text"].split("\n")))
     assert 0.44 < qdocs / (qdocs + n_plain_docs) < 0.56, (qdocs, n_plain_docs)
     assert qdocs0 <= 3 and len(asked) > 5 * len(asked0)
+    # the Physics 3.1 conditions without Q/A documents stay without them (exercise 10)
+    for knowledge in ("single", "multi", "multi_permute"):
+        out = lab.generate(seed=5, **dict(small, pretrain_docs=600, knowledge=knowledge, question_drill=0.5))
+        assert not any(d["text"].startswith(marks) for d in out["pretrain"]), knowledge
     with pytest.raises(ValueError, match="question_drill"):
         lab.generate(seed=0, pretrain_docs=10, question_drill=1.5)

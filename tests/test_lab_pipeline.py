@@ -436,9 +436,10 @@ def test_spread_summary_and_pooled_gains(tmp_path, capsys):
 
 
 def test_lab_knob_flags_reach_the_data_stage(tmp_path):
-    """--cut_off / --sft_habit / --knowledge / --sum_answer override the size's data knobs on data/lab.py's
-    command line; without them the size's own values go there (lab: no cut-off pairs; tiny: 0.125, so CI
-    runs them; sums restated at every size)."""
+    """--cut_off / --sft_habit / --knowledge / --sum_answer / --question_drill override the size's data knobs on
+    data/lab.py's command line; without them the size's own values go there (lab: no cut-off pairs, half the
+    drill asked as questions; tiny: 0.125 cut-off pairs, so CI runs them, and no question drill; sums restated
+    at every size)."""
     def data_cmd(*flags):
         args = run_lab.get_args(["--out_dir", str(tmp_path / "run"), *flags])
         return next(st.cmd for st in run_lab.build_stages(args) if st.name == "data")
@@ -448,9 +449,11 @@ def test_lab_knob_flags_reach_the_data_stage(tmp_path):
     assert knob(data_cmd(), "--cut-off") is None and knob(data_cmd(), "--sft-habit") == "0.9"
     assert knob(data_cmd(), "--sum-answer") is None and knob(data_cmd("--size", "tiny"), "--sum-answer") is None
     assert knob(data_cmd("--size", "tiny"), "--cut-off") == "0.125"
-    cmd = data_cmd("--cut_off", "0.25", "--sft_habit", "0", "--knowledge", "single", "--sum_answer", "result")
-    assert (knob(cmd, "--cut-off"), knob(cmd, "--sft-habit"), knob(cmd, "--knowledge"), knob(cmd, "--sum-answer")) == \
-        ("0.25", "0.0", "single", "result")
+    assert knob(data_cmd(), "--question-drill") == "0.5" and knob(data_cmd("--size", "tiny"), "--question-drill") is None
+    cmd = data_cmd("--cut_off", "0.25", "--sft_habit", "0", "--knowledge", "single", "--sum_answer", "result",
+                   "--question_drill", "0")
+    assert (knob(cmd, "--cut-off"), knob(cmd, "--sft-habit"), knob(cmd, "--knowledge"), knob(cmd, "--sum-answer"),
+            knob(cmd, "--question-drill")) == ("0.25", "0.0", "single", "result", "0.0")
     # and data/lab.py takes them: the same knobs as lab.generate's (a typo would fail here, not in a lab run)
     from data import lab
-    assert {"cut_off", "sft_habit", "knowledge", "sum_answer"} <= set(lab.DEFAULTS)
+    assert {"cut_off", "sft_habit", "knowledge", "sum_answer", "question_drill"} <= set(lab.DEFAULTS)
