@@ -666,16 +666,13 @@ def _fixed_bio(world, p, lang, rng, vary):
 def _pretrain_doc(world, rng, qa_frac, knowledge="mixed", drill=0.15, question_drill=0.0):
     people = world["people"]
     lang = rng.choice(LANGS)
-    if knowledge in ("single", "multi", "multi_permute"):
-        question_drill = 0.0   # no plain-text Q/A document of any kind: Physics 3.1's conditions before "mixed"
+    if knowledge not in ("mixed", "mixed_all"):   # Physics 3.1's conditions before "mixed": no plain-text Q/A at all
+        qa_frac = question_drill = 0.0
     if knowledge in ("single", "multi"):   # biographies only (plus the arithmetic drill below)
-        qa_frac = 0.0
         if rng.random() < 0.75:
             return _fixed_bio(world, rng.choice(people), lang, rng, vary=knowledge == "multi")
         r = 0.89   # -> the arithmetic drill (just below 0.90, whatever its share)
     else:
-        if knowledge == "multi_permute":
-            qa_frac = 0.0
         r = rng.random()
     if r < qa_frac:  # plain-text Q/A (no chat template): "mixed training" (Physics 3.1) helps extraction.
         # mixed: about the sft and rl groups only, so the eval group's facts are known from biographies

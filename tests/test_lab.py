@@ -588,7 +588,7 @@ def test_question_drill_asks_trained_sums_only():
     trained = {tuple(p) for g in ("sft", "rl") for p in world["arith"][g]}
     held_out = {tuple(p) for p in world["arith"]["eval"]} - trained
     assert len(held_out) >= 10
-    asked0, qdocs0, plain0 = split(base)
+    asked0, qdocs0, _ = split(base)
     asked, qdocs, plain = split(drilled)
     assert set(asked) <= trained and set(asked0) <= trained   # no held-out sum is ever asked as a question
     assert held_out <= set(plain)                             # ... but all of them are still drilled
