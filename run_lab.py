@@ -221,6 +221,9 @@ def get_args(argv=None):
     p.add_argument("--cut_off", type=float, default=None, metavar="P",
                    help="extra preference pairs (share of prefs_train) rejecting the right answer cut off before its "
                         "fact (data/lab.py; default: the size's: lab and gpu 0, tiny 0.125; README exercise 11)")
+    p.add_argument("--off_topic", type=float, default=None, metavar="P",
+                   help="extra preference pairs (share of prefs_train) rejecting the right answer to another question "
+                        "(data/lab.py; default: the size's)")
     p.add_argument("--sum_answer", default=None, choices=["restate", "result"],
                    help="how the lab's sums are answered (data/lab.py; default restate, '8 + 3 = 11.'; result: "
                         "'The answer is 11.', measured and not adopted; README exercise 12)")
@@ -285,7 +288,7 @@ def build_stages(args):
     data, common_flags = j("data"), ["--device", args.device, "--seed", str(args.seed)]
     lab_knobs = []
     knobs = {"knowledge": args.knowledge, "sft_habit": args.sft_habit, "cut_off": args.cut_off, "sum_answer": args.sum_answer,
-             "question_drill": args.question_drill}
+             "question_drill": args.question_drill, "off_topic": args.off_topic}
     for k, v in {**S["data"], **{k: v for k, v in knobs.items() if v is not None}}.items():
         lab_knobs += [f"--{k.replace('_', '-')}", str(v)]
     stages = [Stage("data", "the lab world (bilingual synthetic facts, conversations, preferences, evals)",

@@ -38,8 +38,8 @@ Files (JSON Lines, UTF-8, one record per line):
 
 A "truth" is a small dict that check() understands: {"type": "fact"|"arith"|"identity"|"refusal",
 "lang": "en"|"zh", ...}. Rejected answers are wrong in one labelled way: wrong_fact, wrong_language,
-rude, rambling (and, in the extra training pairs of knob cut_off, cut_off). Only the standard library
-is used; output is byte-identical for a given seed.
+rude, rambling (and, in the extra training pairs of knobs cut_off and off_topic, those two kinds).
+Only the standard library is used; output is byte-identical for a given seed.
 """
 import argparse
 import json
@@ -300,7 +300,7 @@ DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pr
                 knowledge="mixed",
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
                 eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.0, cut_off=0.0,
-                sum_answer="restate", question_drill=0.0)
+                sum_answer="restate", question_drill=0.0, off_topic=0.0)
 
 KNOB_HELP = {
     "people": "people in the world (<= 40, the name pool)", "rl_people": "people of the rl group",
@@ -328,6 +328,9 @@ KNOB_HELP = {
                       "'A: 4 + 8 = 12.') about the sft and rl problems only (0 .. 1; knowledge mixed and mixed_all only)",
     "cut_off": "extra training pairs, as a share of prefs_train, whose rejected answer is the right one cut off "
                "before its key fact (a kind the held-out pairs do not have)",
+    "off_topic": "extra training pairs, as a share of prefs_train, whose rejected answer is the right answer to "
+                 "another question in the same language: another fact about the same person, or a sum (a kind the "
+                 "held-out pairs do not have)",
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -602,7 +605,7 @@ def _single_item(world, group, rng, lang=None, weights=(0.7, 0.18, 0.06, 0.06)):
     return _refusal_item(rng.choice(_split_idx(len(HARMFUL[lang]), group)), lang, rng)
 
 
-def _rejected(item, kind, rng):
+def _rejected(item, kind, rng, world=None):
     lang, a = item["lang"], item["a"]
     if kind == "wrong_fact":
         return item["a_wrong"]
@@ -610,6 +613,8 @@ def _rejected(item, kind, rng):
         return item["a_other"]
     if kind == "cut_off":
         return _cut_off(item, rng)
+    if kind == "off_topic":
+        return _off_topic(world, item, rng)
     if kind == "rude":
         pre, post = RUDE[lang]
         rude = rng.choice(pre) + a if rng.random() < 0.5 else a + rng.choice(post)
@@ -626,6 +631,22 @@ def _cut_off(item, rng):
     a = item["a"]
     prefixes = [a[:m.start()].rstrip() for m in _UNIT.finditer(a)][1:]
     return rng.choice([p for p in prefixes if not _fact_ok(p, item["truth"])] or [a[:1]])
+
+
+def _off_topic(world, item, rng):
+    """The right answer to another question, in the question's language. Half the time another fact about
+    the same person ("Zheng Kai lives in Sydney." asked his age): what SFT writes when it recalls the
+    person and not the attribute; otherwise a fact about someone else or a sum ("5 x 5 = 25.")."""
+    truth, lang = item["truth"], item["lang"]
+    subject = next((p for p in world["people"] if p["name"] == truth.get("subject")), None)
+    for _ in range(100):
+        if subject and rng.random() < 0.5:
+            other = _fact_item(world, subject, rng.choice([a for a in ATTRS if a != truth["attr"]]), lang, rng)
+        else:
+            other = _single_item(world, rng.choice(("sft", "rl")), rng, lang, weights=(0.5, 0.5, 0.0, 0.0))
+        if not judge(other["a"], truth)["fact"]:   # by chance the right fact (the same city): draw again
+            return other["a"]
+    raise RuntimeError(f"no off-topic answer found for {item['q']!r}")
 
 
 def _padded(item):
@@ -879,12 +900,12 @@ def _probe_sets(world, rng, n_arith):
     return [{"id": f"pt{i:04d}", **r} for i, r in enumerate(out)]
 
 
-def _pref_record(item, kind, rng, habit=0.0):
+def _pref_record(item, kind, rng, habit=0.0, world=None):
     # With sft_habit the labellers compared the SFT model's own answers, as InstructGPT's did: the style
     # pairs of an age question reject the repeated answer the SFT model writes there.
     rejected = _habit(item) if habit > 0 and kind != "wrong_fact" and _is_age(item) else None
     kind = "rambling" if rejected else kind
-    return {**_prompt_record(item), "chosen": item["a"], "rejected": rejected or _rejected(item, kind, rng),
+    return {**_prompt_record(item), "chosen": item["a"], "rejected": rejected or _rejected(item, kind, rng, world),
             "kind": kind, "task": item["task"], "truth": item["truth"]}
 
 
@@ -978,6 +999,12 @@ def generate(seed=0, **knobs):
     rng_cut = _rng(seed, "cut_off")
     out["prefs_train"] += [_pref_record(it, "cut_off", rng_cut) for it in
                            _items(world, ("sft", "rl"), rng_cut, round(k["cut_off"] * k["prefs_train"]), False, PREF_TASKS)]
+    # off_topic pairs: the rejected answer is the right answer to another question. The implicit reward model
+    # ranked another question's right answer above the reference on 107-164 of 506 held-out questions, and
+    # PPO kept SFT's answers of that kind ("5乘以5等于25。" asked where someone lives). Own stream, last.
+    rng_off = _rng(seed, "off_topic")
+    out["prefs_train"] += [_pref_record(it, "off_topic", rng_off, world=world) for it in
+                           _items(world, ("sft", "rl"), rng_off, round(k["off_topic"] * k["prefs_train"]), False, PREF_TASKS)]
     out["prefs_val"] = [_pref_record(it, kind, rng)
                         for it in _items(world, ("eval",), rng, k["prefs_val"] // 4, True, PREF_TASKS) for kind in REJECTED_KINDS]
     out["rank_train"] = [_rank_record(it, rng)
