@@ -972,6 +972,9 @@ def generate(seed=0, **knobs):
         raise ValueError(f"drill={k['drill']}: expected a share between 0 and 0.9")
     if not 0 <= k["question_drill"] <= 1:
         raise ValueError(f"question_drill={k['question_drill']}: expected a share between 0 and 1")
+    for extra in ("cut_off", "off_topic"):
+        if not 0 <= k[extra] <= 1:
+            raise ValueError(f"{extra}={k[extra]}: expected a share of prefs_train between 0 and 1")
     if k["sum_answer"] not in ("restate", "result"):
         raise ValueError(f"sum_answer={k['sum_answer']!r}: expected restate or result")
     if k["knowledge"] not in KNOWLEDGE:

@@ -492,6 +492,45 @@ def test_cut_off_pairs_are_extra_and_stop_before_the_fact():
     assert not any(word(r["rejected"][-1]) and word(r["chosen"][len(r["rejected"])]) for r in extra)
 
 
+def test_off_topic_pairs_reject_the_right_answer_to_another_question():
+    """off_topic: extra training pairs whose rejected answer is the right answer to another question in
+    the same language (another fact about the same person, or a sum): wrong only in its fact, nothing
+    else. Appended last, from their own random stream: every other record of every file is unchanged."""
+    plain = lab.generate(seed=1, **dict(SMALL, pretrain_docs=10, sft_habit=0.9))
+    off = lab.generate(seed=1, **dict(SMALL, pretrain_docs=10, sft_habit=0.9, off_topic=0.5))
+    for key in lab.FILES:
+        if key != "prefs_train":
+            assert plain[key] == off[key], key
+    n = len(plain["prefs_train"])
+    assert off["prefs_train"][:n] == plain["prefs_train"] and not any(r["kind"] == "off_topic" for r in plain["prefs_train"])
+    extra = off["prefs_train"][n:]
+    assert len(extra) == 200 and {r["kind"] for r in extra} == {"off_topic"}
+    assert {r["task"] for r in extra} == {"fact", "followup", "identity", "refusal"}
+    world, same_person, sums = off["world"], 0, 0
+    answers = {}   # every right answer the world can give, in each language: the rejected one must be among them
+    for p in world["people"]:
+        for attr in lab.ATTRS:
+            for lang in lab.LANGS:
+                answers[lab.ANSWERS[lang][attr].format(**lab._fields(world, p, lang))] = (p["name"], attr)
+    for r in extra:
+        assert lab.check(r["chosen"], r["truth"]), r
+        verdict = lab.judge(r["rejected"], r["truth"])     # the fact is missing, nothing else is wrong
+        assert not verdict["fact"] and verdict["language"] and verdict["polite"] and verdict["concise"], r
+        if r["rejected"] in answers:
+            name, attr = answers[r["rejected"]]
+            same_person += name == r["truth"].get("subject") and attr != r["truth"]["attr"]
+        else:   # not a fact about anyone: a sum, right, in the question's language
+            sums += 1
+            assert re.fullmatch(r"(\d+ [+×-] \d+ = \d+\.|\d+(加|减|乘以)\d+等于\d+。)", r["rejected"]), r
+            a, b, c = map(int, re.findall(r"\d+", r["rejected"]))
+            assert c in (a + b, a - b, a * b), r
+    # about half of the fact and follow-up pairs reject another fact about the same person; sums are common
+    facts = sum(r["task"] in ("fact", "followup") for r in extra)
+    assert 0.3 * facts < same_person < 0.7 * facts and sums > 0.1 * len(extra)
+    with pytest.raises(ValueError, match="off_topic"):
+        lab.generate(seed=1, **dict(SMALL, pretrain_docs=10, off_topic=-0.5))
+
+
 def test_drill_knob_sets_the_share_of_arithmetic_documents():
     """--drill: the share of the non-Q/A pretraining documents that are arithmetic drill, taken from the
     biography-like documents; the lab size uses 0.3, the tiny size 0.15."""

@@ -138,7 +138,11 @@ def test_report_is_readable_and_consistent(lab):
         scores = np.array([1.0] * wins + [0.5] * ties + [0.0] * losses)
         half = 1.96 * scores.std() / np.sqrt(scores.size)
         assert (f"(95% CI {scores.mean() - half:.3f}–{scores.mean() + half:.3f}, n={scores.size}: "
-                f"{wins} better, {losses} worse, {ties} tied)") in md
+                f"{wins} better, {losses} worse, {ties} tied") in md
+        if wins + losses:   # and the verdicts where the answers differ, with their Wilson interval
+            lo, hi = run_lab.wilson(wins, wins + losses)
+            assert (f"{ties} tied; where they differ, better in {wins / (wins + losses):.3f} (95% CI {lo:.3f}–{hi:.3f}, "
+                    f"n={wins + losses})") in md
     # the reward model's pairwise accuracy, overall and per rejected kind, with its n and Wilson interval
     rv = rep["reward"]
     assert sum(rv["per_kind_n"].values()) == rv["pairs"] == reward_eval["pairs"]
@@ -451,9 +455,9 @@ def test_lab_knob_flags_reach_the_data_stage(tmp_path):
     assert knob(data_cmd("--size", "tiny"), "--cut-off") == "0.125"
     assert knob(data_cmd(), "--question-drill") == "0.5" and knob(data_cmd("--size", "tiny"), "--question-drill") is None
     cmd = data_cmd("--cut_off", "0.25", "--sft_habit", "0", "--knowledge", "single", "--sum_answer", "result",
-                   "--question_drill", "0")
+                   "--question_drill", "0", "--off_topic", "0.5")
     assert (knob(cmd, "--cut-off"), knob(cmd, "--sft-habit"), knob(cmd, "--knowledge"), knob(cmd, "--sum-answer"),
-            knob(cmd, "--question-drill")) == ("0.25", "0.0", "single", "result", "0.0")
+            knob(cmd, "--question-drill"), knob(cmd, "--off-topic")) == ("0.25", "0.0", "single", "result", "0.0", "0.5")
     # and data/lab.py takes them: the same knobs as lab.generate's (a typo would fail here, not in a lab run)
     from data import lab
-    assert {"cut_off", "sft_habit", "knowledge", "sum_answer", "question_drill"} <= set(lab.DEFAULTS)
+    assert {"cut_off", "sft_habit", "knowledge", "sum_answer", "question_drill", "off_topic"} <= set(lab.DEFAULTS)
