@@ -122,7 +122,11 @@ SIZES = {
         # cut_off (data/lab.py) stays 0 here. Measured over 9 trajectories: 375 extra pairs rejecting the right
         # answer cut off before its fact shrink the reward model's empty-answer hole (an empty answer beating
         # the reference: 7-249 of 506 held-out questions -> 6-92), but widen its other hole (another question's
-        # right answer beating the reference) in 8 of 9, and PPO gained 1.1 points less (README, This version).
+        # right answer beating the reference) in 8 of 9, and PPO gained 1.1 points less (README, The previous version).
+        # off_topic (data/lab.py) stays 0 too. With question_drill 0.5, 750 pairs rejecting another question's
+        # answer plus the 375 cut-off pairs closed both holes in 9 of 9 (empty 7-138, other 19-36 of 506) and
+        # helped nothing: DPO -0.0 +- 0.6, PPO -0.7 +- 0.8 points, the reward model's wrong facts -2.3 +- 0.7
+        # (README, This version).
         # sum_answer (data/lab.py) stays "restate" here ("8 + 3 = 11."). Held-out sums fail by changing the second
         # operand ("Compute 9 + 0." -> "9 + 1 = 10.") already in the base model, and SFT's held-out sums land anywhere
         # from 7% to 83% by trajectory. Measured, not adopted (README, This version): 4 000 pretraining Q/A sums with
@@ -223,7 +227,7 @@ def get_args(argv=None):
                         "fact (data/lab.py; default: the size's: lab and gpu 0, tiny 0.125; README exercise 11)")
     p.add_argument("--off_topic", type=float, default=None, metavar="P",
                    help="extra preference pairs (share of prefs_train) rejecting the right answer to another question "
-                        "(data/lab.py; default: the size's)")
+                        "(data/lab.py; default 0 at every size: measured, not adopted; README exercise 11)")
     p.add_argument("--sum_answer", default=None, choices=["restate", "result"],
                    help="how the lab's sums are answered (data/lab.py; default restate, '8 + 3 = 11.'; result: "
                         "'The answer is 11.', measured and not adopted; README exercise 12)")
