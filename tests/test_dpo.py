@@ -395,9 +395,11 @@ def test_ddp_two_processes_equal_one_process(flawed_sft):
     one = torch.load(d / "one" / "final.pt", weights_only=True)["model"]
     l1 = [r["loss"] for r in common.read_jsonl(d / "one" / "log.jsonl") if "round_step" in r]
     for parallel in ("ddp", "fsdp"):
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(repo / "dpo.py"), *flags, "--out_dir", str(d / parallel), "--parallel", parallel],
-                       cwd=repo, env=env, check=True, timeout=300, capture_output=True)
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(repo / "dpo.py"), *flags, "--out_dir", str(d / parallel), "--parallel", parallel],
+                              cwd=repo, env=env, timeout=300, capture_output=True, text=True)
+        # every rank's output on failure: the first error torchrun reports may be the victim's, not the cause
+        assert done.returncode == 0, f"{parallel}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
         two = common.load_model(common.checkpoint_path(str(d / parallel), "final"))[0].state_dict()   # fsdp: a DCP dir
         assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5, parallel
         l2 = [r["loss"] for r in common.read_jsonl(d / parallel / "log.jsonl") if "round_step" in r]
