@@ -467,19 +467,27 @@ def test_sft_habit_repeats_only_age_answers_and_nothing_else_moves():
     assert sum(r["task"] == "arith" for r in half["rl_prompts"]) > 0.2 * len(half["rl_prompts"])
 
 
+def extra_pairs(knob, share):
+    """The training pairs a knob adds (kind = the knob's name), after checking that they are all it
+    changes: every other file is the same, and the other pairs come first, as they were."""
+    plain = lab.generate(seed=1, **dict(SMALL, pretrain_docs=10, sft_habit=0.9))
+    more = lab.generate(seed=1, **dict(SMALL, pretrain_docs=10, sft_habit=0.9, **{knob: share}))
+    for key in lab.FILES:
+        if key != "prefs_train":
+            assert plain[key] == more[key], key
+    n = len(plain["prefs_train"])
+    assert more["prefs_train"][:n] == plain["prefs_train"] and not any(r["kind"] == knob for r in plain["prefs_train"])
+    extra = more["prefs_train"][n:]
+    assert {r["kind"] for r in extra} == {knob}
+    return extra, more["world"]
+
+
 def test_cut_off_pairs_are_extra_and_stop_before_the_fact():
     """cut_off: extra training pairs whose rejected answer is the right answer stopped early, before its
     key fact, at a word or 字 boundary and never empty. They come after the other pairs, from their own
     random stream: every other record of every file is unchanged, the held-out pairs have no such kind."""
-    plain = lab.generate(seed=1, **dict(SMALL, pretrain_docs=10, sft_habit=0.9))
-    cut = lab.generate(seed=1, **dict(SMALL, pretrain_docs=10, sft_habit=0.9, cut_off=0.25))
-    for key in lab.FILES:
-        if key != "prefs_train":
-            assert plain[key] == cut[key], key
-    n = len(plain["prefs_train"])
-    assert cut["prefs_train"][:n] == plain["prefs_train"] and not any(r["kind"] == "cut_off" for r in plain["prefs_train"])
-    extra = cut["prefs_train"][n:]
-    assert len(extra) == 100 and {r["kind"] for r in extra} == {"cut_off"}
+    extra, _ = extra_pairs("cut_off", 0.25)
+    assert len(extra) == 100
     assert {r["task"] for r in extra} == {"fact", "followup", "identity", "refusal"}
     assert {r["truth"]["lang"] for r in extra} == set(lab.LANGS)
     for r in extra:
@@ -496,17 +504,10 @@ def test_off_topic_pairs_reject_the_right_answer_to_another_question():
     """off_topic: extra training pairs whose rejected answer is the right answer to another question in
     the same language (another fact about the same person, or a sum): wrong only in its fact, nothing
     else. Appended last, from their own random stream: every other record of every file is unchanged."""
-    plain = lab.generate(seed=1, **dict(SMALL, pretrain_docs=10, sft_habit=0.9))
-    off = lab.generate(seed=1, **dict(SMALL, pretrain_docs=10, sft_habit=0.9, off_topic=0.5))
-    for key in lab.FILES:
-        if key != "prefs_train":
-            assert plain[key] == off[key], key
-    n = len(plain["prefs_train"])
-    assert off["prefs_train"][:n] == plain["prefs_train"] and not any(r["kind"] == "off_topic" for r in plain["prefs_train"])
-    extra = off["prefs_train"][n:]
-    assert len(extra) == 200 and {r["kind"] for r in extra} == {"off_topic"}
+    extra, world = extra_pairs("off_topic", 0.5)
+    assert len(extra) == 200
     assert {r["task"] for r in extra} == {"fact", "followup", "identity", "refusal"}
-    world, same_person, sums = off["world"], 0, 0
+    same_person, sums = 0, 0
     answers = {}   # every right answer the world can give, in each language: the rejected one must be among them
     for p in world["people"]:
         for attr in lab.ATTRS:
