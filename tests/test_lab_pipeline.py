@@ -130,6 +130,7 @@ def test_report_is_readable_and_consistent(lab):
     assert "| DPO's implicit reward | " in md and "| reward model (scalar head) | " in md
     assert len(rep["showcase"]) == 8 and set(rep["showcase"][0]["answers"]) == {"base", "sft", "dpo", "ppo", "grpo"}
     # the reward model's win rate and the verdicts behind it (identical answers tie): (wins + ties / 2) / n
+    decided = 0
     for name in ("dpo", "ppo", "grpo"):
         wins, losses, ties = rep[name]["reward_wins_losses_ties"]
         assert wins + losses + ties == len(ev["models"][name]["oks"])
@@ -140,9 +141,11 @@ def test_report_is_readable_and_consistent(lab):
         assert (f"(95% CI {scores.mean() - half:.3f}–{scores.mean() + half:.3f}, n={scores.size}: "
                 f"{wins} better, {losses} worse, {ties} tied") in md
         if wins + losses:   # and the verdicts where the answers differ, with their Wilson interval
+            decided += 1
             lo, hi = run_lab.wilson(wins, wins + losses)
             assert (f"{ties} tied; where they differ, better in {wins / (wins + losses):.3f} (95% CI {lo:.3f}–{hi:.3f}, "
                     f"n={wins + losses})") in md
+    assert decided > 0   # the check above ran at least once: some stage changed some answer
     # the reward model's pairwise accuracy, overall and per rejected kind, with its n and Wilson interval
     rv = rep["reward"]
     assert sum(rv["per_kind_n"].values()) == rv["pairs"] == reward_eval["pairs"]
@@ -440,7 +443,7 @@ def test_spread_summary_and_pooled_gains(tmp_path, capsys):
 
 
 def test_lab_knob_flags_reach_the_data_stage(tmp_path):
-    """--cut_off / --sft_habit / --knowledge / --sum_answer / --question_drill override the size's data knobs on
+    """--cut_off / --sft_habit / --knowledge / --sum_answer / --question_drill / --off_topic override the size's data knobs on
     data/lab.py's command line; without them the size's own values go there (lab: no cut-off pairs, half the
     drill asked as questions; tiny: 0.125 cut-off pairs, so CI runs them, and no question drill; sums restated
     at every size)."""
