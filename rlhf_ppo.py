@@ -153,6 +153,10 @@ def get_args(argv=None):
     o.add_argument("--ptx_data", nargs="+", default=None,
                    help="PPO-ptx data: conversation files / an sft_prepare dir (assistant-only loss), "
                         "or a data/prepare.py dir (plain text)")
+    o.add_argument("--ptx_batch_size", type=int, default=None,
+                   help="PPO-ptx: rows per language-modelling micro-batch (default: --batch_size). Each row is a "
+                        "full context window, so at the lab size the ptx batch costs more than the answers it "
+                        "rides with; its own size keeps that cost fixed when --batch_size grows")
     w = parser.add_argument_group("ppo: watching")
     w.add_argument("--sample_interval", type=int, default=10,
                    help="print prompt/response pairs every N iterations (0 = off)")
@@ -181,6 +185,8 @@ def get_args(argv=None):
                     f"({args.batch_size} x {args.grad_accum})")
     if args.ptx_coef > 0 and not args.ptx_data:
         common.fail("--ptx_coef > 0 needs --ptx_data")
+    if args.ptx_batch_size is not None and args.ptx_batch_size < 1:
+        common.fail(f"--ptx_batch_size {args.ptx_batch_size}: must be >= 1")
     if args.parallel == "fsdp" and args.offload:
         # FSDP2's CPUOffloadPolicy could keep the frozen shards on the CPU, at one host-to-GPU copy per
         # block per forward; with 1/W of each frozen model per GPU that is rarely worth it (never measured)
@@ -675,7 +681,7 @@ def train(args, info):
                 if k == 0 and micro == 0:   # nothing has been updated since the rollout: the ratio must be 1
                     sums["ratio_dev"] = check_ratio(inv, st, it)
                 if ptx is not None:   # PPO-ptx: a language-modelling batch through the same (wrapped) actor
-                    x, y = ptx.batch(mbs, it, rank, k, micro)
+                    x, y = ptx.batch(args.ptx_batch_size or mbs, it, rank, k, micro)
                     with common.grad_sync(actor, last):
                         with ctx:
                             _, lm_loss = actor(x.to(device), y.to(device))

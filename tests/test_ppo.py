@@ -506,6 +506,29 @@ def test_ddp_two_processes_stay_in_sync(lab_models, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_ptx_batch_size_sets_the_rows_of_every_language_modelling_batch(lab_models, tmp_path, monkeypatch):
+    """PPO-ptx batches are full context windows, so their rows, not the answers', set PPO's cost at the lab
+    size: --ptx_batch_size decouples them from --batch_size (default: the same). Every ptx batch of the run
+    has that many rows; a size below 1 is refused."""
+    d, seen = lab_models, []
+    real_batch = ppo.PtxData.batch
+
+    def spy(self, batch_size, *key):
+        x, y = real_batch(self, batch_size, *key)
+        seen.append((x.shape[0], y.shape[0]))
+        return x, y
+    monkeypatch.setattr(ppo.PtxData, "batch", spy)
+    for extra, rows in (((), 2), (("--ptx_batch_size", "3"), 3)):
+        seen.clear()
+        ppo.main(ppo_argv(d, tmp_path / f"rows{rows}", "--max_steps", "1", "--rollout_batch", "4", "--batch_size", "2",
+                          "--max_new_tokens", "8", "--eval_interval", "0", "--ptx_coef", "0.1",
+                          "--ptx_data", str(d / "sft.jsonl"), *extra))
+        assert len(seen) == 4 and set(seen) == {(rows, rows)}   # 2 epochs x 2 minibatches, each with its ptx batch
+    with pytest.raises(SystemExit):
+        ppo.get_args(ppo_argv(d, tmp_path / "bad", "--ptx_coef", "0.1", "--ptx_data", str(d / "sft.jsonl"),
+                              "--ptx_batch_size", "0"))
+
+
 # -----------------------------------------------------------------------------
 # LoRA: the reference is the actor with its adapters off, the critic a value head on the actor
 
