@@ -126,17 +126,17 @@ SIZES = {
         # off_topic (data/lab.py) stays 0 too. With question_drill 0.5, 750 pairs rejecting another question's
         # answer plus the 375 cut-off pairs closed both holes in 9 of 9 (empty 7-138, other 19-36 of 506) and
         # helped nothing: DPO -0.0 +- 0.6, PPO -0.7 +- 0.8 points, the reward model's wrong facts -2.3 +- 0.7
-        # (README, This version).
+        # (README, The question-drill version).
         # sum_answer (data/lab.py) stays "restate" here ("8 + 3 = 11."). Held-out sums fail by changing the second
         # operand ("Compute 9 + 0." -> "9 + 1 = 10.") already in the base model, and SFT's held-out sums land anywhere
-        # from 7% to 83% by trajectory. Measured, not adopted (README, This version): 4 000 pretraining Q/A sums with
+        # from 7% to 83% by trajectory. Measured, not adopted (README, The question-drill version): 4 000 pretraining Q/A sums with
         # operands up to 99 as copy practice (base model 8 -> 2 and 1 -> 1 of 86 held-out sums, seeds 0 and 2), and
         # answering with the result alone, "The answer is 11." (nine trajectories: SFT's held-out sums +3.2 +- 11.5
         # points, from 15 -> 76 of 86 to 71 -> 37: the same lottery, redrawn).
         # question_drill 0.5 is what fixed it: half the drill documents ask the sft and rl sums in plain-text Q/A
         # form (held-out sums stay plain drill). The base models then answer the held-out sums asked that way (82
         # and 81 of 86, seeds 0 and 2; without: 8 and 1), and over nine trajectories SFT's held-out sums went from
-        # 6-71 of 86 to 62-84, SFT from 62.6-83.0% to 73.5-82.4% (README, This version).
+        # 6-71 of 86 to 62-84, SFT from 62.6-83.0% to 73.5-82.4% (README, The question-drill version).
         data=dict(drill=0.3, sft_habit=0.9, question_drill=0.5),
         model=dict(model="lab", seq_len=256),
         pretrain=dict(max_steps=500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_interval=100,
@@ -156,8 +156,12 @@ SIZES = {
         # KL-regularised RL's optimum is pi_SFT * (pi_RM / pi_SFT)^(beta / (std * kl_coef)): at 0.3 that exponent is 0.1
         # and PPO gained +10.3 / +3.8 points (seeds 0, 1); at 0.05 (exponent ~0.65) +15.6 at seed 0 (README). With the
         # scalar head 0.3 was needed: at 0.1 PPO hacked it in 2 runs of 4 (ages moved to 33 or 63, "上海" cut to "上").
-        ppo=dict(max_steps=40, rollout_batch=32, batch_size=16, lr=1e-4, min_lr=1e-5, critic_lr=1e-3, kl_coef=0.05,
-                 ptx_coef=1.0, eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10, log_interval=1),
+        # ptx_batch_size 8: a PPO-ptx row is a whole 256-token window, so 16 of them were ~70% of PPO's training time.
+        # 8 rows (nine trajectories): PPO +1.2 points, its gain over SFT steadier (spread 4.7 -> 3.3 points), the
+        # Chinese age habit PPO kept in one trajectory of nine gone, PPO ~70 s faster (README, This version).
+        ppo=dict(max_steps=40, rollout_batch=32, batch_size=16, ptx_batch_size=8, lr=1e-4, min_lr=1e-5, critic_lr=1e-3,
+                 kl_coef=0.05, ptx_coef=1.0, eval_interval=10, eval_sample=32, eval_limit=64, sample_interval=10,
+                 log_interval=1),
         grpo=dict(max_steps=100, prompts_per_step=8, group_size=8, batch_size=16, lr=5e-5, min_lr=5e-6,
                   eval_interval=20, eval_sample=32, eval_limit=64, sample_interval=20, log_interval=1),
         eval=dict(max_new_tokens=48),

@@ -553,7 +553,7 @@ def _arith_item(problem, lang, rng, sum_answer="restate"):
     """A sum in one language. sum_answer "restate" answers "4 + 8 = 12.", which copies both operands from
     the question; "result" answers "The answer is 12.", which has to look the result up from the question
     the way a fact is looked up from a name (every problem is in the pretraining drill). Measured at the lab
-    size over nine trajectories, "result" did not make held-out sums reliable (README, This version)."""
+    size over nine trajectories, "result" did not make held-out sums reliable (README, The question-drill version)."""
     op, a, b = problem
     c = a + b if op == "+" else (a - b if op == "-" else a * b)
     other = "zh" if lang == "en" else "en"
@@ -733,7 +733,7 @@ def _pretrain_doc(world, rng, qa_frac, knowledge="mixed", drill=0.15, question_d
         # from every question). Without it the base models answered 1-41 of the 86 held-out sums asked this way
         # (four trajectories, seeds 0-2), changing the second operand ("Compute 9 + 0." -> "9 + 1 = 10."); with
         # half the drill asked, 82 and 81 (seeds 0 and 2), and SFT's held-out sums stopped varying from 7% to 83%
-        # by trajectory (README, This version).
+        # by trajectory (README, The question-drill version).
         q, a = QA_MARKS[lang]
         sums = [x for g in ("sft", "rl") for x in world["arith"][g]]
         items = [_arith_item(rng.choice(sums), lang, rng, world["knobs"]["sum_answer"]) for _ in range(rng.randint(4, 8))]
