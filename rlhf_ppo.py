@@ -187,6 +187,7 @@ def get_args(argv=None):
         common.fail("--ptx_coef > 0 needs --ptx_data")
     if args.ptx_batch_size is not None and args.ptx_batch_size < 1:
         common.fail(f"--ptx_batch_size {args.ptx_batch_size}: must be >= 1")
+    args.ptx_batch_size = args.ptx_batch_size or args.batch_size
     if args.parallel == "fsdp" and args.offload:
         # FSDP2's CPUOffloadPolicy could keep the frozen shards on the CPU, at one host-to-GPU copy per
         # block per forward; with 1/W of each frozen model per GPU that is rarely worth it (never measured)
@@ -681,7 +682,7 @@ def train(args, info):
                 if k == 0 and micro == 0:   # nothing has been updated since the rollout: the ratio must be 1
                     sums["ratio_dev"] = check_ratio(inv, st, it)
                 if ptx is not None:   # PPO-ptx: a language-modelling batch through the same (wrapped) actor
-                    x, y = ptx.batch(args.ptx_batch_size or mbs, it, rank, k, micro)
+                    x, y = ptx.batch(args.ptx_batch_size, it, rank, k, micro)
                     with common.grad_sync(actor, last):
                         with ctx:
                             _, lm_loss = actor(x.to(device), y.to(device))
