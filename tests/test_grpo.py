@@ -115,6 +115,36 @@ def test_zero_variance_groups_give_exactly_zero_gradient(tok):
     assert any((g != 0).any() for g in grads(model))
 
 
+def test_training_only_the_rows_with_signal_gives_the_same_gradient(tok):
+    """Step 4 passes only rows with a non-zero advantage forward and backward (rows_with_gradient); the
+    normaliser still counts every row, so each micro-batch's gradient is the one of all its rows."""
+    model = tiny(tok)
+    idx, attn, mask, P, logp_old = batch(tok, model, G=4)                 # 4 groups of 4
+    rewards = torch.tensor([1.0] * 4 + [0.0, 1.0, 1.0, 0.0] + [0.5] * 4 + [0.2, 0.9, 0.4, 0.4])
+    adv = grpo.group_advantages(rewards, 4, "grpo")                       # groups 0 and 2 flat
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    micro = order.split(4)
+    assert [int((adv[m] != 0).sum()) for m in micro] == [2, 2, 2, 2]      # mixed micro-batches
+    flat_micro = torch.tensor([0, 1, 2, 3])
+    assert grpo.rows_with_gradient(flat_micro, adv, False).tolist() == [0]    # never empty
+    assert grpo.rows_with_gradient(flat_micro, adv, True).tolist() == [0, 1, 2, 3]  # k3 in the loss: all
+    for norm in ("seq", "token", "constant"):
+        denom = grpo.step_denominator([mask[m] for m in micro], norm, 12)
+        got, want = [], []
+        for subset, out in ((True, got), (False, want)):
+            model.zero_grad()
+            for m in micro:
+                rows = grpo.rows_with_gradient(m, adv, False) if subset else m
+                assert not subset or len(rows) == 2
+                logp, _ = common.response_logprobs(model, idx[rows], attn[rows], P, 1.0)
+                lt, _ = grpo.token_loss(logp, logp_old[rows], None, adv[rows], mask[rows], 0.2, 0.2)
+                grpo.aggregate(lt, mask[rows], norm, denom).backward()
+            out += grads(model)
+        assert any((g != 0).any() for g in got)
+        err = max((a - b).abs().max().item() for a, b in zip(got, want))
+        assert err < 1e-7, (norm, err)
+
+
 def test_at_ratio_one_the_clipped_gradient_is_the_policy_gradient():
     torch.manual_seed(0)
     B, R = 6, 5
@@ -286,7 +316,38 @@ def test_exact_resume(tok, tmp_path, one_thread, lab_sets):
         grpo.main(grpo_argv(d, tmp_path / "a", *flags))
 
 
-def _dist_worker(rank, world, store, tokpath, argv, queue):
+def flatten_first_group(monkeypatch, group_size=4):
+    """Scorer whose first group of every call scores the same (a flat group beside one with signal)."""
+    real = grpo.Scorer.__call__
+
+    def call(self, records, prompts, responses):
+        answers, rewards, scores, oks = real(self, records, prompts, responses)
+        rewards[:group_size] = 0.5
+        return answers, rewards, scores, oks
+    monkeypatch.setattr(grpo.Scorer, "__call__", call)
+
+
+def test_skipping_flat_answers_trains_the_same_policy(tok, tmp_path, one_thread, lab_sets, monkeypatch):
+    d = write_fixture(tmp_path, tok, lab_sets)
+    flatten_first_group(monkeypatch)
+    flags = ("--max_steps", "3", "--epochs", "2")
+    grpo.main(grpo_argv(d, tmp_path / "skip", *flags))
+    monkeypatch.setattr(grpo, "rows_with_gradient", lambda rows, advantages, kl_in_loss: rows)
+    grpo.main(grpo_argv(d, tmp_path / "all", *flags))
+    logs = {x: [r for r in common.read_jsonl(str(tmp_path / x / "log.jsonl")) if "reward" in r] for x in ("skip", "all")}
+    assert all(r["zero_var_groups"] == 1 and r["groups"] == 2 for r in logs["skip"])
+    assert all(r["trained_frac"] < 0.8 for r in logs["skip"]) and all(r["trained_frac"] == 1 for r in logs["all"])
+    a, b = (common.load_model(str(tmp_path / x / "final.pt"))[0].state_dict() for x in ("skip", "all"))
+    before = common.load_model(str(d / "init"))[0].state_dict()
+    assert any(not torch.equal(before[k], a[k]) for k in a)
+    err = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert err < 1e-6, err     # the same updates (float summation order aside)
+    for ra, rb in zip(logs["skip"], logs["all"]):
+        for key in ("entropy", "reward", "policy_loss"):
+            assert abs(ra[key] - rb[key]) < 1e-6, key
+
+
+def _dist_worker(rank, world, store, tokpath, argv, argv_flat, queue):
     import traceback
     import torch.distributed as dist
     from tokenizer import Tokenizer
@@ -315,6 +376,14 @@ def _dist_worker(rank, world, store, tokpath, argv, queue):
         queue.put((rank, out, None))
         ok = grpo.main(argv)["weights_in_sync"]                        # the real script, rollouts on both ranks
         queue.put((rank, ok, None))
+        if rank == 0:   # every group flat on rank 0 only: it trains one zero-gradient row per micro-batch
+            real = grpo.Scorer.__call__
+
+            def flat(self, *a):
+                answers, rewards, scores, oks = real(self, *a)
+                return answers, torch.full_like(rewards, 0.5), scores, oks
+            grpo.Scorer.__call__ = flat
+        queue.put((rank, grpo.main(argv_flat)["weights_in_sync"], None))   # (a rank skipping its backward hangs)
     except BaseException:   # every rank's traceback: the first error may be the victim's
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -324,12 +393,13 @@ def _dist_worker(rank, world, store, tokpath, argv, queue):
 def test_ddp_gradients_equal_one_process(tok, tmp_path, one_thread, lab_sets):
     d = write_fixture(tmp_path, tok, lab_sets)
     argv = grpo_argv(d, tmp_path / "ddp", "--max_steps", "2", "--kl", "k3_loss")
+    argv_flat = grpo_argv(d, tmp_path / "ddp_flat", "--max_steps", "2")
     ctx = torch.multiprocessing.get_context("fork")
     queue = ctx.SimpleQueue()
     procs = torch.multiprocessing.start_processes(
-        _dist_worker, args=(2, str(tmp_path / "store"), tok.path, argv, queue), nprocs=2, start_method="fork",
-        join=False)
-    results = [queue.get() for _ in range(4)]
+        _dist_worker, args=(2, str(tmp_path / "store"), tok.path, argv, argv_flat, queue), nprocs=2,
+        start_method="fork", join=False)
+    results = [queue.get() for _ in range(6)]
     procs.join()
     errors = [err for _, _, err in results if err]
     assert not errors, "\n".join(errors)
@@ -355,6 +425,8 @@ def test_ddp_gradients_equal_one_process(tok, tmp_path, one_thread, lab_sets):
     assert all(v is True for _, v, _ in results if not isinstance(v, dict))
     log = [r for r in common.read_jsonl(str(tmp_path / "ddp" / "log.jsonl")) if "reward" in r]
     assert len(log) == 2 and log[0]["groups"] == 4 and all(r["ratio_dev"] < 1e-4 for r in log)
+    log = [r for r in common.read_jsonl(str(tmp_path / "ddp_flat" / "log.jsonl")) if "reward" in r]
+    assert len(log) == 2 and all(r["zero_var_groups"] == 2 and r["trained_frac"] == (1 + 4) / 8 for r in log)
 
 
 # -----------------------------------------------------------------------------
