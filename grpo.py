@@ -46,8 +46,8 @@ Why a group with equal rewards gives exactly zero gradient: its advantages are 0
 computed as r - mean, which rounds), and every term of the loss is A times something. Other trainers'
 "my loss is 0" reports are this: every group all right or all wrong. The log says how many per step.
 So step 4 spends no forward or backward pass on those answers (unless the k3 KL term is in the loss):
-at the lab size ~70% of the groups are flat, and skipping them cuts GRPO's training time by about
-two thirds for the same gradient (the normaliser still counts every answer; rows_with_gradient).
+at the lab size ~70% of the groups are flat, and skipping them cuts the update's time by a third
+for the same gradient (the normaliser still counts every answer; rows_with_gradient; bench/grpo.py).
 
 Checked at run time (as rlhf_ppo.py): ratio pi/pi_old == 1 on the first minibatch of every iteration,
 and KL(pi || pi_ref) == 0 on the first rollout. Tracked with alarms: the policy's entropy collapsing
