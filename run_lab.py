@@ -617,6 +617,14 @@ def by_group(oks, keys):
     return {k: hits[k] / n[k] for k in sorted(n)}
 
 
+def pronoun_cell(p):
+    """'74.2% (70.0–78.0, n 410)': the share of fact answers whose opening he / she matches the person."""
+    if not p["n"]:
+        return "n/a"
+    lo, hi = wilson(p["agree"], p["n"])
+    return f"{100 * p['agree'] / p['n']:.1f}% ({100 * lo:.1f}–{100 * hi:.1f}, n {p['n']})"
+
+
 def wilson(k, n, z=1.96):
     """95% confidence interval of a proportion k/n (Wilson score interval: unlike p +- 1.96 sqrt(p(1-p)/n)
     it stays inside [0, 1] and is honest at p near 0 or 1, where small lab models live)."""
@@ -678,6 +686,7 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
     rm_ctx = common.autocast(device, common.resolve_dtype("auto", device))
     reward_fn = reward_scorer(rm, tok, device, rm_ctx, common.MISSING_EOS_PENALTY, batch_size)
 
+    world = json.load(open(d("data", "world.json"), encoding="utf-8"))   # the people's genders, for the pronouns
     out = {"n_eval_qa": len(qa), "n_probes": len(probes), "max_new_tokens": max_new_tokens, "models": {},
            "kinds": [r["kind"] for r in qa]}
     # A hole a policy could find: does the reward model pay more for saying nothing than for the right
@@ -711,6 +720,10 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
              "mean_score": sum(lab.score(a, r["truth"]) for a, r in zip(answers[name], qa)) / len(qa),
              "mean_answer_chars": sum(len(a) for a in answers[name]) / len(qa),
              "n_by_kind": graded["n_by_kind"]}
+        # not graded by the checker: does "He" / "She" (他 / 她) match the person asked about?
+        agrees = [v for v in (lab.pronoun_agrees(a, r["truth"], world) for a, r in zip(answers[name], qa))
+                  if v is not None]
+        m["pronoun"] = {"agree": sum(agrees), "n": len(agrees)}
         if name == "base":   # what pretraining stored: plain-text completions of eval_pretrain.jsonl
             texts = complete(model, tok, [p["prompt"] for p in probes], 24, batch_size)
             oks = [lab.check(t, p["truth"]) for t, p in zip(texts, probes)]
@@ -937,12 +950,13 @@ def collect(run_dir, statuses=None):
                        "elapsed_s": end.get("elapsed_s")}
     base = M.get("base", {})
     rep["base"] = {k: base.get(k) for k in ("probe_accuracy", "probe_by_kind", "probe_by_group", "probe_by_lang",
-                                            "accuracy", "by_kind", "by_lang", "mean_reward")}
+                                            "accuracy", "by_kind", "by_lang", "mean_reward", "pronoun")}
     rep["base"].update(accuracy_stats(base.get("oks")))
     rep["base"].update({f"probe_{k}": v for k, v in accuracy_stats(base.get("probe_oks")).items()})
     sl = logs["sft"]
     rep["sft"] = {"val_loss": last(sl, "eval").get("val_loss"), "steps": last(sl, "end").get("step"),
-                  **{k: M.get("sft", {}).get(k) for k in ("accuracy", "by_kind", "by_lang", "mean_reward", "mean_score")},
+                  **{k: M.get("sft", {}).get(k) for k in ("accuracy", "by_kind", "by_lang", "mean_reward", "mean_score",
+                                                          "pronoun")},
                   "accuracy_before": base.get("accuracy"), **accuracy_stats(M.get("sft", {}).get("oks"))}
     rv = last(logs["reward"], "eval")
     rep["reward"] = {"accuracy": rv.get("accuracy"), "pairs": rv.get("pairs"), "loss": rv.get("loss"),
@@ -972,7 +986,8 @@ def collect(run_dir, statuses=None):
         gain = paired_bootstrap(mm["oks"], sft_oks) if mm.get("oks") and sft_oks else None
         rep[name] = {"accuracy": mm["accuracy"], "accuracy_sft": M.get("sft", {}).get("accuracy"),
                      **accuracy_stats(mm.get("oks")), "gain_vs_sft": gain,
-                     "by_kind": mm["by_kind"], "by_lang": mm.get("by_lang"), "mean_reward": mm["mean_reward"],
+                     "by_kind": mm["by_kind"], "by_lang": mm.get("by_lang"), "pronoun": mm.get("pronoun"),
+                     "mean_reward": mm["mean_reward"],
                      "mean_reward_sft": M.get("sft", {}).get("mean_reward"),
                      "win_rate_reward": vs.get("win_rate_reward"), "win_rate_checker": vs.get("win_rate_checker"),
                      # identical answers tie (count 1/2): with most answers unchanged the win rate stays near 0.5
@@ -1146,6 +1161,9 @@ def write_report(run_dir, statuses=None, this_run=None, announce=False):
             md.append("| 95% CI (Wilson) | " + " | ".join(f"{100 * rep[m]['ci'][0]:.1f}–{100 * rep[m]['ci'][1]:.1f}%"
                                                          for m in names) + " |")
             md.append("| n questions | " + " | ".join(str(rep[m]["n"]) for m in names) + " |")
+        if all(rep[m].get("pronoun") for m in names):   # (a run reported before this row existed has none)
+            md.append("| he / she right (not graded; 95% CI) | " + " | ".join(
+                pronoun_cell(rep[m]["pronoun"]) for m in names) + " |")
         gains = [(m, rep[m]["gain_vs_sft"]) for m in names if rep[m].get("gain_vs_sft")]
         if gains:
             md += ["", "Gain over SFT on the same questions, with a 95% interval from the paired bootstrap "

@@ -447,6 +447,21 @@ def score(answer, truth):
     return round(sum(w for k, w in _SCORE_WEIGHTS.items() if parts[k]), 4)
 
 
+def pronoun_agrees(answer, truth, world):
+    """Does the pronoun an answer opens with (He / His / She / Her, 他 / 她) match the gender of the person
+    the question asks about (truth["subject"]; world: world.json)? None when there is nothing to judge: not
+    a fact question, or no opening pronoun. judge() does not look at it, so "She lives in Paris." about a
+    man is graded right; the evaluation reports this separately, so that the gap is visible."""
+    if truth.get("type") != "fact":
+        return None
+    text = answer.strip()
+    en = re.match(r"(He|His|She|Her)\b", text)
+    said = ("f" if en.group(1) in ("She", "Her") else "m") if en else {"他": "m", "她": "f"}.get(text[:1])
+    if said is None:
+        return None
+    return said == next(p["gender"] for p in world["people"] if p["name"]["en"] == truth["subject"]["en"])
+
+
 # ---------------------------------------------------------------------------------------------
 # The world
 # ---------------------------------------------------------------------------------------------

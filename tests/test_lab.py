@@ -348,6 +348,24 @@ def test_checker_on_hand_written_answers():
     assert all(lab.score(a, t) == 0.0 for a in ("", "  ", "\n") for t in (city, zh, add, refuse, ident, probe))
 
 
+def test_pronoun_agreement_is_judged_apart_from_the_checker():
+    world = {"people": [{"name": {"en": "Lin Feng", "zh": "林峰"}, "gender": "m"},
+                        {"name": {"en": "Alice", "zh": "爱丽丝"}, "gender": "f"}]}
+    him = _fact_truth("en", "city", "Paris", "巴黎", subject=("Lin Feng", "林峰"))
+    her = _fact_truth("en", "friend", "Bob", "鲍勃")                       # Alice's
+    assert lab.pronoun_agrees("He lives in Paris.", him, world) is True
+    assert lab.pronoun_agrees("She lives in Paris.", him, world) is False
+    assert lab.check("She lives in Paris.", him)                           # the checker does not look
+    assert lab.pronoun_agrees("Her best friend is Bob.", her, world) is True
+    assert lab.pronoun_agrees("His best friend is Bob.", her, world) is False
+    assert lab.pronoun_agrees("Hero of the day.", him, world) is None      # a whole word, or nothing to judge
+    assert lab.pronoun_agrees("Lin Feng lives in Paris.", him, world) is None
+    zh = dict(him, lang="zh")
+    assert lab.pronoun_agrees("他住在巴黎。", zh, world) is True and lab.pronoun_agrees("她住在巴黎。", zh, world) is False
+    assert lab.pronoun_agrees("He is 4.", {"type": "arith", "lang": "en", "answer": "4", "operands": ["0", "4"]},
+                              world) is None
+
+
 def test_checker_accepts_every_reference_and_chosen_answer(sets):
     for key in ("eval_qa", "eval_pretrain", "rl_prompts", "rl_eval"):
         for r in sets[key]:

@@ -176,6 +176,18 @@ def test_report_is_readable_and_consistent(lab):
     assert ev["other_answer"]["n"] == len(qa) and ev["other_answer"]["beats_reference"] == beats
     assert rv["other_answer"] == ev["other_answer"]
     assert f"another question's right answer (same language) outscores it on {beats} of {len(qa)}" in md
+    # he / she against the person asked about (not graded): each model's own answers, the world's genders
+    from data import lab
+    world = json.loads((out / "data" / "world.json").read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in (out / "eval" / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+    cells = []
+    for name in ("base", "sft", "dpo", "ppo", "grpo"):
+        said = [lab.pronoun_agrees(row[name], r["truth"], world) for row, r in zip(rows, qa)]
+        said = [v for v in said if v is not None]
+        assert ev["models"][name]["pronoun"] == rep[name]["pronoun"] == {"agree": sum(said), "n": len(said)}
+        cells.append(run_lab.pronoun_cell(rep[name]["pronoun"]))
+    assert sum(rep[name]["pronoun"]["n"] for name in ("sft", "dpo", "ppo", "grpo")) > 0
+    assert "| he / she right (not graded; 95% CI) | " + " | ".join(cells) + " |" in md
 
 
 def test_golden_values(lab):
