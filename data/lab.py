@@ -300,7 +300,7 @@ DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pr
                 knowledge="mixed",
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
                 eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.0, cut_off=0.0,
-                sum_answer="restate", question_drill=0.0, off_topic=0.0)
+                sum_answer="restate", question_drill=0.0, off_topic=0.0, bio_pronouns=None)
 
 KNOB_HELP = {
     "people": "people in the world (<= 40, the name pool)", "rl_people": "people of the rl group",
@@ -328,6 +328,8 @@ KNOB_HELP = {
                       "'A: 4 + 8 = 12.') about the sft and rl problems only (0 .. 1; knowledge mixed and mixed_all only)",
     "cut_off": "extra training pairs, as a share of prefs_train, whose rejected answer is the right one cut off "
                "before its key fact (a kind the held-out pairs do not have)",
+    "bio_pronouns": "share of a biography's later sentences that open with he / she (他 / 她) instead of the name, "
+                    "in both languages (default: the original text, 0.2 in English and none in Chinese)",
     "off_topic": "extra training pairs, as a share of prefs_train, whose rejected answer is the right answer to "
                  "another question in the same language: another fact about the same person, or a sum (a kind the "
                  "held-out pairs do not have)",
@@ -679,14 +681,19 @@ def _is_age(item):
 # ---------------------------------------------------------------------------------------------
 # Pretraining corpus
 # ---------------------------------------------------------------------------------------------
-def _bio(world, p, lang, rng):
+def _bio(world, p, lang, rng, pronouns=None):
+    """One person's facts, a random subset in a random order. A later sentence that opens with the name opens
+    with he / she (他 / 她) instead at rate `pronouns` (None: 0.2 in English, never in Chinese, the original
+    text). The pronoun is where pretraining states a person's gender: with the original text the lab's chat
+    models got he / she wrong in 11-40% of their held-out fact answers (README, This version)."""
     f = _fields(world, p, lang)
+    rate = (0.2 if lang == "en" else 0.0) if pronouns is None else pronouns
     attrs = rng.sample(ATTRS, rng.randint(3, len(ATTRS)))  # a random subset, in a random order
     out = []
     for k, attr in enumerate(attrs):
         s = rng.choice(STATEMENTS[lang][attr]).format(**f)
-        if k > 0 and rng.random() < 0.2 and lang == "en" and s.startswith(f["name"] + " "):
-            s = f["She"] + s[len(f["name"]):]  # an occasional "She ..." instead of the name
+        if k > 0 and rng.random() < rate and s.startswith(f["name"] + (" " if lang == "en" else "")):
+            s = (f["She"] if lang == "en" else f["ta"]) + s[len(f["name"]):]
         out.append(s)
     return (" " if lang == "en" else "").join(out)
 
@@ -699,7 +706,7 @@ def _fixed_bio(world, p, lang, rng, vary):
     return (" " if lang == "en" else "").join(out)
 
 
-def _pretrain_doc(world, rng, qa_frac, knowledge="mixed", drill=0.15, question_drill=0.0):
+def _pretrain_doc(world, rng, qa_frac, knowledge="mixed", drill=0.15, question_drill=0.0, bio_pronouns=None):
     people = world["people"]
     lang = rng.choice(LANGS)
     if knowledge not in ("mixed", "mixed_all"):   # Physics 3.1's conditions before "mixed": no plain-text Q/A at all
@@ -734,10 +741,11 @@ def _pretrain_doc(world, rng, qa_frac, knowledge="mixed", drill=0.15, question_d
     # facts (SFT 27% -> 7%).
     shrink = (0.90 - drill) / 0.75
     if r < round(0.52 * shrink, 2):  # the workhorse: one person's facts, a random subset in a random order
-        return _bio(world, rng.choice(people), lang, rng)
+        return _bio(world, rng.choice(people), lang, rng, bio_pronouns)
     if r < round(0.66 * shrink, 2):  # two friends in one document
         p = rng.choice(people)   # one line: a name after "\n" would be another token than after " " (see tokenizer/train.py)
-        return _bio(world, p, lang, rng) + (" " if lang == "en" else "") + _bio(world, people[p["friend"]], lang, rng)
+        return (_bio(world, p, lang, rng, bio_pronouns) + (" " if lang == "en" else "")
+                + _bio(world, people[p["friend"]], lang, rng, bio_pronouns))
     if r < round(0.75 * shrink, 2):  # stories: the same facts in running text (longer, so fewer of them)
         p = rng.choice(people)
         return rng.choice(STORIES[lang]).format(**_fields(world, p, lang))
@@ -994,7 +1002,10 @@ def generate(seed=0, **knobs):
         raise ValueError(f"sum_answer={k['sum_answer']!r}: expected restate or result")
     if k["knowledge"] not in KNOWLEDGE:
         raise ValueError(f"knowledge={k['knowledge']!r}: expected one of {', '.join(KNOWLEDGE)}")
-    out["pretrain"] = [{"text": _pretrain_doc(world, rng, k["qa_frac"], k["knowledge"], k["drill"], k["question_drill"])}
+    if k["bio_pronouns"] is not None and not 0 <= k["bio_pronouns"] <= 1:
+        raise ValueError(f"bio_pronouns={k['bio_pronouns']}: expected a share between 0 and 1")
+    out["pretrain"] = [{"text": _pretrain_doc(world, rng, k["qa_frac"], k["knowledge"], k["drill"], k["question_drill"],
+                                              k["bio_pronouns"])}
                        for _ in range(k["pretrain_docs"])]
     rng = _rng(seed, "sft")
     habit = dict(habit=k["sft_habit"], habit_rng=_rng(seed, "habit"))
@@ -1065,7 +1076,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--seed", type=int, default=0, help="world seed: same seed, byte-identical files")
     for key, val in DEFAULTS.items():
-        ap.add_argument("--" + key.replace("_", "-"), type=type(val), default=val, help=f"{KNOB_HELP[key]} (default {val})")
+        ap.add_argument("--" + key.replace("_", "-"), type=float if val is None else type(val), default=val,
+                        help=KNOB_HELP[key] + ("" if val is None else f" (default {val})"))
     args = vars(ap.parse_args(argv))
     out, seed = args.pop("out"), args.pop("seed")
     try:

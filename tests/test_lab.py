@@ -4,6 +4,7 @@ The checker is the ground truth of every later stage, so it is tested two ways: 
 answers with known verdicts, and on every generated reference / chosen / rejected answer."""
 import importlib
 import json
+import random
 import re
 import subprocess
 import sys
@@ -606,6 +607,42 @@ def test_sum_answer_result_answers_sums_with_the_result_alone():
     assert changed > 20
     with pytest.raises(ValueError, match="sum_answer"):
         lab.generate(seed=0, pretrain_docs=10, sum_answer="words")
+
+
+def test_bio_pronouns_state_each_persons_gender():
+    """bio_pronouns: a biography's later sentences that open with the name open with he / she (他 / 她) of the
+    person's own gender instead, at the given rate in both languages. The default keeps the original text
+    (English 0.2, Chinese never); only the pretraining text changes."""
+    world = lab.build_world(0)
+
+    def openers(pronouns, lang):
+        """(pronoun openers of the right gender, of the wrong one, name openers that could be one) over later
+        sentences"""
+        rng, right, wrong, named = random.Random(0), 0, 0, 0
+        pron = {"en": {"He": "m", "She": "f"}, "zh": {"他": "m", "她": "f"}}[lang]
+        for p in world["people"]:
+            for _ in range(40):
+                text = lab._bio(world, p, lang, rng, pronouns)
+                later = re.split(r"(?<=\.) " if lang == "en" else r"(?<=。)", text)[1:]
+                for sent in later:
+                    said = next((g for w, g in pron.items() if re.match(w + (r"\b" if lang == "en" else ""), sent)), None)
+                    right += said == p["gender"]
+                    wrong += said is not None and said != p["gender"]
+                    named += sent.startswith(p["name"][lang] + (" " if lang == "en" else ""))   # ("Bob's": never)
+        return right, wrong, named
+    for lang, default_rate in (("en", 0.2), ("zh", 0.0)):
+        for pronouns, rate in ((None, default_rate), (0.5, 0.5), (1.0, 1.0)):
+            right, wrong, named = openers(pronouns, lang)
+            assert wrong == 0 and right + named > 500
+            assert abs(right / (right + named) - rate) < 0.05, (lang, pronouns, right, named)
+    base = lab.generate(0, **dict(SMALL, pretrain_docs=500))
+    half = lab.generate(0, **dict(SMALL, pretrain_docs=500, bio_pronouns=0.5))
+    assert lab.generate(0, **dict(SMALL, pretrain_docs=500, bio_pronouns=None))["pretrain"] == base["pretrain"]
+    assert half["pretrain"] != base["pretrain"]
+    for key in ("sft_train", "prefs_train", "eval_qa", "rl_prompts"):            # nothing else changes
+        assert half[key] == base[key]
+    with pytest.raises(ValueError, match="bio_pronouns"):
+        lab.generate(0, **dict(SMALL, pretrain_docs=10, bio_pronouns=1.5))
 
 
 def test_question_drill_asks_trained_sums_only():
