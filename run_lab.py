@@ -690,7 +690,8 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
     rm_ctx = common.autocast(device, common.resolve_dtype("auto", device))
     reward_fn = reward_scorer(rm, tok, device, rm_ctx, common.MISSING_EOS_PENALTY, batch_size)
 
-    world = json.load(open(d("data", "world.json"), encoding="utf-8"))   # the people's genders, for the pronouns
+    with open(d("data", "world.json"), encoding="utf-8") as f:   # the people's genders, for the pronouns
+        world = json.load(f)
     out = {"n_eval_qa": len(qa), "n_probes": len(probes), "max_new_tokens": max_new_tokens, "models": {},
            "kinds": [r["kind"] for r in qa]}
     # A hole a policy could find: does the reward model pay more for saying nothing than for the right

@@ -19,7 +19,6 @@ then update(skip) / update(all), how many iterations' rewards were identical, an
 difference between the two final policies. Target: update time <= 0.75x, weights within 1e-5.
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import grpo  # noqa: E402
-from run_lab import SIZES, flags  # noqa: E402
+from run_lab import SIZES, flags, load_json  # noqa: E402
 
 
 def run(run_dir, out, iters, seed):
@@ -52,7 +51,10 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    seed = json.load(open(os.path.join(args.run_dir, "run.json")))["seed"]
+    run_info = load_json(os.path.join(args.run_dir, "run.json"))
+    if run_info is None:
+        sys.exit(f"{args.run_dir}: no readable run.json; give a finished run_lab.py run at the lab size")
+    seed = run_info["seed"]
     keep_all = lambda rows, advantages, kl_in_loss: rows  # noqa: E731
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
