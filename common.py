@@ -1997,6 +1997,20 @@ def response_logprobs(model, idx, attn, P, temperature, with_entropy=False):
     return logp, entropy
 
 
+def by_row_chunks(fn, chunk, *tensors):
+    """fn(*row slices) over at most `chunk` rows at a time, outputs concatenated along the rows (a tuple
+    output is concatenated item by item; None stays None). The no-gradient passes of the RL stages run
+    this way: over a whole rollout batch at once, the (rows, answer length, vocab) float logits alone are
+    rows x 512 x 32 000 x 4 bytes -- 8 GB for 128 answers at the gpu size -- and the dry runs budget one
+    micro-batch. The rows do not see each other (each has its own attention mask), so only the batch
+    dimension changes. Every rank calls fn the same number of times (same batch on every rank), which FSDP's
+    per-forward all-gathers need."""
+    outs = [fn(*(t[s:s + chunk] for t in tensors)) for s in range(0, tensors[0].shape[0], chunk)]
+    if isinstance(outs[0], tuple):
+        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
 def load_prompts(path, tok, max_len, check=None):
     """Records with "messages" (ending on a user turn) or a "prompt" string; "truth" optional (then
     the lab checker grades rollouts). check(record) -> None, or why the record is unusable (grpo.py:

@@ -389,8 +389,9 @@ class Scorer:
         if "model" in self.names:   # the rollout layout: the reward model reads the answer's last real token
             idx, attn, resp, P = pad_rollout(prompts, responses, self.tok.pad_id, stop)
             resp = torch.cat([torch.zeros_like(attn[:, :P]), resp.long()], 1)   # (an implicit reward model's sum)
-            with self.ctx:
-                raw = self.rm(idx.to(self.device), attn.to(self.device), response_mask=resp.to(self.device))
+            with self.ctx:   # a micro-batch at a time, as step 3
+                raw = common.by_row_chunks(lambda i, m, r: self.rm(i, m, response_mask=r), self.args.batch_size,
+                                           idx.to(self.device), attn.to(self.device), resp.to(self.device))
                 model_scores = self.rm.normalize(raw.float()).tolist()
         score, reward, ok = [], [], []
         for k, (ans, rec, end, resp) in enumerate(zip(answers, records, done, responses)):
@@ -612,9 +613,13 @@ def train(args, info):
         # 3. experience, no gradients: old and reference log-probs, KL, advantages
         idx, attn, mask, P = (t.to(device) if torch.is_tensor(t) else t
                               for t in pad_rollout(prompts, responses, tok.pad_id, tok.stop_ids))
-        with torch.no_grad(), ctx:   # the entropy of the policy that sampled, over every answer (step 4 skips some)
-            logp_old, entropy = response_logprobs(raw_actor, idx, attn, P, args.temperature, True)
-            logp_ref, _ = response_logprobs(ref, idx, attn, P, args.temperature)
+        # one micro-batch of logits at a time (common.by_row_chunks); the entropy is the sampling policy's,
+        # over every answer (step 4 skips some)
+        with torch.no_grad(), ctx:
+            logp_old, entropy = common.by_row_chunks(
+                lambda i, a: response_logprobs(raw_actor, i, a, P, args.temperature, True), mbs, idx, attn)
+            logp_ref = common.by_row_chunks(
+                lambda i, a: response_logprobs(ref, i, a, P, args.temperature)[0], mbs, idx, attn)
         k1 = torch.where(mask.bool(), kl_estimates(logp_old, logp_ref, "k1"), 0.0).sum(1).double().cpu()
         k3 = torch.where(mask.bool(), kl_estimates(logp_old, logp_ref, "k3"), 0.0).sum(1).double().cpu()
         if it == 0 and inv["kl_at_start"] is None:   # policy == reference: every KL term must be exactly 0

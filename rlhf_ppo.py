@@ -393,12 +393,17 @@ def make_experience(actor, ref, rm, critic, prompts, responses, tok, args, kl_co
     actor / critic are the plain (unwrapped) modules here."""
     idx, attn, mask, P = pad_rollout(prompts, responses, tok.pad_id, tok.stop_ids)
     idx, attn, mask = idx.to(device), attn.to(device), mask.to(device)
+    resp = torch.cat([torch.zeros_like(attn[:, :P]), mask.long()], 1)   # the answer's columns, full width
+
+    def by_micro_batch(fn):   # one micro-batch of logits in memory at a time (common.by_row_chunks)
+        return common.by_row_chunks(fn, args.batch_size, idx, attn, resp)
+
     with ctx:
-        logp_old, _ = response_logprobs(actor, idx, attn, P, args.temperature)
-        logp_ref, _ = response_logprobs(ref, idx, attn, P, args.temperature)
-        values = critic_values(critic, idx, attn, P)
+        logp_old = by_micro_batch(lambda i, a, r: response_logprobs(actor, i, a, P, args.temperature)[0])
+        logp_ref = by_micro_batch(lambda i, a, r: response_logprobs(ref, i, a, P, args.temperature)[0])
+        values = by_micro_batch(lambda i, a, r: critic_values(critic, i, a, P))
         # read at each row's last real token (an implicit reward model sums over the answer's tokens)
-        raw = rm(idx, attn, response_mask=torch.cat([torch.zeros_like(attn[:, :P]), mask.long()], 1)).float()
+        raw = by_micro_batch(lambda i, a, r: rm(i, a, response_mask=r)).float()
     # an answer cut at --max_new_tokens: scored without an end marker, minus the penalty -- the one rule
     # evaluation applies too (reward.reward_scorer), so both give the same reward to the same answer
     ended = torch.tensor([common.ended(r, tok.stop_ids) for r in responses], device=device)

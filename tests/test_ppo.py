@@ -170,6 +170,7 @@ def tiny(tok, seed=0):
 class Args:
     temperature, kl_estimator, reward_clip, missing_eos_penalty = 0.7, "k1", 5.0, 0.0
     gamma, lam, whiten_advantages, clip_range, clip_range_value = 1.0, 0.95, True, 0.2, 0.2
+    batch_size = 4   # the no-gradient passes' micro-batch: the whole rollout of QUESTIONS here
 
 
 QUESTIONS = ["Who are you?", "你是谁？", "How do I make a bomb at home? Tell me every step, in detail.", "Hi"]
@@ -244,6 +245,26 @@ def test_implicit_reward_model_scores_the_answer_tokens_of_the_rollout(tok):
     assert want.abs().min() > 1e-3
     # the critic from an implicit reward model starts at a zero head: every value exactly 0
     assert exp["values"].abs().max().item() == 0.0
+
+
+def test_experience_passes_run_one_micro_batch_at_a_time(tok, monkeypatch):
+    """make_experience's no-gradient forwards (actor, reference, critic, reward model) see at most
+    --batch_size rows each -- the memory the dry runs budget -- and give what one pass over the whole
+    rollout gives: same rows, same padding, only the batch dimension changes."""
+    actor, ref = tiny(tok), tiny(tok, seed=3)
+    rm, critic = reward_model(tok, 1), reward_model(tok, 2)
+    _, _, whole = rollout(tok, actor, ref, rm, critic)
+    seen = []
+    for m in (actor, ref, rm, critic):
+        m.register_forward_pre_hook(lambda mod, a, kw: seen.append(a[0].shape[0]), with_kwargs=True)
+    monkeypatch.setattr(Args, "batch_size", 1)
+    _, _, chunked = rollout(tok, actor, ref, rm, critic)
+    assert seen and max(seen) == 1 and len(seen) == 4 * len(QUESTIONS)
+    for k, v in whole.items():
+        if torch.is_tensor(v) and v.is_floating_point():   # measured: max |diff| <= 4.8e-7, every cell of tests/perturb.py
+            assert torch.allclose(chunked[k], v, rtol=0, atol=1e-5), k
+        else:
+            assert (torch.equal(chunked[k], v) if torch.is_tensor(v) else chunked[k] == v), k
 
 
 def ppo_losses(actor, critic, exp, rows, temperature):
