@@ -347,6 +347,26 @@ def test_skipping_flat_answers_trains_the_same_policy(tok, tmp_path, one_thread,
             assert abs(ra[key] - rb[key]) < 1e-6, key
 
 
+def test_no_gradient_passes_run_one_micro_batch_at_a_time(tok, tmp_path, one_thread, lab_sets):
+    """Step 3 (old and reference log-probs, entropy) and the reward model's scores run over --batch_size
+    rows at a time, not the whole rollout (8 answers here): the memory the dry run budgets. Whether they
+    give the whole-batch numbers is test_model_reward_of_an_implicit_reward_model_sums_the_answer_tokens
+    (Scorer) and test_ppo's experience test (the same common.by_row_chunks)."""
+    d = write_fixture(tmp_path, tok, lab_sets)
+    seen = []
+
+    def record(module, inputs):
+        if isinstance(module, (Llama, reward.RewardModel)) and not torch.is_grad_enabled():
+            seen.append((type(module).__name__, inputs[0].shape[0]))
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        grpo.main(grpo_argv(d, tmp_path / "run", "--max_steps", "1", "--batch_size", "2"))
+    finally:
+        hook.remove()
+    assert {name for name, _ in seen} == {"Llama", "RewardModel"}
+    assert max(rows for _, rows in seen) == 2
+
+
 def _dist_worker(rank, world, store, tokpath, argv, argv_flat, queue):
     import traceback
     import torch.distributed as dist
@@ -485,7 +505,7 @@ def test_model_reward_of_an_implicit_reward_model_sums_the_answer_tokens(tok):
     prompts = [tok.render_prompt([{"role": "user", "content": q}]) for q in ("Who are you?", "3 + 4 = ?")]
     responses = [tok.encode("I am nanollama.") + [tok.end_id], tok.encode("3 + 4 = 7, and more and more")]   # one cut
     args = SimpleNamespace(rewards=[("model", 1.0)], missing_eos_penalty=0.0, max_new_tokens=64, overlong_buffer=0,
-                           overlong_penalty=0.0, format_penalty=0.0)
+                           overlong_penalty=0.0, format_penalty=0.0, batch_size=1)   # one row per forward
     scorer = grpo.Scorer(args, tok, rm, "cpu", torch.autocast("cpu", enabled=False))
     _, rewards, _, _ = scorer([{}, {}], prompts, responses)
     idx, attn, mask, P = common.pad_rollout(prompts, responses, tok.pad_id, tok.stop_ids)
