@@ -242,6 +242,9 @@ def get_args(argv=None):
                    help="share of a pretraining biography's later sentences that open with he / she (他 / 她) instead "
                         "of the name, both languages (data/lab.py; default: the original text, 0.2 in English and "
                         "none in Chinese; README, This version)")
+    p.add_argument("--answer_subject", default=None, choices=["pronoun", "name"],
+                   help="how the lab's fact answers name their person (data/lab.py; default pronoun, 'He lives in "
+                        "Paris.'; name: 'Bob lives in Paris.', as the biographies say it)")
     p.add_argument("--train_tokenizer", action="store_true",
                    help="train a sentencepiece tokenizer on the lab data (default: reuse tokenizer/lab.model)")
     p.add_argument("--force", action="store_true", help="re-run every stage")
@@ -300,7 +303,8 @@ def build_stages(args):
     data, common_flags = j("data"), ["--device", args.device, "--seed", str(args.seed)]
     lab_knobs = []
     knobs = {"knowledge": args.knowledge, "sft_habit": args.sft_habit, "cut_off": args.cut_off, "sum_answer": args.sum_answer,
-             "question_drill": args.question_drill, "off_topic": args.off_topic, "bio_pronouns": args.bio_pronouns}
+             "question_drill": args.question_drill, "off_topic": args.off_topic, "bio_pronouns": args.bio_pronouns,
+             "answer_subject": args.answer_subject}
     for k, v in {**S["data"], **{k: v for k, v in knobs.items() if v is not None}}.items():
         lab_knobs += [f"--{k.replace('_', '-')}", str(v)]
     stages = [Stage("data", "the lab world (bilingual synthetic facts, conversations, preferences, evals)",

@@ -161,6 +161,15 @@ ANSWERS = {
     "zh": {"city": "{ta}住在{city}。", "job": "{ta}是一名{job}。", "pet": "{ta}养了一{m}{pet}。",
            "age": "{ta}今年{age}岁。", "friend": "{ta}最好的朋友是{friend}。"},
 }
+# answer_subject="name": the same answers opening with the person's name, as the biographies do. A
+# pronoun is one more fact to recall (the person's gender, which pretraining seldom states), and a wrong
+# one reads wrong while the checker, which grades the value, calls it right (pronoun_agrees below).
+NAMED_ANSWERS = {
+    "en": {"city": "{name} lives in {city}.", "job": "{name} is {a_job}.", "pet": "{name} has {a_pet}.",
+           "age": "{name} is {age} years old.", "friend": "{name}'s best friend is {friend}."},
+    "zh": {"city": "{name}住在{city}。", "job": "{name}是一名{job}。", "pet": "{name}养了一{m}{pet}。",
+           "age": "{name}今年{age}岁。", "friend": "{name}最好的朋友是{friend}。"},
+}
 PROFILE = {
     "en": (["Tell me about {name}.", "Who is {name}?"],
            "{name} lives in {city} and works as {a_job}. {She} is {age} years old and has {a_pet}. "
@@ -300,7 +309,7 @@ DEFAULTS = dict(people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, pr
                 knowledge="mixed",
                 sft_train=4000, sft_val=300, prefs_train=3000, prefs_val=400, rank_train=600, rl_prompts=1000, rl_eval=200,
                 eval_extra=40, eval_followups=220, showcase=8, sft_habit=0.0, cut_off=0.0,
-                sum_answer="restate", question_drill=0.0, off_topic=0.0, bio_pronouns=None)
+                sum_answer="restate", question_drill=0.0, off_topic=0.0, bio_pronouns=None, answer_subject="pronoun")
 
 KNOB_HELP = {
     "people": "people in the world (<= 40, the name pool)", "rl_people": "people of the rl group",
@@ -330,6 +339,8 @@ KNOB_HELP = {
                "before its key fact (a kind the held-out pairs do not have)",
     "bio_pronouns": "share of a biography's later sentences that open with he / she (他 / 她) instead of the name, "
                     "in both languages (default: the original text, 0.2 in English and none in Chinese)",
+    "answer_subject": "how a fact answer names its person: pronoun ('He lives in Paris.', 他住在巴黎。) or name "
+                      "('Bob lives in Paris.', 鲍勃住在巴黎。); every answer in every set, the pretraining Q/A documents too",
     "off_topic": "extra training pairs, as a share of prefs_train, whose rejected answer is the right answer to "
                  "another question in the same language: another fact about the same person, or a sum (a kind the "
                  "held-out pairs do not have)",
@@ -477,7 +488,8 @@ def _a(word):
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def build_world(seed=0, people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, sum_answer="restate", **_):
+def build_world(seed=0, people=32, rl_people=8, eval_people=8, max_num=10, max_mul=5, sum_answer="restate",
+                answer_subject="pronoun", **_):
     """The people (with their group and facts) and the arithmetic problems, split by group."""
     if people - rl_people - eval_people < 3 or rl_people < 3 or eval_people < 3:
         raise ValueError(f"each group needs >= 3 people: got sft={people - rl_people - eval_people}, "
@@ -510,7 +522,7 @@ def build_world(seed=0, people=32, rl_people=8, eval_people=8, max_num=10, max_m
     arith = {"sft": problems[:int(0.6 * n)], "rl": problems[int(0.6 * n):int(0.8 * n)], "eval": problems[int(0.8 * n):]}
     return {"seed": seed, "people": persons, "arith": {g: [list(p) for p in v] for g, v in arith.items()},
             "knobs": {"people": people, "rl_people": rl_people, "eval_people": eval_people,
-                      "max_num": max_num, "max_mul": max_mul, "sum_answer": sum_answer}}
+                      "max_num": max_num, "max_mul": max_mul, "sum_answer": sum_answer, "answer_subject": answer_subject}}
 
 
 def _fields(world, p, lang):
@@ -559,10 +571,11 @@ def _fact_item(world, p, attr, lang, rng, question=None):
     other = "zh" if lang == "en" else "en"
     if question is None:
         question = rng.choice(QUESTIONS[lang][attr]).format(**_fields(world, p, lang))
+    answers = NAMED_ANSWERS if world["knobs"].get("answer_subject") == "name" else ANSWERS
     return {"task": "fact", "lang": lang, "q": question,
-            "a": ANSWERS[lang][attr].format(**_fields(world, p, lang)),
-            "a_other": ANSWERS[other][attr].format(**_fields(world, p, other)),
-            "a_wrong": ANSWERS[lang][attr].format(**_fields(world, wrong, lang)),
+            "a": answers[lang][attr].format(**_fields(world, p, lang)),
+            "a_other": answers[other][attr].format(**_fields(world, p, other)),
+            "a_wrong": answers[lang][attr].format(**_fields(world, wrong, lang)),
             "truth": _fact_truth(world, p, attr, lang)}
 
 
@@ -1000,6 +1013,8 @@ def generate(seed=0, **knobs):
             raise ValueError(f"{extra}={k[extra]}: expected a share of prefs_train between 0 and 1")
     if k["sum_answer"] not in ("restate", "result"):
         raise ValueError(f"sum_answer={k['sum_answer']!r}: expected restate or result")
+    if k["answer_subject"] not in ("pronoun", "name"):
+        raise ValueError(f"answer_subject={k['answer_subject']!r}: expected pronoun or name")
     if k["knowledge"] not in KNOWLEDGE:
         raise ValueError(f"knowledge={k['knowledge']!r}: expected one of {', '.join(KNOWLEDGE)}")
     if k["bio_pronouns"] is not None and not 0 <= k["bio_pronouns"] <= 1:
