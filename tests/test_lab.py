@@ -645,6 +645,45 @@ def test_bio_pronouns_state_each_persons_gender():
         lab.generate(0, **dict(SMALL, pretrain_docs=10, bio_pronouns=1.5))
 
 
+def test_answer_subject_name_opens_fact_answers_with_the_persons_name():
+    """answer_subject="name": every fact answer (SFT, preference pairs, RL and eval references, the pretraining
+    Q/A documents) opens with the person's name where the default opens with he / she (他 / 她); with the
+    name put back as the pronoun, each is the default's answer, and everything else is the same."""
+    base = lab.generate(0, **dict(SMALL, pretrain_docs=500))
+    named = lab.generate(0, **dict(SMALL, pretrain_docs=500, answer_subject="name"))
+    people = {p["name"]["en"]: p for p in base["world"]["people"]}
+
+    def as_pronoun(answer, truth):
+        p, lang = people[truth["subject"]["en"]], truth["lang"]
+        name = p["name"][lang]
+        assert answer.startswith(name), (answer, name)
+        if lang == "zh":
+            return ("她" if p["gender"] == "f" else "他") + answer[len(name):]
+        if answer.startswith(name + "'s "):
+            return ("Her" if p["gender"] == "f" else "His") + answer[len(name) + 2:]
+        return ("She" if p["gender"] == "f" else "He") + answer[len(name):]
+    facts = 0
+    for key, answer_of in (("eval_qa", lambda r: r["reference"]), ("rl_prompts", lambda r: r["reference"]),
+                           ("prefs_train", lambda r: r["chosen"])):
+        assert len(named[key]) == len(base[key])
+        for b, n in zip(base[key], named[key]):
+            assert lab.check(answer_of(n), n["truth"])
+            if n["truth"]["type"] == "fact":
+                facts += 1
+                assert as_pronoun(answer_of(n), n["truth"]) == answer_of(b)
+                assert lab.pronoun_agrees(answer_of(n), n["truth"], base["world"]) is None   # no pronoun to judge
+            else:
+                assert n == b
+    assert facts > 300
+    said = [m["content"] for r in named["sft_train"] for m in r["messages"] if m["role"] == "assistant"]
+    assert not any(re.match(r"(He|She|His|Her) ", a) or a[:1] in "他她" for a in said)
+    assert named["pretrain"] != base["pretrain"] and any("Q: " in d["text"] for d in named["pretrain"])
+    assert not any(re.search(r"\nA: (He|She|His|Her) ", d["text"]) for d in named["pretrain"])
+    assert named["world"]["knobs"]["answer_subject"] == "name"
+    with pytest.raises(ValueError, match="answer_subject"):
+        lab.generate(0, **dict(SMALL, pretrain_docs=10, answer_subject="nickname"))
+
+
 def test_question_drill_asks_trained_sums_only():
     """question_drill: a share of the arithmetic drill documents become plain-text Q/A sums ("Q: What is 4 + 8?"
     / "A: 4 + 8 = 12."), so that the base model learns to read operands from a question. Only the sft and rl

@@ -469,13 +469,13 @@ def test_lab_knob_flags_reach_the_data_stage(tmp_path):
     assert knob(data_cmd(), "--sum-answer") is None and knob(data_cmd("--size", "tiny"), "--sum-answer") is None
     assert knob(data_cmd("--size", "tiny"), "--cut-off") == "0.125"
     assert knob(data_cmd(), "--question-drill") == "0.5" and knob(data_cmd("--size", "tiny"), "--question-drill") is None
-    assert knob(data_cmd(), "--bio-pronouns") is None
+    assert knob(data_cmd(), "--bio-pronouns") is None and knob(data_cmd(), "--answer-subject") is None
     cmd = data_cmd("--cut_off", "0.25", "--sft_habit", "0", "--knowledge", "single", "--sum_answer", "result",
-                   "--question_drill", "0", "--off_topic", "0.5", "--bio_pronouns", "0.5")
+                   "--question_drill", "0", "--off_topic", "0.5", "--bio_pronouns", "0.5", "--answer_subject", "name")
     assert (knob(cmd, "--cut-off"), knob(cmd, "--sft-habit"), knob(cmd, "--knowledge"), knob(cmd, "--sum-answer"),
-            knob(cmd, "--question-drill"), knob(cmd, "--off-topic"), knob(cmd, "--bio-pronouns")) == (
-        "0.25", "0.0", "single", "result", "0.0", "0.5", "0.5")
+            knob(cmd, "--question-drill"), knob(cmd, "--off-topic"), knob(cmd, "--bio-pronouns"),
+            knob(cmd, "--answer-subject")) == ("0.25", "0.0", "single", "result", "0.0", "0.5", "0.5", "name")
     # and data/lab.py takes them: the same knobs as lab.generate's (a typo would fail here, not in a lab run)
     from data import lab
     assert {"cut_off", "sft_habit", "knowledge", "sum_answer", "question_drill", "off_topic",
-            "bio_pronouns"} <= set(lab.DEFAULTS)
+            "bio_pronouns", "answer_subject"} <= set(lab.DEFAULTS)
