@@ -729,10 +729,12 @@ def evaluate(run_dir, device="cpu", max_new_tokens=48, batch_size=32):
              "mean_score": sum(lab.score(a, r["truth"]) for a, r in zip(answers[name], qa)) / len(qa),
              "mean_answer_chars": sum(len(a) for a in answers[name]) / len(qa),
              "n_by_kind": graded["n_by_kind"]}
-        # not graded by the checker: does "He" / "She" (他 / 她) match the person asked about?
-        agrees = [v for v in (lab.pronoun_agrees(a, r["truth"], world) for a, r in zip(answers[name], qa))
-                  if v is not None]
-        m["pronoun"] = {"agree": sum(agrees), "n": len(agrees)}
+        # not graded by the checker: does "He" / "She" (他 / 她) match the person asked about? right_too: the
+        # answers a reader calls right, the checker's right ones whose he / she (if any) is the person's too
+        said = [lab.pronoun_agrees(a, r["truth"], world) for a, r in zip(answers[name], qa)]
+        agrees = [v for v in said if v is not None]
+        m["pronoun"] = {"agree": sum(agrees), "n": len(agrees),
+                        "right_too": sum(bool(ok) and v is not False for ok, v in zip(m["oks"], said))}
         if name == "base":   # what pretraining stored: plain-text completions of eval_pretrain.jsonl
             texts = complete(model, tok, [p["prompt"] for p in probes], 24, batch_size)
             oks = [lab.check(t, p["truth"]) for t, p in zip(texts, probes)]
@@ -1173,6 +1175,9 @@ def write_report(run_dir, statuses=None, this_run=None, announce=False):
         if all(rep[m].get("pronoun") for m in names):   # (a run reported before this row existed has none)
             md.append("| he / she right (not graded; 95% CI) | " + " | ".join(
                 pronoun_cell(rep[m]["pronoun"]) for m in names) + " |")
+            if all("right_too" in rep[m]["pronoun"] and rep[m].get("n") for m in names):
+                md.append("| right, and he / she right too (not graded; 95% CI) | " + " | ".join(
+                    pronoun_cell({"agree": rep[m]["pronoun"]["right_too"], "n": rep[m]["n"]}) for m in names) + " |")
         gains = [(m, rep[m]["gain_vs_sft"]) for m in names if rep[m].get("gain_vs_sft")]
         if gains:
             md += ["", "Gain over SFT on the same questions, with a 95% interval from the paired bootstrap "

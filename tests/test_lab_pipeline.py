@@ -180,14 +180,18 @@ def test_report_is_readable_and_consistent(lab):
     from data import lab
     world = json.loads((out / "data" / "world.json").read_text(encoding="utf-8"))
     rows = [json.loads(line) for line in (out / "eval" / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
-    cells = []
+    cells, strict_cells = [], []
     for name in ("base", "sft", "dpo", "ppo", "grpo"):
         said = [lab.pronoun_agrees(row[name], r["truth"], world) for row, r in zip(rows, qa)]
+        right_too = sum(lab.check(row[name], r["truth"]) and v is not False for row, r, v in zip(rows, qa, said))
         said = [v for v in said if v is not None]
-        assert ev["models"][name]["pronoun"] == rep[name]["pronoun"] == {"agree": sum(said), "n": len(said)}
+        assert ev["models"][name]["pronoun"] == rep[name]["pronoun"] == {"agree": sum(said), "n": len(said),
+                                                                         "right_too": right_too}
         cells.append(run_lab.pronoun_cell(rep[name]["pronoun"]))
+        strict_cells.append(run_lab.pronoun_cell({"agree": right_too, "n": len(qa)}))
     assert sum(rep[name]["pronoun"]["n"] for name in ("sft", "dpo", "ppo", "grpo")) > 0
     assert "| he / she right (not graded; 95% CI) | " + " | ".join(cells) + " |" in md
+    assert "| right, and he / she right too (not graded; 95% CI) | " + " | ".join(strict_cells) + " |" in md
 
 
 def test_golden_values(lab):
