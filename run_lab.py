@@ -137,8 +137,8 @@ SIZES = {
         # form (held-out sums stay plain drill). The base models then answer the held-out sums asked that way (82
         # and 81 of 86, seeds 0 and 2; without: 8 and 1), and over nine trajectories SFT's held-out sums went from
         # 6-71 of 86 to 62-84, SFT from 62.6-83.0% to 73.5-82.4% (README, The question-drill version).
-        # answer_subject stays "pronoun" ("He is a writer."). Answers that name the person (eight trajectories) read
-        # right far more often, but PPO's gain fell 2.5 +- 0.9 points (under 10 in 3 of 8) and one SFT answered 18%
+        # answer_subject stays "pronoun" ("He is a writer."). Answers that name the person (nine trajectories) read
+        # right far more often, but PPO's gain fell 2.7 +- 0.8 points (under 10 in 4 of 9) and one SFT answered 18%
         # of the held-out people with an SFT person's name (README, Answers that name the person).
         data=dict(drill=0.3, sft_habit=0.9, question_drill=0.5),
         model=dict(model="lab", seq_len=256),

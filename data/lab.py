@@ -164,8 +164,8 @@ ANSWERS = {
 # answer_subject="name": the same answers opening with the person's name, as the biographies do. A
 # pronoun is one more fact to recall (the person's gender, which pretraining seldom states), and a wrong
 # one reads wrong while the checker, which grades the value, calls it right (pronoun_agrees below).
-# Measured over eight lab trajectories (README, Answers that name the person): what reads right rises
-# (seed 0: final models 61-63% -> 85-94%), what the checker counts does not (PPO's gain -2.5 +- 0.9
+# Measured over nine lab trajectories (README, Answers that name the person): what reads right rises
+# (seed 0: final models 61-63% -> 85-94%), what the checker counts does not (PPO's gain -2.7 +- 0.8
 # points), and held-out people are sometimes answered with an SFT person's name. Not the default.
 NAMED_ANSWERS = {
     "en": {"city": "{name} lives in {city}.", "job": "{name} is {a_job}.", "pet": "{name} has {a_pet}.",
